@@ -1,0 +1,160 @@
+"""The ``split-unet`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from split_unet.errors import SplitUNetError
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    """Only the options the user gave; the job config (or TrainConfig) supplies the rest."""
+    train = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "size", "val_interval",
+                                                 "val_fraction", "device") if getattr(args, key, None) is not None}
+    network = {}
+    if getattr(args, "channels", None):
+        network["channels"] = [int(c) for c in args.channels.split(",")]
+        network["strides"] = [2] * (len(network["channels"]) - 1)
+    if getattr(args, "levels", None):
+        network["levels"] = [int(level) for level in args.levels.split(",")]
+    if getattr(args, "fusion", None):
+        network["fusion"] = args.fusion
+    if network:
+        train["network"] = network
+    return train
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training budget (defaults: the job config / TrainConfig)")
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--lr", type=float)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--size", type=int, help="volume edge after crop/pad (voxels)")
+    group.add_argument("--val-interval", type=int)
+    group.add_argument("--val-fraction", type=float)
+    group.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    group.add_argument("--channels", help="feature channels per level, e.g. 8,16,32,64")
+    group.add_argument("--levels", help="levels the sites send, e.g. 1,2,3 (default: all)")
+    group.add_argument("--fusion", choices=("concat", "mean"))
+
+
+def _print_result(name: str, summary: dict) -> None:
+    from split_unet.reports import dice_table
+
+    print()
+    print(dice_table({name: summary}))
+
+
+def cmd_synth(args) -> int:
+    from split_unet.data import generate_dataset
+
+    out = generate_dataset(args.out, n_patients=args.patients, size=args.size, seed=args.seed)
+    print(f"phantom data set ({args.patients} patients, {args.size}^3, seed {args.seed}) in {out}")
+    return 0
+
+
+def cmd_partition(args) -> int:
+    from split_unet.data import partition_dataset
+
+    folders = partition_dataset(args.data, args.out)
+    for site, folder in folders.items():
+        print(f"{site:>8}: {folder}")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from split_unet.simulation import run_simulation
+
+    controller = {"wire_dtype": args.wire_dtype} if args.wire_dtype else None
+    summary = run_simulation(args.sites, args.workspace, job_dir=args.job, site_configs=args.site_configs,
+                             train=_train_overrides(args), controller=controller)
+    if "error" in summary:
+        print(f"split learning failed: {summary['error']}", file=sys.stderr)
+        return 1
+    _print_result("split learning (NVFlare simulator)", summary)
+    print(f"\nresults: {Path(args.workspace).resolve() / 'summary.json'}")
+    for name, where in summary["artefacts"].items():
+        print(f"{name}: {json.dumps(where) if isinstance(where, dict) else where}")
+    return 0
+
+
+def cmd_centralized(args) -> int:
+    from split_unet.training import TrainConfig
+    from split_unet.training.centralized import train_centralized
+
+    overrides = _train_overrides(args)
+    network = overrides.pop("network", {})
+    config = TrainConfig.from_dict(overrides)
+    if network:
+        config = TrainConfig.from_dict({**overrides, "network": {**config.network.to_dict(), **network}})
+    summary = train_centralized(args.data, args.out, mode=args.mode, modality=args.modality, config=config)
+    _print_result(f"centralized {args.mode}" + (f" ({args.modality})" if args.modality else ""), summary)
+    print(f"\nresults: {Path(args.out).resolve() / 'summary.json'}")
+    return 0
+
+
+def cmd_table(args) -> int:
+    from split_unet.reports import dice_table, read_summary
+
+    rows = {}
+    for item in args.runs:
+        name, _, path = item.rpartition("=")
+        rows[name or path] = read_summary(Path(path) / "summary.json" if Path(path).is_dir() else path)
+    print(dice_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="split-unet", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser("synth", help="generate BraTS-like phantoms in the MSD Task01 layout")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--patients", type=int, default=64)
+    synth.add_argument("--size", type=int, default=64)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_synth)
+
+    partition = commands.add_parser("partition", help="split an MSD/BraTS data set into one folder per site")
+    partition.add_argument("--data", required=True, help="MSD Task01 or BraTS 2021 folder")
+    partition.add_argument("--out", required=True)
+    partition.set_defaults(func=cmd_partition)
+
+    simulate = commands.add_parser("simulate", help="run the Split-U-Net job in the NVFlare simulator")
+    simulate.add_argument("--sites", required=True, help="folder written by `split-unet partition`")
+    simulate.add_argument("--workspace", required=True)
+    simulate.add_argument("--job", default="jobs/split_unet")
+    simulate.add_argument("--site-configs", default="site_configs")
+    simulate.add_argument("--wire-dtype", choices=("float32", "float16"))
+    _add_train_options(simulate)
+    simulate.set_defaults(func=cmd_simulate)
+
+    centralized = commands.add_parser("centralized", help="the same budget in one process (baselines)")
+    centralized.add_argument("--data", required=True, help="MSD Task01 or BraTS 2021 folder")
+    centralized.add_argument("--mode", choices=("late", "early", "single"), default="late")
+    centralized.add_argument("--modality", choices=("flair", "t1w", "t1gd", "t2w"))
+    centralized.add_argument("--out", required=True)
+    _add_train_options(centralized)
+    centralized.set_defaults(func=cmd_centralized)
+
+    table = commands.add_parser("table", help="Dice table of several runs: NAME=DIR_OR_SUMMARY ...")
+    table.add_argument("runs", nargs="+")
+    table.set_defaults(func=cmd_table)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SplitUNetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

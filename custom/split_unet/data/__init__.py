@@ -1,0 +1,40 @@
+"""Data: phantoms, NIfTI readers (MSD Task01, BraTS 2021), vertical partition, per-site loading, regions."""
+
+from split_unet.data.partition import SERVER_SITE, partition_dataset
+from split_unet.data.phantom import anatomy, generate_dataset, generate_patient
+from split_unet.data.readers import (
+    Case,
+    ImageRef,
+    find_cases,
+    load_case,
+    load_image,
+    load_label,
+    read_label,
+    read_volume,
+)
+from split_unet.data.regions import CONVENTIONS, MODALITIES, REGION_NAMES, label_from_regions, regions
+from split_unet.data.site_data import SiteImages, SiteLabels, split_patients
+
+__all__ = [
+    "CONVENTIONS",
+    "MODALITIES",
+    "REGION_NAMES",
+    "SERVER_SITE",
+    "Case",
+    "ImageRef",
+    "SiteImages",
+    "SiteLabels",
+    "anatomy",
+    "find_cases",
+    "generate_dataset",
+    "generate_patient",
+    "label_from_regions",
+    "load_case",
+    "load_image",
+    "load_label",
+    "partition_dataset",
+    "read_label",
+    "read_volume",
+    "regions",
+    "split_patients",
+]

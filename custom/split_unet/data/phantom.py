@@ -1,0 +1,240 @@
+"""BraTS-like phantoms on real anatomy, written in the Medical Segmentation Decathlon Task01 layout.
+
+The anatomy is nilearn's ICBM152 2009a template (shipped offline with nilearn): grey and white
+matter maps, CSF as what the brain mask leaves over. Each patient gets its own deformation, a nested
+tumour (non-enhancing core, enhancing rim, oedema that spreads along white matter) with mass effect,
+and four MRI contrasts with per-patient jitter, texture, bias field, blur and noise.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import GaussianSmooth, Resample, Resize, SpatialPad
+from monai.transforms.utils import create_grid, generate_spatial_bounding_box
+from scipy.ndimage import distance_transform_edt
+from scipy.spatial.transform import Rotation
+from scipy.special import expit
+
+from split_unet.data.regions import MODALITIES
+
+__all__ = ["generate_patient", "generate_dataset", "anatomy"]
+
+# Bump when the anatomy preprocessing changes, so stale disk caches are not reused.
+_ANATOMY_VERSION = 1
+# Margin (template voxels, 1 mm) around the brain's bounding box before padding it to a cube.
+_MARGIN_MM = 4
+
+# Tissue classes of the intensity model, in the column order of _CLASS_MEANS.
+_CLASSES = ("csf", "gm", "wm", "oedema", "non_enhancing", "enhancing")
+# Mean intensity per modality (rows, MODALITIES order) and class (columns), WM ~ 0.5-0.75.
+_CLASS_MEANS = np.array([
+    #  csf   gm    wm    oed   net   et
+    [0.15, 0.60, 0.48, 0.80, 0.70, 0.74],  # FLAIR: CSF dark, oedema bright
+    [0.25, 0.55, 0.75, 0.55, 0.40, 0.52],  # T1w: lesion dark
+    [0.25, 0.55, 0.72, 0.55, 0.38, 0.98],  # T1gd: enhancing rim bright
+    [1.00, 0.62, 0.45, 0.80, 0.86, 0.70],  # T2w: CSF and oedema bright
+], dtype=np.float32)
+
+
+def _cache_dir() -> Path | None:
+    """Disk cache for the resampled anatomy: ``$SPLIT_UNET_CACHE`` (empty: none) or ~/.cache/split_unet."""
+    value = os.environ.get("SPLIT_UNET_CACHE")
+    if value == "":
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "split_unet"
+
+
+def _build_anatomy(size: int) -> tuple[np.ndarray, float]:
+    """Tissue fractions of the ICBM152 template, cropped to the brain, padded to a cube, resampled."""
+    from nilearn import datasets  # imported here: nilearn is slow to import and only the phantom needs it
+
+    gm = datasets.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32)
+    wm = datasets.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32)
+    brain = datasets.load_mni152_brain_mask(resolution=1).get_fdata(dtype=np.float32) > 0
+    # The GM/WM maps leak outside the brain mask; the mask wins, and CSF fills what is left inside.
+    gm, wm = gm * brain, wm * brain
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * brain
+    tissue = np.stack([csf, gm, wm])  # (3, 197, 233, 189), RAS, 1 mm
+
+    start, end = generate_spatial_bounding_box(brain[None], margin=_MARGIN_MM, allow_smaller=True)
+    tissue = tissue[(slice(None), *(slice(s, e) for s, e in zip(start, end)))]
+    side = max(tissue.shape[1:])
+    tissue = SpatialPad((side,) * 3)(tissue)
+    # Anti-aliasing keeps the partial-volume fractions honest when shrinking ~190 mm to a few voxels.
+    tissue = Resize((size,) * 3, mode="trilinear", anti_aliasing=size < side)(tissue)
+    return np.clip(np.asarray(tissue, dtype=np.float32), 0.0, 1.0), side / size
+
+
+@functools.lru_cache(maxsize=4)
+def anatomy(size: int) -> tuple[np.ndarray, float]:
+    """ICBM152 tissue fractions (CSF, GM, WM) on a ``size``^3 cube around the brain.
+
+    Cached in memory and, unless ``$SPLIT_UNET_CACHE`` is set to an empty string, on disk.
+
+    Returns:
+        ``(tissue, spacing)``: float32 array of shape ``(3, size, size, size)`` in RAS axis order whose
+        channels sum to the brain fraction of each voxel, and the voxel spacing in mm.
+    """
+    cache = _cache_dir()
+    path = cache / f"mni152_tissue_v{_ANATOMY_VERSION}_{size}.npz" if cache else None
+    if path is not None and path.is_file():
+        with np.load(path) as stored:
+            return stored["tissue"], float(stored["spacing"])
+    tissue, spacing = _build_anatomy(size)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename: concurrent sites may build the same cache file at once.
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
+                np.savez(tmp, tissue=tissue, spacing=spacing)
+            os.replace(tmp.name, path)
+        except OSError as err:
+            warnings.warn(f"could not cache the phantom anatomy in {path.parent}: {err}", stacklevel=2)
+    return tissue, spacing
+
+
+@functools.lru_cache(maxsize=4)
+def _tumour_sites(size: int) -> np.ndarray:
+    """Voxel indices (K, 3) where a tumour may be centred: white matter, well inside the brain."""
+    tissue, _ = anatomy(size)
+    depth = distance_transform_edt(tissue.sum(0) > 0.5)
+    sites = np.argwhere((tissue[2] > 0.8) & (depth > 0.15 * size))
+    if len(sites) == 0:
+        raise ValueError(f"size {size} is too coarse for the phantom: no voxel is deep white matter")
+    return sites
+
+
+def _smooth_noise(rng: np.random.Generator, channels: int, coarse: int, size: int) -> np.ndarray:
+    """Smooth random fields, shape (channels, size, size, size), ~unit amplitude: coarse noise upsampled."""
+    noise = rng.standard_normal((channels, coarse, coarse, coarse), dtype=np.float32)
+    return np.asarray(Resize((size,) * 3, mode="trilinear", align_corners=True)(noise))
+
+
+def generate_patient(index: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom patient; it depends only on ``(seed, index)``.
+
+    Args:
+        index: patient number (0-based).
+        size: edge length of the cubic volume in voxels.
+        seed: dataset seed.
+
+    Returns:
+        ``(image, label)``: float32 ``(size, size, size, 4)`` in ``MODALITIES`` order (0 outside the brain)
+        and uint8 ``(size, size, size)`` MSD label (0 background, 1 oedema, 2 non-enhancing, 3 enhancing).
+    """
+    rng = np.random.default_rng([seed, index])
+    tissue, _ = anatomy(size)
+    shape = (size,) * 3
+
+    # Patient -> atlas coordinates (voxels, centred): rotation, anisotropic scale, shift, elastic field.
+    grid = create_grid(shape, dtype=np.float32)  # (4, *shape), homogeneous
+    affine = np.eye(4, dtype=np.float32)
+    rotation = Rotation.from_euler("xyz", rng.uniform(-0.15, 0.15, 3)).as_matrix()
+    affine[:3, :3] = rotation @ np.diag(rng.uniform(0.88, 1.12, 3))
+    affine[:3, 3] = rng.uniform(-0.03, 0.03, 3) * size
+    atlas = np.einsum("ij,j...->i...", affine, grid)
+    atlas[:3] += 0.02 * size * _smooth_noise(rng, 3, 5, size)
+
+    # Tumour: ellipsoid in atlas space around a deep white-matter voxel, radius R (voxels).
+    sites = _tumour_sites(size)
+    centre = sites[rng.integers(len(sites))] - (size - 1) / 2.0
+    radius = rng.uniform(0.07, 0.14) * size
+    shear = Rotation.random(random_state=rng).as_matrix() @ np.diag(1.0 / rng.uniform(0.75, 1.3, 3))
+    offset = atlas[:3] - centre.reshape(3, 1, 1, 1).astype(np.float32)
+    distance = np.linalg.norm(np.einsum("ij,j...->i...", shear.astype(np.float32), offset), axis=0) / radius
+
+    # Mass effect: each voxel samples the atlas closer to the centre, i.e. tissue is pushed outwards.
+    # A Gaussian push of at most 0.6 R over a width of 2 R keeps the warp monotonic along every ray.
+    r = np.maximum(np.linalg.norm(offset, axis=0), 1e-3)
+    push = rng.uniform(0.2, 0.6) * radius * np.exp(-((r / (2.0 * radius)) ** 2))
+    atlas[:3] -= offset / r * push
+    # MONAI's Resample takes centred voxel coordinates, like create_grid.
+    tissue = np.asarray(Resample(mode="bilinear", padding_mode="zeros")(tissue, torch.from_numpy(atlas)))
+    brain = tissue.sum(0)
+
+    # Soft (partial-volume) tumour compartments; labels are where a compartment holds the majority.
+    noise = _smooth_noise(rng, 4, max(4, size // 5), size)  # core, rim, oedema, texture
+    edge = 0.5 / radius  # ~half a voxel, in units of R
+    core_level = distance + 0.3 * noise[0]
+    core = expit((1.0 - core_level) / edge)
+    enhancing = rng.random() > 0.15
+    inner = expit((rng.uniform(0.45, 0.8) + 0.15 * noise[1] - core_level) / edge) if enhancing else core
+    extent = rng.uniform(1.5, 2.4)
+    white = np.clip((tissue[2] / np.maximum(brain, 1e-6) - 0.3) / 0.4, 0.0, 1.0)
+    allowed = np.maximum(white, expit((1.25 - distance) / edge))  # along white matter, or near the core
+    oedema = (1.0 - core) * expit((extent - distance - 0.35 * noise[2]) / edge) * allowed
+
+    inside = brain > 0.5
+    label = np.zeros(shape, dtype=np.uint8)
+    label[inside & (core + oedema > 0.5)] = 1
+    label[inside & (core > 0.5)] = 3
+    label[inside & (inner > 0.5)] = 2
+
+    # Intensities: partial-volume mix of jittered class means; texture inside the tumour.
+    weights = np.stack([*(tissue * (1.0 - core - oedema)), oedema * brain, inner * brain, (core - inner) * brain])
+    texture = 1.0 + 0.12 * noise[3]
+    weights[3:] *= texture
+    means = _CLASS_MEANS * rng.normal(1.0, 0.07, _CLASS_MEANS.shape).astype(np.float32)
+    image = np.einsum("mc,c...->m...", means, weights)
+    image = np.asarray(GaussianSmooth(sigma=rng.uniform(0.4, 0.8))(image))
+    image *= np.exp(rng.uniform(0.05, 0.2) * _smooth_noise(rng, 4, 3, size))  # bias field per modality
+    image += rng.uniform(0.02, 0.05) * rng.standard_normal(image.shape, dtype=np.float32)
+    image *= rng.uniform(300.0, 3000.0) * inside  # global gain; skull-stripped background is exactly 0
+    return np.ascontiguousarray(np.moveaxis(image, 0, -1), dtype=np.float32), label
+
+
+def generate_dataset(out_dir: str | os.PathLike, n_patients: int, size: int = 64, seed: int = 0,
+                     progress: bool = True) -> Path:
+    """Write ``n_patients`` phantoms in the MSD Task01 layout.
+
+    Layout: ``imagesTr/BRATS_001.nii.gz`` (float32, ``(size, size, size, 4)``, channels FLAIR, T1w, T1gd,
+    T2w), ``labelsTr/BRATS_001.nii.gz`` (uint8, ``(size, size, size)``) and ``dataset.json``. The affine is
+    RAS with isotropic spacing so that the cube spans the template brain (~2.9 mm at size 64). The same
+    seed gives byte-identical files (nibabel writes gzip with a fixed mtime).
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+    """
+    out = Path(out_dir)
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    _, spacing = anatomy(size)
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = -spacing * (size - 1) / 2.0  # centre of the cube at the origin
+    training = []
+    for index in range(n_patients):
+        name = f"BRATS_{index + 1:03d}.nii.gz"
+        image, label = generate_patient(index, size, seed)
+        for data, folder in ((image, "imagesTr"), (label, "labelsTr")):
+            nifti = nib.Nifti1Image(data, affine)
+            nifti.header.set_xyzt_units("mm", "sec")
+            nifti.set_qform(affine, code=1)
+            nifti.set_sform(affine, code=1)
+            nib.save(nifti, out / folder / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        if progress:
+            print(f"phantom {index + 1}/{n_patients}", flush=True)
+    description = {
+        "name": "BRATS phantom",
+        "description": "Synthetic gliomas on the ICBM152 2009a template (split_unet.data.phantom)",
+        "reference": "Medical Segmentation Decathlon Task01 layout; anatomy from nilearn's MNI152 template",
+        "tensorImageSize": "4D",
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+        "numTraining": n_patients,
+        "numTest": 0,
+        "training": training,
+        "test": [],
+        "generator": {"size": size, "seed": seed, "spacing_mm": spacing},
+    }
+    (out / "dataset.json").write_text(json.dumps(description, indent=4) + "\n")
+    return out

@@ -1,0 +1,255 @@
+"""Readers for MSD Task01 and BraTS 2021 folders: case discovery, NIfTI reading and preprocessing.
+
+Spatial preprocessing depends only on each file's affine and shape, never on its content, so the
+server (which holds only labels) and every site (one modality each) land on the same voxel grid:
+channel first, RAS orientation, optional resampling to an isotropic spacing, centre crop/pad to a cube.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirst,
+    NormalizeIntensity,
+    Orientation,
+    ResizeWithPadOrCrop,
+    Spacing,
+)
+from monai.utils import convert_to_numpy
+
+from split_unet.data.regions import CONVENTIONS, MODALITIES, regions
+from split_unet.errors import DataError
+
+__all__ = ["ImageRef", "Case", "find_cases", "read_volume", "read_label", "load_image", "load_label", "load_case"]
+
+# BraTS 2021 file suffixes -> modality names (BraTS 2023 renamed them and moved ET to label 3).
+_BRATS_SUFFIXES = {"flair": "flair", "t1": "t1w", "t1ce": "t1gd", "t2": "t2w"}
+_NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One modality of one case: a 3D NIfTI file, or one channel of a 4D (MSD) file."""
+
+    path: Path
+    channel: int | None = None
+
+
+@dataclass(frozen=True)
+class Case:
+    """The files of one patient; ``images`` is keyed by modality (``MODALITIES``) and may be partial."""
+
+    patient_id: str
+    images: dict[str, ImageRef]
+    label: Path | None
+    convention: str
+
+
+def _strip_nifti_suffix(name: str) -> str:
+    for extension in _NIFTI_EXTENSIONS:
+        if name.endswith(extension):
+            return name[: -len(extension)]
+    return name
+
+
+def read_json(path: Path, *, site: str | None = None) -> dict[str, Any]:
+    """A JSON object from ``path`` (a datalist or ``dataset.json``); DataError naming the file otherwise."""
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError("file not found", site=site, field=str(path)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot read JSON: {err}", site=site, field=str(path)) from err
+    if not isinstance(content, dict):
+        raise DataError("expected a JSON object", site=site, field=str(path))
+    return content
+
+
+def _find_msd(root: Path) -> list[Case]:
+    """Cases listed under "training" in an MSD Task01 ``dataset.json``."""
+    meta_path = root / "dataset.json"
+    meta = read_json(meta_path)
+    names = meta.get("modality", {str(i): m for i, m in enumerate(MODALITIES)})
+    try:
+        channels = {str(names[str(i)]).lower(): i for i in range(len(names))}
+    except (KeyError, TypeError):
+        raise DataError("'modality' must map '0', '1', ... to modality names", field=f"{meta_path}:modality") from None
+    unknown = sorted(set(channels) - set(MODALITIES))
+    if unknown:
+        raise DataError(f"unknown modalities {unknown}; expected {list(MODALITIES)}", field=f"{meta_path}:modality")
+    entries = meta.get("training")
+    if not isinstance(entries, list) or not entries:
+        raise DataError("'training' must be a non-empty list of cases", field=f"{meta_path}:training")
+    cases = []
+    for entry in entries:
+        if not (isinstance(entry, dict) and isinstance(entry.get("image"), str) and isinstance(entry.get("label"), str)):
+            raise DataError(f"training entry {entry!r} needs 'image' and 'label' paths", field=f"{meta_path}:training")
+        image, label = root / entry["image"], root / entry["label"]
+        patient = _strip_nifti_suffix(image.name)
+        for path in (image, label):
+            if not path.is_file():
+                raise DataError(f"file listed in {meta_path.name} not found", patient=patient, field=str(path))
+        images = {modality: ImageRef(image, channel) for modality, channel in channels.items()}
+        cases.append(Case(patient, images, label, "msd"))
+    return cases
+
+
+def _find_nifti(folder: Path, stem: str) -> Path | None:
+    for extension in _NIFTI_EXTENSIONS:
+        if (path := folder / f"{stem}{extension}").is_file():
+            return path
+    return None
+
+
+def _find_brats(root: Path) -> list[Case]:
+    """One folder per case, ``<id>/<id>_{flair,t1,t1ce,t2,seg}.nii.gz``; ``seg`` may be absent."""
+    cases = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        images = {modality: ImageRef(path) for suffix, modality in _BRATS_SUFFIXES.items()
+                  if (path := _find_nifti(folder, f"{folder.name}_{suffix}")) is not None}
+        label = _find_nifti(folder, f"{folder.name}_seg")
+        if images or label:
+            cases.append(Case(folder.name, images, label, "brats"))
+    return cases
+
+
+def find_cases(root: str | Path) -> list[Case]:
+    """Cases of an MSD Task01 folder (``dataset.json``) or a BraTS 2021 folder, sorted by patient id.
+
+    Raises:
+        DataError: ``root`` is missing or matches neither layout, or a file listed in ``dataset.json``
+            is missing.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("data folder not found", field=str(root))
+    cases = _find_msd(root) if (root / "dataset.json").is_file() else _find_brats(root)
+    if not cases:
+        raise DataError(
+            "neither an MSD Task01 folder (dataset.json, imagesTr, labelsTr) nor a BraTS 2021 folder "
+            "(<id>/<id>_{flair,t1,t1ce,t2,seg}.nii.gz)", field=str(root))
+    return sorted(cases, key=lambda case: case.patient_id)
+
+
+def read_volume(ref: ImageRef, *, site: str | None = None, patient: str | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Raw data of one volume, as stored (scaled by the header), and its NIfTI image (for the geometry).
+
+    Returns:
+        ``(data, image)``: float32 array of the file's 3D shape ``(X, Y, Z)`` and the nibabel image.
+
+    Raises:
+        DataError: missing or unreadable file, wrong dimensionality, channel out of range, NaN/Inf values.
+    """
+    path = Path(ref.path)
+    if not path.is_file():
+        raise DataError("file not found", site=site, patient=patient, field=str(path))
+    try:
+        image = nib.load(path)
+        shape = image.shape
+        if ref.channel is None and len(shape) != 3:
+            raise DataError(f"expected a 3D volume, got shape {shape}", site=site, patient=patient, field=str(path))
+        if ref.channel is not None and not (len(shape) == 4 and 0 <= ref.channel < shape[3]):
+            raise DataError(f"expected a 4D volume with channel {ref.channel}, got shape {shape}",
+                            site=site, patient=patient, field=str(path))
+        proxy = image.dataobj if ref.channel is None else image.dataobj[..., ref.channel]
+        data = np.array(proxy, dtype=np.float32)  # a writable copy: torch refuses read-only arrays
+    except DataError:
+        raise
+    except Exception as err:  # nibabel, gzip and zlib raise a dozen exception types for damaged files
+        raise DataError(f"cannot read NIfTI ({type(err).__name__}: {err})", site=site, patient=patient,
+                        field=str(path)) from err
+    if not np.isfinite(data).all():
+        raise DataError("volume contains NaN or Inf values", site=site, patient=patient, field=str(path))
+    return data, image
+
+
+def read_label(path: str | Path, convention: str, *, site: str | None = None,
+               patient: str | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """A label volume as uint8 ``(X, Y, Z)``, checked against the convention's label values.
+
+    Raises:
+        DataError: as :func:`read_volume`, or values that are not labels of ``convention``.
+        ValueError: unknown convention.
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown label convention {convention!r}; expected one of {sorted(CONVENTIONS)}")
+    data, image = read_volume(ImageRef(Path(path)), site=site, patient=patient)
+    allowed = (0, *CONVENTIONS[convention])
+    if not np.isin(data, allowed).all():
+        bad = np.setdiff1d(np.unique(data), allowed)[:5].tolist()
+        raise DataError(f"label values {bad} are not {convention} labels {list(allowed)}", site=site,
+                        patient=patient, field=str(path))
+    return data.astype(np.uint8), image
+
+
+def _to_grid(data: np.ndarray, image: nib.Nifti1Image, size: int, spacing: float | None, mode: str) -> MetaTensor:
+    """Content-independent geometry: channel first, RAS, optional isotropic ``spacing``, crop/pad to ``size``^3.
+
+    Returns:
+        ``(1, size, size, size)`` float32 tensor.
+    """
+    geometry = [EnsureChannelFirst(channel_dim="no_channel"), Orientation(axcodes="RAS", labels=None)]
+    if spacing is not None:
+        geometry.append(Spacing(pixdim=spacing, mode=mode, padding_mode="zeros", dtype=np.float32))
+    geometry.append(ResizeWithPadOrCrop((size,) * 3))
+    volume = MetaTensor(torch.from_numpy(data), affine=torch.as_tensor(image.affine, dtype=torch.float64))
+    return Compose(geometry)(volume)
+
+
+def load_image(ref: ImageRef, size: int, spacing: float | None = None, *, site: str | None = None,
+               patient: str | None = None) -> np.ndarray:
+    """One modality on the common grid, z-scored over its nonzero (brain) voxels.
+
+    Returns:
+        float32 array of shape ``(1, size, size, size)``.
+
+    Raises:
+        DataError: see :func:`read_volume`.
+    """
+    data, image = read_volume(ref, site=site, patient=patient)
+    volume = _to_grid(data, image, size, spacing, mode="bilinear")
+    return convert_to_numpy(NormalizeIntensity(nonzero=True, channel_wise=True)(volume), dtype=np.float32)
+
+
+def load_label(path: str | Path, size: int, convention: str, spacing: float | None = None, *,
+               site: str | None = None, patient: str | None = None) -> np.ndarray:
+    """Region masks (WT, TC, ET) of a label file on the common grid (nearest-neighbour resampling).
+
+    Returns:
+        float32 array of shape ``(3, size, size, size)`` with values 0 and 1.
+
+    Raises:
+        DataError: see :func:`read_label`.
+    """
+    data, image = read_label(path, convention, site=site, patient=patient)
+    label = convert_to_numpy(_to_grid(data.astype(np.float32), image, size, spacing, mode="nearest")[0])
+    return regions(np.rint(label).astype(np.uint8), convention).astype(np.float32)
+
+
+def load_case(case: Case, size: int, spacing: float | None = None) -> dict[str, np.ndarray]:
+    """All modalities and the label of one case, as the sites and the server would load them.
+
+    Returns:
+        ``{"image": float32 (4, size, size, size) in MODALITIES order, "label": float32 (3, size, size, size)}``;
+        ``"label"`` is left out when the case has none.
+
+    Raises:
+        DataError: a missing modality (``field`` is the modality) or an unreadable file.
+    """
+    missing = [m for m in MODALITIES if m not in case.images]
+    if missing:
+        raise DataError(f"no image for modalities {missing}", patient=case.patient_id, field=missing[0])
+    images = [load_image(case.images[m], size, spacing, patient=case.patient_id)[0] for m in MODALITIES]
+    out = {"image": np.stack(images)}
+    if case.label is not None:
+        out["label"] = load_label(case.label, size, case.convention, spacing, patient=case.patient_id)
+    return out

@@ -1,0 +1,133 @@
+"""What a site (one modality) or the server (labels) loads at run time from its partition folder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from split_unet.data.readers import ImageRef, load_image, load_label, read_json
+from split_unet.data.regions import CONVENTIONS, MODALITIES
+from split_unet.errors import DataError
+
+__all__ = ["SiteImages", "SiteLabels", "split_patients"]
+
+DATALIST = "datalist.json"
+
+
+class _SiteVolumes:
+    """Datalist parsing, patient lookup and the in-memory cache shared by sites and the server.
+
+    Subclasses implement :meth:`_load` for one patient's file.
+    """
+
+    def __init__(self, site_dir: str | Path, size: int, spacing: float | None = None, site: str | None = None):
+        self.site_dir = Path(site_dir)
+        self.size = size
+        self.spacing = spacing
+        self._datalist_path = self.site_dir / DATALIST
+        # Until the datalist names the site, errors name the folder.
+        self.site: str = site or self.site_dir.name
+        self.datalist = read_json(self._datalist_path, site=self.site)
+        self.site = site or str(self._field("site", str))
+        patients = self._field("patients", dict)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in patients.items()):
+            raise DataError("'patients' must map patient ids to relative file paths", site=self.site,
+                            field=f"{self._datalist_path}:patients")
+        self._paths = {pid: self.site_dir / rel for pid, rel in patients.items()}
+        self.patient_ids: list[str] = sorted(self._paths)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def _field(self, key: str, kind: type) -> Any:
+        """A required datalist entry of type ``kind``."""
+        value = self.datalist.get(key)
+        if not isinstance(value, kind):
+            raise DataError(f"'{key}' must be a {kind.__name__}, got {value!r}", site=self.site,
+                            field=f"{self._datalist_path}:{key}")
+        return value
+
+    def _load(self, patient_id: str, path: Path) -> np.ndarray:
+        raise NotImplementedError
+
+    def _cached(self, patient_id: str) -> np.ndarray:
+        if patient_id not in self._cache:
+            if patient_id not in self._paths:
+                raise DataError(f"unknown patient (this site has {len(self._paths)})", site=self.site,
+                                patient=patient_id, field="patient_id")
+            self._cache[patient_id] = self._load(patient_id, self._paths[patient_id])
+        return self._cache[patient_id]
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def get(self, patient_id: str) -> np.ndarray:
+        """One patient's volume, shape ``(C, S, S, S)`` (a copy: the cached array stays intact)."""
+        return self._cached(patient_id).copy()
+
+    def batch(self, patient_ids: Sequence[str]) -> np.ndarray:
+        """Volumes of ``patient_ids`` stacked in that order, shape ``(B, C, S, S, S)``."""
+        return np.stack([self._cached(pid) for pid in patient_ids])
+
+    def check(self) -> None:
+        """Load every volume once (they stay cached); raise the first :class:`DataError`."""
+        for patient_id in self.patient_ids:
+            self._cached(patient_id)
+
+
+class SiteImages(_SiteVolumes):
+    """A modality site's images: ``get`` gives float32 ``(1, S, S, S)``, z-scored over the brain."""
+
+    def __init__(self, site_dir: str | Path, size: int, spacing: float | None = None, site: str | None = None):
+        super().__init__(site_dir, size, spacing, site)
+        self.modality: str = self._field("modality", str)
+        if self.modality not in MODALITIES:
+            raise DataError(f"unknown modality {self.modality!r}; expected one of {list(MODALITIES)}",
+                            site=self.site, field=f"{self._datalist_path}:modality")
+
+    def _load(self, patient_id: str, path: Path) -> np.ndarray:
+        return load_image(ImageRef(path), self.size, self.spacing, site=self.site, patient=patient_id)
+
+
+class SiteLabels(_SiteVolumes):
+    """The server's labels: ``get`` gives float32 region masks ``(3, S, S, S)`` (WT, TC, ET)."""
+
+    def __init__(self, site_dir: str | Path, size: int, spacing: float | None = None, site: str | None = None):
+        super().__init__(site_dir, size, spacing, site)
+        self.convention: str = self._field("convention", str)
+        if self.convention not in CONVENTIONS:
+            raise DataError(f"unknown label convention {self.convention!r}; expected one of {sorted(CONVENTIONS)}",
+                            site=self.site, field=f"{self._datalist_path}:convention")
+
+    def _load(self, patient_id: str, path: Path) -> np.ndarray:
+        return load_label(path, self.size, self.convention, self.spacing, site=self.site, patient=patient_id)
+
+
+def split_patients(patient_ids: Iterable[str], val_fraction: float = 0.2, seed: int = 0, *,
+                   n_val: int | None = None) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split: sort, then a seeded permutation; input order does not matter.
+
+    Args:
+        patient_ids: unique patient ids.
+        val_fraction: share of patients for validation (rounded half up), unless ``n_val`` is given.
+        seed: permutation seed.
+        n_val: exact number of validation patients.
+
+    Returns:
+        ``(train_ids, val_ids)``, each sorted.
+
+    Raises:
+        ValueError: duplicate ids, or a validation size outside ``[0, len(patient_ids)]``.
+    """
+    ids = sorted(patient_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError("patient ids must be unique")
+    if n_val is None:
+        n_val = int(val_fraction * len(ids) + 0.5)
+    if not 0 <= n_val <= len(ids):
+        raise ValueError(f"cannot take {n_val} validation patients out of {len(ids)}")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    val = sorted(ids[i] for i in order[:n_val])
+    train = sorted(ids[i] for i in order[n_val:])
+    return train, val

@@ -1,0 +1,212 @@
+"""The Split-U-Net: modality encoders at the sites, a fusing decoder at the label holder.
+
+Plain PyTorch on MONAI blocks (``ResidualUnit``, ``Convolution``), after ``monai.networks.nets.UNet``.
+MONAI's UNet nests its levels recursively and cannot hand out the per-level encoder features that a
+site must send, so the encoder and decoder are written as flat level lists here.
+
+Shapes use ``S`` for the spatial shape (``spatial_dims`` axes) and ``S_l = S / prod(strides[:l])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution, ResidualUnit
+from torch import nn
+
+FUSIONS = ("concat", "mean")
+
+
+def _check_levels(channels: Sequence[int], strides: Sequence[int], levels: Sequence[int] | None) -> tuple[int, ...]:
+    """Validate the level layout; return the sorted levels that are exchanged (default: all)."""
+    if len(channels) < 2:
+        raise ValueError(f"channels needs at least two levels, got {tuple(channels)}")
+    if len(strides) != len(channels) - 1:
+        raise ValueError(f"strides needs len(channels) - 1 = {len(channels) - 1} entries, got {tuple(strides)}")
+    depth = len(channels)
+    sent = tuple(range(depth)) if levels is None else tuple(sorted(set(int(level) for level in levels)))
+    if any(level < 0 or level >= depth for level in sent):
+        raise ValueError(f"levels {sent} out of range for a {depth}-level network")
+    if depth - 1 not in sent:
+        raise ValueError(f"the bottleneck level {depth - 1} must be sent, got levels {sent}")
+    return sent
+
+
+class ModalityEncoder(nn.Module):
+    """One site's encoder: the contracting half of a U-Net on that site's modality.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels (1 for one MRI sequence, 4 for early fusion).
+        channels: feature channels per level, finest first; the last level is the bottleneck.
+        strides: downsampling stride between consecutive levels (``len(channels) - 1`` entries).
+        levels: levels whose features leave the encoder (default: all); the bottleneck is required.
+        num_res_units: residual units per block (as in MONAI's UNet; 0 = plain convolutions).
+        norm, act, dropout: MONAI layer factories' arguments.
+
+    ``forward(x)``: ``x`` of shape (B, in_channels, *S) -> ``{level: (B, channels[level], *S_level)}``
+    for every sent level, in increasing level order.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: Sequence[int],
+        strides: Sequence[int],
+        levels: Sequence[int] | None = None,
+        num_res_units: int = 1,
+        norm: tuple | str = "instance",
+        act: tuple | str = "prelu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.levels = _check_levels(channels, strides, levels)
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.channels = tuple(channels)
+        block_strides = (1, *strides)
+        block_inputs = (in_channels, *channels[:-1])
+        self.blocks = nn.ModuleList(
+            _conv_block(spatial_dims, c_in, c_out, stride, num_res_units, norm, act, dropout)
+            for c_in, c_out, stride in zip(block_inputs, channels, block_strides)
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        features = {}
+        for level, block in enumerate(self.blocks):
+            x = block(x)
+            if level in self.levels:
+                features[level] = x
+        return features
+
+
+class FusionDecoder(nn.Module):
+    """The label holder's half: fuses K encoders' features level by level and decodes to regions.
+
+    Args:
+        spatial_dims: 2 or 3.
+        num_inputs: K, the number of encoders (sites) whose features are fused.
+        channels, strides, levels, num_res_units, norm, act, dropout: as in ``ModalityEncoder``.
+        out_channels: output channels (3 regions: WT, TC, ET).
+        fusion: ``"concat"`` (concatenate the K features, then a 1x1 convolution back to the level's
+            width) or ``"mean"`` (average them; no parameters).
+
+    ``forward(features)``: ``features`` is a list of K dicts ``{level: (B, channels[level], *S_level)}``
+    -> logits (B, out_channels, *S).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        num_inputs: int,
+        channels: Sequence[int],
+        strides: Sequence[int],
+        out_channels: int = 3,
+        levels: Sequence[int] | None = None,
+        fusion: str = "concat",
+        num_res_units: int = 1,
+        norm: tuple | str = "instance",
+        act: tuple | str = "prelu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if num_inputs < 1:
+            raise ValueError(f"num_inputs must be at least 1, got {num_inputs}")
+        self.levels = _check_levels(channels, strides, levels)
+        self.num_inputs = num_inputs
+        self.fusion = fusion
+        self.channels = tuple(channels)
+        self.fuse = nn.ModuleDict()
+        if fusion == "concat":
+            for level in self.levels:
+                self.fuse[str(level)] = Convolution(
+                    spatial_dims, num_inputs * channels[level], channels[level], kernel_size=1,
+                    norm=norm, act=act, dropout=dropout,
+                )
+        self.up = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        for level in range(len(channels) - 2, -1, -1):
+            self.up.append(
+                Convolution(spatial_dims, channels[level + 1], channels[level], strides=strides[level],
+                            kernel_size=3, norm=norm, act=act, dropout=dropout, is_transposed=True)
+            )
+            block_in = channels[level] * (2 if level in self.levels else 1)
+            self.blocks.append(_conv_block(spatial_dims, block_in, channels[level], 1, num_res_units, norm, act, dropout))
+        self.head = Convolution(spatial_dims, channels[0], out_channels, kernel_size=1, conv_only=True)
+
+    def fuse_level(self, level: int, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(K tensors of (B, C_l, *S_l)) -> (B, C_l, *S_l)."""
+        if len(tensors) != self.num_inputs:
+            raise ValueError(f"level {level}: expected features from {self.num_inputs} inputs, got {len(tensors)}")
+        if self.fusion == "mean":
+            return torch.stack(list(tensors)).mean(dim=0)
+        return self.fuse[str(level)](torch.cat(list(tensors), dim=1))
+
+    def forward(self, features: Sequence[dict[int, torch.Tensor]]) -> torch.Tensor:
+        fused = {level: self.fuse_level(level, [f[level] for f in features]) for level in self.levels}
+        x = fused[len(self.channels) - 1]
+        for up, block, level in zip(self.up, self.blocks, range(len(self.channels) - 2, -1, -1)):
+            x = up(x)
+            if level in fused:
+                x = torch.cat([x, fused[level]], dim=1)
+            x = block(x)
+        return self.head(x)
+
+
+class SplitUNet(nn.Module):
+    """Encoders and decoder composed in one process: centralized training and the reference for tests.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels of each encoder, e.g. ``(1, 1, 1, 1)`` for late fusion of four
+            modalities, ``(4,)`` for early fusion, ``(1,)`` for one modality.
+        channels, strides, out_channels, levels, fusion, num_res_units, norm, act, dropout: as in
+            ``ModalityEncoder`` and ``FusionDecoder``.
+
+    ``forward(x)``: x of shape (B, sum(in_channels), *S), channels split among the encoders in order
+    -> logits (B, out_channels, *S).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: Sequence[int],
+        channels: Sequence[int],
+        strides: Sequence[int],
+        out_channels: int = 3,
+        levels: Sequence[int] | None = None,
+        fusion: str = "concat",
+        num_res_units: int = 1,
+        norm: tuple | str = "instance",
+        act: tuple | str = "prelu",
+        dropout: float = 0.0,
+        encoders: Sequence[ModalityEncoder] | None = None,
+        decoder: FusionDecoder | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = tuple(in_channels)
+        layer = dict(channels=channels, strides=strides, levels=levels, num_res_units=num_res_units,
+                     norm=norm, act=act, dropout=dropout)
+        self.encoders = nn.ModuleList(
+            encoders if encoders is not None
+            else [ModalityEncoder(spatial_dims, c, **layer) for c in self.in_channels]
+        )
+        self.decoder = decoder if decoder is not None else FusionDecoder(
+            spatial_dims, len(self.in_channels), out_channels=out_channels, fusion=fusion, **layer
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = torch.split(x, list(self.in_channels), dim=1)
+        return self.decoder([encoder(part) for encoder, part in zip(self.encoders, inputs)])
+
+
+def _conv_block(spatial_dims: int, in_channels: int, out_channels: int, stride: int, num_res_units: int,
+                norm, act, dropout: float) -> nn.Module:
+    if num_res_units > 0:
+        return ResidualUnit(spatial_dims, in_channels, out_channels, strides=stride, subunits=num_res_units,
+                            norm=norm, act=act, dropout=dropout)
+    return Convolution(spatial_dims, in_channels, out_channels, strides=stride, norm=norm, act=act, dropout=dropout)

@@ -1,0 +1,266 @@
+"""The server's NVFlare Controller: the label holder that runs the decoder and drives every step.
+
+Each step is one round trip: every site gets its own task (the gradient of its previous activations and
+the next batch's patient ids) at the same time, answers with its new activations, and the decoder
+steps. The learning itself is ``DecoderParty``; this class moves messages, checks them, logs and saves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvflare.apis.analytix import AnalyticsDataType
+from nvflare.apis.controller_spec import ClientTask, Task, TaskCompletionStatus
+from nvflare.apis.dxo import DXO
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.impl.controller import Controller
+from nvflare.apis.shareable import Shareable
+from nvflare.apis.signal import Signal
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
+from nvflare.app_common.abstract.model import make_model_learnable
+from nvflare.app_common.abstract.model_persistor import ModelPersistor
+
+from split_unet.data import MODALITIES, SiteLabels, split_patients
+from split_unet.errors import ProtocolError, SplitUNetError
+from split_unet.networks import build_decoder
+from split_unet.reports import make_summary, write_summary
+from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, epoch_batches, logits_to_masks,
+                                 select_device)
+
+from .settings import load_site_settings
+from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INIT, TASK_TRAIN,
+                   TASK_VALIDATE, WIRE_DTYPES, TensorMessage, check_features, dxo_of)
+
+
+class SplitUNetController(Controller):
+    """Split-learning workflow for the Split-U-Net.
+
+    Args:
+        sites: client names in encoder order (site k runs encoder k); default the four MSD modalities.
+        train: ``TrainConfig`` fields (epochs, batch_size, lr, seed, size, network, ...).
+        wire_dtype: "float32" (exact) or "float16" (half the bytes) for activations and gradients.
+        persistor_id: component id of the NVFlare ``ModelPersistor`` that loads/saves the decoder.
+        task_timeout: seconds a site may take to answer one task before the job stops, naming it.
+        summary_file: file name of the results written to the server's run folder.
+        num_threads: torch CPU threads for the server (0: torch's default).
+    """
+
+    def __init__(self, sites: Sequence[str] = MODALITIES, train: dict | None = None, wire_dtype: str = "float32",
+                 persistor_id: str = "persistor", task_timeout: int = 600, summary_file: str = "summary.json",
+                 num_threads: int = 0, task_check_period: float = 0.01):
+        super().__init__(task_check_period=task_check_period)
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+        self.sites = list(sites)
+        self.config = TrainConfig.from_dict(train or {})
+        self.wire_dtype = wire_dtype
+        self.persistor_id = persistor_id
+        self.task_timeout = int(task_timeout)
+        self.summary_file = summary_file
+        self.num_threads = num_threads
+        self.persistor: ModelPersistor | None = None
+        self.party: DecoderParty | None = None
+        self.labels: SiteLabels | None = None
+        self.run_dir: Path | None = None
+        self._gradients: dict[str, dict[int, torch.Tensor]] = {}
+        self._gradient_step: int | None = None
+        self._bytes = {"to_sites": 0, "from_sites": 0}
+        self._step = 0
+
+    # NVFlare life cycle -------------------------------------------------------------------------------------------
+    def start_controller(self, fl_ctx: FLContext) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        engine = fl_ctx.get_engine()
+        self.run_dir = Path(engine.get_workspace().get_run_dir(fl_ctx.get_job_id()))
+        self.persistor = engine.get_component(self.persistor_id) if self.persistor_id else None
+        if self.persistor_id and not isinstance(self.persistor, ModelPersistor):
+            self.system_panic(f"component '{self.persistor_id}' is not a ModelPersistor", fl_ctx)
+
+    def stop_controller(self, fl_ctx: FLContext) -> None:
+        self.cancel_all_tasks()
+
+    def process_result_of_unknown_task(self, client, task_name, client_task_id, result, fl_ctx) -> None:
+        self.log_warning(fl_ctx, f"ignored a late result of task '{task_name}' from {client.name}")
+
+    def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        try:
+            self._train(abort_signal, fl_ctx)
+        except SplitUNetError as error:
+            self._fail(str(error), fl_ctx)
+        except Exception as error:  # any failure ends the job with its reason instead of hanging
+            self.log_exception(fl_ctx, "split learning failed")
+            self._fail(f"{type(error).__name__}: {error}", fl_ctx)
+
+    # The workflow -------------------------------------------------------------------------------------------------
+    def _train(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        config, start = self.config, time.perf_counter()
+        settings = load_site_settings("server", fl_ctx.get_engine().get_workspace().get_root_dir())
+        self.labels = SiteLabels(settings["data_dir"], config.size, config.spacing, site="server")
+        self.labels.check()
+        decoder = build_decoder(config.network, len(self.sites), config.seed)
+        self._load_decoder(decoder, fl_ctx)
+        self.party = DecoderParty(decoder, config.lr, select_device(config.device))
+
+        site_ids = self._initialize_sites(abort_signal, fl_ctx)
+        common = set(self.labels.patient_ids).intersection(*site_ids.values())
+        for site, ids in site_ids.items():
+            if missing := set(ids) - common:
+                self.log_info(fl_ctx, f"site {site}: {len(missing)} patients not held by every party are ignored")
+        if not common:
+            raise ProtocolError("no patient is held by every site and the server", site="server", field="patient_ids")
+        train_ids, val_ids = split_patients(sorted(common), config.val_fraction, config.seed)
+        self.log_info(fl_ctx, f"{len(train_ids)} training / {len(val_ids)} validation patients, "
+                              f"{config.epochs} epochs, wire {self.wire_dtype}, device {self.party.device}")
+
+        history, metrics = [], None
+        for epoch in range(config.epochs):
+            losses = []
+            for batch_ids in epoch_batches(train_ids, config.batch_size, config.seed, epoch):
+                features = self._round(TASK_TRAIN, batch_ids, abort_signal, fl_ctx)
+                loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids))
+                self._gradients = dict(zip(self.sites, gradients))
+                self._gradient_step = self._step
+                losses.append(loss)
+                self._track("train/loss", loss, fl_ctx)
+            entry = {"epoch": epoch + 1, "step": self._step, "loss": float(np.mean(losses)),
+                     "seconds": round(time.perf_counter() - start, 2)}
+            self.log_info(fl_ctx, f"epoch {epoch + 1}/{config.epochs} loss {entry['loss']:.4f} "
+                                  f"({self._step} steps, {entry['seconds']:.0f} s)")
+            if (epoch + 1) % config.val_interval == 0 or epoch + 1 == config.epochs:
+                metrics = entry["validation"] = self._validate(val_ids, abort_signal, fl_ctx)
+                for region, value in metrics["dice"].items():
+                    self._track(f"val/dice_{region}", value, fl_ctx)
+                self.log_info(fl_ctx, "validation Dice " + " ".join(f"{k} {v:.3f}" for k, v in metrics["dice"].items()))
+            history.append(entry)
+
+        self._round(TASK_FINISH, [], abort_signal, fl_ctx)
+        self._save_decoder(fl_ctx)
+        train_steps = sum(len(epoch_batches(train_ids, config.batch_size, config.seed, e)) for e in range(config.epochs))
+        summary = make_summary(
+            metrics, epochs=config.epochs, steps=train_steps, wall_seconds=time.perf_counter() - start,
+            config={**config.to_dict(), "sites": self.sites, "wire_dtype": self.wire_dtype,
+                    "train_patients": len(train_ids), "val_patients": len(val_ids)},
+            bytes_per_step=self._bytes_per_step(train_ids), history=history,
+        )
+        path = write_summary(self.run_dir / self.summary_file, summary)
+        self.log_info(fl_ctx, f"summary written to {path}")
+
+    def _initialize_sites(self, abort_signal: Signal, fl_ctx: FLContext) -> dict[str, list[str]]:
+        """Send every site the run configuration; collect the patient ids it holds."""
+        payloads = {
+            site: DXO(KIND_INIT, data={"train": self.config.to_dict(), "site_index": index,
+                                       "wire_dtype": self.wire_dtype}).to_shareable()
+            for index, site in enumerate(self.sites)
+        }
+        replies = self._broadcast(TASK_INIT, payloads, abort_signal, fl_ctx)
+        site_ids = {}
+        for site, reply in replies.items():
+            info = dxo_of(reply, KIND_SITE_INFO, site=site).data
+            site_ids[site] = list(info.get("patient_ids", []))
+            self.log_info(fl_ctx, f"site {site}: modality {info.get('modality')}, {len(site_ids[site])} patients")
+        return site_ids
+
+    def _round(self, task_name: str, patient_ids: list[str], abort_signal: Signal,
+               fl_ctx: FLContext) -> list[dict[int, torch.Tensor]]:
+        """One round trip: pending gradients + next batch out, checked activations back, in site order."""
+        self._step += 1
+        payloads = {}
+        for site in self.sites:
+            message = TensorMessage(KIND_GRADIENTS, self._step, patient_ids, self._gradients.get(site, {}),
+                                    tensor_step=self._gradient_step if self._gradients else None)
+            payloads[site], n_bytes = message.to_shareable(self.wire_dtype)
+            self._bytes["to_sites"] += n_bytes
+        self._gradients, self._gradient_step = {}, None
+        replies = self._broadcast(task_name, payloads, abort_signal, fl_ctx)
+        expected = self._expected_shapes(len(patient_ids)) if patient_ids else {}
+        features = []
+        for site in self.sites:
+            message = TensorMessage.from_shareable(replies[site], KIND_ACTIVATIONS, site=site)
+            if message.step != self._step or message.patient_ids != patient_ids:
+                raise ProtocolError(f"answer for step {message.step} does not match request step {self._step}",
+                                    site=site, field="step")
+            check_features(message.tensors, expected, site=site)
+            self._bytes["from_sites"] += sum(t.numel() for t in message.tensors.values()) * \
+                np.dtype(WIRE_DTYPES[self.wire_dtype]).itemsize
+            features.append(message.tensors)
+        return features
+
+    def _broadcast(self, task_name: str, payloads: dict[str, Shareable], abort_signal: Signal,
+                   fl_ctx: FLContext) -> dict[str, Shareable]:
+        """Every site its own task, all in flight at once; wait for all of them (or the first failure)."""
+        tasks = {site: Task(task_name, data, timeout=self.task_timeout) for site, data in payloads.items()}
+        for site, task in tasks.items():
+            self.broadcast(task, fl_ctx, targets=[site], min_responses=1)
+        replies = {}
+        for site, task in tasks.items():
+            self.communicator.wait_for_task(task, abort_signal)
+            if abort_signal.triggered:
+                raise ProtocolError("job aborted", site=site, field=task_name)
+            client_tasks: list[ClientTask] = task.client_tasks
+            result = client_tasks[0].result if client_tasks else None
+            if result is None:
+                reason = ("no answer within the task timeout of %d s" % self.task_timeout
+                          if task.completion_status == TaskCompletionStatus.TIMEOUT
+                          else f"task ended with status {task.completion_status}")
+                raise ProtocolError(reason, site=site, field=task_name)
+            replies[site] = result
+        return replies
+
+    def _validate(self, val_ids: list[str], abort_signal: Signal, fl_ctx: FLContext) -> dict:
+        metrics = RegionMetrics()
+        for batch_ids in chunks(val_ids, self.config.val_batch_size):
+            logits = self.party.predict(self._round(TASK_VALIDATE, batch_ids, abort_signal, fl_ctx))
+            metrics.update(logits_to_masks(logits), torch.as_tensor(self.labels.batch(batch_ids)))
+        return metrics.aggregate()
+
+    # Helpers ------------------------------------------------------------------------------------------------------
+    def _expected_shapes(self, batch: int) -> dict[int, tuple[int, ...]]:
+        net = self.config.network
+        shapes, spatial = {}, self.config.size
+        for level, channels in enumerate(net.channels):
+            if level > 0:
+                spatial //= net.strides[level - 1]
+            if level in net.sent_levels:
+                shapes[level] = (batch, channels, *(spatial,) * net.spatial_dims)
+        return shapes
+
+    def _bytes_per_step(self, train_ids: list[str]) -> dict:
+        """Bytes of one training step (all sites, both directions), from the shapes of a full batch."""
+        itemsize = np.dtype(WIRE_DTYPES[self.wire_dtype]).itemsize
+        per_site = sum(int(np.prod(s)) for s in self._expected_shapes(min(self.config.batch_size, len(train_ids))).values()) * itemsize
+        return {"activations": per_site * len(self.sites), "gradients": per_site * len(self.sites),
+                "total": 2 * per_site * len(self.sites), "measured_to_sites": self._bytes["to_sites"],
+                "measured_from_sites": self._bytes["from_sites"], "rounds": self._step}
+
+    def _track(self, tag: str, value: float, fl_ctx: FLContext) -> None:
+        """TensorBoard through NVFlare's analytics events (a TBAnalyticsReceiver writes them)."""
+        dxo = create_analytic_dxo(tag, float(value), AnalyticsDataType.SCALAR, global_step=self._step)
+        send_analytic_dxo(self, dxo, fl_ctx)
+
+    def _load_decoder(self, decoder: torch.nn.Module, fl_ctx: FLContext) -> None:
+        """Start from the persistor's checkpoint when it has one (e.g. a preloaded decoder)."""
+        if self.persistor is None:
+            return
+        weights = self.persistor.load(fl_ctx).get("weights") or {}
+        if weights:
+            decoder.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
+            self.log_info(fl_ctx, f"decoder initialised from the persistor ({len(weights)} tensors)")
+
+    def _save_decoder(self, fl_ctx: FLContext) -> None:
+        if self.persistor is None:
+            return
+        weights = {k: v.detach().cpu().numpy() for k, v in self.party.decoder.state_dict().items()}
+        self.persistor.save(make_model_learnable(weights, {"step": self._step}), fl_ctx)
+
+    def _fail(self, reason: str, fl_ctx: FLContext) -> None:
+        """Record why the run ended and stop the job (nothing already saved is touched)."""
+        self.log_error(fl_ctx, f"split learning stopped: {reason}")
+        if self.run_dir is not None:
+            write_summary(self.run_dir / self.summary_file, {"error": reason, "steps_done": self._step})
+        self.cancel_all_tasks()
+        self.system_panic(reason, fl_ctx)

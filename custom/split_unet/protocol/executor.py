@@ -1,0 +1,116 @@
+"""The site's NVFlare Executor: a thin wrapper that feeds the wire messages to an ``EncoderParty``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from nvflare.apis.dxo import DXO
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+
+from split_unet.data import SiteImages
+from split_unet.errors import ProtocolError, SplitUNetError
+from split_unet.networks import build_encoder
+from split_unet.training import EncoderParty, TrainConfig, select_device
+
+from .checkpoint import save_atomically
+from .settings import load_site_settings
+from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INIT,
+                   TASK_TRAIN, TASK_VALIDATE, TensorMessage, dxo_of, error_reply)
+
+
+class ModalitySiteExecutor(Executor):
+    """Runs one site's encoder on its own modality; only activations leave the site.
+
+    Args:
+        encoder_file: file name, in the site's run folder, of the trained encoder saved at the end.
+        num_threads: torch CPU threads for this site (0: torch's default).
+    """
+
+    def __init__(self, encoder_file: str = "split_unet_encoder.pt", num_threads: int = 0):
+        super().__init__()
+        self.encoder_file = encoder_file
+        self.num_threads = num_threads
+        self.party: EncoderParty | None = None
+        self.images: SiteImages | None = None
+        self.wire_dtype = "float32"
+        self.last_step = -1
+        self.pending_step: int | None = None
+        self.run_config: dict = {}
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        site = fl_ctx.get_identity_name()
+        try:
+            if task_name == TASK_INIT:
+                return self._initialize(shareable, fl_ctx, site)
+            if task_name in (TASK_TRAIN, TASK_VALIDATE, TASK_FINISH):
+                return self._exchange(task_name, shareable, fl_ctx, site)
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        except SplitUNetError as error:
+            self.log_error(fl_ctx, str(error))
+            return error_reply(str(error))
+        except Exception as error:  # report any failure to the server instead of leaving it waiting
+            self.log_exception(fl_ctx, f"task {task_name} failed")
+            return error_reply(f"site '{site}', task '{task_name}': {type(error).__name__}: {error}")
+
+    def _initialize(self, shareable: Shareable, fl_ctx: FLContext, site: str) -> Shareable:
+        request = dxo_of(shareable, KIND_INIT, site=site).data
+        config = TrainConfig.from_dict(request["train"])
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        settings = load_site_settings(site, fl_ctx.get_engine().get_workspace().get_root_dir())
+        self.images = SiteImages(settings["data_dir"], config.size, config.spacing, site=site)
+        if "modality" in settings and settings["modality"] != self.images.modality:
+            raise ProtocolError(f"settings say modality '{settings['modality']}' but the datalist holds "
+                                f"'{self.images.modality}'", site=site, field="modality")
+        self.log_info(fl_ctx, f"checking {len(self.images.patient_ids)} {self.images.modality} volumes "
+                              f"in {settings['data_dir']}")
+        self.images.check()
+        encoder = build_encoder(config.network, int(request["site_index"]), config.seed)
+        self.party = EncoderParty(encoder, config.lr, select_device(config.device), site=site)
+        self.wire_dtype = request["wire_dtype"]
+        self.run_config = {"train": config.to_dict(), "site_index": int(request["site_index"]),
+                           "modality": self.images.modality}
+        self.last_step, self.pending_step = -1, None
+        info = {"patient_ids": self.images.patient_ids, "modality": self.images.modality}
+        return DXO(data_kind=KIND_SITE_INFO, data=info).to_shareable()
+
+    def _exchange(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, site: str) -> Shareable:
+        if self.party is None:
+            raise ProtocolError(f"task '{task_name}' before '{TASK_INIT}'", site=site, field="task")
+        request = TensorMessage.from_shareable(shareable, KIND_GRADIENTS, site=site)
+        if request.step <= self.last_step:
+            raise ProtocolError(f"step {request.step} is not after the last step {self.last_step} (replayed or "
+                                f"out of order)", site=site, field="step")
+        if request.tensors:
+            if request.tensor_step != self.pending_step:
+                raise ProtocolError(f"gradient for step {request.tensor_step}, but the pending activations are "
+                                    f"from step {self.pending_step}", site=site, field="tensor_step")
+            self.party.backward(request.tensors)
+            self.pending_step = None
+        self.last_step = request.step
+
+        features = {}
+        if task_name == TASK_TRAIN:
+            features = self.party.forward(self.images.batch(request.patient_ids))
+            self.pending_step = request.step
+        elif task_name == TASK_VALIDATE:
+            features = self.party.infer(self.images.batch(request.patient_ids))
+        else:
+            self._save_encoder(fl_ctx)
+        reply = TensorMessage(KIND_ACTIVATIONS, request.step, request.patient_ids, features)
+        return reply.to_shareable(self.wire_dtype)[0]
+
+    def _save_encoder(self, fl_ctx: FLContext) -> Path:
+        """The encoder never leaves the site: it is saved in the site's own run folder."""
+        run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+        path = Path(run_dir) / self.encoder_file
+        save_atomically({"encoder": self.party.encoder.state_dict(),
+                         "optimizer": self.party.optimizer.state_dict(),
+                         "step": self.last_step, **self.run_config}, path)
+        self.log_info(fl_ctx, f"saved encoder to {path}")
+        return path

@@ -1,0 +1,45 @@
+"""Results as JSON a script can read and tables a person can read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from split_unet.data import REGION_NAMES
+
+
+def make_summary(metrics: dict | None, *, epochs: int, steps: int, wall_seconds: float, config: dict,
+                 **extra) -> dict:
+    """The ``summary.json`` layout shared by split learning and centralized training."""
+    if metrics is None:
+        raise ValueError("no validation metrics: the run ended before its first validation")
+    return {"dice": metrics["dice"], "hd95": metrics["hd95"], "hd95_unit": "voxel",
+            "validation_cases": metrics["cases"], "epochs": epochs, "steps": steps,
+            "wall_seconds": round(wall_seconds, 2), "config": config, **extra}
+
+
+def write_summary(path: str | Path, summary: dict) -> Path:
+    """Write atomically, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def read_summary(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def dice_table(rows: dict[str, dict]) -> str:
+    """Markdown table: one row per run name -> summary (Dice per region, mean, HD95, wall time)."""
+    header = ("| run | " + " | ".join(f"Dice {r}" for r in REGION_NAMES) + " | mean Dice | "
+              + " | ".join(f"HD95 {r}" for r in REGION_NAMES) + " | minutes |")
+    lines = [header, "|" + "---|" * (len(REGION_NAMES) * 2 + 3)]
+    for name, summary in rows.items():
+        dice, hd = summary["dice"], summary["hd95"]
+        lines.append(f"| {name} | " + " | ".join(f"{dice[r]:.3f}" for r in REGION_NAMES)
+                     + f" | {dice['mean']:.3f} | " + " | ".join(f"{hd[r]:.1f}" for r in REGION_NAMES)
+                     + f" | {summary['wall_seconds'] / 60:.1f} |")
+    return "\n".join(lines)

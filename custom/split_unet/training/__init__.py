@@ -1,0 +1,11 @@
+"""Training without NVFlare: loss, metrics, the split-learning parties and centralized training."""
+
+from .config import TrainConfig
+from .metrics import RegionMetrics, logits_to_masks
+from .objective import chunks, epoch_batches, segmentation_loss, select_device
+from .parties import DecoderParty, EncoderParty, make_optimizer
+
+__all__ = [
+    "DecoderParty", "EncoderParty", "RegionMetrics", "TrainConfig", "chunks", "epoch_batches",
+    "logits_to_masks", "make_optimizer", "segmentation_loss", "select_device",
+]

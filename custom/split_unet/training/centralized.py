@@ -1,0 +1,125 @@
+"""Centralized training: the same networks, batches and budget as split learning, in one process.
+
+Late fusion trains the very ``SplitUNet`` whose parts the federation holds apart; early fusion and a
+single modality are the usual baselines.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from split_unet.data import MODALITIES, find_cases, load_case, split_patients
+from split_unet.networks import build_split_unet
+from split_unet.reports import make_summary, write_summary
+
+from .config import TrainConfig
+from .metrics import RegionMetrics, logits_to_masks
+from .objective import chunks, epoch_batches, segmentation_loss, select_device
+from .parties import make_optimizer
+
+MODES = ("late", "early", "single")
+
+
+def mode_inputs(mode: str, modality: str | None) -> tuple[tuple[int, ...], list[int]]:
+    """(encoder input channels, image channels used) for a centralized mode."""
+    if mode == "late":
+        return (1,) * len(MODALITIES), list(range(len(MODALITIES)))
+    if mode == "early":
+        return (len(MODALITIES),), list(range(len(MODALITIES)))
+    if mode == "single":
+        if modality not in MODALITIES:
+            raise ValueError(f"--modality must be one of {MODALITIES} for mode 'single', got {modality!r}")
+        return (1,), [MODALITIES.index(modality)]
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+class CaseCache:
+    """Preprocessed cases, loaded once: {patient_id: {"image": (4, *S), "label": (3, *S)}}."""
+
+    def __init__(self, data_dir: str | Path, size: int, spacing: float | None):
+        self.cases = {case.patient_id: case for case in find_cases(data_dir)}
+        self.size, self.spacing = size, spacing
+        self._loaded: dict[str, dict] = {}
+
+    def get(self, patient_id: str) -> dict:
+        if patient_id not in self._loaded:
+            self._loaded[patient_id] = load_case(self.cases[patient_id], self.size, self.spacing)
+        return self._loaded[patient_id]
+
+    def batch(self, patient_ids: list[str], image_channels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self.get(pid) for pid in patient_ids]
+        images = np.stack([item["image"][image_channels] for item in items])
+        labels = np.stack([item["label"] for item in items])
+        return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "late", modality: str | None = None,
+                      config: TrainConfig | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train one centralized baseline, write ``out_dir/summary.json`` and TensorBoard events; return the summary."""
+    config = config or TrainConfig()
+    in_channels, image_channels = mode_inputs(mode, modality)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = select_device(config.device)
+    torch.manual_seed(config.seed)
+
+    data = CaseCache(data_dir, config.size, config.spacing)
+    train_ids, val_ids = split_patients(sorted(data.cases), config.val_fraction, config.seed)
+    model = build_split_unet(config.network, in_channels, config.seed).to(device)
+    optimizer = make_optimizer(model.parameters(), config.lr)
+    loss_function = segmentation_loss()
+    writer = SummaryWriter(log_dir=str(out_dir / "tb_events"))
+    name = mode if mode != "single" else f"single:{modality}"
+    log(f"[centralized {name}] {len(train_ids)} training / {len(val_ids)} validation patients on {device}")
+
+    start, step, history, metrics = time.perf_counter(), 0, [], None
+    for epoch in range(config.epochs):
+        losses = []
+        for batch_ids in epoch_batches(train_ids, config.batch_size, config.seed, epoch):
+            images, labels = data.batch(batch_ids, image_channels)
+            model.train()
+            loss = loss_function(model(images.to(device)), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            writer.add_scalar("train/loss", losses[-1], step)
+        entry = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)),
+                 "seconds": time.perf_counter() - start}
+        log(f"[centralized {name}] epoch {epoch + 1}/{config.epochs} loss {entry['loss']:.4f} "
+            f"({step} steps, {entry['seconds']:.0f} s)")
+        if (epoch + 1) % config.val_interval == 0 or epoch + 1 == config.epochs:
+            metrics = evaluate(model, data, val_ids, image_channels, config.val_batch_size, device)
+            entry["validation"] = metrics
+            for region, value in metrics["dice"].items():
+                writer.add_scalar(f"val/dice_{region}", value, step)
+            log(f"[centralized {name}] validation Dice " +
+                " ".join(f"{k} {v:.3f}" for k, v in metrics["dice"].items()))
+        history.append(entry)
+    writer.close()
+    torch.save(model.state_dict(), out_dir / "model.pt")
+    summary = make_summary(metrics, epochs=config.epochs, steps=step, wall_seconds=time.perf_counter() - start,
+                           config={**config.to_dict(), "mode": mode, "modality": modality,
+                                   "data": str(data_dir), "train_patients": len(train_ids),
+                                   "val_patients": len(val_ids)},
+                           history=history)
+    write_summary(out_dir / "summary.json", summary)
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: CaseCache, patient_ids: list[str], image_channels: list[int],
+             batch_size: int, device: torch.device) -> dict:
+    model.eval()
+    metrics = RegionMetrics()
+    for batch_ids in chunks(patient_ids, batch_size):
+        images, labels = data.batch(batch_ids, image_channels)
+        metrics.update(logits_to_masks(model(images.to(device))), labels)
+    return metrics.aggregate()

@@ -1,0 +1,41 @@
+"""Training settings shared by centralized training and the split-learning controller."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from split_unet.networks import NetworkConfig
+
+
+@dataclass
+class TrainConfig:
+    """One training budget. ``split-unet centralized`` and the NVFlare job read the same fields."""
+
+    epochs: int = 8
+    batch_size: int = 2
+    lr: float = 2e-3
+    val_fraction: float = 0.25
+    val_interval: int = 2
+    val_batch_size: int = 4
+    seed: int = 0
+    size: int = 64
+    spacing: float | None = None
+    device: str | None = None
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+    def __post_init__(self):
+        if isinstance(self.network, dict):
+            self.network = NetworkConfig.from_dict(self.network)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["network"] = self.network.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**values)

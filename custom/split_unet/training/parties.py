@@ -1,0 +1,115 @@
+"""The two roles of split learning as plain PyTorch objects; the NVFlare glue only moves their tensors.
+
+``EncoderParty`` lives at a site: it runs the site's encoder and, when the gradient of its last
+activations comes back, finishes that backward pass and steps its optimiser. ``DecoderParty`` lives
+at the label holder: it fuses the sites' activations, decodes, computes the loss, steps the decoder and
+returns the gradient of each site's activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from split_unet.errors import ProtocolError
+from split_unet.networks import FusionDecoder, ModalityEncoder
+
+from .objective import segmentation_loss
+
+Features = dict[int, torch.Tensor]
+
+
+def make_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
+    """Adam is per-parameter, so per-part optimisers equal one optimiser over the composed network."""
+    return torch.optim.Adam(parameters, lr=lr)
+
+
+class EncoderParty:
+    """A site's encoder, its optimiser and the activations waiting for their gradient."""
+
+    def __init__(self, encoder: ModalityEncoder, lr: float, device: torch.device, site: str | None = None):
+        self.encoder = encoder.to(device)
+        self.optimizer = make_optimizer(self.encoder.parameters(), lr)
+        self.device = device
+        self.site = site
+        self._pending: Features | None = None
+
+    @property
+    def awaiting_gradient(self) -> bool:
+        return self._pending is not None
+
+    def forward(self, images: np.ndarray | torch.Tensor) -> Features:
+        """(B, C, *S) images -> detached CPU features; the graph is kept for ``backward``."""
+        if self._pending is not None:
+            raise ProtocolError("new training batch before the gradient of the previous one arrived",
+                                site=self.site, field="gradient")
+        self.encoder.train()
+        features = self.encoder(torch.as_tensor(images, device=self.device))
+        self._pending = features
+        return {level: t.detach().cpu() for level, t in features.items()}
+
+    @torch.no_grad()
+    def infer(self, images: np.ndarray | torch.Tensor) -> Features:
+        """Evaluation-mode features, no graph kept."""
+        self.encoder.eval()
+        return {level: t.cpu() for level, t in self.encoder(torch.as_tensor(images, device=self.device)).items()}
+
+    def backward(self, gradients: Mapping[int, torch.Tensor]) -> None:
+        """Finish the backward pass of the pending activations and take one optimiser step."""
+        if self._pending is None:
+            raise ProtocolError("gradient received but no activations are pending", site=self.site, field="gradient")
+        if set(gradients) != set(self._pending):
+            raise ProtocolError(f"gradient levels {sorted(gradients)} do not match the sent levels "
+                                f"{sorted(self._pending)}", site=self.site, field="gradient")
+        tensors, grads = [], []
+        for level, activation in self._pending.items():
+            grad = torch.as_tensor(gradients[level], device=self.device, dtype=activation.dtype)
+            if grad.shape != activation.shape:
+                raise ProtocolError(f"gradient shape {tuple(grad.shape)} != activation shape "
+                                    f"{tuple(activation.shape)}", site=self.site, field=f"gradient[{level}]")
+            tensors.append(activation)
+            grads.append(grad)
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(tensors, grads)
+        self.optimizer.step()
+        self._pending = None
+
+
+class DecoderParty:
+    """The label holder's decoder, its optimiser and the loss."""
+
+    def __init__(self, decoder: FusionDecoder, lr: float, device: torch.device):
+        self.decoder = decoder.to(device)
+        self.optimizer = make_optimizer(self.decoder.parameters(), lr)
+        self.loss_function = segmentation_loss()
+        self.device = device
+
+    def train_step(self, features: Sequence[Mapping[int, torch.Tensor]],
+                   target: np.ndarray | torch.Tensor) -> tuple[float, list[Features]]:
+        """One decoder step. features: K dicts of (B, C_l, *S_l); target: (B, 3, *S) region masks.
+
+        Returns the loss and, per site, the gradient of the loss w.r.t. that site's activations.
+        """
+        inputs = [
+            {level: torch.as_tensor(t, device=self.device, dtype=torch.float32).requires_grad_()
+             for level, t in site_features.items()}
+            for site_features in features
+        ]
+        self.decoder.train()
+        logits = self.decoder(inputs)
+        loss = self.loss_function(logits, torch.as_tensor(target, device=self.device, dtype=torch.float32))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        gradients = [{level: t.grad.detach().cpu() for level, t in site_inputs.items()} for site_inputs in inputs]
+        return float(loss.detach()), gradients
+
+    @torch.no_grad()
+    def predict(self, features: Sequence[Mapping[int, torch.Tensor]]) -> torch.Tensor:
+        """Logits (B, 3, *S) in evaluation mode."""
+        self.decoder.eval()
+        inputs = [{level: torch.as_tensor(t, device=self.device, dtype=torch.float32) for level, t in f.items()}
+                  for f in features]
+        return self.decoder(inputs)

@@ -1,0 +1,59 @@
+"""Split learning in one process (no NVFlare): the parties reproduce SplitUNet training exactly."""
+
+import pytest
+import torch
+
+from split_unet.errors import ProtocolError
+from split_unet.networks import NetworkConfig, build_decoder, build_encoder, build_split_unet
+from split_unet.training import DecoderParty, EncoderParty, make_optimizer, segmentation_loss
+
+CONFIG = NetworkConfig(channels=(4, 8, 16), strides=(2, 2))
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 4, 16, 16, 16, generator=g)
+    target = (torch.rand(2, 3, 16, 16, 16, generator=g) > 0.7).float()
+    return images, target
+
+
+def test_parties_match_the_composed_network_over_steps():
+    device = torch.device("cpu")
+    reference = build_split_unet(CONFIG, (1, 1, 1, 1), seed=3)
+    optimizer = make_optimizer(reference.parameters(), 1e-2)
+    sites = [EncoderParty(build_encoder(CONFIG, k, 3), 1e-2, device, site=f"s{k}") for k in range(4)]
+    server = DecoderParty(build_decoder(CONFIG, 4, 3), 1e-2, device)
+    loss_function = segmentation_loss()
+    for step in range(3):
+        images, target = _batch(step)
+        loss = loss_function(reference(images), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        features = [site.forward(images[:, k:k + 1]) for k, site in enumerate(sites)]
+        split_loss, gradients = server.train_step(features, target)
+        for site, gradient in zip(sites, gradients):
+            site.backward(gradient)
+        assert split_loss == pytest.approx(float(loss.detach()), abs=1e-5)
+    for k, site in enumerate(sites):
+        for a, b in zip(site.encoder.parameters(), reference.encoders[k].parameters()):
+            assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(server.decoder.parameters(), reference.decoder.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_encoder_party_refuses_out_of_protocol_gradients():
+    site = EncoderParty(build_encoder(CONFIG, 0, 0), 1e-3, torch.device("cpu"), site="flair")
+    with pytest.raises(ProtocolError, match="no activations are pending"):
+        site.backward({0: torch.zeros(1)})
+    features = site.forward(torch.randn(1, 1, 16, 16, 16))
+    with pytest.raises(ProtocolError, match="before the gradient"):
+        site.forward(torch.randn(1, 1, 16, 16, 16))
+    with pytest.raises(ProtocolError, match="levels"):
+        site.backward({0: torch.zeros_like(features[0])})
+    bad = {level: torch.zeros_like(t) for level, t in features.items()}
+    bad[1] = torch.zeros(1, 8, 4, 4, 4)
+    before = [p.clone() for p in site.encoder.parameters()]
+    with pytest.raises(ProtocolError, match="site 'flair'.*gradient\\[1\\]"):
+        site.backward(bad)
+    assert all(torch.equal(a, b) for a, b in zip(before, site.encoder.parameters()))
