@@ -5,47 +5,54 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from split_unet.errors import DataError
 from split_unet.protocol.settings import CLASS_ALLOW_LIST, ENV_SITE_CONFIGS, ENV_SITES
 from split_unet.reports import read_summary, write_summary
 
-SERVER_CONFIG = Path("app_server/config/config_fed_server.json")
 CONTROLLER_PATH = "split_unet.protocol.controller.SplitUNetController"
-
-
-def _controller_args(server_config: dict) -> dict:
-    for workflow in server_config.get("workflows", []):
-        if workflow.get("path") == CONTROLLER_PATH:
-            return workflow.setdefault("args", {})
-    raise ValueError(f"the job has no {CONTROLLER_PATH} workflow")
+EXECUTOR_PATH = "split_unet.protocol.executor.ModalitySiteExecutor"
+PROGRESS_PATTERN = re.compile(r"SplitUNetController - (?:INFO|WARNING|ERROR) - \[[^]]*\] - (.*)")
 
 
 def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None = None,
-                  controller: dict | None = None) -> Path:
-    """Copy a job folder, overriding the controller's ``train`` settings (``network`` merged key by key)
-    and other controller arguments. Returns the new job folder; the original is left as it is."""
+                  controller: dict | None = None, executor: dict | None = None) -> Path:
+    """Copy a job folder, overriding the controller's ``train`` settings (``network`` merged key by key),
+    other controller arguments and the site executors' arguments. The original is left as it is."""
     job_dir, out_dir = Path(job_dir), Path(out_dir)
     if not (job_dir / "meta.json").is_file():
         raise DataError("not an NVFlare job folder (no meta.json)", field=str(job_dir))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(job_dir, out_dir)
-    config_path = out_dir / SERVER_CONFIG
-    server_config = json.loads(config_path.read_text())
-    args = _controller_args(server_config)
-    args.update(controller or {})
+    for config_path in out_dir.glob("app_*/config/config_fed_*.json"):
+        config = json.loads(config_path.read_text())
+        for workflow in config.get("workflows", []):
+            if workflow.get("path") == CONTROLLER_PATH:
+                _override_controller(workflow.setdefault("args", {}), train or {}, controller or {})
+        for entry in config.get("executors", []):
+            if entry.get("executor", {}).get("path") == EXECUTOR_PATH:
+                entry["executor"].setdefault("args", {}).update(executor or {})
+        config_path.write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+def _override_controller(args: dict, train: dict, controller: dict) -> None:
+    args.update(controller)
     merged = copy.deepcopy(args.get("train", {}))
-    for key, value in (train or {}).items():
+    for key, value in train.items():
         if key == "network":
             merged.setdefault("network", {}).update(value)
         else:
             merged[key] = value
     args["train"] = merged
-    config_path.write_text(json.dumps(server_config, indent=2))
-    return out_dir
 
 
 def job_clients(job_dir: str | Path) -> list[str]:
@@ -55,13 +62,15 @@ def job_clients(job_dir: str | Path) -> list[str]:
 
 def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | Path = "jobs/split_unet",
                    site_configs: str | Path = "site_configs", train: dict | None = None,
-                   controller: dict | None = None) -> dict:
+                   controller: dict | None = None, site_threads: int | None = None,
+                   progress: Callable[[str], None] | None = print) -> dict:
     """Run the job on partitioned data; return the summary (also written to ``workspace/summary.json``).
 
-    The sites find their data through their site settings, which name ``${SPLIT_UNET_SITES}``.
+    The simulator runs in a child process whose full output goes to ``workspace/simulator.log``; the
+    controller's progress lines are passed to ``progress``. The sites find their data through their site
+    settings, which name ``${SPLIT_UNET_SITES}``. All sites share this machine in the simulator, so each
+    gets ``site_threads`` torch threads (default: the cores divided among them) instead of all of them.
     """
-    from nvflare.private.fed.app.simulator.simulator_runner import SimulatorRunner
-
     sites_dir, workspace = Path(sites_dir).resolve(), Path(workspace).resolve()
     site_configs = Path(site_configs).resolve()
     if not sites_dir.is_dir():
@@ -69,27 +78,45 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
     if not site_configs.is_dir():
         raise DataError("site settings folder not found", field=str(site_configs))
     workspace.mkdir(parents=True, exist_ok=True)
-    job = configure_job(job_dir, workspace / "job", train, controller)
-    clients = job_clients(job)
-    os.environ[ENV_SITES] = str(sites_dir)
-    os.environ[ENV_SITE_CONFIGS] = str(site_configs)
+    clients = job_clients(job_dir)
+    site_threads = site_threads or max(1, (os.cpu_count() or 1) // len(clients))
+    job = configure_job(job_dir, workspace / "job", train, controller, {"num_threads": site_threads})
     sim_root = workspace / "simulator"
+    if sim_root.exists():
+        shutil.rmtree(sim_root)
     # The simulator copies its workspace's local/ folder into every site's local/ folder.
-    (sim_root / "local").mkdir(parents=True, exist_ok=True)
+    (sim_root / "local").mkdir(parents=True)
     (sim_root / "local" / "resources.json").write_text(json.dumps({"class_allow_list": CLASS_ALLOW_LIST}, indent=2))
-    runner = SimulatorRunner(job_folder=str(job), workspace=str(sim_root), clients=",".join(clients),
-                             n_clients=len(clients), threads=len(clients))
-    return_code = runner.run()
-    server_run = sim_root / "server" / "simulate_job"
-    summary_path = server_run / "summary.json"
+    env = {**os.environ, ENV_SITES: str(sites_dir), ENV_SITE_CONFIGS: str(site_configs)}
+    log_path = workspace / "simulator.log"
+    command = [sys.executable, "-m", "split_unet.simulation", str(job), str(sim_root), ",".join(clients)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return_code = _follow(process, log_path, progress)
+    summary_path = sim_root / "server" / "simulate_job" / "summary.json"
     summary = read_summary(summary_path) if summary_path.is_file() else {
-        "error": f"the simulator exited with code {return_code} before writing a summary; see {sim_root}/server/log.txt"}
-    summary["artefacts"] = artefacts(sim_root, clients)
+        "error": f"the simulator exited with code {return_code} before writing a summary; see {log_path}"}
+    summary["artefacts"] = artefacts(workspace, clients)
     write_summary(workspace / "summary.json", summary)
     return summary
 
 
-def artefacts(sim_root: Path, clients: list[str]) -> dict:
+def _follow(process: subprocess.Popen, log_path: Path, progress: Callable[[str], None] | None) -> int:
+    """Wait for the simulator, passing on the controller's log lines as they appear."""
+    with open(log_path) as log:
+        while True:
+            line = log.readline()
+            if line:
+                if progress and PROGRESS_PATTERN.search(line):
+                    progress(PROGRESS_PATTERN.search(line).group(1).rstrip())
+                continue
+            if process.poll() is not None:
+                return process.returncode
+            time.sleep(0.2)
+
+
+def artefacts(workspace: Path, clients: list[str]) -> dict:
+    sim_root = workspace / "simulator"
     server_run = sim_root / "server" / "simulate_job"
     return {
         "summary": str(server_run / "summary.json"),
@@ -97,4 +124,19 @@ def artefacts(sim_root: Path, clients: list[str]) -> dict:
         "decoder": str(next(iter(sorted(server_run.rglob("split_unet_decoder.pt"))), server_run / "split_unet_decoder.pt")),
         "encoders": {site: str(sim_root / site / "simulate_job" / "split_unet_encoder.pt") for site in clients},
         "server_log": str(sim_root / "server" / "log.txt"),
+        "simulator_log": str(workspace / "simulator.log"),
     }
+
+
+def main(argv: list[str]) -> int:
+    """Child-process entry: ``python -m split_unet.simulation JOB SIM_WORKSPACE CLIENTS``."""
+    from nvflare.private.fed.app.simulator.simulator_runner import SimulatorRunner
+
+    job, sim_root, clients = argv
+    n_clients = len(clients.split(","))
+    return SimulatorRunner(job_folder=job, workspace=sim_root, clients=clients, n_clients=n_clients,
+                           threads=n_clients).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -18,9 +18,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from monai.transforms import GaussianSmooth, Resample, Resize, SpatialPad
+from monai.transforms import Resample, Resize, SpatialPad
 from monai.transforms.utils import create_grid, generate_spatial_bounding_box
-from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import distance_transform_edt, gaussian_filter
 from scipy.spatial.transform import Rotation
 from scipy.special import expit
 
@@ -29,7 +29,7 @@ from split_unet.data.regions import MODALITIES
 __all__ = ["generate_patient", "generate_dataset", "anatomy"]
 
 # Bump when the anatomy preprocessing changes, so stale disk caches are not reused.
-_ANATOMY_VERSION = 1
+_ANATOMY_VERSION = 2
 # Margin (template voxels, 1 mm) around the brain's bounding box before padding it to a cube.
 _MARGIN_MM = 4
 
@@ -69,8 +69,8 @@ def _build_anatomy(size: int) -> tuple[np.ndarray, float]:
     tissue = tissue[(slice(None), *(slice(s, e) for s, e in zip(start, end)))]
     side = max(tissue.shape[1:])
     tissue = SpatialPad((side,) * 3)(tissue)
-    # Anti-aliasing keeps the partial-volume fractions honest when shrinking ~190 mm to a few voxels.
-    tissue = Resize((size,) * 3, mode="trilinear", anti_aliasing=size < side)(tissue)
+    # Shrinking: "area" averages the template voxels under each target voxel, i.e. partial-volume fractions.
+    tissue = Resize((size,) * 3, mode="area" if size <= side else "trilinear")(tissue)
     return np.clip(np.asarray(tissue, dtype=np.float32), 0.0, 1.0), side / size
 
 
@@ -185,7 +185,10 @@ def generate_patient(index: int, size: int, seed: int) -> tuple[np.ndarray, np.n
     weights[3:] *= texture
     means = _CLASS_MEANS * rng.normal(1.0, 0.07, _CLASS_MEANS.shape).astype(np.float32)
     image = np.einsum("mc,c...->m...", means, weights)
-    image = np.asarray(GaussianSmooth(sigma=rng.uniform(0.4, 0.8))(image))
+    # scipy, not MONAI's GaussianSmooth: torch's convolution result depends on the thread count, and the
+    # phantom must be byte-identical on every machine.
+    blur = rng.uniform(0.4, 0.8)
+    image = gaussian_filter(image, sigma=(0.0, blur, blur, blur))
     image *= np.exp(rng.uniform(0.05, 0.2) * _smooth_noise(rng, 4, 3, size))  # bias field per modality
     image += rng.uniform(0.02, 0.05) * rng.standard_normal(image.shape, dtype=np.float32)
     image *= rng.uniform(300.0, 3000.0) * inside  # global gain; skull-stripped background is exactly 0

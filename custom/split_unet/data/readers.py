@@ -91,7 +91,7 @@ def _find_msd(root: Path) -> list[Case]:
         raise DataError("'training' must be a non-empty list of cases", field=f"{meta_path}:training")
     cases = []
     for entry in entries:
-        if not (isinstance(entry, dict) and isinstance(entry.get("image"), str) and isinstance(entry.get("label"), str)):
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(key), str) for key in ("image", "label"))):
             raise DataError(f"training entry {entry!r} needs 'image' and 'label' paths", field=f"{meta_path}:training")
         image, label = root / entry["image"], root / entry["label"]
         patient = _strip_nifti_suffix(image.name)
@@ -140,7 +140,8 @@ def find_cases(root: str | Path) -> list[Case]:
     return sorted(cases, key=lambda case: case.patient_id)
 
 
-def read_volume(ref: ImageRef, *, site: str | None = None, patient: str | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
+def read_volume(ref: ImageRef, *, site: str | None = None,
+                patient: str | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Raw data of one volume, as stored (scaled by the header), and its NIfTI image (for the geometry).
 
     Returns:
@@ -216,8 +217,14 @@ def load_image(ref: ImageRef, size: int, spacing: float | None = None, *, site: 
         DataError: see :func:`read_volume`.
     """
     data, image = read_volume(ref, site=site, patient=patient)
-    volume = _to_grid(data, image, size, spacing, mode="bilinear")
-    return convert_to_numpy(NormalizeIntensity(nonzero=True, channel_wise=True)(volume), dtype=np.float32)
+    volume = convert_to_numpy(_to_grid(data, image, size, spacing, mode="bilinear"), dtype=np.float32)
+    brain = volume[volume != 0].astype(np.float64)
+    if brain.size == 0:
+        return volume
+    # Statistics from numpy: torch's parallel reductions vary in the last bit with the thread count, and a
+    # site's volumes must equal load_case's bit for bit wherever each of them runs.
+    normalize = NormalizeIntensity(subtrahend=[brain.mean()], divisor=[brain.std()], nonzero=True, channel_wise=True)
+    return convert_to_numpy(normalize(volume), dtype=np.float32)
 
 
 def load_label(path: str | Path, size: int, convention: str, spacing: float | None = None, *,

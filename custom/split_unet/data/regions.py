@@ -66,7 +66,8 @@ def label_from_regions(masks: ArrayT, convention: str = "msd") -> ArrayT:
     """
     values = _label_values(convention)
     if masks.shape[0] != len(REGION_NAMES):
-        raise ValueError(f"expected {len(REGION_NAMES)} region channels on the first axis, got shape {tuple(masks.shape)}")
+        raise ValueError(f"expected {len(REGION_NAMES)} region channels on the first axis, "
+                         f"got shape {tuple(masks.shape)}")
     if isinstance(masks, torch.Tensor):
         label = torch.zeros(masks.shape[1:], dtype=torch.uint8, device=masks.device)
     else:

@@ -125,14 +125,14 @@ class FusionDecoder(nn.Module):
             for level in self.levels:
                 self.fuse[str(level)] = Convolution(
                     spatial_dims, num_inputs * channels[level], channels[level], kernel_size=1,
-                    norm=norm, act=act, dropout=dropout,
+                    norm=norm, act=act, dropout=dropout, bias=False,
                 )
         self.up = nn.ModuleList()
         self.blocks = nn.ModuleList()
         for level in range(len(channels) - 2, -1, -1):
             self.up.append(
                 Convolution(spatial_dims, channels[level + 1], channels[level], strides=strides[level],
-                            kernel_size=3, norm=norm, act=act, dropout=dropout, is_transposed=True)
+                            kernel_size=3, norm=norm, act=act, dropout=dropout, is_transposed=True, bias=False)
             )
             block_in = channels[level] * (2 if level in self.levels else 1)
             self.blocks.append(_conv_block(spatial_dims, block_in, channels[level], 1, num_res_units, norm, act, dropout))
@@ -206,7 +206,10 @@ class SplitUNet(nn.Module):
 
 def _conv_block(spatial_dims: int, in_channels: int, out_channels: int, stride: int, num_res_units: int,
                 norm, act, dropout: float) -> nn.Module:
+    # No bias before a normalisation layer: it would be cancelled, and its near-zero gradient only feeds
+    # noise into Adam's normalised update.
     if num_res_units > 0:
         return ResidualUnit(spatial_dims, in_channels, out_channels, strides=stride, subunits=num_res_units,
-                            norm=norm, act=act, dropout=dropout)
-    return Convolution(spatial_dims, in_channels, out_channels, strides=stride, norm=norm, act=act, dropout=dropout)
+                            norm=norm, act=act, dropout=dropout, bias=False)
+    return Convolution(spatial_dims, in_channels, out_channels, strides=stride, norm=norm, act=act, dropout=dropout,
+                       bias=False)

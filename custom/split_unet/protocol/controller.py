@@ -119,14 +119,17 @@ class SplitUNetController(Controller):
 
         history, metrics = [], None
         for epoch in range(config.epochs):
-            losses = []
-            for batch_ids in epoch_batches(train_ids, config.batch_size, config.seed, epoch):
+            losses, batches = [], epoch_batches(train_ids, config.batch_size, config.seed, epoch)
+            for index, batch_ids in enumerate(batches):
                 features = self._round(TASK_TRAIN, batch_ids, abort_signal, fl_ctx)
                 loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids))
                 self._gradients = dict(zip(self.sites, gradients))
                 self._gradient_step = self._step
                 losses.append(loss)
                 self._track("train/loss", loss, fl_ctx)
+                if (index + 1) % max(1, len(batches) // 4) == 0 and index + 1 < len(batches):
+                    self.log_info(fl_ctx, f"epoch {epoch + 1}/{config.epochs} batch {index + 1}/{len(batches)} "
+                                          f"loss {np.mean(losses):.4f} ({time.perf_counter() - start:.0f} s)")
             entry = {"epoch": epoch + 1, "step": self._step, "loss": float(np.mean(losses)),
                      "seconds": round(time.perf_counter() - start, 2)}
             self.log_info(fl_ctx, f"epoch {epoch + 1}/{config.epochs} loss {entry['loss']:.4f} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from monai.metrics import DiceMetric, compute_hausdorff_distance
@@ -33,7 +34,9 @@ class RegionMetrics:
         """masks, target: (B, 3, *S) binary."""
         masks, target = masks.detach().float().cpu(), target.detach().float().cpu()
         self._dice(masks, target)
-        hd = compute_hausdorff_distance(masks, target, include_background=True, percentile=95)
+        with warnings.catch_warnings():  # MONAI warns on empty masks; they are scored explicitly below
+            warnings.simplefilter("ignore", UserWarning)
+            hd = compute_hausdorff_distance(masks, target, include_background=True, percentile=95)
         pred_empty = masks.flatten(2).sum(-1) == 0
         true_empty = target.flatten(2).sum(-1) == 0
         diagonal = math.sqrt(sum(s * s for s in masks.shape[2:]))

@@ -1,0 +1,51 @@
+"""Centralized baselines and the split-unet command on tiny phantoms."""
+
+import json
+
+import pytest
+from helpers import TINY_NETWORK, TINY_SIZE
+
+from split_unet.cli import main
+from split_unet.training import TrainConfig
+from split_unet.training.centralized import mode_inputs, train_centralized
+
+
+@pytest.mark.parametrize("mode,modality,channels", [("late", None, (1, 1, 1, 1)), ("early", None, (4,)),
+                                                     ("single", "t1gd", (1,))])
+def test_modes_choose_inputs(mode, modality, channels):
+    in_channels, image_channels = mode_inputs(mode, modality)
+    assert in_channels == channels and len(image_channels) == sum(channels)
+
+
+def test_single_mode_needs_a_modality():
+    with pytest.raises(ValueError, match="--modality"):
+        mode_inputs("single", None)
+
+
+def test_centralized_training_writes_a_summary(tiny_data, tmp_path):
+    msd, _ = tiny_data
+    config = TrainConfig(epochs=2, size=TINY_SIZE, network=TINY_NETWORK, val_interval=1)
+    summary = train_centralized(msd, tmp_path, mode="early", config=config, log=lambda _: None)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["dice"] == summary["dice"] and set(saved["hd95"]) == {"WT", "TC", "ET"}
+    assert saved["steps"] == 6 and saved["config"]["mode"] == "early"
+    assert saved["history"][1]["loss"] < saved["history"][0]["loss"]
+    assert list((tmp_path / "tb_events").glob("events.out.*"))
+
+
+def test_cli_synth_partition_and_table(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "msd"), "--patients", "2", "--size", "16"]) == 0
+    assert main(["partition", "--data", str(tmp_path / "msd"), "--out", str(tmp_path / "sites")]) == 0
+    assert sorted(p.name for p in (tmp_path / "sites").iterdir()) == ["flair", "server", "t1gd", "t1w", "t2w"]
+    summary = {"dice": {"WT": 0.9, "TC": 0.8, "ET": 0.7, "mean": 0.8}, "hd95": {"WT": 1, "TC": 2, "ET": 3},
+               "wall_seconds": 60}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    capsys.readouterr()
+    assert main(["table", f"split={tmp_path / 'run'}"]) == 0
+    assert "| split | 0.900 | 0.800 | 0.700 | 0.800 |" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    assert main(["partition", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "sites")]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""Region metrics and the checks of the wire format."""
+
+import numpy as np
+import pytest
+import torch
+from nvflare.apis.dxo import DXO
+from nvflare.apis.shareable import Shareable
+
+from split_unet.errors import ProtocolError
+from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage, check_features, dxo_of,
+                                      error_reply)
+from split_unet.training import RegionMetrics, epoch_batches
+
+
+def _cube_masks():
+    target = torch.zeros(1, 3, 16, 16, 16)
+    target[:, :, 4:10, 4:10, 4:10] = 1
+    return target
+
+
+def test_perfect_prediction_scores_one_and_zero_distance():
+    metrics = RegionMetrics()
+    metrics.update(_cube_masks(), _cube_masks())
+    result = metrics.aggregate()
+    assert result["dice"] == {"WT": 1.0, "TC": 1.0, "ET": 1.0, "mean": 1.0}
+    assert result["hd95"] == {"WT": 0.0, "TC": 0.0, "ET": 0.0}
+
+
+def test_missed_region_scores_zero_dice_and_the_diagonal():
+    prediction = _cube_masks()
+    prediction[:, 2] = 0
+    metrics = RegionMetrics()
+    metrics.update(prediction, _cube_masks())
+    result = metrics.aggregate()
+    assert result["dice"]["ET"] == 0.0 and result["dice"]["WT"] == 1.0
+    assert result["hd95"]["ET"] == pytest.approx(np.sqrt(3 * 16**2))
+    assert result["dice"]["mean"] == pytest.approx(2 / 3)
+
+
+def test_epoch_batches_are_seeded_and_cover_every_patient():
+    ids = [f"P{i}" for i in range(7)]
+    batches = epoch_batches(ids, 2, seed=1, epoch=0)
+    assert batches == epoch_batches(ids, 2, seed=1, epoch=0) != epoch_batches(ids, 2, seed=1, epoch=1)
+    assert sorted(sum(batches, [])) == ids and [len(b) for b in batches] == [2, 2, 2, 1]
+
+
+def _activations(**meta):
+    data = {"0": np.zeros((1, 4, 8, 8, 8), np.float32)}
+    defaults = {"step": 1, "patient_ids": ["P1"], "scales": {"0": 1.0}}
+    return DXO(KIND_ACTIVATIONS, data=data, meta={**defaults, **meta}).to_shareable()
+
+
+@pytest.mark.parametrize("payload,field", [
+    (Shareable(), "split_unet.activations"),
+    (DXO(KIND_GRADIENTS, data={}).to_shareable(), "data_kind"),
+    (_activations(step="1"), "step"),
+    (_activations(patient_ids="P1"), "patient_ids"),
+    (_activations(scales={"0": -1.0}), "scale"),
+    (error_reply("disk full"), "split_unet.activations"),
+])
+def test_malformed_messages_are_refused_naming_site_and_field(payload, field):
+    with pytest.raises(ProtocolError) as raised:
+        TensorMessage.from_shareable(payload, KIND_ACTIVATIONS, site="t2w")
+    assert "site 't2w'" in str(raised.value) and field in str(raised.value)
+
+
+def test_site_error_text_reaches_the_server():
+    with pytest.raises(ProtocolError, match="disk full"):
+        dxo_of(error_reply("disk full"), KIND_ACTIVATIONS, site="t1w")
+
+
+@pytest.mark.parametrize("bad", [np.full((1, 4, 8, 8, 8), np.inf, np.float32), np.zeros((1, 4, 8, 8, 8), np.int64),
+                                 [[0.0]]])
+def test_non_finite_or_non_float_tensors_are_refused(bad):
+    payload = DXO(KIND_ACTIVATIONS, data={"0": bad}, meta={"step": 1, "patient_ids": [], "scales": {"0": 1.0}})
+    with pytest.raises(ProtocolError, match=r"activations\[0\]"):
+        TensorMessage.from_shareable(payload.to_shareable(), KIND_ACTIVATIONS, site="flair")
+
+
+def test_feature_shapes_are_checked():
+    features = {0: torch.zeros(1, 4, 8, 8, 8), 1: torch.zeros(1, 8, 4, 4, 4)}
+    check_features(features, {0: (1, 4, 8, 8, 8), 1: (1, 8, 4, 4, 4)}, site="s")
+    with pytest.raises(ProtocolError, match=r"activations\[1\]"):
+        check_features(features, {0: (1, 4, 8, 8, 8), 1: (1, 8, 2, 2, 2)}, site="s")
+    with pytest.raises(ProtocolError, match="levels"):
+        check_features({0: features[0]}, {0: (1, 4, 8, 8, 8), 1: (1, 8, 4, 4, 4)}, site="s")

@@ -1,0 +1,125 @@
+"""The site Executor without a federation: a real FLContext around a stand-in engine and workspace."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY_NETWORK, TINY_SIZE
+from nvflare.apis.dxo import DXO
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.signal import Signal
+
+from split_unet.protocol.executor import ModalitySiteExecutor
+from split_unet.protocol.settings import SETTINGS_FILE
+from split_unet.protocol.wire import (ERROR_HEADER, KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, TASK_FINISH,
+                                      TASK_INIT, TASK_TRAIN, TensorMessage)
+from split_unet.training import TrainConfig
+
+
+class _Workspace:
+    def __init__(self, root):
+        self.root = root
+
+    def get_root_dir(self):
+        return str(self.root)
+
+    def get_run_dir(self, job_id):
+        return str(self.root / job_id)
+
+
+class _Engine:
+    def __init__(self, root):
+        self.workspace = _Workspace(root)
+
+    def get_workspace(self):
+        return self.workspace
+
+    def fire_event(self, event_type, fl_ctx):
+        """log_error fires an event; nobody listens here."""
+
+
+@pytest.fixture()
+def site(tiny_data, tmp_path):
+    """(executor, fl_ctx) of the 'flair' site, its settings in its own local/ folder."""
+    _, sites = tiny_data
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / SETTINGS_FILE).write_text(json.dumps({"modality": "flair", "data_dir": str(sites / "flair")}))
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "flair", private=False, sticky=False)
+    fl_ctx.set_prop(ReservedKey.ENGINE, _Engine(tmp_path), private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=False)
+    executor = ModalitySiteExecutor()
+    config = TrainConfig(size=TINY_SIZE, network=TINY_NETWORK)
+    request = DXO(KIND_INIT, data={"train": config.to_dict(), "site_index": 0, "wire_dtype": "float32"})
+    reply = executor.execute(TASK_INIT, request.to_shareable(), fl_ctx, Signal())
+    assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK, reply.get_header(ERROR_HEADER)
+    return executor, fl_ctx
+
+
+def _send(executor, fl_ctx, task, step, patient_ids, gradients=None, tensor_step=None):
+    message = TensorMessage(KIND_GRADIENTS, step, patient_ids, gradients or {}, tensor_step=tensor_step)
+    return executor.execute(task, message.to_shareable("float32")[0], fl_ctx, Signal())
+
+
+def _error(reply):
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    return reply.get_header(ERROR_HEADER)
+
+
+def test_train_step_then_gradient_updates_the_encoder_and_saves_it(site, tmp_path):
+    executor, fl_ctx = site
+    reply = _send(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001", "BRATS_002"])
+    features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
+    assert features[0].shape == (2, 4, TINY_SIZE, TINY_SIZE, TINY_SIZE) and features[2].shape[1] == 16
+    before = [p.clone() for p in executor.party.encoder.parameters()]
+    gradients = {level: torch.randn_like(t) for level, t in features.items()}
+    reply = _send(executor, fl_ctx, TASK_FINISH, 2, [], gradients, tensor_step=1)
+    assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK
+    assert any(not torch.equal(a, b) for a, b in zip(before, executor.party.encoder.parameters()))
+    saved = torch.load(tmp_path / "job1" / "split_unet_encoder.pt", weights_only=False)
+    assert saved["modality"] == "flair" and saved["step"] == 2
+
+
+def test_unknown_patient_is_refused_naming_site_and_patient(site):
+    executor, fl_ctx = site
+    message = _error(_send(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_999"]))
+    assert "flair" in message and "BRATS_999" in message
+
+
+@pytest.mark.parametrize("corrupt", ["nan", "shape", "levels", "step"])
+def test_bad_gradients_are_refused_and_leave_the_encoder_unchanged(site, corrupt):
+    executor, fl_ctx = site
+    reply = _send(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"])
+    features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
+    gradients = {level: torch.zeros_like(t) for level, t in features.items()}
+    tensor_step = 1
+    if corrupt == "nan":
+        gradients[1][0, 0, 0, 0, 0] = float("nan")
+    elif corrupt == "shape":
+        gradients[1] = torch.zeros(1, 8, 3, 3, 3)
+    elif corrupt == "levels":
+        del gradients[0]
+    else:
+        tensor_step = 0
+    before = [p.clone() for p in executor.party.encoder.parameters()]
+    message = _error(_send(executor, fl_ctx, TASK_TRAIN, 2, ["BRATS_002"], gradients, tensor_step=tensor_step))
+    assert "site 'flair'" in message
+    assert all(torch.equal(a, b) for a, b in zip(before, executor.party.encoder.parameters()))
+
+
+def test_replayed_step_is_refused(site):
+    executor, fl_ctx = site
+    _send(executor, fl_ctx, TASK_TRAIN, 3, ["BRATS_001"])
+    assert "replayed or out of order" in _error(_send(executor, fl_ctx, TASK_TRAIN, 3, ["BRATS_001"]))
+
+
+def test_float16_wire_keeps_tiny_gradients():
+    gradient = torch.full((2, 3), 3e-9)
+    gradient[0, 0] = 1e-7
+    shareable, n_bytes = TensorMessage(KIND_GRADIENTS, 1, [], {0: gradient}).to_shareable("float16")
+    assert n_bytes == gradient.numel() * 2
+    decoded = TensorMessage.from_shareable(shareable, KIND_GRADIENTS, site="s").tensors[0]
+    assert torch.allclose(decoded, gradient, rtol=2e-3)
+    assert np.float16(3e-9) == 0  # what plain float16 would have sent
