@@ -100,14 +100,16 @@ def test_orientation_lps_equals_ras(tmp_path):
 
 def test_same_bits_for_any_thread_count(tmp_path):
     """Sites and the centralized trainer may run with different torch thread counts."""
-    image, _ = generate_patient(0, 48, seed=0)  # big enough for torch to split work across threads
-    path = _save(tmp_path / "flair.nii.gz", image[..., 0], np.eye(4))
+    image, _ = generate_patient(0, 64, seed=0)  # big enough for torch to split its reductions across threads
+    path = _save(tmp_path / "image.nii.gz", image, np.eye(4))
+    refs = [ImageRef(path, channel) for channel in range(len(MODALITIES))]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = load_image(ImageRef(path), 48)
+        single = [load_image(ref, 64) for ref in refs]
         torch.set_num_threads(max(2, threads))
-        np.testing.assert_array_equal(load_image(ImageRef(path), 48), single)
+        for ref, expected in zip(refs, single):
+            np.testing.assert_array_equal(load_image(ref, 64), expected)
     finally:
         torch.set_num_threads(threads)
 

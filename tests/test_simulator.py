@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from split_unet.data import MODALITIES as SITES
 from split_unet.data import find_cases, load_case, split_patients
+from split_unet.leakage.record import load_record, snapshot_path
 from split_unet.networks import NetworkConfig, build_split_unet
 from split_unet.simulation import run_simulation
 from split_unet.training import epoch_batches, make_optimizer, segmentation_loss
@@ -18,7 +20,7 @@ from helpers import TINY_NETWORK, TINY_SIZE, make_dataset
 def test_training_runs_and_loss_falls(project_root, tiny_data, tmp_path):
     _, sites = tiny_data
     summary = run_simulation(sites, tmp_path / "ws", job_dir=project_root / "jobs/split_unet",
-                             site_configs=project_root / "site_configs", progress=None,
+                             site_configs=project_root / "site_configs", progress=None, record_steps=[1, -1],
                              train={"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 3, "val_interval": 3})
     assert "error" not in summary, summary.get("error")
     assert (tmp_path / "ws" / "summary.json").is_file()
@@ -28,10 +30,19 @@ def test_training_runs_and_loss_falls(project_root, tiny_data, tmp_path):
     assert summary["steps"] == 3 * 3  # 6 training patients, batch 2
     assert summary["bytes_per_step"]["total"] > 0
     artefacts = summary["artefacts"]
-    for site in ("flair", "t1w", "t1gd", "t2w"):
+    for site in SITES:
         assert (tmp_path / "ws" / "simulator" / site / "simulate_job" / "split_unet_encoder.pt").is_file()
     assert list((tmp_path / "ws" / "simulator" / "server" / "simulate_job" / "tb_events").rglob("events.out.*"))
     assert artefacts["decoder"].endswith("split_unet_decoder.pt")
+
+    # The leakage record: what the server received and sent at steps 1 and 9, and the sites' snapshots.
+    record = load_record(artefacts["leakage_record"])
+    assert sorted((e.step, e.site) for e in record) == sorted((s, site) for s in (1, 9) for site in SITES)
+    for exchange in record:
+        assert len(exchange.patient_ids) == 2 and sorted(exchange.activations) == [0, 1, 2]
+        assert sorted(exchange.gradients) == [0, 1, 2]
+        assert exchange.gradients[0].shape == exchange.activations[0].shape == (2, 4, TINY_SIZE, TINY_SIZE, TINY_SIZE)
+        assert snapshot_path(tmp_path / "ws" / "simulator" / exchange.site / "simulate_job", exchange.step).is_file()
 
 
 def test_one_step_equals_centralized_split_unet(project_root, tmp_path):
@@ -59,7 +70,7 @@ def test_one_step_equals_centralized_split_unet(project_root, tmp_path):
     optimizer.step()
 
     sim = tmp_path / "ws" / "simulator"
-    for k, site in enumerate(("flair", "t1w", "t1gd", "t2w")):
+    for k, site in enumerate(SITES):
         saved = torch.load(sim / site / "simulate_job" / "split_unet_encoder.pt", weights_only=False)["encoder"]
         for name, value in reference.encoders[k].state_dict().items():
             assert (saved[name] - value).abs().max() <= 1e-5, (site, name)

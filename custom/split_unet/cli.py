@@ -70,8 +70,9 @@ def cmd_simulate(args) -> int:
     from split_unet.simulation import run_simulation
 
     controller = {"wire_dtype": args.wire_dtype} if args.wire_dtype else None
+    record_steps = [int(step) for step in args.record_steps.split(",")] if args.record_steps else None
     summary = run_simulation(args.sites, args.workspace, job_dir=args.job, site_configs=args.site_configs,
-                             train=_train_overrides(args), controller=controller)
+                             train=_train_overrides(args), controller=controller, record_steps=record_steps)
     if "error" in summary:
         print(f"split learning failed: {summary['error']}", file=sys.stderr)
         return 1
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--job", default="jobs/split_unet")
     simulate.add_argument("--site-configs", default="site_configs")
     simulate.add_argument("--wire-dtype", choices=("float32", "float16"))
+    simulate.add_argument("--record-steps", help="leakage evaluation: training steps to record, e.g. 1,-1 "
+                                                 "(-1 = last); sites keep encoder snapshots of them")
     _add_train_options(simulate)
     simulate.set_defaults(func=cmd_simulate)
 

@@ -15,17 +15,24 @@ from pathlib import Path
 
 from split_unet.errors import DataError
 from split_unet.protocol.settings import CLASS_ALLOW_LIST, ENV_SITE_CONFIGS, ENV_SITES
+from split_unet.protocol.wire import TASK_FINISH, TASK_TRAIN, TASK_VALIDATE
 from split_unet.reports import read_summary, write_summary
 
 CONTROLLER_PATH = "split_unet.protocol.controller.SplitUNetController"
 EXECUTOR_PATH = "split_unet.protocol.executor.ModalitySiteExecutor"
+RECORDER_PATH = "split_unet.protocol.recorder.LeakageRecorder"
 PROGRESS_PATTERN = re.compile(r"SplitUNetController - (?:INFO|WARNING|ERROR) - \[[^]]*\] - (.*)")
 
 
 def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None = None,
-                  controller: dict | None = None, executor: dict | None = None) -> Path:
+                  controller: dict | None = None, executor: dict | None = None,
+                  record_steps: list[int] | None = None) -> Path:
     """Copy a job folder, overriding the controller's ``train`` settings (``network`` merged key by key),
-    other controller arguments and the site executors' arguments. The original is left as it is."""
+    other controller arguments and the site executors' arguments. The original is left as it is.
+
+    ``record_steps`` adds the leakage evaluation: the server's ``LeakageRecorder`` last in its filter
+    chains, and the sites keep encoder snapshots of those steps.
+    """
     job_dir, out_dir = Path(job_dir), Path(out_dir)
     if not (job_dir / "meta.json").is_file():
         raise DataError("not an NVFlare job folder (no meta.json)", field=str(job_dir))
@@ -37,11 +44,22 @@ def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None =
         for workflow in config.get("workflows", []):
             if workflow.get("path") == CONTROLLER_PATH:
                 _override_controller(workflow.setdefault("args", {}), train or {}, controller or {})
+            if record_steps:
+                _add_recorder(config, record_steps)
         for entry in config.get("executors", []):
             if entry.get("executor", {}).get("path") == EXECUTOR_PATH:
                 entry["executor"].setdefault("args", {}).update(executor or {})
+                if record_steps:
+                    entry["executor"]["args"]["snapshot_steps"] = list(record_steps)
         config_path.write_text(json.dumps(config, indent=2))
     return out_dir
+
+
+def _add_recorder(server_config: dict, steps: list[int]) -> None:
+    recorder = {"path": RECORDER_PATH, "args": {"steps": list(steps)}}
+    server_config.setdefault("task_result_filters", []).append({"tasks": [TASK_TRAIN], "filters": [recorder]})
+    server_config.setdefault("task_data_filters", []).append(
+        {"tasks": [TASK_TRAIN, TASK_VALIDATE, TASK_FINISH], "filters": [recorder]})
 
 
 def _override_controller(args: dict, train: dict, controller: dict) -> None:
@@ -63,6 +81,7 @@ def job_clients(job_dir: str | Path) -> list[str]:
 def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | Path = "jobs/split_unet",
                    site_configs: str | Path = "site_configs", train: dict | None = None,
                    controller: dict | None = None, site_threads: int | None = None,
+                   record_steps: list[int] | None = None,
                    progress: Callable[[str], None] | None = print) -> dict:
     """Run the job on partitioned data; return the summary (also written to ``workspace/summary.json``).
 
@@ -80,7 +99,7 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
     workspace.mkdir(parents=True, exist_ok=True)
     clients = job_clients(job_dir)
     site_threads = site_threads or max(1, (os.cpu_count() or 1) // len(clients))
-    job = configure_job(job_dir, workspace / "job", train, controller, {"num_threads": site_threads})
+    job = configure_job(job_dir, workspace / "job", train, controller, {"num_threads": site_threads}, record_steps)
     sim_root = workspace / "simulator"
     if sim_root.exists():
         shutil.rmtree(sim_root)
@@ -125,6 +144,7 @@ def artefacts(workspace: Path, clients: list[str]) -> dict:
         "encoders": {site: str(sim_root / site / "simulate_job" / "split_unet_encoder.pt") for site in clients},
         "server_log": str(sim_root / "server" / "log.txt"),
         "simulator_log": str(workspace / "simulator.log"),
+        "leakage_record": str(server_run / "leakage_record"),
     }
 
 

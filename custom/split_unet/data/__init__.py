@@ -1,6 +1,6 @@
 """Data: phantoms, NIfTI readers (MSD Task01, BraTS 2021), vertical partition, per-site loading, regions."""
 
-from split_unet.data.partition import SERVER_SITE, partition_dataset
+from split_unet.data.partition import DATALIST, SERVER_SITE, partition_dataset
 from split_unet.data.phantom import anatomy, generate_dataset, generate_patient
 from split_unet.data.readers import (
     Case,
@@ -17,6 +17,7 @@ from split_unet.data.site_data import SiteImages, SiteLabels, split_patients
 
 __all__ = [
     "CONVENTIONS",
+    "DATALIST",
     "MODALITIES",
     "REGION_NAMES",
     "SERVER_SITE",

@@ -13,10 +13,12 @@ from split_unet.data.readers import find_cases, read_label, read_volume
 from split_unet.data.regions import MODALITIES
 from split_unet.errors import DataError
 
-__all__ = ["partition_dataset", "SERVER_SITE"]
+__all__ = ["partition_dataset", "SERVER_SITE", "DATALIST"]
 
 #: Name of the label holder's folder and site.
 SERVER_SITE = "server"
+#: File name of the patient list in every partition folder.
+DATALIST = "datalist.json"
 
 
 def _save(data: np.ndarray, source: nib.Nifti1Image, path: Path) -> None:
@@ -78,5 +80,5 @@ def partition_dataset(data_dir: str | Path, out_dir: str | Path, modalities: Seq
             datalist = {"site": name, "convention": cases[0].convention, "patients": patients[name]}
         else:
             datalist = {"site": name, "modality": name, "patients": patients[name]}
-        (folder / "datalist.json").write_text(json.dumps(datalist, indent=2) + "\n")
+        (folder / DATALIST).write_text(json.dumps(datalist, indent=2) + "\n")
     return folders

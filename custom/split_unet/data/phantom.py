@@ -33,9 +33,8 @@ _ANATOMY_VERSION = 2
 # Margin (template voxels, 1 mm) around the brain's bounding box before padding it to a cube.
 _MARGIN_MM = 4
 
-# Tissue classes of the intensity model, in the column order of _CLASS_MEANS.
-_CLASSES = ("csf", "gm", "wm", "oedema", "non_enhancing", "enhancing")
-# Mean intensity per modality (rows, MODALITIES order) and class (columns), WM ~ 0.5-0.75.
+# Mean intensity per modality (rows, MODALITIES order) and tissue class (columns): CSF, grey matter,
+# white matter, oedema, non-enhancing core, enhancing tumour.
 _CLASS_MEANS = np.array([
     #  csf   gm    wm    oed   net   et
     [0.15, 0.60, 0.48, 0.80, 0.70, 0.74],  # FLAIR: CSF dark, oedema bright

@@ -8,13 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from split_unet.data.partition import DATALIST
 from split_unet.data.readers import ImageRef, load_image, load_label, read_json
 from split_unet.data.regions import CONVENTIONS, MODALITIES
 from split_unet.errors import DataError
 
 __all__ = ["SiteImages", "SiteLabels", "split_patients"]
-
-DATALIST = "datalist.json"
 
 
 class _SiteVolumes:

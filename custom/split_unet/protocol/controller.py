@@ -68,6 +68,7 @@ class SplitUNetController(Controller):
         self.run_dir: Path | None = None
         self._gradients: dict[str, dict[int, torch.Tensor]] = {}
         self._gradient_step: int | None = None
+        self._gradient_info: dict = {}
         self._bytes = {"to_sites": 0, "from_sites": 0}
         self._step = 0
 
@@ -117,14 +118,18 @@ class SplitUNetController(Controller):
         self.log_info(fl_ctx, f"{len(train_ids)} training / {len(val_ids)} validation patients, "
                               f"{config.epochs} epochs, wire {self.wire_dtype}, device {self.party.device}")
 
-        history, metrics = [], None
+        history, metrics, train_step = [], None, 0
+        train_steps = sum(len(epoch_batches(train_ids, config.batch_size, config.seed, e)) for e in range(config.epochs))
         for epoch in range(config.epochs):
             losses, batches = [], epoch_batches(train_ids, config.batch_size, config.seed, epoch)
             for index, batch_ids in enumerate(batches):
-                features = self._round(TASK_TRAIN, batch_ids, abort_signal, fl_ctx)
+                train_step += 1
+                features = self._round(TASK_TRAIN, batch_ids, abort_signal, fl_ctx,
+                                       info={"train_step": train_step, "train_steps": train_steps})
                 loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids))
                 self._gradients = dict(zip(self.sites, gradients))
                 self._gradient_step = self._step
+                self._gradient_info = {"gradient_train_step": train_step, "train_steps": train_steps}
                 losses.append(loss)
                 self._track("train/loss", loss, fl_ctx)
                 if (index + 1) % max(1, len(batches) // 4) == 0 and index + 1 < len(batches):
@@ -143,7 +148,6 @@ class SplitUNetController(Controller):
 
         self._round(TASK_FINISH, [], abort_signal, fl_ctx)
         self._save_decoder(fl_ctx)
-        train_steps = sum(len(epoch_batches(train_ids, config.batch_size, config.seed, e)) for e in range(config.epochs))
         summary = make_summary(
             metrics, epochs=config.epochs, steps=train_steps, wall_seconds=time.perf_counter() - start,
             config={**config.to_dict(), "sites": self.sites, "wire_dtype": self.wire_dtype,
@@ -168,17 +172,18 @@ class SplitUNetController(Controller):
             self.log_info(fl_ctx, f"site {site}: modality {info.get('modality')}, {len(site_ids[site])} patients")
         return site_ids
 
-    def _round(self, task_name: str, patient_ids: list[str], abort_signal: Signal,
-               fl_ctx: FLContext) -> list[dict[int, torch.Tensor]]:
+    def _round(self, task_name: str, patient_ids: list[str], abort_signal: Signal, fl_ctx: FLContext,
+               info: dict | None = None) -> list[dict[int, torch.Tensor]]:
         """One round trip: pending gradients + next batch out, checked activations back, in site order."""
         self._step += 1
         payloads = {}
+        info = {**(info or {}), **(self._gradient_info if self._gradients else {})}
         for site in self.sites:
             message = TensorMessage(KIND_GRADIENTS, self._step, patient_ids, self._gradients.get(site, {}),
-                                    tensor_step=self._gradient_step if self._gradients else None)
+                                    tensor_step=self._gradient_step if self._gradients else None, info=info)
             payloads[site], n_bytes = message.to_shareable(self.wire_dtype)
             self._bytes["to_sites"] += n_bytes
-        self._gradients, self._gradient_step = {}, None
+        self._gradients, self._gradient_step, self._gradient_info = {}, None, {}
         replies = self._broadcast(task_name, payloads, abort_signal, fl_ctx)
         expected = self._expected_shapes(len(patient_ids)) if patient_ids else {}
         features = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,13 +15,14 @@ from nvflare.apis.signal import Signal
 
 from split_unet.data import SiteImages
 from split_unet.errors import ProtocolError, SplitUNetError
+from split_unet.leakage.record import snapshot_path
 from split_unet.networks import build_encoder
 from split_unet.training import EncoderParty, TrainConfig, select_device
 
 from .checkpoint import save_atomically
 from .settings import load_site_settings
 from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INIT,
-                   TASK_TRAIN, TASK_VALIDATE, TensorMessage, dxo_of, error_reply)
+                   TASK_TRAIN, TASK_VALIDATE, TensorMessage, dxo_of, error_reply, resolve_steps)
 
 
 class ModalitySiteExecutor(Executor):
@@ -29,12 +31,16 @@ class ModalitySiteExecutor(Executor):
     Args:
         encoder_file: file name, in the site's run folder, of the trained encoder saved at the end.
         num_threads: torch CPU threads for this site (0: torch's default).
+        snapshot_steps: for a leakage evaluation only: training steps (-1 = the last) at which the site keeps
+            its encoder weights in its own run folder (``encoder_snapshots/``). Empty in production.
     """
 
-    def __init__(self, encoder_file: str = "split_unet_encoder.pt", num_threads: int = 0):
+    def __init__(self, encoder_file: str = "split_unet_encoder.pt", num_threads: int = 0,
+                 snapshot_steps: Sequence[int] = ()):
         super().__init__()
         self.encoder_file = encoder_file
         self.num_threads = num_threads
+        self.snapshot_steps = list(snapshot_steps)
         self.party: EncoderParty | None = None
         self.images: SiteImages | None = None
         self.wire_dtype = "float32"
@@ -96,14 +102,27 @@ class ModalitySiteExecutor(Executor):
 
         features = {}
         if task_name == TASK_TRAIN:
+            self._snapshot(request, fl_ctx)
             features = self.party.forward(self.images.batch(request.patient_ids))
             self.pending_step = request.step
         elif task_name == TASK_VALIDATE:
             features = self.party.infer(self.images.batch(request.patient_ids))
         else:
             self._save_encoder(fl_ctx)
-        reply = TensorMessage(KIND_ACTIVATIONS, request.step, request.patient_ids, features)
+        echoed = {k: v for k, v in request.info.items() if k in ("train_step", "train_steps")}
+        reply = TensorMessage(KIND_ACTIVATIONS, request.step, request.patient_ids, features, info=echoed)
         return reply.to_shareable(self.wire_dtype)[0]
+
+    def _snapshot(self, request: TensorMessage, fl_ctx: FLContext) -> None:
+        """Keep the weights that are about to compute this training step's activations, if asked to."""
+        train_step, total = request.info.get("train_step"), request.info.get("train_steps")
+        if not (self.snapshot_steps and isinstance(train_step, int) and isinstance(total, int)):
+            return
+        if train_step in resolve_steps(self.snapshot_steps, total):
+            run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+            save_atomically({"encoder": self.party.encoder.state_dict(), "step": train_step,
+                             "network": self.run_config["train"]["network"], **self.run_config},
+                            snapshot_path(run_dir, train_step))
 
     def _save_encoder(self, fl_ctx: FLContext) -> Path:
         """The encoder never leaves the site: it is saved in the site's own run folder."""

@@ -15,7 +15,7 @@ precision; float32 sends ``x`` with scale 1 and is exact.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +76,7 @@ class TensorMessage:
     patient_ids: list[str]
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
     tensor_step: int | None = None  # for gradients: the step whose activations they belong to
+    info: dict = field(default_factory=dict)  # e.g. {"train_step": k, "train_steps": n} on training tasks
 
     def to_shareable(self, wire_dtype: str) -> tuple[Shareable, int]:
         """-> (shareable, bytes of tensor payload)."""
@@ -83,7 +84,7 @@ class TensorMessage:
         for level, tensor in self.tensors.items():
             data[str(level)], scales[str(level)] = encode_tensor(tensor, wire_dtype)
         meta = {"step": self.step, "patient_ids": list(self.patient_ids), "scales": scales,
-                "tensor_step": self.tensor_step}
+                "tensor_step": self.tensor_step, "info": dict(self.info)}
         return DXO(data_kind=self.kind, data=data, meta=meta).to_shareable(), sum(a.nbytes for a in data.values())
 
     @classmethod
@@ -100,6 +101,9 @@ class TensorMessage:
         if tensor_step is not None and (not isinstance(tensor_step, int) or isinstance(tensor_step, bool)):
             raise ProtocolError(f"tensor_step must be an integer, got {tensor_step!r}", site=site,
                                 field="tensor_step")
+        info = meta.get("info") or {}
+        if not isinstance(info, Mapping):
+            raise ProtocolError("info must be a mapping", site=site, field="info")
         scales = meta.get("scales")
         if not isinstance(scales, Mapping):
             raise ProtocolError("scales missing", site=site, field="scales")
@@ -109,7 +113,13 @@ class TensorMessage:
                 raise ProtocolError(f"unexpected key {key!r}: levels are non-negative integers", site=site,
                                     field=kind)
             tensors[int(key)] = decode_tensor(array, scales.get(key), site=site, field_name=f"{kind}[{key}]")
-        return cls(kind=kind, step=step, patient_ids=patient_ids, tensors=tensors, tensor_step=tensor_step)
+        return cls(kind=kind, step=step, patient_ids=patient_ids, tensors=tensors, tensor_step=tensor_step,
+                   info=dict(info))
+
+
+def resolve_steps(steps: Sequence[int], total: int) -> set[int]:
+    """Training steps 1..total; negative entries count from the end (-1 = the last step)."""
+    return {step if step > 0 else total + 1 + step for step in steps if step != 0}
 
 
 def dxo_of(shareable: Shareable, kind: str, *, site: str | None) -> DXO:

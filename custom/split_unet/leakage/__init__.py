@@ -1,0 +1,1 @@
+"""Leakage evaluation: what the exchanged activations and gradients give away (plain PyTorch)."""

@@ -1,0 +1,287 @@
+"""Attacks of an honest-but-curious server on what split learning exchanges (plain PyTorch).
+
+Input reconstruction from a site's activations, weakest attacker last:
+
+- ``whitebox_inversion``: the attacker has the encoder's weights (an upper bound on leakage).
+- ``learned_inversion``: the attacker trained a decoder from features back to images on auxiliary
+  images of the same modality, with query access to the site's encoder (``train_inversion_decoder``).
+- ``unsplit_inversion``: UnSplit (Erdogan et al., 2022): the attacker knows only the architecture and
+  fits a surrogate encoder together with the input.
+
+Label leakage at a site: ``gradient_label_leakage`` estimates the tumour mask from the gradients the
+site receives; ``random_mask_like`` is the chance baseline.
+
+Shapes: ``B`` batch, ``S`` the image's spatial shape, ``S_l`` level ``l``'s. Activations and gradients
+are ``{level: (B, C_l, *S_l)}`` dicts as recorded (``split_unet.leakage.record``). Every attack is
+deterministic for a given ``seed`` and leaves the global random state untouched; it runs on the device
+of the encoder (or decoder) it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.filters import threshold_otsu
+from torch import nn
+
+from split_unet.networks import FusionDecoder, ModalityEncoder
+
+Features = Mapping[int, torch.Tensor]
+
+__all__ = [
+    "gradient_label_leakage", "learned_inversion", "random_mask_like", "total_variation",
+    "train_inversion_decoder", "unsplit_inversion", "whitebox_inversion",
+]
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global generators inside, restore their state outside (for module initialisation)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode with no parameter gradients; its mode and ``requires_grad`` flags restored after.
+
+    Eval mode only turns dropout off: MONAI's instance norm keeps no running statistics, so training-time
+    activations (train mode) equal eval-mode ones without dropout, and dropout's noise is unknown to an
+    attacker anyway.
+    """
+    training = module.training
+    flags = [p.requires_grad for p in module.parameters()]
+    module.eval().requires_grad_(False)
+    try:
+        yield module
+    finally:
+        module.train(training)
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def _targets(activations: Features, device: torch.device) -> dict[int, torch.Tensor]:
+    return {int(level): torch.as_tensor(t, dtype=torch.float32, device=device) for level, t in activations.items()}
+
+
+def _matching_loss(features: Features, targets: Features) -> torch.Tensor:
+    """Sum over the observed levels of the MSE, each normalised by that level's energy per sample.
+
+    The normalisation weighs a 64-channel bottleneck and an 8-channel full-resolution map alike, whatever
+    their scale.
+    """
+    loss = 0.0
+    for level, target in targets.items():
+        dims = tuple(range(1, target.ndim))
+        energy = target.pow(2).mean(dim=dims).clamp_min(1e-12)
+        loss = loss + ((features[level] - target).pow(2).mean(dim=dims) / energy).mean()
+    return loss
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation: mean absolute difference of neighbours along each spatial axis.
+
+    ``x``: (B, C, *S) -> scalar.
+    """
+    return sum(x.diff(dim=axis).abs().mean() for axis in range(2, x.ndim))
+
+
+def _initial_input(batch: int, image_shape: Sequence[int], seed: int, device: torch.device) -> torch.Tensor:
+    """Small noise (B, 1, *S): a constant start would give instance norm nothing to normalise."""
+    generator = torch.Generator().manual_seed(seed)
+    return (0.1 * torch.randn(batch, 1, *image_shape, generator=generator)).to(device).requires_grad_()
+
+
+def _batch_size(activations: Features) -> int:
+    return next(iter(activations.values())).shape[0]
+
+
+def whitebox_inversion(encoder: ModalityEncoder, activations: Features, image_shape: Sequence[int],
+                       iterations: int = 200, lr: float = 0.1, tv_weight: float = 1e-3, seed: int = 0) -> torch.Tensor:
+    """Reconstruct the input of known encoder weights from its activations.
+
+    Adam optimises an input ``x`` so that ``encoder(x)`` matches ``activations`` on the observed levels
+    (``_matching_loss``) with a total-variation prior (``tv_weight``). The encoder is used in eval mode
+    (see ``_frozen``) and is left unchanged.
+
+    Args:
+        encoder: the site's encoder with the weights that produced ``activations``.
+        activations: ``{level: (B, C_l, *S_l)}``, any subset of the encoder's levels.
+        image_shape: ``S``, the input's spatial shape.
+        iterations, lr: Adam steps and step size on ``x``.
+        tv_weight: weight of ``total_variation(x)``.
+        seed: seed of the initial ``x``.
+
+    Returns:
+        (B, 1, *S) reconstruction on the encoder's device; its intensity scale is arbitrary.
+    """
+    device = _device(encoder)
+    targets = _targets(activations, device)
+    x = _initial_input(_batch_size(targets), image_shape, seed, device)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    with _frozen(encoder):
+        for _ in range(iterations):
+            optimizer.zero_grad(set_to_none=True)
+            loss = _matching_loss(encoder(x), targets) + tv_weight * total_variation(x)
+            loss.backward()
+            optimizer.step()
+    return x.detach()
+
+
+def unsplit_inversion(make_encoder: Callable[[], ModalityEncoder], activations: Features,
+                      image_shape: Sequence[int], iterations: int = 200, lr: float = 0.1, tv_weight: float = 1e-3,
+                      seed: int = 0, model_lr: float = 1e-3, inner_steps: int = 10,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """UnSplit (Erdogan et al., 2022): reconstruct the input knowing only the encoder's architecture.
+
+    A surrogate encoder (``make_encoder()``, initialised from ``seed``) and the input ``x`` are optimised
+    in turn: ``inner_steps`` Adam steps on ``x`` (matching loss + TV prior), then ``inner_steps`` on the
+    surrogate's weights (matching loss), until ``x`` has had ``iterations`` steps.
+
+    Args:
+        make_encoder: builds an encoder of the site's architecture (any weights: they are re-initialised).
+        activations, image_shape, iterations, lr, tv_weight, seed: as in ``whitebox_inversion``.
+        model_lr: Adam step size on the surrogate's weights.
+        inner_steps: steps on one side before switching to the other.
+        device: where to run (default: CUDA when present).
+
+    Returns:
+        (B, 1, *S) reconstruction.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with _seeded(seed, device):
+        surrogate = make_encoder()
+        for module in surrogate.modules():  # a factory may seed itself or load weights: start afresh
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    surrogate = surrogate.to(device).eval()  # no dropout noise in the fit
+    targets = _targets(activations, device)
+    x = _initial_input(_batch_size(targets), image_shape, seed, device)
+    input_optimizer = torch.optim.Adam([x], lr=lr)
+    model_optimizer = torch.optim.Adam(surrogate.parameters(), lr=model_lr)
+    for step in range(iterations):
+        input_optimizer.zero_grad(set_to_none=True)
+        (_matching_loss(surrogate(x), targets) + tv_weight * total_variation(x)).backward()
+        input_optimizer.step()
+        if (step + 1) % inner_steps == 0:
+            fixed = x.detach()
+            for _ in range(inner_steps):
+                model_optimizer.zero_grad(set_to_none=True)
+                _matching_loss(surrogate(fixed), targets).backward()
+                model_optimizer.step()
+    return x.detach()
+
+
+def _level_strides(encoder: ModalityEncoder, image: torch.Tensor) -> tuple[int, ...]:
+    """Downsampling factor between consecutive levels, probed with one image (1, 1, *S)."""
+    shapes = []
+    x = image
+    with torch.no_grad():
+        for block in encoder.blocks:
+            x = block(x)
+            shapes.append(x.shape[2])
+    return tuple(a // b for a, b in zip(shapes, shapes[1:]))
+
+
+def train_inversion_decoder(encoder: ModalityEncoder, aux_images: torch.Tensor, levels: Sequence[int],
+                            iterations: int = 300, lr: float = 2e-3, batch_size: int = 2,
+                            seed: int = 0) -> FusionDecoder:
+    """Train a decoder from the encoder's features on ``levels`` back to its input.
+
+    The attacker queries the site's encoder (weights unseen, ``encoder`` only evaluated) on auxiliary
+    images of the same modality and fits the decoder with MSE. The decoder is the Split-U-Net's own
+    decoder layout (MONAI blocks, skip connections from ``levels``) with one input and one output channel.
+
+    Args:
+        encoder: the site's encoder (query access).
+        aux_images: (N, 1, *S) auxiliary images, z-scored like the site's.
+        levels: the observed levels; must include the encoder's bottleneck.
+        iterations, lr, batch_size: Adam steps, step size and mini-batch size.
+        seed: decoder initialisation and mini-batch sampling.
+
+    Returns:
+        The trained decoder, in eval mode, on the encoder's device: see ``learned_inversion``.
+    """
+    device = _device(encoder)
+    images = aux_images.to(device=device, dtype=torch.float32)
+    levels = tuple(sorted(int(level) for level in levels))
+    with _frozen(encoder), torch.no_grad():
+        # The encoder is fixed: query it once per image instead of once per step.
+        features = {level: t for level, t in encoder(images).items() if level in levels}
+        strides = _level_strides(encoder, images[:1])
+    with _seeded(seed, device):
+        decoder = FusionDecoder(images.ndim - 2, 1, encoder.channels, strides, out_channels=1, levels=levels,
+                                fusion="mean").to(device)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
+    decoder.train()
+    for _ in range(iterations):
+        index = torch.randperm(len(images), generator=generator)[:batch_size].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        prediction = decoder([{level: t[index] for level, t in features.items()}])
+        F.mse_loss(prediction, images[index]).backward()
+        optimizer.step()
+    return decoder.eval()
+
+
+@torch.no_grad()
+def learned_inversion(decoder: FusionDecoder, activations: Features) -> torch.Tensor:
+    """Reconstruct (B, 1, *S) images from activations ``{level: (B, C_l, *S_l)}`` with a trained decoder."""
+    decoder.eval()
+    targets = _targets(activations, _device(decoder))
+    return decoder([{level: targets[level] for level in decoder.levels}])
+
+
+def gradient_magnitude(gradients: Features, image_shape: Sequence[int], level: int | None = None) -> torch.Tensor:
+    """Per-voxel L2 norm over channels of one level's gradient, upsampled to ``S``: (B, *S).
+
+    ``level`` defaults to the finest received level.
+    """
+    level = min(gradients) if level is None else level
+    gradient = torch.as_tensor(gradients[level], dtype=torch.float32)
+    magnitude = gradient.pow(2).sum(dim=1, keepdim=True).sqrt()
+    if tuple(magnitude.shape[2:]) != tuple(image_shape):
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(image_shape)]
+        magnitude = F.interpolate(magnitude, size=tuple(image_shape), mode=mode, align_corners=False)
+    return magnitude[:, 0]
+
+
+def gradient_label_leakage(gradients: Features, image_shape: Sequence[int], level: int | None = None) -> torch.Tensor:
+    """Estimate the tumour mask of each sample from the gradients a site received.
+
+    The decoder's loss (Dice + cross-entropy) back-propagates larger gradients where the prediction is
+    wrong, which during training is mostly in and around the tumour: the magnitude of the gradient
+    (``gradient_magnitude``) is thresholded per sample with Otsu's method (scikit-image
+    ``threshold_otsu``), the voxels above it being the estimate.
+
+    Args:
+        gradients: ``{level: (B, C_l, *S_l)}``, d loss / d activations as sent back to the site.
+        image_shape: ``S``.
+        level: the level to read (default: the finest received one).
+
+    Returns:
+        (B, *S) bool masks, on the CPU.
+    """
+    magnitude = gradient_magnitude(gradients, image_shape, level).cpu().numpy()
+    # A constant map (no gradient) has no threshold: Otsu returns its value, so the mask is empty.
+    masks = [m > threshold_otsu(m) for m in magnitude]
+    return torch.from_numpy(np.stack(masks))
+
+
+def random_mask_like(mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Chance baseline: per sample, a uniformly random mask with as many voxels as ``mask`` (B, *S) has."""
+    generator = torch.Generator().manual_seed(seed)
+    flat = mask.reshape(mask.shape[0], -1).cpu()
+    out = torch.zeros_like(flat, dtype=torch.bool)
+    for row, count in zip(out, flat.sum(dim=1).tolist()):
+        row[torch.randperm(row.numel(), generator=generator)[:int(count)]] = True
+    return out.reshape(mask.shape)

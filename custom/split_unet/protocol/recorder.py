@@ -1,0 +1,66 @@
+"""Server-side recorder of what an honest-but-curious server receives and sends (leakage evaluation).
+
+An NVFlare ``Filter`` placed last in the server's filter chains, so it sees the activations after every
+filter on the way in (``task_result_filters``) and the gradients after every filter on the way out
+(``task_data_filters``). It never changes a payload. It records the training steps it is told
+(negative = from the end), at most ``max_patients`` per step, into the run folder's ``leakage_record/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+
+from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, step_folder
+
+from .wire import KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage, resolve_steps
+
+
+class LeakageRecorder(Filter):
+    """Args:
+        steps: training steps to record (1-based; -1 = the last one).
+        max_patients: patients kept per recorded step (bounds the record's size).
+    """
+
+    def __init__(self, steps: Sequence[int] = (1, -1), max_patients: int = 2):
+        super().__init__()
+        self.steps = list(steps)
+        self.max_patients = max_patients
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        try:
+            kind = from_shareable(shareable).data_kind
+        except Exception:  # not a DXO: not ours to record
+            return shareable
+        if kind not in (KIND_ACTIVATIONS, KIND_GRADIENTS):
+            return shareable
+        peer = fl_ctx.get_peer_context()
+        site = peer.get_identity_name() if peer else "unknown"
+        message = TensorMessage.from_shareable(shareable, kind, site=site)
+        record_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / RECORD_FOLDER
+        if kind == KIND_ACTIVATIONS:
+            train_step = self._recorded(message.info.get("train_step"), message.info.get("train_steps"))
+            if train_step is not None:
+                n = self.max_patients
+                RecordedExchange(train_step, site, message.patient_ids[:n],
+                                 {level: t[:n].clone() for level, t in message.tensors.items()}).save(record_dir)
+        elif message.tensors:
+            train_step = self._recorded(message.info.get("gradient_train_step"), message.info.get("train_steps"))
+            path = record_dir / step_folder(train_step) / f"{site}.pt" if train_step is not None else None
+            if path is not None and path.is_file():
+                exchange = RecordedExchange.load(path)
+                n = len(exchange.patient_ids)
+                exchange.gradients = {level: t[:n].clone() for level, t in message.tensors.items()}
+                exchange.save(record_dir)
+        return shareable
+
+    def _recorded(self, train_step, total) -> int | None:
+        """The training step if it is one to record, else None."""
+        if isinstance(train_step, int) and isinstance(total, int) and train_step in resolve_steps(self.steps, total):
+            return train_step
+        return None
