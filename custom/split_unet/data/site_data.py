@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from split_unet.errors import DataError
 __all__ = ["SiteImages", "SiteLabels", "split_patients"]
 
 
-class _SiteVolumes:
+class _SiteVolumes(ABC):
     """Datalist parsing, patient lookup and the in-memory cache shared by sites and the server.
 
     Subclasses implement :meth:`_load` for one patient's file.
@@ -30,7 +31,7 @@ class _SiteVolumes:
         # Until the datalist names the site, errors name the folder.
         self.site: str = site or self.site_dir.name
         self.datalist = read_json(self._datalist_path, site=self.site)
-        self.site = site or str(self._field("site", str))
+        self.site = site or self._field("site", str)
         patients = self._field("patients", dict)
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in patients.items()):
             raise DataError("'patients' must map patient ids to relative file paths", site=self.site,
@@ -43,12 +44,13 @@ class _SiteVolumes:
         """A required datalist entry of type ``kind``."""
         value = self.datalist.get(key)
         if not isinstance(value, kind):
-            raise DataError(f"'{key}' must be a {kind.__name__}, got {value!r}", site=self.site,
+            raise DataError(f"'{key}' must be a {kind.__name__}, got {type(value).__name__}", site=self.site,
                             field=f"{self._datalist_path}:{key}")
         return value
 
+    @abstractmethod
     def _load(self, patient_id: str, path: Path) -> np.ndarray:
-        raise NotImplementedError
+        """Read and preprocess one patient's file."""
 
     def _cached(self, patient_id: str) -> np.ndarray:
         if patient_id not in self._cache:
