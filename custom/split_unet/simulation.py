@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -110,8 +111,17 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
     log_path = workspace / "simulator.log"
     command = [sys.executable, "-m", "split_unet.simulation", str(job), str(sim_root), ",".join(clients)]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return_code = _follow(process, log_path, progress)
+        # Its own process group, so the simulator's client processes can be stopped with it.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        return_code = _follow(process, log_path, progress)
+    finally:  # interrupted (Ctrl-C, a test timeout): stop the processes we started, and only those
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
     summary_path = sim_root / "server" / "simulate_job" / "summary.json"
     summary = read_summary(summary_path) if summary_path.is_file() else {
         "error": f"the simulator exited with code {return_code} before writing a summary; see {log_path}"}

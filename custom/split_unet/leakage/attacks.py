@@ -106,18 +106,22 @@ def _batch_size(activations: Features) -> int:
 
 
 def whitebox_inversion(encoder: ModalityEncoder, activations: Features, image_shape: Sequence[int],
-                       iterations: int = 200, lr: float = 0.1, tv_weight: float = 1e-3, seed: int = 0) -> torch.Tensor:
+                       iterations: int = 100, lr: float = 1.0, tv_weight: float = 1e-3, seed: int = 0) -> torch.Tensor:
     """Reconstruct the input of known encoder weights from its activations.
 
-    Adam optimises an input ``x`` so that ``encoder(x)`` matches ``activations`` on the observed levels
+    An input ``x`` is optimised so that ``encoder(x)`` matches ``activations`` on the observed levels
     (``_matching_loss``) with a total-variation prior (``tv_weight``). The encoder is used in eval mode
-    (see ``_frozen``) and is left unchanged.
+    (see ``_frozen``) and is left unchanged. The optimiser is L-BFGS with a strong-Wolfe line search: the
+    objective is smooth and deterministic, and at equal forward/backward passes it reached SSIM 0.9997
+    where Adam reached 0.96 (full resolution sent) and 0.69 where Adam reached 0.41 (levels 1-2 sent) on
+    a 16^3 phantom; an upper bound should not be held back by its optimiser.
 
     Args:
         encoder: the site's encoder with the weights that produced ``activations``.
         activations: ``{level: (B, C_l, *S_l)}``, any subset of the encoder's levels.
         image_shape: ``S``, the input's spatial shape.
-        iterations, lr: Adam steps and step size on ``x``.
+        iterations: at most this many forward/backward passes of the encoder.
+        lr: L-BFGS step scale.
         tv_weight: weight of ``total_variation(x)``.
         seed: seed of the initial ``x``.
 
@@ -127,19 +131,23 @@ def whitebox_inversion(encoder: ModalityEncoder, activations: Features, image_sh
     device = _device(encoder)
     targets = _targets(activations, device)
     x = _initial_input(_batch_size(targets), image_shape, seed, device)
-    optimizer = torch.optim.Adam([x], lr=lr)
+    optimizer = torch.optim.LBFGS([x], lr=lr, max_iter=iterations, max_eval=iterations, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = _matching_loss(encoder(x), targets) + tv_weight * total_variation(x)
+        loss.backward()
+        return loss
+
     with _frozen(encoder):
-        for _ in range(iterations):
-            optimizer.zero_grad(set_to_none=True)
-            loss = _matching_loss(encoder(x), targets) + tv_weight * total_variation(x)
-            loss.backward()
-            optimizer.step()
+        optimizer.step(closure)
     return x.detach()
 
 
 def unsplit_inversion(make_encoder: Callable[[], ModalityEncoder], activations: Features,
                       image_shape: Sequence[int], iterations: int = 200, lr: float = 0.1, tv_weight: float = 1e-3,
-                      seed: int = 0, model_lr: float = 1e-3, inner_steps: int = 10,
+                      seed: int = 0, model_lr: float = 1e-3, inner_steps: int = 1,
                       device: torch.device | str | None = None) -> torch.Tensor:
     """UnSplit (Erdogan et al., 2022): reconstruct the input knowing only the encoder's architecture.
 
@@ -155,7 +163,9 @@ def unsplit_inversion(make_encoder: Callable[[], ModalityEncoder], activations: 
         device: where to run (default: CUDA when present).
 
     Returns:
-        (B, 1, *S) reconstruction.
+        (B, 1, *S) reconstruction. Its sign is arbitrary too: a surrogate with negated first-layer
+        weights explains a negated input as well, so score it with ``image_similarity(...,
+        sign_invariant=True)``.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with _seeded(seed, device):

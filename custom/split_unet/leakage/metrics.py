@@ -34,13 +34,15 @@ def robust_unit_range(volume: np.ndarray, mask: np.ndarray | None = None) -> np.
 
 
 def image_similarity(reconstruction: torch.Tensor | np.ndarray, truth: torch.Tensor | np.ndarray,
-                     mask: torch.Tensor | np.ndarray | None = None) -> dict[str, float]:
+                     mask: torch.Tensor | np.ndarray | None = None, sign_invariant: bool = False) -> dict[str, float]:
     """SSIM, PSNR (dB) and normalised mutual information, per sample then averaged.
 
     Args:
         reconstruction, truth: (B, 1, *S) images (2D or 3D), each rescaled by ``robust_unit_range``.
         mask: optional (B, *S) or (B, 1, *S) bool region (e.g. the brain) to score; SSIM is then the mean
             of the SSIM map over the region, PSNR and NMI use its voxels only.
+        sign_invariant: score each sample's reconstruction or its negative, whichever has the higher SSIM
+            (for attacks that cannot tell the sign, e.g. UnSplit).
 
     Returns:
         ``{"ssim", "psnr", "nmi"}``. NMI is scikit-image's (1 for independent images, 2 for identical).
@@ -48,16 +50,24 @@ def image_similarity(reconstruction: torch.Tensor | np.ndarray, truth: torch.Ten
     recon, true = _numpy(reconstruction)[:, 0], _numpy(truth)[:, 0]
     if recon.shape != true.shape:
         raise ValueError(f"reconstruction {recon.shape} and truth {true.shape} differ in shape")
-    masks = np.ones(true.shape, dtype=bool) if mask is None else _numpy(mask).astype(bool).reshape(true.shape)
+    masks = [None] * len(true) if mask is None else _numpy(mask).astype(bool).reshape(true.shape)
     scores = {"ssim": [], "psnr": [], "nmi": []}
     for r, t, m in zip(recon, true, masks):
-        r, t = robust_unit_range(r, m), robust_unit_range(t, m)
-        _, ssim_map = structural_similarity(t, r, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                            use_sample_covariance=False, full=True)
-        scores["ssim"].append(ssim_map[m].mean())
-        scores["psnr"].append(peak_signal_noise_ratio(t[m], r[m], data_range=1.0))
-        scores["nmi"].append(normalized_mutual_information(t[m], r[m], bins=NMI_BINS))
+        t = robust_unit_range(t, m)
+        candidates = [robust_unit_range(c, m) for c in ((r, -r) if sign_invariant else (r,))]
+        ssim, r = max(((_ssim(c, t, m), c) for c in candidates), key=lambda pair: pair[0])
+        region = slice(None) if m is None else m
+        scores["ssim"].append(ssim)
+        scores["psnr"].append(peak_signal_noise_ratio(t[region], r[region], data_range=1.0))
+        scores["nmi"].append(normalized_mutual_information(t[region], r[region], bins=NMI_BINS))
     return {name: float(np.mean(values)) for name, values in scores.items()}
+
+
+def _ssim(reconstruction: np.ndarray, truth: np.ndarray, mask: np.ndarray | None) -> float:
+    """scikit-image's mean SSIM (volumes already in [0, 1]), or the SSIM map's mean within ``mask``."""
+    mean, ssim_map = structural_similarity(truth, reconstruction, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                           use_sample_covariance=False, full=True)
+    return float(mean if mask is None else ssim_map[mask].mean())
 
 
 def mask_dice(pred: torch.Tensor | np.ndarray, truth: torch.Tensor | np.ndarray) -> float:

@@ -13,7 +13,7 @@ class TrainConfig:
 
     epochs: int = 8
     batch_size: int = 2
-    lr: float = 2e-3
+    lr: float = 5e-3
     val_fraction: float = 0.25
     val_interval: int = 2
     val_batch_size: int = 4
