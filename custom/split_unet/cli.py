@@ -60,7 +60,7 @@ def cmd_synth(args) -> int:
 def cmd_partition(args) -> int:
     from split_unet.data import partition_dataset
 
-    folders = partition_dataset(args.data, args.out)
+    folders = partition_dataset(args.data, args.out, overlap=args.overlap, seed=args.seed)
     for site, folder in folders.items():
         print(f"{site:>8}: {folder}")
     return 0
@@ -98,6 +98,21 @@ def cmd_centralized(args) -> int:
     return 0
 
 
+def cmd_leakage(args) -> int:
+    from split_unet.leakage.evaluate import evaluate_leakage
+
+    steps = [int(step) for step in args.steps.split(",")] if args.steps else None
+    for attack in args.attack:
+        results = evaluate_leakage(args.workspace, args.sites, attack, steps=steps, max_patients=args.patients,
+                                   seed=args.seed, iterations=args.iterations)
+        for site, per_step in results.items():
+            for step, entry in per_step.items():
+                scores = " ".join(f"{k} {v:.3f}" for k, v in entry.items() if isinstance(v, float))
+                print(f"{attack:>9} {site:>6} step {step:>4} levels {entry.get('levels')}: {scores}")
+    print(f"\nresults: {Path(args.workspace).resolve() / 'leakage.json'}")
+    return 0
+
+
 def cmd_table(args) -> int:
     from split_unet.reports import dice_table, read_summary
 
@@ -123,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     partition = commands.add_parser("partition", help="split an MSD/BraTS data set into one folder per site")
     partition.add_argument("--data", required=True, help="MSD Task01 or BraTS 2021 folder")
     partition.add_argument("--out", required=True)
+    partition.add_argument("--overlap", type=float, help="share of patients every site and the server hold; "
+                                                         "each other patient misses at one or more of them "
+                                                         "(default: all hold all)")
+    partition.add_argument("--seed", type=int, default=0, help="seed of the --overlap choice")
     partition.set_defaults(func=cmd_partition)
 
     simulate = commands.add_parser("simulate", help="run the Split-U-Net job in the NVFlare simulator")
@@ -143,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     centralized.add_argument("--out", required=True)
     _add_train_options(centralized)
     centralized.set_defaults(func=cmd_centralized)
+
+    leakage = commands.add_parser("leakage", help="attack a recorded run (simulate --record-steps): images "
+                                                  "from activations, tumour masks from gradients")
+    leakage.add_argument("--workspace", required=True, help="a split-unet simulate workspace with a record")
+    leakage.add_argument("--sites", required=True, help="the partitioned data the run used (true images)")
+    leakage.add_argument("--attack", nargs="+", choices=("whitebox", "unsplit", "learned", "labels"),
+                         default=["whitebox", "unsplit", "learned", "labels"])
+    leakage.add_argument("--steps", help="recorded training steps to attack (default: first and last recorded)")
+    leakage.add_argument("--patients", type=int, default=2, help="patients attacked per recorded batch")
+    leakage.add_argument("--iterations", type=int, help="optimisation budget per attack")
+    leakage.add_argument("--seed", type=int, default=0)
+    leakage.set_defaults(func=cmd_leakage)
 
     table = commands.add_parser("table", help="Dice table of several runs: NAME=DIR_OR_SUMMARY ...")
     table.add_argument("runs", nargs="+")

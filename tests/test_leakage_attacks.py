@@ -1,0 +1,127 @@
+"""Leakage attacks and their metrics on a tiny phantom (16^3, a three-level encoder)."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_dataset
+
+from split_unet.data import MODALITIES, SiteImages, SiteLabels
+from split_unet.leakage import (gradient_label_leakage, image_similarity, learned_inversion, mask_dice,
+                                random_mask_like, train_inversion_decoder, unsplit_inversion, whitebox_inversion)
+from split_unet.networks import ModalityEncoder, NetworkConfig, build_decoder, build_encoder
+from split_unet.training import DecoderParty, EncoderParty
+
+SIZE = 16
+SHAPE = (SIZE,) * 3
+
+
+def _config(levels=None) -> NetworkConfig:
+    return NetworkConfig(channels=(4, 8, 16), strides=(2, 2), levels=levels)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """(images per modality (4, 1, S, S, S), region masks (4, 3, S, S, S)) of four 16^3 patients."""
+    _, sites = make_dataset(tmp_path_factory.mktemp("leakage"), patients=4, size=SIZE)
+    ids = SiteImages(sites / "flair", SIZE).patient_ids
+    images = {m: torch.from_numpy(SiteImages(sites / m, SIZE).batch(ids)) for m in MODALITIES}
+    return images, torch.from_numpy(SiteLabels(sites / "server", SIZE).batch(ids))
+
+
+def _activations(config, images):
+    encoder = build_encoder(config, 0, seed=0)
+    with torch.no_grad():
+        return encoder, encoder(images)
+
+
+def test_whitebox_inversion_recovers_full_resolution_but_not_the_bottleneck(phantom):
+    images = phantom[0]["flair"][:2]
+    scores = {}
+    for name, levels in (("full", None), ("bottleneck", (2,))):
+        encoder, activations = _activations(_config(levels), images)
+        reconstruction = whitebox_inversion(encoder, activations, SHAPE, iterations=30)
+        assert reconstruction.shape == images.shape
+        scores[name] = image_similarity(reconstruction, images)["ssim"]
+    print(f"white-box SSIM: {scores}")
+    assert scores["full"] > 0.9
+    assert scores["bottleneck"] < scores["full"] - 0.3
+
+
+def test_gradient_label_attack_beats_a_random_mask(phantom):
+    images, labels = phantom
+    config, device = _config(), torch.device("cpu")
+    sites = [EncoderParty(build_encoder(config, k, seed=0), 2e-3, device) for k in range(len(MODALITIES))]
+    server = DecoderParty(build_decoder(config, len(sites), seed=0), 2e-3, device)
+    features = [site.forward(images[m][:2]) for site, m in zip(sites, MODALITIES)]
+    _, gradients = server.train_step(features, labels[:2])
+
+    whole_tumour = labels[:2, 0] > 0
+    estimate = gradient_label_leakage(gradients[0], SHAPE)
+    chance = random_mask_like(estimate, seed=0)
+    dice, random_dice = mask_dice(estimate, whole_tumour), mask_dice(chance, whole_tumour)
+    print(f"label attack Dice WT {dice:.3f}, random mask {random_dice:.3f}")
+    assert estimate.shape == whole_tumour.shape and estimate.dtype == torch.bool
+    assert dice > 0.4 and dice > random_dice + 0.3
+    # A coarser level is upsampled to the image.
+    assert gradient_label_leakage(gradients[0], SHAPE, level=1).shape == whole_tumour.shape
+
+
+def test_random_mask_keeps_the_voxel_count_per_sample():
+    mask = torch.zeros(2, 8, 8, 8, dtype=torch.bool)
+    mask[0, :2] = True
+    chance = random_mask_like(mask, seed=1)
+    assert chance.sum(dim=(1, 2, 3)).tolist() == [128, 0]
+    assert torch.equal(chance, random_mask_like(mask, seed=1))
+    assert not torch.equal(chance, random_mask_like(mask, seed=2))
+
+
+def _run_attacks(encoder, activations, aux, seed):
+    config = _config()
+    return {
+        "whitebox": whitebox_inversion(encoder, activations, SHAPE, iterations=3, seed=seed),
+        "unsplit": unsplit_inversion(lambda: ModalityEncoder(3, 1, **config.layer_args()), activations, SHAPE,
+                                     iterations=3, seed=seed),
+        "learned": learned_inversion(train_inversion_decoder(encoder, aux, encoder.levels, iterations=3,
+                                                             seed=seed), activations),
+    }
+
+
+def test_attacks_are_deterministic_and_leave_the_encoder_and_global_rng_alone(phantom):
+    images = phantom[0]["t1w"]
+    encoder, activations = _activations(_config(), images[:2])
+    encoder.train()
+    weights = [p.clone() for p in encoder.parameters()]
+    rng = torch.get_rng_state()
+
+    first = _run_attacks(encoder, activations, images[2:], seed=0)
+    again = _run_attacks(encoder, activations, images[2:], seed=0)
+    other = _run_attacks(encoder, activations, images[2:], seed=1)
+    for name, reconstruction in first.items():
+        assert reconstruction.shape == (2, 1, *SHAPE), name
+        assert torch.equal(reconstruction, again[name]), name
+        assert not torch.equal(reconstruction, other[name]), name
+    assert torch.equal(rng, torch.get_rng_state())
+    assert encoder.training and all(p.requires_grad for p in encoder.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(weights, encoder.parameters()))
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # PSNR of identical images is inf
+def test_image_similarity_ignores_intensity_scale_and_optionally_sign(phantom):
+    truth = phantom[0]["t2w"][:2]
+    same = image_similarity(3.0 * truth + 1.0, truth)
+    assert same["ssim"] == pytest.approx(1.0) and same["nmi"] == pytest.approx(2.0) and same["psnr"] > 60
+    noise = torch.randn(truth.shape, generator=torch.Generator().manual_seed(0))
+    assert image_similarity(noise, truth)["ssim"] < 0.1
+    assert image_similarity(-truth, truth)["ssim"] < 0.5
+    assert image_similarity(-truth, truth, sign_invariant=True)["ssim"] == pytest.approx(1.0)
+    brain = truth[:, 0] != 0
+    assert image_similarity(truth, truth, mask=brain)["ssim"] == pytest.approx(1.0)
+    assert all(isinstance(v, float) for v in same.values())
+
+
+def test_mask_dice():
+    a = np.zeros((2, 4, 4), dtype=bool)
+    b = a.copy()
+    a[0, :2], b[0, 1:3] = True, True
+    assert mask_dice(a, b) == pytest.approx((0.5 + 1.0) / 2)  # sample 1: empty vs empty
+    assert mask_dice(torch.from_numpy(a), torch.from_numpy(a)) == 1.0

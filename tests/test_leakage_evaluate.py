@@ -1,0 +1,96 @@
+"""evaluate_leakage on a hand-made simulator workspace: record, encoder snapshots and summary."""
+
+import json
+
+import pytest
+import torch
+from helpers import make_dataset
+
+from split_unet.data import SiteImages, SiteLabels
+from split_unet.errors import DataError
+from split_unet.leakage import RECORD_FOLDER, RecordedExchange, evaluate_leakage, snapshot_path
+from split_unet.networks import NetworkConfig, build_decoder, build_encoder
+from split_unet.training import DecoderParty, EncoderParty
+
+SIZE = 16
+SITES = ("flair", "t1gd")
+NETWORK = NetworkConfig(channels=(4, 8, 16), strides=(2, 2), levels=(0, 2))
+
+
+def _site_run_dir(workspace, site):
+    return workspace / "simulator" / site / "simulate_job"
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """(workspace, data folder): two steps of split learning on two sites, patients 1-2 (3-4 held out)."""
+    root = tmp_path_factory.mktemp("leakage_eval")
+    _, data = make_dataset(root, patients=4, size=SIZE)
+    workspace = root / "workspace"
+    workspace.mkdir()
+    (workspace / "summary.json").write_text(json.dumps(
+        {"config": {"size": SIZE, "spacing": None, "network": NETWORK.to_dict()}}))
+    record_dir = workspace / "simulator" / "server" / "simulate_job" / RECORD_FOLDER
+    device = torch.device("cpu")
+    parties = {site: EncoderParty(build_encoder(NETWORK, k, seed=0), 1e-2, device, site)
+               for k, site in enumerate(SITES)}
+    server = DecoderParty(build_decoder(NETWORK, len(SITES), seed=0), 1e-2, device)
+    ids = SiteImages(data / "flair", SIZE).patient_ids[:2]
+    target = SiteLabels(data / "server", SIZE).batch(ids)
+    for step in (1, 2):
+        features = {}
+        for index, (site, party) in enumerate(parties.items()):
+            features[site] = party.forward(SiteImages(data / site, SIZE).batch(ids))
+            path = snapshot_path(_site_run_dir(workspace, site), step)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"encoder": party.encoder.state_dict(), "network": NETWORK.to_dict(), "site_index": index,
+                        "modality": site, "step": step}, path)
+        _, gradients = server.train_step(list(features.values()), target)
+        for (site, party), gradient in zip(parties.items(), gradients):
+            party.backward(gradient)
+            RecordedExchange(step, site, list(ids), features[site], gradient).save(record_dir)
+    return workspace, data
+
+
+def test_evaluate_writes_results_and_figures_for_every_attack(recorded, tmp_path):
+    workspace, data = recorded
+    labels = evaluate_leakage(workspace, data, "labels", out_dir=tmp_path)
+    assert set(labels) == set(SITES) and set(labels["flair"]) == {"1", "2"}
+    entry = labels["flair"]["1"]
+    assert entry["levels"] == [0, 2] and entry["level"] == 0 and entry["patients"] == 2
+    assert entry["dice_wt"] > entry["random_dice_wt"]
+
+    for attack in ("whitebox", "unsplit", "learned"):
+        results = evaluate_leakage(workspace, data, attack, steps=[2], max_patients=1, iterations=2, out_dir=tmp_path)
+        entry = results["t1gd"]["2"]
+        assert entry["patients"] == 1 and entry["levels"] == [0, 2] and entry["iterations"] == 2
+        assert set(entry) >= {"ssim", "psnr", "nmi"} and -1 <= entry["ssim"] <= 1
+
+    saved = json.loads((tmp_path / "leakage.json").read_text())
+    assert set(saved["attacks"]) == {"labels", "whitebox", "unsplit", "learned"}
+    assert saved["attacks"]["labels"] == labels
+    for attack in saved["attacks"]:
+        assert (tmp_path / f"leakage_{attack}.png").stat().st_size > 0
+
+    # A later run of an attack merges into the file: steps already there stay.
+    evaluate_leakage(workspace, data, "whitebox", steps=[1], max_patients=1, iterations=1, out_dir=tmp_path)
+    saved = json.loads((tmp_path / "leakage.json").read_text())
+    assert set(saved["attacks"]["whitebox"]["flair"]) == {"1", "2"}
+
+
+def test_evaluate_refuses_bad_requests(recorded, tmp_path):
+    workspace, data = recorded
+    with pytest.raises(ValueError, match="unknown attack"):
+        evaluate_leakage(workspace, data, "magic")
+    with pytest.raises(ValueError, match="not recorded"):
+        evaluate_leakage(workspace, data, "labels", steps=[7], out_dir=tmp_path)
+    with pytest.raises(DataError, match="summary.json"):
+        evaluate_leakage(tmp_path, data, "labels")
+    snapshot = snapshot_path(_site_run_dir(workspace, "flair"), 1)
+    hidden = snapshot.with_suffix(".hidden")
+    snapshot.rename(hidden)
+    try:
+        with pytest.raises(DataError, match="no encoder snapshot of step 1"):
+            evaluate_leakage(workspace, data, "whitebox", steps=[1], iterations=1, out_dir=tmp_path)
+    finally:
+        hidden.rename(snapshot)
