@@ -6,8 +6,9 @@ import torch
 from helpers import make_dataset
 
 from split_unet.data import MODALITIES, SiteImages, SiteLabels
-from split_unet.leakage import (gradient_label_leakage, image_similarity, learned_inversion, mask_dice,
-                                random_mask_like, train_inversion_decoder, unsplit_inversion, whitebox_inversion)
+from split_unet.leakage.attacks import (gradient_label_leakage, learned_inversion, random_mask_like,
+                                        train_inversion_decoder, unsplit_inversion, whitebox_inversion)
+from split_unet.leakage.metrics import image_similarity, mask_dice
 from split_unet.networks import ModalityEncoder, NetworkConfig, build_decoder, build_encoder
 from split_unet.training import DecoderParty, EncoderParty
 
