@@ -49,3 +49,15 @@ def test_cli_synth_partition_and_table(tmp_path, capsys):
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert main(["partition", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "sites")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_cli_leakage_table(tmp_path, capsys):
+    document = {"attacks": {
+        "whitebox": {"flair": {"1": {"ssim": 0.99}, "192": {"ssim": 0.95}}},
+        "labels": {"flair": {"1": {"dice_wt": 0.6, "random_dice_wt": 0.05}}},
+    }}
+    (tmp_path / "leakage.json").write_text(json.dumps(document))
+    assert main(["table", "--leakage", f"all levels={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "| all levels | whitebox | ssim | 0.99 -> 0.95 |" in out
+    assert "| all levels | labels | dice_wt | 0.60 (0.05) |" in out

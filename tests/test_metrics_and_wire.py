@@ -46,7 +46,8 @@ def test_epoch_batches_are_seeded_and_cover_every_patient():
 
 def _activations(**meta):
     data = {"0": np.zeros((1, 4, 8, 8, 8), np.float32)}
-    defaults = {"step": 1, "patient_ids": ["P1"], "scales": {"0": 1.0}}
+    encoding = {"codec": "float32", "shape": [1, 4, 8, 8, 8], "scale": 1.0}
+    defaults = {"step": 1, "patient_ids": ["P1"], "encodings": {"0": encoding}}
     return DXO(KIND_ACTIVATIONS, data=data, meta={**defaults, **meta}).to_shareable()
 
 
@@ -55,7 +56,9 @@ def _activations(**meta):
     (DXO(KIND_GRADIENTS, data={}).to_shareable(), "data_kind"),
     (_activations(step="1"), "step"),
     (_activations(patient_ids="P1"), "patient_ids"),
-    (_activations(scales={"0": -1.0}), "scale"),
+    (_activations(encodings={"0": {"codec": "float32", "shape": [1, 4, 8, 8, 8], "scale": -1.0}}), "scale"),
+    (_activations(encodings={"0": {"codec": "bf8", "shape": [1, 4, 8, 8, 8], "scale": 1.0}}), "encoding"),
+    (_activations(encodings={"0": {"codec": "float32", "shape": [1, 4, 8, 8], "scale": 1.0}}), "shape"),
     (error_reply("disk full"), "split_unet.activations"),
 ])
 def test_malformed_messages_are_refused_naming_site_and_field(payload, field):
@@ -72,7 +75,8 @@ def test_site_error_text_reaches_the_server():
 @pytest.mark.parametrize("bad", [np.full((1, 4, 8, 8, 8), np.inf, np.float32), np.zeros((1, 4, 8, 8, 8), np.int64),
                                  [[0.0]]])
 def test_non_finite_or_non_float_tensors_are_refused(bad):
-    payload = DXO(KIND_ACTIVATIONS, data={"0": bad}, meta={"step": 1, "patient_ids": [], "scales": {"0": 1.0}})
+    encoding = {"codec": "float32", "shape": [1, 4, 8, 8, 8], "scale": 1.0}
+    payload = DXO(KIND_ACTIVATIONS, data={"0": bad}, meta={"step": 1, "patient_ids": [], "encodings": {"0": encoding}})
     with pytest.raises(ProtocolError, match=r"activations\[0\]"):
         TensorMessage.from_shareable(payload.to_shareable(), KIND_ACTIVATIONS, site="flair")
 
@@ -84,3 +88,23 @@ def test_feature_shapes_are_checked():
         check_features(features, {0: (1, 4, 8, 8, 8), 1: (1, 8, 2, 2, 2)}, site="s")
     with pytest.raises(ProtocolError, match="levels"):
         check_features({0: features[0]}, {0: (1, 4, 8, 8, 8), 1: (1, 8, 4, 4, 4)}, site="s")
+
+
+@pytest.mark.parametrize("codec,max_error,byte_ratio", [("float32", 0.0, 1.0), ("float16", 2e-3, 0.5),
+                                                        ("int8", 1 / 254, 0.25)])
+def test_codecs_bound_their_error_and_bytes(codec, max_error, byte_ratio):
+    tensor = torch.randn(2, 4, 8, 8, 8) * torch.tensor([1e-6, 1e-2, 1.0, 100.0]).view(1, 4, 1, 1, 1)
+    shareable, n_bytes = TensorMessage(KIND_ACTIVATIONS, 1, [], {0: tensor}).to_shareable(codec)
+    decoded = TensorMessage.from_shareable(shareable, KIND_ACTIVATIONS, site="s")
+    assert n_bytes == decoded.wire_bytes == int(tensor.numel() * 4 * byte_ratio)
+    peaks = tensor.abs().amax(dim=(0, 2, 3, 4), keepdim=True)
+    scale = peaks if codec == "int8" else tensor.abs().max()  # per channel for int8, per tensor otherwise
+    assert ((decoded.tensors[0] - tensor).abs() <= max_error * scale + 1e-12).all()
+
+
+def test_topk_keeps_the_largest_entries_and_their_positions():
+    tensor = torch.zeros(1, 2, 4, 4, 4)
+    tensor[0, 1, 2, 3, 1], tensor[0, 0, 0, 0, 0] = 5.0, -3.0
+    shareable, n_bytes = TensorMessage(KIND_ACTIVATIONS, 1, [], {0: tensor}).to_shareable("topk", keep_fraction=0.02)
+    decoded = TensorMessage.from_shareable(shareable, KIND_ACTIVATIONS, site="s").tensors[0]
+    assert torch.allclose(decoded, tensor, rtol=1e-3) and n_bytes == 3 * (2 + 4)

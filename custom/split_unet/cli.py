@@ -113,14 +113,24 @@ def cmd_leakage(args) -> int:
     return 0
 
 
-def cmd_table(args) -> int:
-    from split_unet.reports import dice_table, read_summary
+def _named_files(items: list[str], file_name: str) -> dict[str, dict]:
+    """NAME=DIR_OR_FILE arguments -> {name: parsed JSON}."""
+    from split_unet.reports import read_summary
 
     rows = {}
-    for item in args.runs:
+    for item in items:
         name, _, path = item.rpartition("=")
-        rows[name or path] = read_summary(Path(path) / "summary.json" if Path(path).is_dir() else path)
-    print(dice_table(rows))
+        rows[name or path] = read_summary(Path(path) / file_name if Path(path).is_dir() else path)
+    return rows
+
+
+def cmd_table(args) -> int:
+    from split_unet.reports import dice_table, leakage_table
+
+    if args.leakage:
+        print(leakage_table(_named_files(args.runs, "leakage.json")))
+    else:
+        print(dice_table(_named_files(args.runs, "summary.json")))
     return 0
 
 
@@ -175,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     leakage.add_argument("--seed", type=int, default=0)
     leakage.set_defaults(func=cmd_leakage)
 
-    table = commands.add_parser("table", help="Dice table of several runs: NAME=DIR_OR_SUMMARY ...")
+    table = commands.add_parser("table", help="Dice (or --leakage) table of runs: NAME=DIR_OR_FILE ...")
     table.add_argument("runs", nargs="+")
+    table.add_argument("--leakage", action="store_true", help="tabulate leakage.json files instead")
     table.set_defaults(func=cmd_table)
     return parser
 

@@ -43,3 +43,27 @@ def dice_table(rows: dict[str, dict]) -> str:
                      + f" | {dice['mean']:.3f} | " + " | ".join(f"{hd[r]:.1f}" for r in REGION_NAMES)
                      + f" | {summary['wall_seconds'] / 60:.1f} |")
     return "\n".join(lines)
+
+
+LEAKAGE_METRICS = {"whitebox": "ssim", "unsplit": "ssim", "learned": "ssim", "labels": "dice_wt"}
+
+
+def leakage_table(runs: dict[str, dict]) -> str:
+    """Markdown table of ``leakage.json`` documents, one per run name (e.g. the levels a run sent).
+
+    One row per run and attack; one column per site with ``first -> last`` recorded step: SSIM for the
+    image reconstructions, Dice against WT for the label attack (random mask of the same size in brackets).
+    """
+    sites = sorted({site for doc in runs.values() for attack in doc.get("attacks", {}).values() for site in attack})
+    lines = ["| run | attack | metric | " + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 3)]
+    for name, doc in runs.items():
+        for attack, per_site in doc.get("attacks", {}).items():
+            metric = LEAKAGE_METRICS[attack]
+            cells = []
+            for site in sites:
+                entries = [per_site[site][step] for step in sorted(per_site.get(site, {}), key=int)]
+                values = [f"{e[metric]:.2f}" + (f" ({e['random_' + metric]:.2f})" if attack == "labels" else "")
+                          for e in entries]
+                cells.append(" -> ".join(values) or "-")
+            lines.append(f"| {name} | {attack} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

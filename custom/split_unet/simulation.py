@@ -19,20 +19,23 @@ from split_unet.protocol.settings import CLASS_ALLOW_LIST, ENV_SITE_CONFIGS, ENV
 from split_unet.protocol.wire import TASK_FINISH, TASK_TRAIN, TASK_VALIDATE
 from split_unet.reports import read_summary, write_summary
 
-CONTROLLER_PATH = "split_unet.protocol.controller.SplitUNetController"
+CONTROLLER_PATHS = ("split_unet.protocol.controller.SplitUNetController",
+                    "split_unet.protocol.inference.SplitInferenceController")
 EXECUTOR_PATH = "split_unet.protocol.executor.ModalitySiteExecutor"
 RECORDER_PATH = "split_unet.protocol.recorder.LeakageRecorder"
-PROGRESS_PATTERN = re.compile(r"SplitUNetController - (?:INFO|WARNING|ERROR) - \[[^]]*\] - (.*)")
+PROGRESS_PATTERN = re.compile(r"Split(?:UNet|Inference)Controller - (?:INFO|WARNING|ERROR) - \[[^]]*\] - (.*)")
 
 
 def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None = None,
                   controller: dict | None = None, executor: dict | None = None,
-                  record_steps: list[int] | None = None) -> Path:
+                  record_steps: list[int] | None = None, with_code: bool = False) -> Path:
     """Copy a job folder, overriding the controller's ``train`` settings (``network`` merged key by key),
     other controller arguments and the site executors' arguments. The original is left as it is.
 
     ``record_steps`` adds the leakage evaluation: the server's ``LeakageRecorder`` last in its filter
-    chains, and the sites keep encoder snapshots of those steps.
+    chains, and the sites keep encoder snapshots of those steps. ``with_code`` copies this ``split_unet``
+    package into every app's ``custom/`` folder, so the job runs where the package is not installed (NVFlare
+    then treats it as BYOC: the submitter needs the ``byoc`` right, and the site's class allow list is skipped).
     """
     job_dir, out_dir = Path(job_dir), Path(out_dir)
     if not (job_dir / "meta.json").is_file():
@@ -43,7 +46,7 @@ def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None =
     for config_path in out_dir.glob("app_*/config/config_fed_*.json"):
         config = json.loads(config_path.read_text())
         for workflow in config.get("workflows", []):
-            if workflow.get("path") == CONTROLLER_PATH:
+            if workflow.get("path") in CONTROLLER_PATHS:
                 _override_controller(workflow.setdefault("args", {}), train or {}, controller or {})
             if record_steps:
                 _add_recorder(config, record_steps)
@@ -53,6 +56,10 @@ def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None =
                 if record_steps:
                     entry["executor"]["args"]["snapshot_steps"] = list(record_steps)
         config_path.write_text(json.dumps(config, indent=2))
+    if with_code:
+        package = Path(__file__).resolve().parent
+        for app in out_dir.glob("app_*"):
+            shutil.copytree(package, app / "custom" / package.name, ignore=shutil.ignore_patterns("__pycache__"))
     return out_dir
 
 
@@ -101,6 +108,23 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
     clients = job_clients(job_dir)
     site_threads = site_threads or max(1, (os.cpu_count() or 1) // len(clients))
     job = configure_job(job_dir, workspace / "job", train, controller, {"num_threads": site_threads}, record_steps)
+    return_code = simulate(job, workspace, sites_dir, site_configs, progress)
+    log_path = workspace / "simulator.log"
+    summary_path = workspace / "simulator" / "server" / "simulate_job" / "summary.json"
+    summary = read_summary(summary_path) if summary_path.is_file() else {
+        "error": f"the simulator exited with code {return_code} before writing a summary; see {log_path}"}
+    summary["artefacts"] = artefacts(workspace, clients)
+    write_summary(workspace / "summary.json", summary)
+    return summary
+
+
+def simulate(job: Path, workspace: Path, sites_dir: Path, site_configs: Path,
+             progress: Callable[[str], None] | None = print) -> int:
+    """Run a configured job in the simulator under ``workspace/simulator``; return its exit code.
+
+    Logs go to ``workspace/simulator.log``; the controllers' progress lines are passed to ``progress``.
+    """
+    clients = job_clients(job)
     sim_root = workspace / "simulator"
     if sim_root.exists():
         shutil.rmtree(sim_root)
@@ -122,12 +146,7 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-    summary_path = sim_root / "server" / "simulate_job" / "summary.json"
-    summary = read_summary(summary_path) if summary_path.is_file() else {
-        "error": f"the simulator exited with code {return_code} before writing a summary; see {log_path}"}
-    summary["artefacts"] = artefacts(workspace, clients)
-    write_summary(workspace / "summary.json", summary)
-    return summary
+    return return_code
 
 
 def _follow(process: subprocess.Popen, log_path: Path, progress: Callable[[str], None] | None) -> int:

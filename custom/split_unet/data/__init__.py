@@ -1,11 +1,12 @@
 """Data: phantoms, NIfTI readers (MSD Task01, BraTS 2021), vertical partition, per-site loading, regions."""
 
-from split_unet.data.partition import DATALIST, SERVER_SITE, partition_dataset
+from split_unet.data.partition import DATALIST, SERVER_SITE, holdings, partition_dataset
 from split_unet.data.phantom import anatomy, generate_dataset, generate_patient
 from split_unet.data.readers import (
     Case,
     ImageRef,
     find_cases,
+    label_to_source,
     load_case,
     load_image,
     load_label,
@@ -29,7 +30,9 @@ __all__ = [
     "find_cases",
     "generate_dataset",
     "generate_patient",
+    "holdings",
     "label_from_regions",
+    "label_to_source",
     "load_case",
     "load_image",
     "load_label",

@@ -13,7 +13,7 @@ from split_unet.data.readers import find_cases, read_label, read_volume
 from split_unet.data.regions import MODALITIES
 from split_unet.errors import DataError
 
-__all__ = ["partition_dataset", "SERVER_SITE", "DATALIST"]
+__all__ = ["partition_dataset", "holdings", "SERVER_SITE", "DATALIST"]
 
 #: Name of the label holder's folder and site.
 SERVER_SITE = "server"
@@ -32,9 +32,43 @@ def _save(data: np.ndarray, source: nib.Nifti1Image, path: Path) -> None:
     nib.save(image, path)
 
 
+def holdings(patient_ids: Sequence[str], parties: Sequence[str], overlap: float | None = None,
+             seed: int = 0) -> dict[str, list[str]]:
+    """Which patients each party holds.
+
+    Args:
+        patient_ids: all patients.
+        parties: the sites and the label holder.
+        overlap: ``None``: every party holds every patient. Otherwise the share of patients (rounded) that
+            every party holds; each other patient is held by a random non-empty proper subset of the parties,
+            so the intersection is exactly that share.
+        seed: seed of the random choice.
+
+    Returns:
+        ``{party: sorted patient ids}``.
+    """
+    if overlap is None:
+        return {party: sorted(patient_ids) for party in parties}
+    if not 0 < overlap <= 1:
+        raise ValueError(f"overlap must be in (0, 1], got {overlap}")
+    if len(parties) < 2:
+        raise ValueError("an overlap needs at least two parties")
+    rng = np.random.default_rng(seed)
+    order = [patient_ids[i] for i in rng.permutation(len(patient_ids))]
+    n_common = int(overlap * len(order) + 0.5)
+    held: dict[str, list[str]] = {party: list(order[:n_common]) for party in parties}
+    for patient in order[n_common:]:
+        for index in rng.choice(len(parties), size=int(rng.integers(1, len(parties))), replace=False):
+            held[parties[index]].append(patient)
+    return {party: sorted(ids) for party, ids in held.items()}
+
+
 def partition_dataset(data_dir: str | Path, out_dir: str | Path, modalities: Sequence[str] = MODALITIES,
-                      progress: bool = True) -> dict[str, Path]:
+                      progress: bool = True, overlap: float | None = None, seed: int = 0) -> dict[str, Path]:
     """Split a dataset (MSD Task01 or BraTS 2021, see :func:`find_cases`) into per-site folders.
+
+    By default every site and the server hold every patient; with ``overlap`` each holds a partly different
+    set (see :func:`holdings`), as hospitals do, and PSI finds the patients they share.
 
     Writes ``out_dir/<modality>/images/<patient>.nii.gz`` (that modality only, float32 3D, source geometry,
     values as stored) and ``out_dir/server/labels/<patient>.nii.gz`` (uint8, labels unchanged), each folder
@@ -62,16 +96,19 @@ def partition_dataset(data_dir: str | Path, out_dir: str | Path, modalities: Seq
 
     out = Path(out_dir)
     folders = {name: out / name for name in (*modalities, SERVER_SITE)}
+    held = {party: set(ids) for party, ids in
+            holdings([case.patient_id for case in cases], list(folders), overlap, seed).items()}
     patients: dict[str, dict[str, str]] = {name: {} for name in folders}
     for number, case in enumerate(cases, start=1):
         pid = case.patient_id
-        for modality in modalities:
+        for modality in (m for m in modalities if pid in held[m]):
             data, source = read_volume(case.images[modality], patient=pid)
             patients[modality][pid] = f"images/{pid}.nii.gz"
             _save(data, source, folders[modality] / patients[modality][pid])
-        label, source = read_label(case.label, case.convention, patient=pid)
-        patients[SERVER_SITE][pid] = f"labels/{pid}.nii.gz"
-        _save(label, source, folders[SERVER_SITE] / patients[SERVER_SITE][pid])
+        if pid in held[SERVER_SITE]:
+            label, source = read_label(case.label, case.convention, patient=pid)
+            patients[SERVER_SITE][pid] = f"labels/{pid}.nii.gz"
+            _save(label, source, folders[SERVER_SITE] / patients[SERVER_SITE][pid])
         if progress:
             print(f"partition {number}/{len(cases)} {pid}", flush=True)
 

@@ -8,6 +8,7 @@ channel first, RAS orientation, optional resampling to an isotropic spacing, cen
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from monai.utils import convert_to_numpy
 from split_unet.data.regions import CONVENTIONS, MODALITIES, regions
 from split_unet.errors import DataError
 
-__all__ = ["ImageRef", "Case", "find_cases", "read_volume", "read_label", "load_image", "load_label", "load_case"]
+__all__ = ["ImageRef", "Case", "find_cases", "read_volume", "read_label", "load_image", "load_label", "load_case",
+           "label_to_source"]
 
 # BraTS 2021 file suffixes -> modality names (BraTS 2023 renamed them and moved ET to label 3).
 _BRATS_SUFFIXES = {"flair": "flair", "t1": "t1w", "t1ce": "t1gd", "t2": "t2w"}
@@ -192,18 +194,41 @@ def read_label(path: str | Path, convention: str, *, site: str | None = None,
     return data.astype(np.uint8), image
 
 
-def _to_grid(data: np.ndarray, image: nib.Nifti1Image, size: int, spacing: float | None, mode: str) -> MetaTensor:
-    """Content-independent geometry: channel first, RAS, optional isotropic ``spacing``, crop/pad to ``size``^3.
-
-    Returns:
-        ``(1, size, size, size)`` float32 tensor.
-    """
+def _grid_transform(size: int, spacing: float | None, mode: str) -> Compose:
+    """Content-independent geometry: channel first, RAS, optional isotropic ``spacing``, crop/pad to ``size``^3."""
     geometry = [EnsureChannelFirst(channel_dim="no_channel"), Orientation(axcodes="RAS", labels=None)]
     if spacing is not None:
         geometry.append(Spacing(pixdim=spacing, mode=mode, padding_mode="zeros", dtype=np.float32))
     geometry.append(ResizeWithPadOrCrop((size,) * 3))
+    return Compose(geometry)
+
+
+def _to_grid(data: np.ndarray, image: nib.Nifti1Image, size: int, spacing: float | None, mode: str) -> MetaTensor:
+    """``data`` on the common grid: ``(1, size, size, size)`` float32 tensor."""
     volume = MetaTensor(torch.from_numpy(data), affine=torch.as_tensor(image.affine, dtype=torch.float64))
-    return Compose(geometry)(volume)
+    return _grid_transform(size, spacing, mode)(volume)
+
+
+def label_to_source(label: np.ndarray, affine: np.ndarray, shape: Sequence[int], spacing: float | None = None
+                    ) -> np.ndarray:
+    """Inverse of the common grid for a label map: back to the voxel grid of a source volume.
+
+    The grid depends only on the source's affine and shape, so whoever knows them (the label holder, told by
+    a site) can undo it without the image.
+
+    Args:
+        label: ``(size, size, size)`` label map on the common grid.
+        affine, shape: the source volume's affine (4x4) and 3D shape.
+        spacing: the ``spacing`` the grid was made with.
+
+    Returns:
+        ``uint8`` label map of shape ``shape`` (nearest neighbour; zero where the grid cropped the source).
+    """
+    transform = _grid_transform(label.shape[0], spacing, mode="nearest")
+    reference = transform(MetaTensor(torch.zeros(tuple(shape)), affine=torch.as_tensor(affine, dtype=torch.float64)))
+    grid = MetaTensor(torch.as_tensor(label[None], dtype=torch.float32), affine=reference.affine,
+                      applied_operations=reference.applied_operations)
+    return np.rint(convert_to_numpy(transform.inverse(grid))[0]).astype(np.uint8)
 
 
 def load_image(ref: ImageRef, size: int, spacing: float | None = None, *, site: str | None = None,

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 from split_unet.data.partition import DATALIST
@@ -70,6 +71,21 @@ class _SiteVolumes(ABC):
     def batch(self, patient_ids: Sequence[str]) -> np.ndarray:
         """Volumes of ``patient_ids`` stacked in that order, shape ``(B, C, S, S, S)``."""
         return np.stack([self._cached(pid) for pid in patient_ids])
+
+    def keep(self, patient_ids: Iterable[str]) -> None:
+        """Use only these patients (e.g. a PSI intersection); ids this site lacks are an error."""
+        keep = set(patient_ids)
+        if missing := sorted(keep - set(self._paths)):
+            raise DataError(f"{len(missing)} patients to keep are not held here, e.g. {missing[0]}", site=self.site,
+                            field="patient_ids")
+        self._paths = {pid: path for pid, path in self._paths.items() if pid in keep}
+        self.patient_ids = sorted(self._paths)
+
+    def geometry(self, patient_id: str) -> tuple[np.ndarray, tuple[int, ...]]:
+        """The source file's affine and 3D shape (header only): all the label holder needs to undo the grid."""
+        self._cached(patient_id)  # known patient, readable file
+        header = nib.load(self._paths[patient_id]).header
+        return header.get_best_affine(), tuple(int(n) for n in header.get_data_shape()[:3])
 
     def check(self) -> None:
         """Load every volume once (they stay cached); raise the first :class:`DataError`."""

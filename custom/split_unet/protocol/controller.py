@@ -24,16 +24,17 @@ from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
-from split_unet.data import MODALITIES, SiteLabels, split_patients
+from split_unet.data import DATALIST, MODALITIES, SiteLabels, split_patients
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.networks import build_decoder
 from split_unet.reports import make_summary, write_summary
 from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, epoch_batches, logits_to_masks,
                                  select_device)
 
+from .codecs import CODECS
 from .settings import load_site_settings
 from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INIT, TASK_TRAIN,
-                   TASK_VALIDATE, WIRE_DTYPES, TensorMessage, check_features, dxo_of)
+                   TASK_VALIDATE, TensorMessage, check_features, dxo_of)
 
 
 class SplitUNetController(Controller):
@@ -53,8 +54,8 @@ class SplitUNetController(Controller):
                  persistor_id: str = "persistor", task_timeout: int = 600, summary_file: str = "summary.json",
                  num_threads: int = 0, task_check_period: float = 0.01):
         super().__init__(task_check_period=task_check_period)
-        if wire_dtype not in WIRE_DTYPES:
-            raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+        if wire_dtype not in CODECS:
+            raise ValueError(f"wire_dtype must be one of {CODECS}, got {wire_dtype!r}")
         self.sites = list(sites)
         self.config = TrainConfig.from_dict(train or {})
         self.wire_dtype = wire_dtype
@@ -69,8 +70,9 @@ class SplitUNetController(Controller):
         self._gradients: dict[str, dict[int, torch.Tensor]] = {}
         self._gradient_step: int | None = None
         self._gradient_info: dict = {}
-        self._bytes = {"to_sites": 0, "from_sites": 0}
+        self._bytes = {"activations": 0, "gradients": 0}
         self._step = 0
+        self.reply_info: dict[str, dict] = {}
 
     # NVFlare life cycle -------------------------------------------------------------------------------------------
     def start_controller(self, fl_ctx: FLContext) -> None:
@@ -90,7 +92,7 @@ class SplitUNetController(Controller):
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         try:
-            self._train(abort_signal, fl_ctx)
+            self.run_workflow(abort_signal, fl_ctx)
         except SplitUNetError as error:
             self._fail(str(error), fl_ctx)
         except Exception as error:  # any failure ends the job with its reason instead of hanging
@@ -98,23 +100,36 @@ class SplitUNetController(Controller):
             self._fail(f"{type(error).__name__}: {error}", fl_ctx)
 
     # The workflow -------------------------------------------------------------------------------------------------
-    def _train(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
-        config, start = self.config, time.perf_counter()
+    def run_workflow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        """The job's work: training here, inference in ``SplitInferenceController``."""
+        self._train(abort_signal, fl_ctx)
+
+    def _setup(self, abort_signal: Signal, fl_ctx: FLContext, labels_required: bool = True) -> list[str]:
+        """Labels, decoder and sites ready; returns the patients every site (and, if required, the server) holds."""
+        config = self.config
         settings = load_site_settings("server", fl_ctx.get_engine().get_workspace().get_root_dir())
-        self.labels = SiteLabels(settings["data_dir"], config.size, config.spacing, site="server")
-        self.labels.check()
+        if labels_required or (Path(settings["data_dir"]) / DATALIST).is_file():
+            self.labels = SiteLabels(settings["data_dir"], config.size, config.spacing, site="server")
+            self.labels.check()
         decoder = build_decoder(config.network, len(self.sites), config.seed)
         self._load_decoder(decoder, fl_ctx)
         self.party = DecoderParty(decoder, config.lr, select_device(config.device))
 
         site_ids = self._initialize_sites(abort_signal, fl_ctx)
-        common = set(self.labels.patient_ids).intersection(*site_ids.values())
+        common = set.intersection(*(set(ids) for ids in site_ids.values()))
+        if labels_required:
+            common &= set(self.labels.patient_ids)
         for site, ids in site_ids.items():
             if missing := set(ids) - common:
                 self.log_info(fl_ctx, f"site {site}: {len(missing)} patients not held by every party are ignored")
         if not common:
-            raise ProtocolError("no patient is held by every site and the server", site="server", field="patient_ids")
-        train_ids, val_ids = split_patients(sorted(common), config.val_fraction, config.seed)
+            raise ProtocolError("no patient is held by every site" + (" and the server" if labels_required else ""),
+                                site="server", field="patient_ids")
+        return sorted(common)
+
+    def _train(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        config, start = self.config, time.perf_counter()
+        train_ids, val_ids = split_patients(self._setup(abort_signal, fl_ctx), config.val_fraction, config.seed)
         self.log_info(fl_ctx, f"{len(train_ids)} training / {len(val_ids)} validation patients, "
                               f"{config.epochs} epochs, wire {self.wire_dtype}, device {self.party.device}")
 
@@ -135,10 +150,10 @@ class SplitUNetController(Controller):
                 if (index + 1) % max(1, len(batches) // 4) == 0 and index + 1 < len(batches):
                     self.log_info(fl_ctx, f"epoch {epoch + 1}/{config.epochs} batch {index + 1}/{len(batches)} "
                                           f"loss {np.mean(losses):.4f} ({time.perf_counter() - start:.0f} s)")
-            entry = {"epoch": epoch + 1, "step": self._step, "loss": float(np.mean(losses)),
+            entry = {"epoch": epoch + 1, "step": train_step, "rounds": self._step, "loss": float(np.mean(losses)),
                      "seconds": round(time.perf_counter() - start, 2)}
             self.log_info(fl_ctx, f"epoch {epoch + 1}/{config.epochs} loss {entry['loss']:.4f} "
-                                  f"({self._step} steps, {entry['seconds']:.0f} s)")
+                                  f"({train_step} steps, {entry['seconds']:.0f} s)")
             if (epoch + 1) % config.val_interval == 0 or epoch + 1 == config.epochs:
                 metrics = entry["validation"] = self._validate(val_ids, abort_signal, fl_ctx)
                 for region, value in metrics["dice"].items():
@@ -152,7 +167,7 @@ class SplitUNetController(Controller):
             metrics, epochs=config.epochs, steps=train_steps, wall_seconds=time.perf_counter() - start,
             config={**config.to_dict(), "sites": self.sites, "wire_dtype": self.wire_dtype,
                     "train_patients": len(train_ids), "val_patients": len(val_ids)},
-            bytes_per_step=self._bytes_per_step(train_ids), history=history,
+            bytes_per_step=self._bytes_per_step(train_steps), history=history,
         )
         path = write_summary(self.run_dir / self.summary_file, summary)
         self.log_info(fl_ctx, f"summary written to {path}")
@@ -170,11 +185,20 @@ class SplitUNetController(Controller):
             info = dxo_of(reply, KIND_SITE_INFO, site=site).data
             site_ids[site] = list(info.get("patient_ids", []))
             self.log_info(fl_ctx, f"site {site}: modality {info.get('modality')}, {len(site_ids[site])} patients")
+            # A site's privacy policy may forbid levels (LevelBlocking): refuse now, not mid-training.
+            if forbidden := sorted(set(info.get("blocked_levels", [])) & set(self.config.network.sent_levels)):
+                raise ProtocolError(
+                    f"the site's policy blocks levels {forbidden}, but the job's network sends levels "
+                    f"{list(self.config.network.sent_levels)}; set train.network.levels without {forbidden}",
+                    site=site, field="network.levels")
         return site_ids
 
     def _round(self, task_name: str, patient_ids: list[str], abort_signal: Signal, fl_ctx: FLContext,
                info: dict | None = None) -> list[dict[int, torch.Tensor]]:
-        """One round trip: pending gradients + next batch out, checked activations back, in site order."""
+        """One round trip: pending gradients + next batch out, checked activations back, in site order.
+
+        The sites' ``info`` of their answers stays in ``self.reply_info`` until the next round.
+        """
         self._step += 1
         payloads = {}
         info = {**(info or {}), **(self._gradient_info if self._gradients else {})}
@@ -182,7 +206,7 @@ class SplitUNetController(Controller):
             message = TensorMessage(KIND_GRADIENTS, self._step, patient_ids, self._gradients.get(site, {}),
                                     tensor_step=self._gradient_step if self._gradients else None, info=info)
             payloads[site], n_bytes = message.to_shareable(self.wire_dtype)
-            self._bytes["to_sites"] += n_bytes
+            self._bytes["gradients"] += n_bytes
         self._gradients, self._gradient_step, self._gradient_info = {}, None, {}
         replies = self._broadcast(task_name, payloads, abort_signal, fl_ctx)
         expected = self._expected_shapes(len(patient_ids)) if patient_ids else {}
@@ -193,8 +217,9 @@ class SplitUNetController(Controller):
                 raise ProtocolError(f"answer for step {message.step} does not match request step {self._step}",
                                     site=site, field="step")
             check_features(message.tensors, expected, site=site)
-            self._bytes["from_sites"] += sum(t.numel() for t in message.tensors.values()) * \
-                np.dtype(WIRE_DTYPES[self.wire_dtype]).itemsize
+            self.reply_info[site] = message.info
+            if task_name == TASK_TRAIN:
+                self._bytes["activations"] += message.wire_bytes
             features.append(message.tensors)
         return features
 
@@ -237,13 +262,12 @@ class SplitUNetController(Controller):
                 shapes[level] = (batch, channels, *(spatial,) * net.spatial_dims)
         return shapes
 
-    def _bytes_per_step(self, train_ids: list[str]) -> dict:
-        """Bytes of one training step (all sites, both directions), from the shapes of a full batch."""
-        itemsize = np.dtype(WIRE_DTYPES[self.wire_dtype]).itemsize
-        per_site = sum(int(np.prod(s)) for s in self._expected_shapes(min(self.config.batch_size, len(train_ids))).values()) * itemsize
-        return {"activations": per_site * len(self.sites), "gradients": per_site * len(self.sites),
-                "total": 2 * per_site * len(self.sites), "measured_to_sites": self._bytes["to_sites"],
-                "measured_from_sites": self._bytes["from_sites"], "rounds": self._step}
+    def _bytes_per_step(self, train_steps: int) -> dict:
+        """Bytes of one training step, all sites: activations received and gradients sent, as on the wire."""
+        activations = self._bytes["activations"] / max(1, train_steps)
+        gradients = self._bytes["gradients"] / max(1, train_steps)
+        return {"activations": int(activations), "gradients": int(gradients), "total": int(activations + gradients),
+                "codec": self.wire_dtype}
 
     def _track(self, tag: str, value: float, fl_ctx: FLContext) -> None:
         """TensorBoard through NVFlare's analytics events (a TBAnalyticsReceiver writes them)."""

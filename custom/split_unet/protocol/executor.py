@@ -20,8 +20,9 @@ from split_unet.networks import build_encoder
 from split_unet.training import EncoderParty, TrainConfig, select_device
 
 from .checkpoint import save_atomically
+from .psi import read_intersection
 from .settings import load_site_settings
-from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INIT,
+from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INFER, TASK_INIT,
                    TASK_TRAIN, TASK_VALIDATE, TensorMessage, dxo_of, error_reply, resolve_steps)
 
 
@@ -33,14 +34,20 @@ class ModalitySiteExecutor(Executor):
         num_threads: torch CPU threads for this site (0: torch's default).
         snapshot_steps: for a leakage evaluation only: training steps (-1 = the last) at which the site keeps
             its encoder weights in its own run folder (``encoder_snapshots/``). Empty in production.
+        psi_job_id: the id of a PSI job this site ran (``jobs/split_unet_psi``): use only the patients of its
+            intersection. Empty: every patient the site holds.
+        encoder_path: a trained encoder to start from (inference): absolute, or relative to the site's
+            workspace, ``{site}`` replaced by the site name, e.g. ``<training job id>/split_unet_encoder.pt``.
     """
 
     def __init__(self, encoder_file: str = "split_unet_encoder.pt", num_threads: int = 0,
-                 snapshot_steps: Sequence[int] = ()):
+                 snapshot_steps: Sequence[int] = (), psi_job_id: str = "", encoder_path: str = ""):
         super().__init__()
         self.encoder_file = encoder_file
         self.num_threads = num_threads
         self.snapshot_steps = list(snapshot_steps)
+        self.psi_job_id = psi_job_id
+        self.encoder_path = encoder_path
         self.party: EncoderParty | None = None
         self.images: SiteImages | None = None
         self.wire_dtype = "float32"
@@ -53,7 +60,7 @@ class ModalitySiteExecutor(Executor):
         try:
             if task_name == TASK_INIT:
                 return self._initialize(shareable, fl_ctx, site)
-            if task_name in (TASK_TRAIN, TASK_VALIDATE, TASK_FINISH):
+            if task_name in (TASK_TRAIN, TASK_VALIDATE, TASK_FINISH, TASK_INFER):
                 return self._exchange(task_name, shareable, fl_ctx, site)
             return make_reply(ReturnCode.TASK_UNKNOWN)
         except SplitUNetError as error:
@@ -68,8 +75,11 @@ class ModalitySiteExecutor(Executor):
         config = TrainConfig.from_dict(request["train"])
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
-        settings = load_site_settings(site, fl_ctx.get_engine().get_workspace().get_root_dir())
+        root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
+        settings = load_site_settings(site, root)
         self.images = SiteImages(settings["data_dir"], config.size, config.spacing, site=site)
+        if self.psi_job_id:
+            self.images.keep(read_intersection(root, self.psi_job_id, site))
         if "modality" in settings and settings["modality"] != self.images.modality:
             raise ProtocolError(f"settings say modality '{settings['modality']}' but the datalist holds "
                                 f"'{self.images.modality}'", site=site, field="modality")
@@ -77,7 +87,12 @@ class ModalitySiteExecutor(Executor):
                               f"in {settings['data_dir']}")
         self.images.check()
         encoder = build_encoder(config.network, int(request["site_index"]), config.seed)
-        self.party = EncoderParty(encoder, config.lr, select_device(config.device), site=site)
+        if self.encoder_path:
+            path = root / self.encoder_path.format(site=site)  # an absolute path stays as it is
+            encoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["encoder"])
+            self.log_info(fl_ctx, f"encoder loaded from {path}")
+        self.party = EncoderParty(encoder, config.lr, select_device(config.device), site=site,
+                                  nopeek_weight=config.nopeek_weight, seed=config.seed)
         self.wire_dtype = request["wire_dtype"]
         self.run_config = {"train": config.to_dict(), "site_index": int(request["site_index"]),
                            "modality": self.images.modality}
@@ -105,11 +120,16 @@ class ModalitySiteExecutor(Executor):
             self._snapshot(request, fl_ctx)
             features = self.party.forward(self.images.batch(request.patient_ids))
             self.pending_step = request.step
-        elif task_name == TASK_VALIDATE:
+        elif task_name in (TASK_VALIDATE, TASK_INFER):
             features = self.party.infer(self.images.batch(request.patient_ids))
         else:
             self._save_encoder(fl_ctx)
         echoed = {k: v for k, v in request.info.items() if k in ("train_step", "train_steps")}
+        if task_name == TASK_INFER:
+            echoed["geometry"] = {}
+            for pid in request.patient_ids:
+                affine, shape = self.images.geometry(pid)
+                echoed["geometry"][pid] = {"affine": affine.tolist(), "shape": list(shape)}
         reply = TensorMessage(KIND_ACTIVATIONS, request.step, request.patient_ids, features, info=echoed)
         return reply.to_shareable(self.wire_dtype)[0]
 

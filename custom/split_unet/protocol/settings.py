@@ -60,3 +60,19 @@ def load_site_settings(site: str, workspace_root: str | Path | None = None) -> d
     settings["data_dir"] = str((base / data_dir).resolve() if not os.path.isabs(data_dir) else Path(data_dir))
     settings["settings_file"] = str(path)
     return settings
+
+
+def allow_job_classes(local_dir: str | Path) -> Path:
+    """Add ``CLASS_ALLOW_LIST`` to a site's ``local/resources.json``, keeping everything else in it.
+
+    Starts from ``resources.json``, else from the ``resources.json.default`` that provisioning wrote.
+    """
+    local_dir = Path(local_dir)
+    source = next((p for p in (local_dir / "resources.json", local_dir / "resources.json.default") if p.is_file()),
+                  None)
+    resources = json.loads(source.read_text()) if source else {}
+    allowed = resources.setdefault("class_allow_list", [])
+    allowed.extend(entry for entry in CLASS_ALLOW_LIST if entry not in allowed)
+    path = local_dir / "resources.json"
+    path.write_text(json.dumps(resources, indent=2))
+    return path

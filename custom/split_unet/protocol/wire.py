@@ -1,20 +1,20 @@
 """Wire format: what travels between the server and a site, and the checks on everything received.
 
-Every message is one DXO. Tensors travel as numpy arrays (NVFlare serialises them natively, with no
-decomposer to register), keyed by U-Net level. Each array carries a scale: float16 on the wire sends
-``x / max|x|``, so gradients that are far smaller than float16's smallest normal number (6e-5) keep their
-precision; float32 sends ``x`` with scale 1 and is exact.
+Every message is one DXO. Tensors travel as numpy arrays keyed by U-Net level (``"0"``, ``"1"``, ...;
+top-k adds ``"0:indices"``), each encoded by a codec (``codecs``: float32 exact, scaled float16, int8
+per channel, top-k) that ``meta["encodings"]`` names with its scale and shape.
 
 - server -> site, task ``split_unet_init``: DXO ``split_unet.init`` with the run configuration.
 - server -> site, tasks ``split_unet_train`` / ``split_unet_validate`` / ``split_unet_finish``: DXO
   ``split_unet.gradients``: the gradient of the site's previous activations (possibly none), and the
   patient ids and step number of the next batch.
+- server -> site, task ``split_unet_infer`` (inference job): as ``split_unet_validate``; the site's answer
+  also carries, in ``info["geometry"]``, each patient's source affine and shape (header data, no image).
 - site -> server: DXO ``split_unet.activations``: the site's features of the requested batch.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,11 +26,14 @@ from nvflare.apis.shareable import Shareable, make_reply
 
 from split_unet.errors import ProtocolError
 
+from . import codecs
+
 TASK_INIT = "split_unet_init"
 TASK_TRAIN = "split_unet_train"
 TASK_VALIDATE = "split_unet_validate"
 TASK_FINISH = "split_unet_finish"
-TASKS = (TASK_INIT, TASK_TRAIN, TASK_VALIDATE, TASK_FINISH)
+TASK_INFER = "split_unet_infer"
+TASKS = (TASK_INIT, TASK_TRAIN, TASK_VALIDATE, TASK_FINISH, TASK_INFER)
 
 KIND_INIT = "split_unet.init"
 KIND_GRADIENTS = "split_unet.gradients"
@@ -38,33 +41,6 @@ KIND_ACTIVATIONS = "split_unet.activations"
 KIND_SITE_INFO = "split_unet.site_info"
 
 ERROR_HEADER = "split_unet.error"
-WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def encode_tensor(tensor: torch.Tensor, wire_dtype: str) -> tuple[np.ndarray, float]:
-    """Tensor -> (array in the wire dtype, scale) with ``tensor ~= array * scale``."""
-    if wire_dtype not in WIRE_DTYPES:
-        raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
-    values = tensor.detach().to("cpu", torch.float32).numpy()
-    if wire_dtype == "float32":
-        return values, 1.0
-    peak = float(np.abs(values).max()) if values.size else 0.0
-    scale = peak if peak > 0 and math.isfinite(peak) else 1.0
-    return (values / scale).astype(np.float16), scale
-
-
-def decode_tensor(array, scale, *, site: str | None, field_name: str) -> torch.Tensor:
-    """Checked inverse of ``encode_tensor``: refuses non-arrays, non-float dtypes, NaN and Inf."""
-    if not isinstance(array, np.ndarray):
-        raise ProtocolError(f"expected a numpy array, got {type(array).__name__}", site=site, field=field_name)
-    if array.dtype not in (np.float16, np.float32):
-        raise ProtocolError(f"expected float16 or float32, got {array.dtype}", site=site, field=field_name)
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ProtocolError(f"invalid scale {scale!r}", site=site, field=f"{field_name}.scale")
-    if not np.isfinite(array).all():
-        raise ProtocolError(f"contains {int((~np.isfinite(array)).sum())} NaN/Inf values", site=site,
-                            field=field_name)
-    return torch.from_numpy(array.astype(np.float32)) * scale
 
 
 @dataclass
@@ -77,15 +53,22 @@ class TensorMessage:
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
     tensor_step: int | None = None  # for gradients: the step whose activations they belong to
     info: dict = field(default_factory=dict)  # e.g. {"train_step": k, "train_steps": n} on training tasks
+    wire_bytes: int = 0  # bytes of the tensor payload as sent or received
 
-    def to_shareable(self, wire_dtype: str) -> tuple[Shareable, int]:
-        """-> (shareable, bytes of tensor payload)."""
-        data, scales = {}, {}
+    def to_shareable(self, codec: str, keep_fraction: float = 0.1) -> tuple[Shareable, int]:
+        """-> (shareable, bytes of tensor payload). ``codec``: see ``codecs`` (float32 is exact)."""
+        dxo, n_bytes = self.to_dxo(codec, keep_fraction)
+        return dxo.to_shareable(), n_bytes
+
+    def to_dxo(self, codec: str, keep_fraction: float = 0.1) -> tuple[DXO, int]:
+        data, encodings = {}, {}
         for level, tensor in self.tensors.items():
-            data[str(level)], scales[str(level)] = encode_tensor(tensor, wire_dtype)
-        meta = {"step": self.step, "patient_ids": list(self.patient_ids), "scales": scales,
+            arrays, encodings[str(level)] = codecs.encode(tensor, codec, keep_fraction)
+            data.update({f"{level}{suffix}": array for suffix, array in arrays.items()})
+        meta = {"step": self.step, "patient_ids": list(self.patient_ids), "encodings": encodings,
                 "tensor_step": self.tensor_step, "info": dict(self.info)}
-        return DXO(data_kind=self.kind, data=data, meta=meta).to_shareable(), sum(a.nbytes for a in data.values())
+        self.wire_bytes = codecs.nbytes(data)
+        return DXO(data_kind=self.kind, data=data, meta=meta), self.wire_bytes
 
     @classmethod
     def from_shareable(cls, shareable: Shareable, kind: str, *, site: str | None) -> "TensorMessage":
@@ -104,17 +87,21 @@ class TensorMessage:
         info = meta.get("info") or {}
         if not isinstance(info, Mapping):
             raise ProtocolError("info must be a mapping", site=site, field="info")
-        scales = meta.get("scales")
-        if not isinstance(scales, Mapping):
-            raise ProtocolError("scales missing", site=site, field="scales")
-        tensors = {}
+        encodings = meta.get("encodings")
+        if not isinstance(encodings, Mapping):
+            raise ProtocolError("encodings missing", site=site, field="encodings")
+        by_level: dict[str, dict[str, object]] = {}
         for key, array in dxo.data.items():
-            if not (isinstance(key, str) and key.isdigit()):
+            level, _, suffix = key.partition(":") if isinstance(key, str) else ("", "", "")
+            if not level.isdigit() or (suffix and f":{suffix}" != codecs.INDICES_SUFFIX):
                 raise ProtocolError(f"unexpected key {key!r}: levels are non-negative integers", site=site,
                                     field=kind)
-            tensors[int(key)] = decode_tensor(array, scales.get(key), site=site, field_name=f"{kind}[{key}]")
+            by_level.setdefault(level, {})[f":{suffix}" if suffix else ""] = array
+        tensors = {int(level): codecs.decode(arrays, encodings.get(level), site=site, field_name=f"{kind}[{level}]")
+                   for level, arrays in by_level.items()}
+        wire_bytes = sum(a.nbytes for a in dxo.data.values() if isinstance(a, np.ndarray))
         return cls(kind=kind, step=step, patient_ids=patient_ids, tensors=tensors, tensor_step=tensor_step,
-                   info=dict(info))
+                   info=dict(info), wire_bytes=wire_bytes)
 
 
 def resolve_steps(steps: Sequence[int], total: int) -> set[int]:

@@ -21,6 +21,7 @@ class TrainConfig:
     size: int = 64
     spacing: float | None = None
     device: str | None = None
+    nopeek_weight: float = 0.0  # sites' NoPeek distance-correlation penalty (0 = off)
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def __post_init__(self):

@@ -16,6 +16,7 @@ import torch
 from split_unet.errors import ProtocolError
 from split_unet.networks import FusionDecoder, ModalityEncoder
 
+from .nopeek import spatial_nopeek_loss
 from .objective import segmentation_loss
 
 Features = dict[int, torch.Tensor]
@@ -29,12 +30,16 @@ def make_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
 class EncoderParty:
     """A site's encoder, its optimiser and the activations waiting for their gradient."""
 
-    def __init__(self, encoder: ModalityEncoder, lr: float, device: torch.device, site: str | None = None):
+    def __init__(self, encoder: ModalityEncoder, lr: float, device: torch.device, site: str | None = None,
+                 nopeek_weight: float = 0.0, seed: int = 0):
         self.encoder = encoder.to(device)
         self.optimizer = make_optimizer(self.encoder.parameters(), lr)
         self.device = device
         self.site = site
+        self.nopeek_weight = nopeek_weight
+        self._generator = torch.Generator().manual_seed(seed)
         self._pending: Features | None = None
+        self._pending_images: torch.Tensor | None = None
 
     @property
     def awaiting_gradient(self) -> bool:
@@ -46,8 +51,9 @@ class EncoderParty:
             raise ProtocolError("new training batch before the gradient of the previous one arrived",
                                 site=self.site, field="gradient")
         self.encoder.train()
-        features = self.encoder(torch.as_tensor(images, device=self.device))
-        self._pending = features
+        inputs = torch.as_tensor(images, device=self.device)
+        features = self.encoder(inputs)
+        self._pending, self._pending_images = features, inputs
         return {level: t.detach().cpu() for level, t in features.items()}
 
     @torch.no_grad()
@@ -71,10 +77,14 @@ class EncoderParty:
                                     f"{tuple(activation.shape)}", site=self.site, field=f"gradient[{level}]")
             tensors.append(activation)
             grads.append(grad)
+        if self.nopeek_weight > 0:  # the site's own privacy term joins the server's gradient
+            tensors.append(self.nopeek_weight * spatial_nopeek_loss(self._pending_images, self._pending,
+                                                                    generator=self._generator))
+            grads.append(torch.ones((), device=self.device))
         self.optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(tensors, grads)
         self.optimizer.step()
-        self._pending = None
+        self._pending = self._pending_images = None
 
 
 class DecoderParty:

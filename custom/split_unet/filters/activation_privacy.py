@@ -1,0 +1,112 @@
+"""Activation clipping and Gaussian noise at the site, with an (epsilon, delta) accountant.
+
+Each patient's activation is clipped per level to an L2 norm of at most ``clip_norm`` and Gaussian noise
+of standard deviation ``noise_multiplier * clip_norm`` is added to every element: one Gaussian mechanism
+per level and release. Batches are a shuffled partition of the patients, not Poisson samples, so no
+privacy amplification by subsampling is claimed: a patient's privacy loss is the composition of the
+releases of its own activations (every training epoch, every validation), which Opacus' RDP accountant
+computes with sample rate 1. The budget goes to the site's run folder (``privacy_budget.json``) and, in
+the reply's ``info``, to the server.
+
+The encoder's backward pass treats the clipping factor as a constant (the gradient arrives for the
+noised activations); this is the usual approximation for output perturbation in split learning.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from nvflare.apis.fl_context import FLContext
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+
+from split_unet.protocol.wire import KIND_ACTIVATIONS, TensorMessage
+
+from .base import TensorMessageFilter
+
+BUDGET_FILE = "privacy_budget.json"
+
+
+def clip_per_sample(tensor: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Scale each sample (axis 0) of (B, ...) down to an L2 norm of at most ``clip_norm``."""
+    norms = tensor.flatten(1).norm(dim=1).clamp_min(1e-12)
+    factors = (clip_norm / norms).clamp(max=1.0)
+    return tensor * factors.view(-1, *([1] * (tensor.dim() - 1)))
+
+
+def gaussian_epsilon(noise_multiplier: float, mechanisms: int, delta: float) -> float:
+    """Epsilon of ``mechanisms`` composed Gaussian mechanisms (sensitivity 1, std ``noise_multiplier``)."""
+    if mechanisms == 0:
+        return 0.0
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = rdp_analysis.compute_rdp(q=1.0, noise_multiplier=noise_multiplier, steps=mechanisms, orders=orders)
+    return float(rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+
+
+class ActivationClipNoise(TensorMessageFilter):
+    """Site-side ``task_result_filter`` on the training, validation and inference tasks.
+
+    Args:
+        clip_norm: per-sample, per-level L2 bound.
+        noise_multiplier: noise standard deviation in units of ``clip_norm``.
+        delta: the delta of the reported (epsilon, delta).
+        levels: levels to protect (default: every level sent).
+        seed: noise seed (default: nondeterministic, as a privacy mechanism should be).
+    """
+
+    kinds = (KIND_ACTIVATIONS,)
+
+    def __init__(self, clip_norm: float = 1.0, noise_multiplier: float = 1.0, delta: float = 1e-5,
+                 levels: Sequence[int] | None = None, seed: int | None = None):
+        super().__init__()
+        if clip_norm <= 0 or noise_multiplier < 0:
+            raise ValueError("clip_norm must be positive and noise_multiplier non-negative")
+        self.clip_norm = clip_norm
+        self.noise_multiplier = noise_multiplier
+        self.delta = delta
+        self.levels = None if levels is None else set(levels)
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self.releases: Counter[str] = Counter()  # patient id -> Gaussian mechanisms applied to its data
+
+    def protect(self, tensors: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Clip and noise the protected levels; ``(B, C_l, *S_l)`` in and out."""
+        protected = {}
+        for level, tensor in tensors.items():
+            if self.levels is not None and level not in self.levels:
+                protected[level] = tensor
+                continue
+            noise = torch.randn(tensor.shape, generator=self.generator) * (self.noise_multiplier * self.clip_norm)
+            protected[level] = clip_per_sample(tensor, self.clip_norm) + noise
+        return protected
+
+    def epsilon(self) -> float:
+        """The largest epsilon of any patient so far."""
+        worst = max(self.releases.values(), default=0)
+        return gaussian_epsilon(self.noise_multiplier, worst, self.delta) if self.noise_multiplier > 0 else float("inf")
+
+    def transform(self, message: TensorMessage, fl_ctx: FLContext) -> TensorMessage | None:
+        if not message.tensors:
+            return None
+        message.tensors = self.protect(message.tensors)
+        protected_levels = sum(1 for level in message.tensors if self.levels is None or level in self.levels)
+        for patient in message.patient_ids:
+            self.releases[patient] += protected_levels
+        epsilon = self.epsilon()
+        message.info = {**message.info, "dp_epsilon": epsilon, "dp_delta": self.delta}
+        engine = fl_ctx.get_engine()
+        if engine is not None and fl_ctx.get_job_id():
+            run_dir = Path(engine.get_workspace().get_run_dir(fl_ctx.get_job_id()))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / BUDGET_FILE).write_text(json.dumps({
+                "epsilon": epsilon, "delta": self.delta, "clip_norm": self.clip_norm,
+                "noise_multiplier": self.noise_multiplier, "max_releases_per_patient": max(self.releases.values()),
+                "patients": len(self.releases)}, indent=2))
+        return message

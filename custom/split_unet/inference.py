@@ -1,0 +1,95 @@
+"""Split inference jobs: built from the training job (one source of the architecture), run in the simulator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from split_unet.errors import DataError
+from split_unet.protocol.wire import TASK_INFER, TASK_INIT
+from split_unet.reports import read_summary, write_summary
+from split_unet.simulation import CONTROLLER_PATHS, EXECUTOR_PATH, configure_job, simulate
+from split_unet.training import TrainConfig
+
+INFERENCE_CONTROLLER = "split_unet.protocol.inference.SplitInferenceController"
+SEGMENTATIONS = "segmentations"
+
+
+def trained_config(summary: dict) -> dict:
+    """The ``train`` settings a training run recorded in its summary (so inference builds the same networks)."""
+    fields = TrainConfig().to_dict()
+    return {key: value for key, value in summary.get("config", {}).items() if key in fields}
+
+
+def build_inference_job(train_job: str | Path, out_dir: str | Path, decoder_path: str, encoder_path: str,
+                        train: dict | None = None, patients: Sequence[str] = (), with_code: bool = False) -> Path:
+    """The training job turned into an inference job.
+
+    Args:
+        train_job: the training job folder (e.g. ``jobs/split_unet``).
+        out_dir: where to write the inference job.
+        decoder_path: the trained decoder at the server (absolute, or relative to its workspace).
+        encoder_path: each site's trained encoder (absolute or relative to the site's workspace; ``{site}``
+            is replaced by the site name).
+        train: ``train`` overrides, e.g. ``trained_config(training summary)``.
+        patients: patients to segment (default: every patient all sites hold).
+        with_code: carry the ``split_unet`` package in the job (see ``configure_job``).
+    """
+    job = configure_job(train_job, out_dir, train, {"decoder_path": decoder_path, "patients": list(patients)},
+                        {"encoder_path": encoder_path}, with_code=with_code)
+    meta_path = job / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["name"] = f"{meta.get('name', 'split_unet')}_infer"
+    meta_path.write_text(json.dumps(meta, indent=2))
+    for config_path in job.glob("app_*/config/config_fed_*.json"):
+        config = json.loads(config_path.read_text())
+        for workflow in config.get("workflows", []):
+            if workflow.get("path") in CONTROLLER_PATHS:
+                workflow["path"] = INFERENCE_CONTROLLER
+                # The decoder comes from decoder_path, not from the training job's persistor.
+                persistor = workflow["args"].pop("persistor_id", None)
+                config["components"] = [c for c in config.get("components", []) if c.get("id") != persistor]
+                workflow["args"]["output_folder"] = SEGMENTATIONS
+        for entry in config.get("executors", []):
+            if entry.get("executor", {}).get("path") == EXECUTOR_PATH:
+                entry["tasks"] = [TASK_INIT, TASK_INFER]
+        config_path.write_text(json.dumps(config, indent=2))
+    return job
+
+
+def infer_in_simulator(train_workspace: str | Path, sites_dir: str | Path, workspace: str | Path,
+                       job_dir: str | Path = "jobs/split_unet", site_configs: str | Path = "site_configs",
+                       patients: Sequence[str] = (), progress: Callable[[str], None] | None = print) -> dict:
+    """Segment with the models of a ``split-unet simulate`` run; results in ``workspace/segmentations``."""
+    train_workspace, workspace = Path(train_workspace).resolve(), Path(workspace).resolve()
+    summary_path = train_workspace / "summary.json"
+    if not summary_path.is_file():
+        raise DataError("no training summary (run `split-unet simulate` first)", field=str(summary_path))
+    summary = read_summary(summary_path)
+    if "error" in summary:
+        raise DataError(f"the training run failed: {summary['error']}", field=str(summary_path))
+    workspace.mkdir(parents=True, exist_ok=True)
+    encoders = str(train_workspace / "simulator" / "{site}" / "simulate_job" / "split_unet_encoder.pt")
+    job = build_inference_job(job_dir, workspace / "job", summary["artefacts"]["decoder"], encoders,
+                              trained_config(summary), patients)
+    return_code = simulate(job, workspace, Path(sites_dir).resolve(), Path(site_configs).resolve(), progress)
+    return collect_segmentations(workspace / "simulator" / "server" / "simulate_job" / SEGMENTATIONS, workspace,
+                                 f"the simulator exited with code {return_code}; see {workspace / 'simulator.log'}")
+
+
+def collect_segmentations(found: Path, workspace: Path, failure: str) -> dict:
+    """Copy the server's segmentations to ``workspace/segmentations``; return ``inference.json`` (or the error)."""
+    result_path = found / "inference.json"
+    if not result_path.is_file():
+        result = {"error": failure}
+    else:
+        target = workspace / SEGMENTATIONS
+        if target != found:
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(found, target)
+        result = read_summary(target / "inference.json")
+        result["segmentations"] = str(target)
+    write_summary(workspace / "inference.json", result)
+    return result

@@ -1,0 +1,308 @@
+"""NVFlare POC mode, scripted without a prompt: a real federation of the label holder and four sites.
+
+``PocFederation`` prepares the POC workspace from ``poc/project.yml`` (the server is named ``localhost``, so it
+listens on 127.0.0.1 only), installs every site's local settings, starts the server and the sites, submits
+jobs (``nvflare job submit`` or the FLARE Session API), waits, downloads results and stops everything it
+started. ``run_pipeline`` is the whole story: PSI, training on the intersection, split inference.
+``python -m split_unet.poc`` (``poc/run.sh``) runs it from the command line.
+
+All NVFlare commands run with ``HOME`` and ``NVFLARE_POC_WORKSPACE`` inside the federation's own folder:
+``nvflare poc prepare`` writes ``~/.nvflare/config.conf``, which must not touch the user's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+
+from split_unet.errors import SplitUNetError
+from split_unet.inference import build_inference_job, collect_segmentations, trained_config
+from split_unet.protocol.settings import ENV_SITES, SETTINGS_FILE, allow_job_classes
+from split_unet.reports import read_summary, write_summary
+from split_unet.simulation import configure_job
+
+PROJECT_FILE = Path(__file__).resolve().parents[2] / "poc" / "project.yml"
+JOB_ID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
+
+
+class PocError(SplitUNetError):
+    """A POC step failed (the message names the step and where its output is)."""
+
+
+class PocFederation:
+    """One POC federation under ``workspace`` (``home/``, ``poc/``, ``logs/``, ``results/``).
+
+    Args:
+        workspace: this federation's own folder.
+        sites_dir: the partitioned data (``split-unet partition``); replaces ``${SPLIT_UNET_SITES}`` in the
+            site settings installed from ``site_configs``.
+        site_configs: ``site_configs/`` (``<site>/local/*``; ``server`` is installed at the NVFlare server).
+        project_file: the POC project file.
+        port: the server's port, if not the project file's (e.g. a free one in tests).
+        python: the Python that runs NVFlare and therefore the server and sites (POC puts its folder first on
+            their PATH); e.g. an environment without ``split_unet`` to show that jobs carry their code.
+    """
+
+    def __init__(self, workspace: str | Path, sites_dir: str | Path, site_configs: str | Path = "site_configs",
+                 project_file: str | Path = PROJECT_FILE, port: int | None = None, python: str = sys.executable):
+        self.workspace = Path(workspace).resolve()
+        self.sites_dir = Path(sites_dir).resolve()
+        self.site_configs = Path(site_configs).resolve()
+        self.project = yaml.safe_load(Path(project_file).read_text())
+        if port is not None:
+            for participant in self.project["participants"]:
+                if participant["type"] == "server":
+                    participant["fed_learn_port"] = port
+        self.python = python
+        self.server = next(p["name"] for p in self.project["participants"] if p["type"] == "server")
+        if self.server != "localhost":
+            raise PocError(f"the POC server must be named 'localhost' (loopback only), not '{self.server}'")
+        self.clients = [p["name"] for p in self.project["participants"] if p["type"] == "client"]
+        self.admin = next(p["name"] for p in self.project["participants"] if p["type"] == "admin")
+        self.prod_dir = self.workspace / "poc" / self.project["name"] / "prod_00"
+        self.env = {**os.environ, "HOME": str(self.workspace / "home"),
+                    "NVFLARE_POC_WORKSPACE": str(self.workspace / "poc"), "PYTHONUNBUFFERED": "1"}
+        self._group: int | None = None  # process group of everything `poc start` launched
+
+    # Life cycle ---------------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Provision the POC workspace (no prompt) and install every site's local settings."""
+        (self.workspace / "home").mkdir(parents=True, exist_ok=True)
+        project_file = self.workspace / "project.yml"
+        project_file.write_text(yaml.safe_dump(self.project, sort_keys=False))
+        self.nvflare("poc", "prepare", "-i", str(project_file), "--force", timeout=120)
+        for participant in (self.server, *self.clients):
+            self.install_site_settings(participant)
+
+    def install_site_settings(self, participant: str) -> None:
+        """``site_configs/<site>/local/*`` into the participant's ``local/``, data folder resolved; the job's
+        classes added to its class allow list."""
+        source = self.site_configs / ("server" if participant == self.server else participant) / "local"
+        local = self.prod_dir / participant / "local"
+        for path in source.iterdir():
+            shutil.copy2(path, local / path.name)
+        settings_path = local / SETTINGS_FILE
+        if settings_path.is_file():
+            settings = json.loads(settings_path.read_text())
+            settings["data_dir"] = settings["data_dir"].replace("${%s}" % ENV_SITES, str(self.sites_dir))
+            settings_path.write_text(json.dumps(settings, indent=2))
+        allow_job_classes(local)
+
+    def start(self, timeout: float = 180) -> None:
+        """Start the server and the sites; return once every site is connected."""
+        log = self._log("poc_start")
+        with open(log, "w") as out:
+            # A session of its own: every process POC launches stays in this group, so stop() can find them.
+            process = subprocess.Popen(self._command("poc", "start", "--no-wait"), stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self._group = process.pid
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise PocError(f"`nvflare poc start` not ready after {timeout:.0f} s; see {log}") from None
+        if process.returncode != 0:
+            raise PocError(f"`nvflare poc start` failed ({process.returncode}); see {log}")
+        self.wait_for_sites(timeout=timeout)
+
+    def wait_for_sites(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        with self.session() as session:
+            while True:
+                connected = {client.name for client in session.get_system_info().client_info}
+                if connected >= set(self.clients):
+                    return
+                if time.monotonic() > deadline:
+                    raise PocError(f"sites not connected after {timeout:.0f} s: {sorted(set(self.clients) - connected)}")
+                time.sleep(1)
+
+    def stop(self, timeout: float = 60) -> None:
+        """``nvflare poc stop``; then end any process of ours that is still there (by our process group)."""
+        if self._group is None:
+            return
+        try:
+            self.nvflare("poc", "stop", timeout=timeout, check=False)
+            deadline = time.monotonic() + timeout
+            while self.running() and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:
+            if self.running():
+                os.killpg(self._group, signal.SIGKILL)
+            self._group = None
+
+    def running(self) -> bool:
+        """Whether any process we started is alive."""
+        if self._group is None:
+            return False
+        try:
+            os.killpg(self._group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def __enter__(self) -> "PocFederation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # Jobs ---------------------------------------------------------------------------------------------------------
+    def session(self):
+        """A FLARE Session API session as the project admin (use it as a context manager)."""
+        from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+        return new_secure_session(self.admin, str(self.prod_dir / self.admin), timeout=30)
+
+    def submit(self, job_dir: str | Path, via: str = "cli") -> str:
+        """Submit a job folder with ``nvflare job submit`` (``via="cli"``) or the Session API (``"api"``)."""
+        if via == "api":
+            with self.session() as session:
+                return session.submit_job(str(Path(job_dir).resolve()))
+        output = self.nvflare("job", "submit", "-j", str(Path(job_dir).resolve()), timeout=120)
+        match = JOB_ID.search(output)
+        if match is None:
+            raise PocError(f"no job id in the output of `nvflare job submit`: {output[-500:]}")
+        return match.group(0)
+
+    def wait(self, job_id: str, timeout: float = 600) -> str:
+        """Wait for a job to end; return its final status (``FINISHED:COMPLETED`` when it went well)."""
+        with self.session() as session:
+            meta = session.wait_for_job(job_id, timeout=timeout, poll_interval=1.0)
+        return str(meta.get("status"))
+
+    def download(self, job_id: str) -> Path:
+        """The job's result (every participant's run folder and logs) under ``results/<job id>``."""
+        target = self.workspace / "results"
+        target.mkdir(parents=True, exist_ok=True)
+        with self.session() as session:
+            return Path(session.download_job_result(job_id, str(target)))
+
+    def site_root(self, site: str) -> Path:
+        return self.prod_dir / site
+
+    # Helpers ------------------------------------------------------------------------------------------------------
+    def _command(self, *args: str) -> list[str]:
+        return [self.python, "-m", "nvflare.cli", *args]
+
+    def _log(self, name: str) -> Path:
+        (self.workspace / "logs").mkdir(parents=True, exist_ok=True)
+        return self.workspace / "logs" / f"{name}.log"
+
+    def nvflare(self, *args: str, timeout: float, check: bool = True) -> str:
+        """Run an ``nvflare`` command without a prompt; its output is also kept in ``logs/``."""
+        result = subprocess.run(self._command(*args), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                env=self.env, timeout=timeout)
+        output = result.stdout + result.stderr
+        log = self._log("_".join(args[:2]))
+        log.write_text(output)
+        if check and result.returncode != 0:
+            raise PocError(f"`nvflare {' '.join(args)}` failed ({result.returncode}); see {log}")
+        return output
+
+
+def run_pipeline(federation: PocFederation, out: str | Path, job_dir: str | Path = "jobs/split_unet",
+                 psi_job: str | Path | None = "jobs/split_unet_psi", train: dict | None = None,
+                 controller: dict | None = None, with_code: bool = False,
+                 progress: Callable[[str], None] | None = print) -> dict:
+    """Prepare, start, PSI, train, infer, download, stop; return (and write to ``out/poc.json``) the results.
+
+    ``with_code`` makes every job carry the ``split_unet`` package (for sites that do not install it).
+    Training is submitted with ``nvflare job submit``, PSI and inference through the Session API.
+    """
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    report, seconds = {"seconds": {}, "jobs": {}}, {}
+    say = progress or (lambda _: None)
+
+    def phase(name: str, started: float) -> None:
+        report["seconds"][name] = round(time.perf_counter() - started, 1)
+        say(f"{name}: {report['seconds'][name]} s")
+
+    def run_job(name: str, job: Path, via: str) -> Path:
+        started = time.perf_counter()
+        job_id = federation.submit(job, via=via)
+        say(f"{name}: job {job_id} submitted ({via})")
+        status = federation.wait(job_id)
+        phase(name, started)
+        report["jobs"][name] = {"id": job_id, "status": status}
+        if "COMPLETED" not in status:
+            raise PocError(f"job {name} ({job_id}) ended with status {status}")
+        started = time.perf_counter()
+        result = federation.download(job_id)
+        phase(f"download_{name}", started)
+        return result
+
+    try:
+        started = time.perf_counter()
+        federation.prepare()
+        phase("prepare", started)
+        started = time.perf_counter()
+        federation.start()
+        phase("start", started)
+
+        executor = {}
+        if psi_job is not None:
+            run_job("psi", configure_job(psi_job, out / "jobs" / "psi", with_code=with_code), via="api")
+            executor["psi_job_id"] = report["jobs"]["psi"]["id"]
+        job = configure_job(job_dir, out / "jobs" / "train", train, controller, executor, with_code=with_code)
+        result = run_job("train", job, via="cli")
+        summary = read_summary(result / "workspace" / "app_server" / "summary.json") \
+            if (result / "workspace" / "app_server" / "summary.json").is_file() else \
+            read_summary(next(result.rglob("summary.json")))
+        write_summary(out / "summary.json", summary)
+        report["train"] = {k: summary.get(k) for k in ("dice", "hd95", "steps", "wall_seconds", "config")}
+
+        train_id = report["jobs"]["train"]["id"]
+        decoder = next(result.rglob("split_unet_decoder.pt"))
+        job = build_inference_job(job_dir, out / "jobs" / "infer", str(decoder),
+                                  f"{train_id}/split_unet_encoder.pt", trained_config(summary), with_code=with_code)
+        result = run_job("infer", job, via="api")
+        found = next((p.parent for p in result.rglob("inference.json")), result)
+        report["infer"] = collect_segmentations(found, out, f"no inference.json in {result}")
+    finally:
+        started = time.perf_counter()
+        federation.stop()
+        phase("stop", started)
+        write_summary(out / "poc.json", report)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m split_unet.poc --sites DIR --workspace DIR [training options]``."""
+    from split_unet.cli import _add_train_options, _train_overrides
+
+    parser = argparse.ArgumentParser(prog="poc/run.sh", description=run_pipeline.__doc__)
+    parser.add_argument("--sites", required=True, help="folder written by `split-unet partition`")
+    parser.add_argument("--workspace", required=True, help="the federation's own folder (POC, HOME, results)")
+    parser.add_argument("--job", default="jobs/split_unet")
+    parser.add_argument("--psi-job", default="jobs/split_unet_psi", help="'none': train on all common patients")
+    parser.add_argument("--site-configs", default="site_configs")
+    parser.add_argument("--port", type=int, help="server port (default: the project file's)")
+    parser.add_argument("--with-code", action="store_true", help="jobs carry the split_unet package (BYOC)")
+    _add_train_options(parser)
+    args = parser.parse_args(argv)
+    federation = PocFederation(Path(args.workspace) / "federation", args.sites, args.site_configs, port=args.port)
+    try:
+        report = run_pipeline(federation, args.workspace, args.job,
+                              None if args.psi_job == "none" else args.psi_job, _train_overrides(args),
+                              with_code=args.with_code)
+    except SplitUNetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: report[k] for k in ("seconds", "jobs")}, indent=2))
+    print(f"results: {Path(args.workspace).resolve() / 'poc.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Split inference: the server's Controller for segmenting patients whose modalities lie at the sites.
+
+The trained encoders stay at their sites (``ModalitySiteExecutor(encoder_path=...)``) and the trained
+decoder at the server. Each round sends a batch of patient ids; every site answers with its encoder's
+features and, as header data only, the affine and shape of its source volumes; the server decodes and
+writes each segmentation as NIfTI in that source geometry with the MSD label values (1 oedema,
+2 non-enhancing tumour, 3 enhancing), and scores the Dice where it holds the label.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.signal import Signal
+
+from split_unet.data import label_from_regions, label_to_source
+from split_unet.errors import ProtocolError
+from split_unet.reports import write_summary
+from split_unet.training import RegionMetrics, chunks, logits_to_masks
+
+from .controller import SplitUNetController
+from .wire import TASK_INFER
+
+RESULT_FILE = "inference.json"
+
+
+class SplitInferenceController(SplitUNetController):
+    """Inference workflow of the Split-U-Net (arguments as ``SplitUNetController``, plus):
+
+    Args:
+        decoder_path: the trained decoder (the training job's ``PTFileModelPersistor`` file), absolute or
+            relative to the server's workspace.
+        patients: patient ids to segment; default every patient that all sites hold.
+        output_folder: folder in the server's run folder for ``<patient>.nii.gz`` and ``inference.json``.
+    """
+
+    def __init__(self, decoder_path: str, patients: Sequence[str] = (), output_folder: str = "segmentations",
+                 **kwargs):
+        super().__init__(persistor_id="", **kwargs)
+        self.decoder_path = decoder_path
+        self.patients = list(patients)
+        self.output_folder = output_folder
+
+    def run_workflow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        start = time.perf_counter()
+        common = self._setup(abort_signal, fl_ctx, labels_required=False)
+        patient_ids = self.patients or common
+        if unknown := sorted(set(patient_ids) - set(common)):
+            raise ProtocolError(f"{len(unknown)} requested patients are not held by every site, e.g. {unknown[0]}",
+                                site="server", field="patients")
+        out = self.run_dir / self.output_folder
+        out.mkdir(parents=True, exist_ok=True)
+        results, scored = {}, RegionMetrics()
+        for batch_ids in chunks(patient_ids, self.config.val_batch_size):
+            masks = logits_to_masks(self.party.predict(self._round(TASK_INFER, batch_ids, abort_signal, fl_ctx)))
+            for pid, mask in zip(batch_ids, masks):
+                affine, shape = self._geometry(pid)
+                label = label_to_source(label_from_regions(mask.numpy()), affine, shape, self.config.spacing)
+                image = nib.Nifti1Image(label, affine)
+                image.set_qform(affine, code=1)
+                image.set_sform(affine, code=1)
+                nib.save(image, out / f"{pid}.nii.gz")
+                results[pid] = {"segmentation": f"{pid}.nii.gz"}
+                if self.labels is not None and pid in self.labels.patient_ids:
+                    metrics = RegionMetrics()
+                    truth = torch.as_tensor(self.labels.get(pid))[None]
+                    metrics.update(mask[None], truth)
+                    scored.update(mask[None], truth)
+                    results[pid].update({k: metrics.aggregate()[k] for k in ("dice", "hd95")})
+            self.log_info(fl_ctx, f"segmented {len(results)}/{len(patient_ids)} patients")
+        summary = {"patients": results, "segmentations": str(out), "label_values": {"oedema": 1,
+                   "non_enhancing": 2, "enhancing": 3}, "wall_seconds": round(time.perf_counter() - start, 2)}
+        if any("dice" in r for r in results.values()):
+            aggregate = scored.aggregate()
+            summary.update(dice=aggregate["dice"], hd95=aggregate["hd95"], scored_cases=aggregate["cases"])
+            self.log_info(fl_ctx, "Dice " + " ".join(f"{k} {v:.3f}" for k, v in aggregate["dice"].items()))
+        write_summary(out / RESULT_FILE, summary)
+        self.log_info(fl_ctx, f"segmentations written to {out}")
+
+    def _geometry(self, patient_id: str) -> tuple[np.ndarray, tuple[int, ...]]:
+        """The source affine and shape the sites reported; they must agree (one voxel grid per patient)."""
+        reported = {}
+        for site in self.sites:
+            entry = (self.reply_info.get(site, {}).get("geometry") or {}).get(patient_id)
+            if not isinstance(entry, dict):
+                raise ProtocolError("no geometry reported", site=site, patient=patient_id, field="info.geometry")
+            reported[site] = (np.asarray(entry["affine"], dtype=np.float64), tuple(int(n) for n in entry["shape"]))
+        affine, shape = reported[self.sites[0]]
+        for site, (other_affine, other_shape) in reported.items():
+            if other_shape != shape or not np.allclose(other_affine, affine, atol=1e-4):
+                raise ProtocolError(f"volume geometry differs from {self.sites[0]}'s", site=site, patient=patient_id,
+                                    field="info.geometry")
+        return affine, shape
+
+    def _load_decoder(self, decoder: torch.nn.Module, fl_ctx: FLContext) -> None:
+        root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
+        path = root / self.decoder_path  # an absolute path stays as it is
+        if not path.is_file():
+            raise ProtocolError("trained decoder not found", site="server", field=str(path))
+        weights = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        decoder.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
+        self.log_info(fl_ctx, f"decoder loaded from {path}")

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs Split-U-Net in a real NVFlare federation on this machine (POC mode, loopback only), with no prompt:
+# prepare from poc/project.yml, start the server and the four sites, PSI, training, split inference,
+# download the results, stop. Example:
+#   bash poc/run.sh --sites data/phantom64/sites --workspace runs/poc --epochs 2
+# Options: python -m split_unet.poc --help. Phase wall times and job ids end up in WORKSPACE/poc.json.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+exec "${PYTHON:-.venv/bin/python}" -m split_unet.poc "$@"

@@ -1,0 +1,47 @@
+"""Split inference: the inverse of the common grid, and train-then-segment in the NVFlare simulator."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+
+from split_unet.data import label_from_regions, label_to_source, load_label
+from split_unet.inference import infer_in_simulator
+from split_unet.simulation import run_simulation
+
+from helpers import TINY_NETWORK, TINY_SIZE, make_dataset
+
+
+def test_label_to_source_inverts_the_grid_for_a_non_ras_affine(tmp_path):
+    rng = np.random.default_rng(0)
+    label = np.zeros((30, 34, 28), np.uint8)
+    label[10:20, 12:22, 8:18] = rng.choice([1, 2, 3], size=(10, 10, 10))
+    affine = np.array([[-1.0, 0, 0, 40], [0, 0, 1.2, -10], [0, 1, 0, 5], [0, 0, 0, 1]])  # LAS-like, permuted
+    path = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(label, affine), path)
+    for size in (24, 40):  # crop and pad
+        back = label_to_source(label_from_regions(load_label(path, size, "msd")), affine, label.shape)
+        assert back.shape == label.shape and np.array_equal(back, label)
+
+
+def test_train_then_segment_in_the_simulator(project_root, tmp_path):
+    _, sites = make_dataset(tmp_path / "data", patients=5)
+    train_ws = tmp_path / "train"
+    summary = run_simulation(sites, train_ws, job_dir=project_root / "jobs/split_unet",
+                             site_configs=project_root / "site_configs", progress=None,
+                             train={"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "val_fraction": 0.4})
+    assert "error" not in summary, summary.get("error")
+    result = infer_in_simulator(train_ws, sites, tmp_path / "infer", job_dir=project_root / "jobs/split_unet",
+                                site_configs=project_root / "site_configs", progress=None)
+    assert "error" not in result, result.get("error")
+    assert sorted(result["patients"]) == [f"BRATS_00{i}" for i in range(1, 6)]
+    assert set(result["dice"]) == {"WT", "TC", "ET", "mean"} and result["scored_cases"] == 5
+    for pid, entry in result["patients"].items():
+        source = nib.load(sites / "server" / "labels" / f"{pid}.nii.gz")
+        segmentation = nib.load(tmp_path / "infer" / "segmentations" / entry["segmentation"])
+        assert segmentation.shape == source.shape and np.allclose(segmentation.affine, source.affine)
+        assert set(np.unique(np.asarray(segmentation.dataobj))) <= {0, 1, 2, 3}
+        assert 0 <= entry["dice"]["mean"] <= 1
+    assert json.loads((tmp_path / "infer" / "inference.json").read_text())["dice"] == result["dice"]
+    job = json.loads((tmp_path / "infer" / "job" / "app_site" / "config" / "config_fed_client.json").read_text())
+    assert job["executors"][0]["executor"]["args"]["encoder_path"].endswith("{site}/simulate_job/split_unet_encoder.pt")

@@ -1,0 +1,117 @@
+"""A real NVFlare federation on loopback (POC mode): prepare, start, PSI, training, inference, download, stop.
+
+The server and the sites run in a Python environment where ``split_unet`` is NOT importable (a venv that
+sees this one's packages except the editable ``split_unet``), so every job must carry its own code.
+Bounded: a hard alarm ends the test, and the federation is stopped in every case.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+
+from split_unet.data import SERVER_SITE, holdings, partition_dataset
+from split_unet.poc import PocFederation, run_pipeline
+from split_unet.protocol.psi import intersection_path
+
+from helpers import TINY_NETWORK, TINY_SIZE, make_dataset
+
+HARD_LIMIT_S = 280
+SITES = ["flair", "t1w", "t1gd", "t2w"]
+
+
+def bare_python(folder: Path) -> str:
+    """A venv whose site-packages path is this environment's, added by a plain ``.pth`` line: the packages are
+    importable, but the ``.pth`` files inside that folder (the editable ``split_unet`` install) are not run."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    python = folder / "bin" / "python"
+    site_packages = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   check=True, capture_output=True, text=True).stdout.strip()
+    Path(site_packages, "parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return str(python)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="ignore"):
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture
+def hard_limit():
+    def expire(*_):
+        raise TimeoutError(f"POC test exceeded {HARD_LIMIT_S} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(HARD_LIMIT_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_poc_federation_psi_train_infer(project_root, tmp_path, hard_limit):
+    msd, _ = make_dataset(tmp_path / "data", patients=8)
+    sites_dir = tmp_path / "data" / "overlap"
+    partition_dataset(msd, sites_dir, overlap=0.75, seed=1, progress=False)
+    python = bare_python(tmp_path / "bare_env")
+    probe = subprocess.run([python, "-c", "import nvflare, torch, monai; import split_unet"], capture_output=True)
+    assert probe.returncode != 0 and b"No module named 'split_unet'" in probe.stderr
+
+    federation = PocFederation(tmp_path / "federation", sites_dir, project_root / "site_configs",
+                               port=free_port(), python=python)
+    try:
+        report = run_pipeline(federation, tmp_path / "out", project_root / "jobs/split_unet",
+                              project_root / "jobs/split_unet_psi", with_code=True, progress=None,
+                              train={"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "batch_size": 2,
+                                     "val_fraction": 0.34})
+    finally:
+        federation.stop()
+    assert not federation.running()
+    assert processes_mentioning(str(tmp_path / "federation")) == []
+
+    # The server listened on loopback only (its startup kit), and every phase was timed.
+    server_config = json.loads((federation.prod_dir / "localhost" / "startup" / "fed_server.json").read_text())
+    assert server_config["servers"][0]["service"]["target"].startswith("localhost:")
+    assert set(report["seconds"]) >= {"prepare", "start", "psi", "train", "infer", "stop"}
+    assert all("COMPLETED" in job["status"] for job in report["jobs"].values())
+
+    # PSI: each site's intersection is that of all five parties.
+    held = {party: set(ids) for party, ids in holdings([f"BRATS_00{i}" for i in range(1, 9)],
+                                                         [*SITES, SERVER_SITE], 0.75, seed=1).items()}
+    expected = set.intersection(*held.values())
+    for site in SITES:
+        path = intersection_path(federation.site_root(site), report["jobs"]["psi"]["id"], site)
+        assert set(path.read_text().split()) == expected
+        # The jobs brought their own code: BYOC, not the (absent) installed package.
+        assert (federation.site_root(site) / report["jobs"]["train"]["id"] / "app_site" / "custom" / "split_unet").is_dir()
+    train = report["train"]
+    assert train["config"]["train_patients"] + train["config"]["val_patients"] == len(expected)
+    assert 0 <= train["dice"]["mean"] <= 1
+
+    # Inference: one NIfTI per patient all sites hold, with the source geometry; Dice where labels exist.
+    infer = report["infer"]
+    assert "error" not in infer, infer
+    at_sites = set.intersection(*(held[site] for site in SITES))
+    assert set(infer["patients"]) == at_sites
+    assert infer["scored_cases"] == len(at_sites & held[SERVER_SITE])
+    for pid, entry in infer["patients"].items():
+        seg = nib.load(Path(infer["segmentations"]) / entry["segmentation"])
+        src = nib.load(sites_dir / "flair" / "images" / f"{pid}.nii.gz")
+        assert seg.shape == src.shape and (seg.affine == src.affine).all()
