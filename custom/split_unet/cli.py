@@ -72,7 +72,8 @@ def cmd_simulate(args) -> int:
     controller = {"wire_dtype": args.wire_dtype} if args.wire_dtype else None
     record_steps = [int(step) for step in args.record_steps.split(",")] if args.record_steps else None
     summary = run_simulation(args.sites, args.workspace, job_dir=args.job, site_configs=args.site_configs,
-                             train=_train_overrides(args), controller=controller, record_steps=record_steps)
+                             train=_train_overrides(args), controller=controller, record_steps=record_steps,
+                             privacy_file=args.privacy, scope=args.scope)
     if "error" in summary:
         print(f"split learning failed: {summary['error']}", file=sys.stderr)
         return 1
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--job", default="jobs/split_unet")
     simulate.add_argument("--site-configs", default="site_configs")
     simulate.add_argument("--wire-dtype", choices=("float32", "float16"))
+    simulate.add_argument("--privacy", help="a privacy.json installed as every site's local privacy policy")
+    simulate.add_argument("--scope", help="the privacy scope the job asks for (meta.json scope)")
     simulate.add_argument("--record-steps", help="leakage evaluation: training steps to record, e.g. 1,-1 "
                                                  "(-1 = last); sites keep encoder snapshots of them")
     _add_train_options(simulate)

@@ -21,7 +21,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -157,11 +158,16 @@ class PocFederation:
         self.stop()
 
     # Jobs ---------------------------------------------------------------------------------------------------------
-    def session(self):
-        """A FLARE Session API session as the project admin (use it as a context manager)."""
+    @contextmanager
+    def session(self) -> Iterator:
+        """A FLARE Session API session as the project admin, closed on exit."""
         from nvflare.fuel.flare_api.flare_api import new_secure_session
 
-        return new_secure_session(self.admin, str(self.prod_dir / self.admin), timeout=30)
+        session = new_secure_session(self.admin, str(self.prod_dir / self.admin), timeout=60)
+        try:
+            yield session
+        finally:
+            session.close()
 
     def submit(self, job_dir: str | Path, via: str = "cli") -> str:
         """Submit a job folder with ``nvflare job submit`` (``via="cli"``) or the Session API (``"api"``)."""

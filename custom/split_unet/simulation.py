@@ -28,7 +28,7 @@ PROGRESS_PATTERN = re.compile(r"Split(?:UNet|Inference)Controller - (?:INFO|WARN
 
 def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None = None,
                   controller: dict | None = None, executor: dict | None = None,
-                  record_steps: list[int] | None = None, with_code: bool = False) -> Path:
+                  record_steps: list[int] | None = None, with_code: bool = False, scope: str | None = None) -> Path:
     """Copy a job folder, overriding the controller's ``train`` settings (``network`` merged key by key),
     other controller arguments and the site executors' arguments. The original is left as it is.
 
@@ -36,6 +36,7 @@ def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None =
     chains, and the sites keep encoder snapshots of those steps. ``with_code`` copies this ``split_unet``
     package into every app's ``custom/`` folder, so the job runs where the package is not installed (NVFlare
     then treats it as BYOC: the submitter needs the ``byoc`` right, and the site's class allow list is skipped).
+    ``scope`` names the sites' privacy scope the job asks for (``meta.json``).
     """
     job_dir, out_dir = Path(job_dir), Path(out_dir)
     if not (job_dir / "meta.json").is_file():
@@ -43,6 +44,10 @@ def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None =
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(job_dir, out_dir)
+    if scope:
+        meta = json.loads((out_dir / "meta.json").read_text())
+        meta["scope"] = scope
+        (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     for config_path in out_dir.glob("app_*/config/config_fed_*.json"):
         config = json.loads(config_path.read_text())
         for workflow in config.get("workflows", []):
@@ -89,14 +94,15 @@ def job_clients(job_dir: str | Path) -> list[str]:
 def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | Path = "jobs/split_unet",
                    site_configs: str | Path = "site_configs", train: dict | None = None,
                    controller: dict | None = None, site_threads: int | None = None,
-                   record_steps: list[int] | None = None,
-                   progress: Callable[[str], None] | None = print) -> dict:
+                   record_steps: list[int] | None = None, privacy_file: str | Path | None = None,
+                   scope: str | None = None, progress: Callable[[str], None] | None = print) -> dict:
     """Run the job on partitioned data; return the summary (also written to ``workspace/summary.json``).
 
     The simulator runs in a child process whose full output goes to ``workspace/simulator.log``; the
     controller's progress lines are passed to ``progress``. The sites find their data through their site
     settings, which name ``${SPLIT_UNET_SITES}``. All sites share this machine in the simulator, so each
     gets ``site_threads`` torch threads (default: the cores divided among them) instead of all of them.
+    ``privacy_file`` becomes the sites' ``local/privacy.json`` and ``scope`` picks one of its scopes.
     """
     sites_dir, workspace = Path(sites_dir).resolve(), Path(workspace).resolve()
     site_configs = Path(site_configs).resolve()
@@ -107,8 +113,9 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
     workspace.mkdir(parents=True, exist_ok=True)
     clients = job_clients(job_dir)
     site_threads = site_threads or max(1, (os.cpu_count() or 1) // len(clients))
-    job = configure_job(job_dir, workspace / "job", train, controller, {"num_threads": site_threads}, record_steps)
-    return_code = simulate(job, workspace, sites_dir, site_configs, progress)
+    job = configure_job(job_dir, workspace / "job", train, controller, {"num_threads": site_threads}, record_steps,
+                        scope=scope)
+    return_code = simulate(job, workspace, sites_dir, site_configs, progress, privacy_file)
     log_path = workspace / "simulator.log"
     summary_path = workspace / "simulator" / "server" / "simulate_job" / "summary.json"
     summary = read_summary(summary_path) if summary_path.is_file() else {
@@ -119,8 +126,11 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
 
 
 def simulate(job: Path, workspace: Path, sites_dir: Path, site_configs: Path,
-             progress: Callable[[str], None] | None = print) -> int:
+             progress: Callable[[str], None] | None = print, privacy_file: str | Path | None = None) -> int:
     """Run a configured job in the simulator under ``workspace/simulator``; return its exit code.
+
+    The simulator gives every site one copy of its ``local/`` folder: the class allow list and, if given,
+    ``privacy_file`` as the sites' privacy policy.
 
     Logs go to ``workspace/simulator.log``; the controllers' progress lines are passed to ``progress``.
     """
@@ -131,6 +141,8 @@ def simulate(job: Path, workspace: Path, sites_dir: Path, site_configs: Path,
     # The simulator copies its workspace's local/ folder into every site's local/ folder.
     (sim_root / "local").mkdir(parents=True)
     (sim_root / "local" / "resources.json").write_text(json.dumps({"class_allow_list": CLASS_ALLOW_LIST}, indent=2))
+    if privacy_file:
+        shutil.copyfile(privacy_file, sim_root / "local" / "privacy.json")
     env = {**os.environ, ENV_SITES: str(sites_dir), ENV_SITE_CONFIGS: str(site_configs)}
     log_path = workspace / "simulator.log"
     command = [sys.executable, "-m", "split_unet.simulation", str(job), str(sim_root), ",".join(clients)]

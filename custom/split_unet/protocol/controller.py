@@ -73,6 +73,7 @@ class SplitUNetController(Controller):
         self._bytes = {"activations": 0, "gradients": 0}
         self._step = 0
         self.reply_info: dict[str, dict] = {}
+        self._privacy: dict[str, dict] = {}
 
     # NVFlare life cycle -------------------------------------------------------------------------------------------
     def start_controller(self, fl_ctx: FLContext) -> None:
@@ -167,7 +168,7 @@ class SplitUNetController(Controller):
             metrics, epochs=config.epochs, steps=train_steps, wall_seconds=time.perf_counter() - start,
             config={**config.to_dict(), "sites": self.sites, "wire_dtype": self.wire_dtype,
                     "train_patients": len(train_ids), "val_patients": len(val_ids)},
-            bytes_per_step=self._bytes_per_step(train_steps), history=history,
+            bytes_per_step=self._bytes_per_step(train_steps), privacy=self._privacy, history=history,
         )
         path = write_summary(self.run_dir / self.summary_file, summary)
         self.log_info(fl_ctx, f"summary written to {path}")
@@ -218,6 +219,8 @@ class SplitUNetController(Controller):
                                     site=site, field="step")
             check_features(message.tensors, expected, site=site)
             self.reply_info[site] = message.info
+            if "dp_epsilon" in message.info:  # a site's ActivationClipNoise reports its budget
+                self._privacy[site] = {"epsilon": message.info["dp_epsilon"], "delta": message.info.get("dp_delta")}
             if task_name == TASK_TRAIN:
                 self._bytes["activations"] += message.wire_bytes
             features.append(message.tensors)

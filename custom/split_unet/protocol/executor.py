@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 from nvflare.apis.dxo import DXO
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
+from nvflare.private.privacy_manager import PrivacyService
 
 from split_unet.data import SiteImages
 from split_unet.errors import ProtocolError, SplitUNetError
@@ -24,6 +25,18 @@ from .psi import read_intersection
 from .settings import load_site_settings
 from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INFER, TASK_INIT,
                    TASK_TRAIN, TASK_VALIDATE, TensorMessage, dxo_of, error_reply, resolve_steps)
+
+
+def check_privacy_scope(fl_ctx: FLContext, site: str) -> None:
+    """Refuse a job whose privacy scope this site does not define.
+
+    NVFlare applies this rule when it deploys a job in POC and production; the simulator skips it and
+    would run the job under no scope, so the site checks again here.
+    """
+    scope = fl_ctx.get_prop(FLContextKey.JOB_SCOPE_NAME) or (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope")
+    if scope and not PrivacyService.is_scope_allowed(scope):
+        raise ProtocolError(f"the job asks for privacy scope '{scope}', which this site's privacy policy does not "
+                            f"define", site=site, field="scope")
 
 
 class ModalitySiteExecutor(Executor):
@@ -72,6 +85,7 @@ class ModalitySiteExecutor(Executor):
 
     def _initialize(self, shareable: Shareable, fl_ctx: FLContext, site: str) -> Shareable:
         request = dxo_of(shareable, KIND_INIT, site=site).data
+        check_privacy_scope(fl_ctx, site)
         config = TrainConfig.from_dict(request["train"])
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
