@@ -100,7 +100,8 @@ def test_poc_federation_psi_train_infer(project_root, tmp_path, hard_limit):
         path = intersection_path(federation.site_root(site), report["jobs"]["psi"]["id"], site)
         assert set(path.read_text().split()) == expected
         # The jobs brought their own code: BYOC, not the (absent) installed package.
-        assert (federation.site_root(site) / report["jobs"]["train"]["id"] / "app_site" / "custom" / "split_unet").is_dir()
+        assert (federation.site_root(site) / report["jobs"]["train"]["id"] / f"app_{site}" / "custom"
+                / "split_unet").is_dir()
     train = report["train"]
     assert train["config"]["train_patients"] + train["config"]["val_patients"] == len(expected)
     assert 0 <= train["dice"]["mean"] <= 1

@@ -114,6 +114,15 @@ def cmd_leakage(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from split_unet.privacy_report import run_sweep
+
+    report = run_sweep(args.sweep, args.sites, args.out, args.job, args.site_configs)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"recommended: {report['recommended']}")
+    return 0
+
+
 def _named_files(items: list[str], file_name: str) -> dict[str, dict]:
     """NAME=DIR_OR_FILE arguments -> {name: parsed JSON}."""
     from split_unet.reports import read_summary
@@ -123,6 +132,38 @@ def _named_files(items: list[str], file_name: str) -> dict[str, dict]:
         name, _, path = item.rpartition("=")
         rows[name or path] = read_summary(Path(path) / file_name if Path(path).is_dir() else path)
     return rows
+
+
+def cmd_infer(args) -> int:
+    from split_unet.inference import infer_in_simulator
+
+    patients = args.patients.split(",") if args.patients else ()
+    if args.poc:
+        from split_unet.poc import PocFederation, infer_in_poc
+
+        if not args.train_job:
+            print("error: --poc needs --train-job", file=sys.stderr)
+            return 2
+        federation = PocFederation(args.poc, args.sites, args.site_configs)
+        try:
+            federation.start()
+            result = infer_in_poc(federation, args.train_job, Path(args.workspace).resolve(), args.job,
+                                  patients=patients)
+        finally:
+            federation.stop()
+    elif args.train_workspace:
+        result = infer_in_simulator(args.train_workspace, args.sites, args.workspace, args.job, args.site_configs,
+                                    patients)
+    else:
+        print("error: give --train-workspace (simulator) or --poc and --train-job", file=sys.stderr)
+        return 2
+    if "error" in result:
+        print(f"inference failed: {result['error']}", file=sys.stderr)
+        return 1
+    if "dice" in result:
+        print("Dice " + " ".join(f"{k} {v:.3f}" for k, v in result["dice"].items()))
+    print(f"{len(result['patients'])} segmentations (NIfTI, MSD labels) in {result['segmentations']}")
+    return 0
 
 
 def cmd_table(args) -> int:
@@ -187,6 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
     leakage.add_argument("--iterations", type=int, help="optimisation budget per attack")
     leakage.add_argument("--seed", type=int, default=0)
     leakage.set_defaults(func=cmd_leakage)
+
+    report = commands.add_parser("report", help="privacy-utility sweep: train, attack and report each defence")
+    report.add_argument("--sweep", required=True, help="sweep file (JSON), e.g. jobs/sweeps/defences.json")
+    report.add_argument("--sites", required=True, help="the partitioned data")
+    report.add_argument("--out", required=True)
+    report.add_argument("--job", default="jobs/split_unet")
+    report.add_argument("--site-configs", default="site_configs")
+    report.set_defaults(func=cmd_report)
+
+    infer = commands.add_parser("infer", help="segment with a trained Split-U-Net (encoders at the sites, decoder "
+                                              "at the server): simulator or POC")
+    infer.add_argument("--sites", required=True, help="folder written by `split-unet partition`")
+    infer.add_argument("--workspace", required=True, help="output: segmentations/ and inference.json")
+    infer.add_argument("--train-workspace", help="simulator: the `split-unet simulate` workspace of the training")
+    infer.add_argument("--poc", help="POC: the federation folder of poc/run.sh (WORKSPACE/federation)")
+    infer.add_argument("--train-job", help="POC: the training job id")
+    infer.add_argument("--patients", help="comma-separated patient ids (default: every patient all sites hold)")
+    infer.add_argument("--job", default="jobs/split_unet", help="the training job folder")
+    infer.add_argument("--site-configs", default="site_configs")
+    infer.set_defaults(func=cmd_infer)
 
     table = commands.add_parser("table", help="Dice (or --leakage) table of runs: NAME=DIR_OR_FILE ...")
     table.add_argument("runs", nargs="+")

@@ -28,12 +28,14 @@ from pathlib import Path
 import yaml
 
 from split_unet.errors import SplitUNetError
-from split_unet.inference import build_inference_job, collect_segmentations, trained_config
+from split_unet.inference import SEGMENTATIONS, build_inference_job, collect_segmentations, trained_config
 from split_unet.protocol.settings import ENV_SITES, SETTINGS_FILE, allow_job_classes
 from split_unet.reports import read_summary, write_summary
 from split_unet.simulation import configure_job
 
 PROJECT_FILE = Path(__file__).resolve().parents[2] / "poc" / "project.yml"
+DECODER_FILE = "split_unet_decoder.pt"  # the training job's persistor file (jobs/split_unet)
+ENCODER_FILE = "split_unet_encoder.pt"  # ModalitySiteExecutor's default encoder_file
 JOB_ID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
 
 
@@ -216,6 +218,49 @@ class PocFederation:
         return output
 
 
+def run_job(federation: PocFederation, name: str, job: Path, via: str, report: dict,
+            say: Callable[[str], None]) -> Path:
+    """Submit, wait, download; record the job and the wall time of each step in ``report``.
+
+    Returns the downloaded server run folder (``<result>/workspace``).
+    """
+    started = time.perf_counter()
+    job_id = federation.submit(job, via=via)
+    say(f"{name}: job {job_id} submitted ({via})")
+    status = federation.wait(job_id)
+    report.setdefault("jobs", {})[name] = {"id": job_id, "status": status}
+    _timed(report, name, started, say)
+    if "COMPLETED" not in status:
+        raise PocError(f"job {name} ({job_id}) ended with status {status}")
+    started = time.perf_counter()
+    result = federation.download(job_id)
+    _timed(report, f"download_{name}", started, say)
+    return result / "workspace"
+
+
+def _timed(report: dict, phase: str, started: float, say: Callable[[str], None]) -> None:
+    report.setdefault("seconds", {})[phase] = round(time.perf_counter() - started, 1)
+    say(f"{phase}: {report['seconds'][phase]} s")
+
+
+def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, job_dir: str | Path = "jobs/split_unet",
+                 with_code: bool = False, patients: Sequence[str] = (), report: dict | None = None,
+                 progress: Callable[[str], None] | None = print) -> dict:
+    """Segment with the models of a finished POC training job (the federation running); results in ``out``."""
+    report = {} if report is None else report
+    say = progress or (lambda _: None)
+    # The admin downloaded the training result, decoder included, on the server's machine (POC); the encoders
+    # never left their sites' run folders of the training job.
+    server_run = federation.workspace / "results" / train_job_id / "workspace"
+    if not (server_run / "summary.json").is_file():
+        server_run = federation.download(train_job_id) / "workspace"
+    job = build_inference_job(job_dir, out / "jobs" / "infer", str(server_run / "app_server" / DECODER_FILE),
+                              f"{train_job_id}/{ENCODER_FILE}", trained_config(read_summary(server_run / "summary.json")),
+                              patients, with_code)
+    server_run = run_job(federation, "infer", job, "api", report, say)
+    return collect_segmentations(server_run / SEGMENTATIONS, out, f"no inference.json in {server_run}")
+
+
 def run_pipeline(federation: PocFederation, out: str | Path, job_dir: str | Path = "jobs/split_unet",
                  psi_job: str | Path | None = "jobs/split_unet_psi", train: dict | None = None,
                  controller: dict | None = None, with_code: bool = False,
@@ -227,58 +272,31 @@ def run_pipeline(federation: PocFederation, out: str | Path, job_dir: str | Path
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    report, seconds = {"seconds": {}, "jobs": {}}, {}
+    report: dict = {"seconds": {}, "jobs": {}}
     say = progress or (lambda _: None)
-
-    def phase(name: str, started: float) -> None:
-        report["seconds"][name] = round(time.perf_counter() - started, 1)
-        say(f"{name}: {report['seconds'][name]} s")
-
-    def run_job(name: str, job: Path, via: str) -> Path:
-        started = time.perf_counter()
-        job_id = federation.submit(job, via=via)
-        say(f"{name}: job {job_id} submitted ({via})")
-        status = federation.wait(job_id)
-        phase(name, started)
-        report["jobs"][name] = {"id": job_id, "status": status}
-        if "COMPLETED" not in status:
-            raise PocError(f"job {name} ({job_id}) ended with status {status}")
-        started = time.perf_counter()
-        result = federation.download(job_id)
-        phase(f"download_{name}", started)
-        return result
-
     try:
         started = time.perf_counter()
         federation.prepare()
-        phase("prepare", started)
+        _timed(report, "prepare", started, say)
         started = time.perf_counter()
         federation.start()
-        phase("start", started)
+        _timed(report, "start", started, say)
 
         executor = {}
         if psi_job is not None:
-            run_job("psi", configure_job(psi_job, out / "jobs" / "psi", with_code=with_code), via="api")
+            run_job(federation, "psi", configure_job(psi_job, out / "jobs" / "psi", with_code=with_code), "api",
+                    report, say)
             executor["psi_job_id"] = report["jobs"]["psi"]["id"]
         job = configure_job(job_dir, out / "jobs" / "train", train, controller, executor, with_code=with_code)
-        result = run_job("train", job, via="cli")
-        summary = read_summary(result / "workspace" / "app_server" / "summary.json") \
-            if (result / "workspace" / "app_server" / "summary.json").is_file() else \
-            read_summary(next(result.rglob("summary.json")))
+        summary = read_summary(run_job(federation, "train", job, "cli", report, say) / "summary.json")
         write_summary(out / "summary.json", summary)
-        report["train"] = {k: summary.get(k) for k in ("dice", "hd95", "steps", "wall_seconds", "config")}
-
-        train_id = report["jobs"]["train"]["id"]
-        decoder = next(result.rglob("split_unet_decoder.pt"))
-        job = build_inference_job(job_dir, out / "jobs" / "infer", str(decoder),
-                                  f"{train_id}/split_unet_encoder.pt", trained_config(summary), with_code=with_code)
-        result = run_job("infer", job, via="api")
-        found = next((p.parent for p in result.rglob("inference.json")), result)
-        report["infer"] = collect_segmentations(found, out, f"no inference.json in {result}")
+        report["train"] = {k: summary.get(k) for k in ("dice", "hd95", "steps", "wall_seconds", "config", "error")}
+        report["infer"] = infer_in_poc(federation, report["jobs"]["train"]["id"], out, job_dir, with_code,
+                                       report=report, progress=progress)
     finally:
         started = time.perf_counter()
         federation.stop()
-        phase("stop", started)
+        _timed(report, "stop", started, say)
         write_summary(out / "poc.json", report)
     return report
 

@@ -28,7 +28,8 @@ PROGRESS_PATTERN = re.compile(r"Split(?:UNet|Inference)Controller - (?:INFO|WARN
 
 def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None = None,
                   controller: dict | None = None, executor: dict | None = None,
-                  record_steps: list[int] | None = None, with_code: bool = False, scope: str | None = None) -> Path:
+                  record_steps: list[int] | None = None, with_code: bool = False, scope: str | None = None,
+                  site_filters: list[dict] | None = None, server_filters: list[dict] | None = None) -> Path:
     """Copy a job folder, overriding the controller's ``train`` settings (``network`` merged key by key),
     other controller arguments and the site executors' arguments. The original is left as it is.
 
@@ -36,7 +37,9 @@ def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None =
     chains, and the sites keep encoder snapshots of those steps. ``with_code`` copies this ``split_unet``
     package into every app's ``custom/`` folder, so the job runs where the package is not installed (NVFlare
     then treats it as BYOC: the submitter needs the ``byoc`` right, and the site's class allow list is skipped).
-    ``scope`` names the sites' privacy scope the job asks for (``meta.json``).
+    ``scope`` names the sites' privacy scope the job asks for (``meta.json``). ``site_filters`` (NVFlare
+    component configs) become job filters on the sites' activations, ``server_filters`` on the gradients
+    the server sends; the recorder, if any, comes after them and so records what they let through.
     """
     job_dir, out_dir = Path(job_dir), Path(out_dir)
     if not (job_dir / "meta.json").is_file():
@@ -50,11 +53,15 @@ def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None =
         (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     for config_path in out_dir.glob("app_*/config/config_fed_*.json"):
         config = json.loads(config_path.read_text())
+        if config.get("workflows") and server_filters:
+            _add_filters(config, "task_data_filters", [TASK_TRAIN, TASK_VALIDATE, TASK_FINISH], server_filters)
         for workflow in config.get("workflows", []):
             if workflow.get("path") in CONTROLLER_PATHS:
                 _override_controller(workflow.setdefault("args", {}), train or {}, controller or {})
             if record_steps:
                 _add_recorder(config, record_steps)
+        if config.get("executors") and site_filters:
+            _add_filters(config, "task_result_filters", [TASK_TRAIN, TASK_VALIDATE], site_filters)
         for entry in config.get("executors", []):
             if entry.get("executor", {}).get("path") == EXECUTOR_PATH:
                 entry["executor"].setdefault("args", {}).update(executor or {})
@@ -68,11 +75,22 @@ def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None =
     return out_dir
 
 
+def _add_filters(config: dict, chain_key: str, tasks: list[str], filters: list[dict]) -> None:
+    """Append filters to the chain of exactly these tasks (NVFlare allows one chain per task), or add one."""
+    for chain in config.setdefault(chain_key, []):
+        if set(chain.get("tasks", [])) & set(tasks):
+            if sorted(chain["tasks"]) != sorted(tasks):
+                raise DataError(f"{chain_key} chain for {chain['tasks']} overlaps {tasks}", field=chain_key)
+            chain["filters"].extend(filters)
+            return
+    config[chain_key].append({"tasks": list(tasks), "filters": list(filters)})
+
+
 def _add_recorder(server_config: dict, steps: list[int]) -> None:
+    """The recorder last in both chains, so it keeps what the other filters let through."""
     recorder = {"path": RECORDER_PATH, "args": {"steps": list(steps)}}
-    server_config.setdefault("task_result_filters", []).append({"tasks": [TASK_TRAIN], "filters": [recorder]})
-    server_config.setdefault("task_data_filters", []).append(
-        {"tasks": [TASK_TRAIN, TASK_VALIDATE, TASK_FINISH], "filters": [recorder]})
+    _add_filters(server_config, "task_result_filters", [TASK_TRAIN], [recorder])
+    _add_filters(server_config, "task_data_filters", [TASK_TRAIN, TASK_VALIDATE, TASK_FINISH], [recorder])
 
 
 def _override_controller(args: dict, train: dict, controller: dict) -> None:
@@ -95,7 +113,9 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
                    site_configs: str | Path = "site_configs", train: dict | None = None,
                    controller: dict | None = None, site_threads: int | None = None,
                    record_steps: list[int] | None = None, privacy_file: str | Path | None = None,
-                   scope: str | None = None, progress: Callable[[str], None] | None = print) -> dict:
+                   scope: str | None = None, site_filters: list[dict] | None = None,
+                   server_filters: list[dict] | None = None,
+                   progress: Callable[[str], None] | None = print) -> dict:
     """Run the job on partitioned data; return the summary (also written to ``workspace/summary.json``).
 
     The simulator runs in a child process whose full output goes to ``workspace/simulator.log``; the
@@ -114,7 +134,7 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
     clients = job_clients(job_dir)
     site_threads = site_threads or max(1, (os.cpu_count() or 1) // len(clients))
     job = configure_job(job_dir, workspace / "job", train, controller, {"num_threads": site_threads}, record_steps,
-                        scope=scope)
+                        scope=scope, site_filters=site_filters, server_filters=server_filters)
     return_code = simulate(job, workspace, sites_dir, site_configs, progress, privacy_file)
     log_path = workspace / "simulator.log"
     summary_path = workspace / "simulator" / "server" / "simulate_job" / "summary.json"

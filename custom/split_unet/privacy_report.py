@@ -1,0 +1,183 @@
+"""Privacy-utility sweep: train each defence configuration in the simulator, attack it, report the trade-off.
+
+A sweep file (JSON) lists configurations; each may override the training (``train``, e.g. the levels
+sent or the NoPeek weight), the controller (``controller``, e.g. the wire codec), and add job filters on
+the sites' activations (``site_filters``) or on the server's gradients (``server_filters``)::
+
+    {"attacks": ["whitebox", "labels"], "record_steps": [-1],  # steps the recorder keeps (-1: last)
+     "train": {"epochs": 8},
+     "configurations": [
+        {"name": "undefended"},
+        {"name": "bottleneck only", "train": {"network": {"levels": [3]}}},
+        {"name": "gradient noise x1", "server_filters": [
+            {"path": "split_unet.filters.GradientProtection", "args": {"mode": "noise", "noise_multiplier": 1.0}}]}]}
+
+The reference (undefended) configuration is the one marked ``"reference": true``, else the first. A
+configuration may name a finished ``split-unet simulate --record-steps`` workspace instead of training.
+Finished runs and attacks are reused, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from split_unet.errors import DataError
+from split_unet.reports import read_summary, write_summary
+
+TARGET_SSIM = 0.3
+TARGET_LABEL_FRACTION = 0.5
+TARGET_DICE_COST = 0.03
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path, job_dir: str | Path,
+              site_configs: str | Path, log: Callable[[str], None] = print) -> dict:
+    """Run, attack and report every configuration; returns the report's rows."""
+    from split_unet.leakage.evaluate import evaluate_leakage
+    from split_unet.simulation import run_simulation
+
+    sweep = json.loads(Path(sweep_file).read_text())
+    configurations = sweep.get("configurations") or []
+    if not configurations:
+        raise DataError("the sweep lists no configurations", field=f"{sweep_file}:configurations")
+    attacks = sweep.get("attacks", ["whitebox", "labels"])
+    out_dir = Path(out_dir)
+    rows = []
+    for index, configuration in enumerate(configurations):
+        name = configuration["name"]
+        # A configuration may point at a finished `split-unet simulate --record-steps` workspace instead.
+        workspace = Path(configuration.get("workspace") or out_dir / "runs" / slug(name))
+        summary_path = workspace / "summary.json"
+        if not (summary_path.is_file() and "error" not in read_summary(summary_path)):
+            log(f"[{index + 1}/{len(configurations)}] training: {name}")
+            train = {**sweep.get("train", {}), **configuration.get("train", {})}
+            if "network" in sweep.get("train", {}) and "network" in configuration.get("train", {}):
+                train["network"] = {**sweep["train"]["network"], **configuration["train"]["network"]}
+            summary = run_simulation(sites_dir, workspace, job_dir=job_dir, site_configs=site_configs, train=train,
+                                     controller=configuration.get("controller"),
+                                     record_steps=sweep.get("record_steps", [-1]),
+                                     site_filters=configuration.get("site_filters"),
+                                     server_filters=configuration.get("server_filters"), progress=None)
+            if "error" in summary:
+                log(f"    failed: {summary['error']}")
+                rows.append({"name": name, "error": summary["error"], "workspace": str(workspace)})
+                continue
+        summary = read_summary(summary_path)
+        leakage_path = workspace / "leakage.json"
+        done = json.loads(leakage_path.read_text()).get("attacks", {}) if leakage_path.is_file() else {}
+        for attack in attacks:
+            if attack not in done:
+                log(f"[{index + 1}/{len(configurations)}] attack {attack}: {name}")
+                evaluate_leakage(workspace, sites_dir, attack, iterations=sweep.get("attack_iterations", {}).get(attack))
+        rows.append({**_row(name, configuration, summary, json.loads(leakage_path.read_text())),
+                     "workspace": str(workspace)})
+    report = write_report(rows, out_dir, sweep_file)
+    for row in rows:  # the reconstruction grids next to the report
+        for attack in attacks:
+            grid = Path(row.get("workspace", "")) / f"leakage_{attack}.png"
+            if grid.is_file():
+                shutil.copyfile(grid, out_dir / f"{slug(row['name'])}_{attack}.png")
+    return report
+
+
+def _last_step_values(per_site: dict, metric: str) -> dict[str, float]:
+    """{site: metric at the site's last recorded step}."""
+    return {site: steps[max(steps, key=int)][metric] for site, steps in per_site.items() if steps}
+
+
+def _row(name: str, configuration: dict, summary: dict, leakage: dict) -> dict:
+    attacks = leakage.get("attacks", {})
+    row = {"name": name, "configuration": configuration, "dice": summary["dice"]["mean"],
+           "dice_regions": summary["dice"], "bytes_per_step": summary.get("bytes_per_step", {}).get("total"),
+           "epsilon": max((p["epsilon"] for p in summary.get("privacy", {}).values()), default=None)}
+    for attack, per_site in attacks.items():
+        metric = "dice_wt" if attack == "labels" else "ssim"
+        values = _last_step_values(per_site, metric)
+        row[attack] = {"per_site": values, "max": max(values.values()), "mean": float(np.mean(list(values.values())))}
+    return row
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of (dice, leakage) points no other point beats on both (higher Dice, lower leakage)."""
+    front = []
+    for i, (dice, leak) in enumerate(points):
+        dominated = any(d >= dice and l <= leak and (d > dice or l < leak) for j, (d, l) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def recommend(rows: list[dict]) -> tuple[dict | None, str]:
+    """The best-Dice configuration meeting the targets against the first (undefended) row, and why."""
+    valid = [r for r in rows if "error" not in r and "whitebox" in r]
+    if not valid:
+        return None, "no configuration finished with a white-box attack"
+    reference = next((r for r in valid if r["configuration"].get("reference")), valid[0])
+    label_limit = TARGET_LABEL_FRACTION * reference["labels"]["mean"] if "labels" in reference else None
+    meeting = [r for r in valid if r is not reference and r["whitebox"]["max"] <= TARGET_SSIM
+               and (label_limit is None or r.get("labels", {}).get("mean", 1.0) <= label_limit)
+               and r["dice"] >= reference["dice"] - TARGET_DICE_COST]
+    if meeting:
+        best = max(meeting, key=lambda r: r["dice"])
+        return best, (f"'{best['name']}' meets every target: white-box SSIM at most {best['whitebox']['max']:.2f} "
+                      f"(target {TARGET_SSIM}), label-leakage Dice {best.get('labels', {}).get('mean', float('nan')):.2f} "
+                      f"(target at most {label_limit:.2f}), mean Dice {best['dice']:.3f} vs {reference['dice']:.3f} "
+                      f"undefended.")
+    return None, ("no configuration meets all targets (white-box SSIM <= 0.3 for every modality, label Dice <= half "
+                  "the undefended value, mean Dice cost <= 0.03); the frontier below shows what is possible.")
+
+
+def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    valid = [r for r in rows if "error" not in r and "whitebox" in r]
+    points = [(r["dice"], r["whitebox"]["max"]) for r in valid]
+    front = pareto_front(points)
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for r, (dice, leak) in zip(valid, points):
+        axis.scatter(dice, leak, s=40)
+        axis.annotate(r["name"], (dice, leak), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    if front:
+        axis.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, label="frontier")
+        axis.legend()
+    axis.axhline(TARGET_SSIM, color="grey", lw=0.8)
+    axis.set_xlabel("mean Dice (WT, TC, ET)")
+    axis.set_ylabel("white-box reconstruction SSIM (worst modality)")
+    axis.set_title("Split-U-Net privacy-utility trade-off (64^3 phantom)")
+    figure.tight_layout()
+    figure.savefig(out_dir / "privacy_utility.png", dpi=120)
+    plt.close(figure)
+
+    best, verdict = recommend(rows)
+    lines = ["# Privacy-utility report", "", f"Sweep: `{sweep_file}`", "", "![privacy-utility](privacy_utility.png)", "",
+             "| configuration | mean Dice | white-box SSIM (max / mean over sites) | label Dice WT (mean) | "
+             "epsilon | bytes/step | frontier |", "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | |")
+            continue
+        wb = r.get("whitebox", {})
+        lb = r.get("labels", {})
+        on_front = "yes" if r in valid and valid.index(r) in front else ""
+        eps = f"{r['epsilon']:.3g}" if r.get("epsilon") is not None else "-"
+        lines.append(f"| {r['name']} | {r['dice']:.3f} | {wb.get('max', float('nan')):.2f} / {wb.get('mean', float('nan')):.2f} "
+                     f"| {lb.get('mean', float('nan')):.2f} | {eps} | {r.get('bytes_per_step') or 0:,} | {on_front} |")
+    lines += ["", "## Recommendation", "", verdict, ""]
+    (out_dir / "report.md").write_text("\n".join(lines))
+    report = {"rows": rows, "frontier": [valid[i]["name"] for i in front],
+              "recommended": best["name"] if best else None, "verdict": verdict}
+    write_summary(out_dir / "report.json", report)
+    return report
