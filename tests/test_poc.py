@@ -6,7 +6,6 @@ Bounded: a hard alarm ends the test, and the federation is stopped in every case
 """
 
 import json
-import os
 import signal
 import socket
 import subprocess
