@@ -3,7 +3,9 @@
 from pathlib import Path
 
 import pytest
-from helpers import make_dataset
+from helpers import TINY_NETWORK, TINY_SIZE, make_dataset
+
+from split_unet.simulation import run_simulation
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +17,15 @@ def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_data, tmp_path_factory, project_root) -> tuple[Path, dict]:
+    """(workspace, summary) of one split-learning run in the simulator on ``tiny_data``: 3 epochs, the
+    leakage recorder on at the first and last step. Shared by the tests that need a trained federation."""
+    _, sites = tiny_data
+    workspace = tmp_path_factory.mktemp("trained") / "ws"
+    summary = run_simulation(sites, workspace, job_dir=project_root / "jobs/split_unet",
+                             site_configs=project_root / "site_configs", progress=None, record_steps=[1, -1],
+                             train={"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 3, "val_interval": 3})
+    return workspace, summary

@@ -7,9 +7,7 @@ import numpy as np
 
 from split_unet.data import label_from_regions, label_to_source, load_label
 from split_unet.inference import infer_in_simulator
-from split_unet.simulation import run_simulation
 
-from helpers import TINY_NETWORK, TINY_SIZE, make_dataset
 
 
 def test_label_to_source_inverts_the_grid_for_a_non_ras_affine(tmp_path):
@@ -24,18 +22,14 @@ def test_label_to_source_inverts_the_grid_for_a_non_ras_affine(tmp_path):
         assert back.shape == label.shape and np.array_equal(back, label)
 
 
-def test_train_then_segment_in_the_simulator(project_root, tmp_path):
-    _, sites = make_dataset(tmp_path / "data", patients=5)
-    train_ws = tmp_path / "train"
-    summary = run_simulation(sites, train_ws, job_dir=project_root / "jobs/split_unet",
-                             site_configs=project_root / "site_configs", progress=None,
-                             train={"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "val_fraction": 0.4})
-    assert "error" not in summary, summary.get("error")
+def test_train_then_segment_in_the_simulator(project_root, tiny_data, trained_tiny, tmp_path):
+    _, sites = tiny_data
+    train_ws, _ = trained_tiny
     result = infer_in_simulator(train_ws, sites, tmp_path / "infer", job_dir=project_root / "jobs/split_unet",
                                 site_configs=project_root / "site_configs", progress=None)
     assert "error" not in result, result.get("error")
-    assert sorted(result["patients"]) == [f"BRATS_00{i}" for i in range(1, 6)]
-    assert set(result["dice"]) == {"WT", "TC", "ET", "mean"} and result["scored_cases"] == 5
+    assert sorted(result["patients"]) == [f"BRATS_00{i}" for i in range(1, 9)]
+    assert set(result["dice"]) == {"WT", "TC", "ET", "mean"} and result["scored_cases"] == 8
     for pid, entry in result["patients"].items():
         source = nib.load(sites / "server" / "labels" / f"{pid}.nii.gz")
         segmentation = nib.load(tmp_path / "infer" / "segmentations" / entry["segmentation"])

@@ -1,9 +1,18 @@
 """Site privacy policies through the real NVFlare simulator: the site's scope wins over the job."""
 
+import json
+
+import pytest
 import torch
 from helpers import TINY_NETWORK, TINY_SIZE
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.private.privacy_manager import PrivacyManager, PrivacyService, Scope
 
 from split_unet.data import MODALITIES
+from split_unet.errors import ProtocolError
+from split_unet.protocol.controller import refuse_blocked_levels
+from split_unet.protocol.executor import check_privacy_scope
 from split_unet.leakage.record import load_record
 from split_unet.simulation import run_simulation
 
@@ -30,15 +39,32 @@ def test_clinical_scope_noises_activations_the_job_did_not_ask_to_protect(projec
         assert exchange.activations[1][0].norm() > 0.9 * noise_floor
 
 
-def test_clinical_scope_refuses_a_job_that_sends_the_full_resolution_level(project_root, tiny_data, tmp_path):
-    _, sites = tiny_data
-    summary = _run(project_root, sites, tmp_path / "ws", scope="clinical",
-                   train={"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1})
-    assert "blocks levels [0]" in summary["error"] and "network.levels" in summary["error"]
+def test_blocked_levels_refuse_the_job_at_start_naming_site_and_levels():
+    refuse_blocked_levels("flair", [0], [1, 2, 3])  # consistent: nothing to refuse
+    with pytest.raises(ProtocolError, match=r"site 'flair'.*blocks levels \[0\].*network.levels"):
+        refuse_blocked_levels("flair", [0], [0, 1, 2, 3])
 
 
-def test_a_job_naming_an_unknown_scope_is_refused(project_root, tiny_data, tmp_path):
-    _, sites = tiny_data
-    summary = _run(project_root, sites, tmp_path / "ws", scope="research-only",
-                   train={"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1})
-    assert "privacy scope 'research-only'" in summary["error"] and "site '" in summary["error"]
+def test_a_job_naming_a_scope_the_site_lacks_is_refused(project_root):
+    # The site's own policy, as NVFlare loads it; the simulator skips NVFlare's deploy-time scope check.
+    scopes = json.loads((project_root / "site_configs/flair/local/privacy.json").read_text())["scopes"]
+    manager = PrivacyManager(scopes=[_scope(s["name"]) for s in scopes], default_scope_name="public", components={})
+    previous = PrivacyService.manager
+    PrivacyService.initialize(manager)
+    try:
+        for scope, allowed in (("clinical", True), ("public", True), ("research-only", False)):
+            fl_ctx = FLContext()
+            fl_ctx.set_prop(FLContextKey.JOB_META, {"scope": scope}, private=True, sticky=False)
+            if allowed:
+                check_privacy_scope(fl_ctx, "flair")
+            else:
+                with pytest.raises(ProtocolError, match="site 'flair'.*'research-only'"):
+                    check_privacy_scope(fl_ctx, "flair")
+    finally:
+        PrivacyService.manager = previous
+
+
+def _scope(name):
+    scope = Scope()
+    scope.set_name(name)
+    return scope

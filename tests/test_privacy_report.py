@@ -12,13 +12,14 @@ def test_pareto_front():
     assert pareto_front(points) == [3, 1, 0]
 
 
-def test_sweep_trains_attacks_and_reports(project_root, tiny_data, tmp_path):
+def test_sweep_trains_attacks_and_reports(project_root, tiny_data, trained_tiny, tmp_path):
     _, sites = tiny_data
+    reference_workspace, _ = trained_tiny
     sweep = {
         "attacks": ["whitebox", "labels"], "record_steps": [-1], "attack_iterations": {"whitebox": 5},
         "train": {"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "val_fraction": 0.5},
         "configurations": [
-            {"name": "undefended"},
+            {"name": "undefended", "workspace": str(reference_workspace), "reference": True},
             {"name": "int8 + gradient noise",
              "site_filters": [{"path": "split_unet.filters.ActivationQuantization", "args": {"codec": "int8"}}],
              "server_filters": [{"path": "split_unet.filters.GradientProtection", "args": {"noise_multiplier": 4.0}}]},

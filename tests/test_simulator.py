@@ -11,19 +11,16 @@ from split_unet.data import find_cases, load_case, split_patients
 from split_unet.leakage.record import load_record, snapshot_path
 from split_unet.networks import NetworkConfig, build_split_unet
 from split_unet.simulation import run_simulation
-from split_unet.training import epoch_batches, make_optimizer, segmentation_loss
+from split_unet.training import dropped_input, epoch_batches, make_optimizer, segmentation_loss
 
 from helpers import TINY_NETWORK, TINY_SIZE, make_dataset
 
 
 
-def test_training_runs_and_loss_falls(project_root, tiny_data, tmp_path):
-    _, sites = tiny_data
-    summary = run_simulation(sites, tmp_path / "ws", job_dir=project_root / "jobs/split_unet",
-                             site_configs=project_root / "site_configs", progress=None, record_steps=[1, -1],
-                             train={"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 3, "val_interval": 3})
+def test_training_runs_and_loss_falls(trained_tiny):
+    workspace, summary = trained_tiny
     assert "error" not in summary, summary.get("error")
-    assert (tmp_path / "ws" / "summary.json").is_file()
+    assert (workspace / "summary.json").is_file()
     losses = [entry["loss"] for entry in summary["history"]]
     assert losses[-1] < losses[0]
     assert set(summary["dice"]) == {"WT", "TC", "ET", "mean"}
@@ -31,8 +28,8 @@ def test_training_runs_and_loss_falls(project_root, tiny_data, tmp_path):
     assert summary["bytes_per_step"]["total"] > 0
     artefacts = summary["artefacts"]
     for site in SITES:
-        assert (tmp_path / "ws" / "simulator" / site / "simulate_job" / "split_unet_encoder.pt").is_file()
-    assert list((tmp_path / "ws" / "simulator" / "server" / "simulate_job" / "tb_events").rglob("events.out.*"))
+        assert (workspace / "simulator" / site / "simulate_job" / "split_unet_encoder.pt").is_file()
+    assert list((workspace / "simulator" / "server" / "simulate_job" / "tb_events").rglob("events.out.*"))
     assert artefacts["decoder"].endswith("split_unet_decoder.pt")
 
     # The leakage record: what the server received and sent at steps 1 and 9, and the sites' snapshots.
@@ -42,7 +39,7 @@ def test_training_runs_and_loss_falls(project_root, tiny_data, tmp_path):
         assert len(exchange.patient_ids) == 2 and sorted(exchange.activations) == [0, 1, 2]
         assert sorted(exchange.gradients) == [0, 1, 2]
         assert exchange.gradients[0].shape == exchange.activations[0].shape == (2, 4, TINY_SIZE, TINY_SIZE, TINY_SIZE)
-        assert snapshot_path(tmp_path / "ws" / "simulator" / exchange.site / "simulate_job", exchange.step).is_file()
+        assert snapshot_path(workspace / "simulator" / exchange.site / "simulate_job", exchange.step).is_file()
 
 
 def test_one_step_equals_centralized_split_unet(project_root, tmp_path):
@@ -78,6 +75,22 @@ def test_one_step_equals_centralized_split_unet(project_root, tmp_path):
     saved = torch.load(decoder_file, weights_only=False)["model"]
     for name, value in reference.decoder.state_dict().items():
         assert (torch.as_tensor(saved[name]) - value).abs().max() <= 1e-5, name
+
+
+def test_modality_dropout_leaves_the_drawn_site_out(project_root, tiny_data, tmp_path):
+    """Seed 0, rate 0.5: step 2 of 3 runs without one site, which sends nothing at that step."""
+    _, sites = tiny_data
+    train = {"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "val_interval": 1, "modality_dropout": 0.5}
+    summary = run_simulation(sites, tmp_path / "ws", job_dir=project_root / "jobs/split_unet",
+                             site_configs=project_root / "site_configs", train=train, record_steps=[1, 2, 3],
+                             progress=None)
+    assert "error" not in summary, summary.get("error")
+    absent = {step: dropped_input(0.5, len(SITES), 0, step) for step in (1, 2, 3)}
+    assert sorted(a is None for a in absent.values()) == [False, True, True]
+    record = load_record(summary["artefacts"]["leakage_record"])
+    for step, k in absent.items():
+        assert {e.site for e in record if e.step == step} == set(SITES) - ({SITES[k]} if k is not None else set())
+    assert all(sorted(e.gradients) == [0, 1, 2] for e in record)
 
 
 def test_corrupt_file_at_a_site_stops_the_job_naming_site_patient_file(project_root, tiny_data, tmp_path):

@@ -14,7 +14,7 @@ from nvflare.apis.signal import Signal
 from split_unet.protocol.executor import ModalitySiteExecutor
 from split_unet.protocol.settings import SETTINGS_FILE
 from split_unet.protocol.wire import (ERROR_HEADER, KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, TASK_FINISH,
-                                      TASK_INIT, TASK_TRAIN, TensorMessage)
+                                      TASK_INIT, TASK_TRAIN, TASK_VALIDATE, TensorMessage)
 from split_unet.training import TrainConfig
 
 
@@ -123,3 +123,59 @@ def test_float16_wire_keeps_tiny_gradients():
     decoded = TensorMessage.from_shareable(shareable, KIND_GRADIENTS, site="s").tensors[0]
     assert torch.allclose(decoded, gradient, rtol=2e-3)
     assert np.float16(3e-9) == 0  # what plain float16 would have sent
+
+
+def _send_info(executor, fl_ctx, task, step, patient_ids, info, gradients=None, tensor_step=None):
+    message = TensorMessage(KIND_GRADIENTS, step, patient_ids, gradients or {}, tensor_step=tensor_step, info=info)
+    return executor.execute(task, message.to_shareable("float32")[0], fl_ctx, Signal())
+
+
+def test_site_answers_only_for_the_agreed_patients(site):
+    executor, fl_ctx = site
+    agreed = {"agreed_patients": ["BRATS_001", "BRATS_002"]}
+    reply = _send_info(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"], agreed)
+    features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
+    gradients = {level: torch.ones_like(t) for level, t in features.items()}
+    before = [p.clone() for p in executor.party.encoder.parameters()]
+    # BRATS_003 is in the datalist but not agreed: refused before the gradient is applied.
+    message = _error(_send(executor, fl_ctx, TASK_TRAIN, 2, ["BRATS_003"], gradients, tensor_step=1))
+    assert "patient 'BRATS_003'" in message and "agreed" in message
+    assert all(torch.equal(a, b) for a, b in zip(before, executor.party.encoder.parameters()))
+    changed = {"agreed_patients": ["BRATS_001", "BRATS_003"]}
+    assert "cannot change" in _error(_send_info(executor, fl_ctx, TASK_VALIDATE, 2, ["BRATS_001"], changed))
+    assert _send(executor, fl_ctx, TASK_TRAIN, 3, ["BRATS_002"], gradients, tensor_step=1).get_return_code(
+        ReturnCode.OK) == ReturnCode.OK
+
+
+def test_agreed_patients_the_site_lacks_are_refused(site):
+    executor, fl_ctx = site
+    message = _error(_send_info(executor, fl_ctx, TASK_VALIDATE, 1, ["BRATS_001"],
+                                {"agreed_patients": ["BRATS_001", "BRATS_999"]}))
+    assert "patient 'BRATS_999'" in message and "field 'agreed_patients'" in message
+    assert "names no patient" in _error(_send(executor, fl_ctx, TASK_VALIDATE, 2, []))
+
+
+def test_site_sends_only_its_configured_levels_whatever_the_task_asks(site):
+    executor, fl_ctx = site
+    config = TrainConfig(size=TINY_SIZE, network={**TINY_NETWORK, "levels": [1, 2]})
+    request = DXO(KIND_INIT, data={"train": config.to_dict(), "site_index": 0, "wire_dtype": "float32"})
+    assert executor.execute(TASK_INIT, request.to_shareable(), fl_ctx, Signal()).get_return_code(
+        ReturnCode.OK) == ReturnCode.OK
+    reply = _send_info(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"], {"levels": [0, 1, 2]})
+    assert sorted(TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors) == [1, 2]
+
+
+def test_site_left_out_of_a_step_applies_its_gradient_and_sends_nothing(site):
+    """Modality dropout: a training task without patients only finishes the pending backward pass."""
+    executor, fl_ctx = site
+    reply = _send(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"])
+    features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
+    gradients = {level: torch.ones_like(t) for level, t in features.items()}
+    before = [p.clone() for p in executor.party.encoder.parameters()]
+    reply = _send(executor, fl_ctx, TASK_TRAIN, 2, [], gradients, tensor_step=1)
+    assert TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors == {}
+    assert any(not torch.equal(a, b) for a, b in zip(before, executor.party.encoder.parameters()))
+    assert executor.pending_step is None and not executor.party.awaiting_gradient
+    # The next step's message carries no gradient for it (tensor_step set, no tensors): accepted.
+    assert _send(executor, fl_ctx, TASK_TRAIN, 3, ["BRATS_002"], tensor_step=2).get_return_code(
+        ReturnCode.OK) == ReturnCode.OK

@@ -28,13 +28,21 @@ from split_unet.data import DATALIST, MODALITIES, SiteLabels, split_patients
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.networks import build_decoder
 from split_unet.reports import make_summary, write_summary
-from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, epoch_batches, logits_to_masks,
-                                 select_device)
+from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, dropped_input, epoch_batches,
+                                 logits_to_masks, select_device)
 
 from .codecs import CODECS
 from .settings import load_site_settings
-from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INIT, TASK_TRAIN,
-                   TASK_VALIDATE, TensorMessage, check_features, dxo_of)
+from .wire import (KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INIT, TASK_TRAIN, TASK_VALIDATE,
+                   TensorMessage, dxo_of, read_activations)
+
+
+def refuse_blocked_levels(site: str, blocked: Sequence[int], sent: Sequence[int]) -> None:
+    """A site's privacy policy may forbid levels (``LevelBlocking``): refuse the job now, not mid-training."""
+    if forbidden := sorted(set(blocked) & set(sent)):
+        raise ProtocolError(f"the site's policy blocks levels {forbidden}, but the job's network sends levels "
+                            f"{list(sent)}; set train.network.levels without {forbidden}", site=site,
+                            field="network.levels")
 
 
 class SplitUNetController(Controller):
@@ -74,6 +82,7 @@ class SplitUNetController(Controller):
         self._step = 0
         self.reply_info: dict[str, dict] = {}
         self._privacy: dict[str, dict] = {}
+        self._agreed: list[str] | None = None  # announced to the sites with the next round, then None
 
     # NVFlare life cycle -------------------------------------------------------------------------------------------
     def start_controller(self, fl_ctx: FLContext) -> None:
@@ -126,7 +135,8 @@ class SplitUNetController(Controller):
         if not common:
             raise ProtocolError("no patient is held by every site" + (" and the server" if labels_required else ""),
                                 site="server", field="patient_ids")
-        return sorted(common)
+        self._agreed = sorted(common)
+        return self._agreed
 
     def _train(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         config, start = self.config, time.perf_counter()
@@ -140,9 +150,12 @@ class SplitUNetController(Controller):
             losses, batches = [], epoch_batches(train_ids, config.batch_size, config.seed, epoch)
             for index, batch_ids in enumerate(batches):
                 train_step += 1
+                absent = dropped_input(config.modality_dropout, len(self.sites), config.seed, train_step)
                 features = self._round(TASK_TRAIN, batch_ids, abort_signal, fl_ctx,
-                                       info={"train_step": train_step, "train_steps": train_steps})
-                loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids))
+                                       info={"train_step": train_step, "train_steps": train_steps},
+                                       absent=None if absent is None else self.sites[absent])
+                present = None if absent is None else [k != absent for k in range(len(self.sites))]
+                loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids), present)
                 self._gradients = dict(zip(self.sites, gradients))
                 self._gradient_step = self._step
                 self._gradient_info = {"gradient_train_step": train_step, "train_steps": train_steps}
@@ -186,38 +199,34 @@ class SplitUNetController(Controller):
             info = dxo_of(reply, KIND_SITE_INFO, site=site).data
             site_ids[site] = list(info.get("patient_ids", []))
             self.log_info(fl_ctx, f"site {site}: modality {info.get('modality')}, {len(site_ids[site])} patients")
-            # A site's privacy policy may forbid levels (LevelBlocking): refuse now, not mid-training.
-            if forbidden := sorted(set(info.get("blocked_levels", [])) & set(self.config.network.sent_levels)):
-                raise ProtocolError(
-                    f"the site's policy blocks levels {forbidden}, but the job's network sends levels "
-                    f"{list(self.config.network.sent_levels)}; set train.network.levels without {forbidden}",
-                    site=site, field="network.levels")
+            refuse_blocked_levels(site, info.get("blocked_levels", []), self.config.network.sent_levels)
         return site_ids
 
     def _round(self, task_name: str, patient_ids: list[str], abort_signal: Signal, fl_ctx: FLContext,
-               info: dict | None = None) -> list[dict[int, torch.Tensor]]:
+               info: dict | None = None, absent: str | None = None) -> list[dict[int, torch.Tensor]]:
         """One round trip: pending gradients + next batch out, checked activations back, in site order.
 
-        The sites' ``info`` of their answers stays in ``self.reply_info`` until the next round.
+        The ``absent`` site (modality dropout) only gets its pending gradient, no batch, and answers with no
+        features (an empty dict in its place). The sites' ``info`` of their answers stays in
+        ``self.reply_info`` until the next round.
         """
         self._step += 1
-        payloads = {}
+        payloads, requested = {}, {site: [] if site == absent else patient_ids for site in self.sites}
         info = {**(info or {}), **(self._gradient_info if self._gradients else {})}
+        if self._agreed is not None:  # once, with the first batch: sites then refuse any other patient
+            info["agreed_patients"], self._agreed = self._agreed, None
         for site in self.sites:
-            message = TensorMessage(KIND_GRADIENTS, self._step, patient_ids, self._gradients.get(site, {}),
+            message = TensorMessage(KIND_GRADIENTS, self._step, requested[site], self._gradients.get(site, {}),
                                     tensor_step=self._gradient_step if self._gradients else None, info=info)
             payloads[site], n_bytes = message.to_shareable(self.wire_dtype)
             self._bytes["gradients"] += n_bytes
         self._gradients, self._gradient_step, self._gradient_info = {}, None, {}
         replies = self._broadcast(task_name, payloads, abort_signal, fl_ctx)
-        expected = self._expected_shapes(len(patient_ids)) if patient_ids else {}
         features = []
         for site in self.sites:
-            message = TensorMessage.from_shareable(replies[site], KIND_ACTIVATIONS, site=site)
-            if message.step != self._step or message.patient_ids != patient_ids:
-                raise ProtocolError(f"answer for step {message.step} does not match request step {self._step}",
-                                    site=site, field="step")
-            check_features(message.tensors, expected, site=site)
+            ids = requested[site]
+            message = read_activations(replies[site], site=site, step=self._step, patient_ids=ids,
+                                       expected=self._expected_shapes(len(ids)) if ids else {})
             self.reply_info[site] = message.info
             if "dp_epsilon" in message.info:  # a site's ActivationClipNoise reports its budget
                 self._privacy[site] = {"epsilon": message.info["dp_epsilon"], "delta": message.info.get("dp_delta")}
