@@ -4,8 +4,10 @@ Dice-with-one-modality-missing evaluation (plain PyTorch, 2D and tiny 3D)."""
 import pytest
 import torch
 
-from split_unet.networks import FusionDecoder, ModalityEncoder, NetworkConfig, build_decoder, build_split_unet
-from split_unet.training import DecoderParty, TrainConfig, dice_without_each_input, dropped_input
+from split_unet.networks import (FusionDecoder, ModalityEncoder, NetworkConfig, build_decoder, build_encoder,
+                                 build_split_unet)
+from split_unet.training import (DecoderParty, EncoderParty, TrainConfig, dice_without_each_input, dropped_input,
+                                 make_optimizer, segmentation_loss)
 
 CHANNELS, STRIDES = (4, 8, 16), (2, 2)
 
@@ -89,3 +91,31 @@ def test_dice_without_each_input_reports_every_case():
     twins.encoders[1].load_state_dict(model.encoders[0].state_dict())
     copied = dice_without_each_input(twins, images[:, [0, 0]], target, ["a", "b"])["none"]
     assert result["t1w"] == pytest.approx(copied)
+
+
+def test_split_steps_with_a_site_left_out_equal_the_composed_network():
+    """The left-out site neither runs nor steps; in the composed network its encoder gets no gradient and
+    Adam skips it: the same training."""
+    config = NetworkConfig(channels=CHANNELS, strides=STRIDES)
+    device = torch.device("cpu")
+    reference = build_split_unet(config, (1, 1, 1), seed=3)
+    optimizer = make_optimizer(reference.parameters(), 1e-2)
+    sites = [EncoderParty(build_encoder(config, k, 3), 1e-2, device) for k in range(3)]
+    server = DecoderParty(build_decoder(config, 3, 3), 1e-2, device)
+    generator = torch.Generator().manual_seed(0)
+    for present in ([True, True, True], [True, False, True], [False, True, True]):
+        images = torch.randn(2, 3, 16, 16, 16, generator=generator)
+        target = (torch.rand(2, 3, 16, 16, 16, generator=generator) > 0.7).float()
+        optimizer.zero_grad(set_to_none=True)
+        segmentation_loss()(reference(images, present), target).backward()
+        optimizer.step()
+        features = [site.forward(images[:, k:k + 1]) if p else {} for k, (site, p) in enumerate(zip(sites, present))]
+        _, gradients = server.train_step(features, target, present)
+        for site, gradient, p in zip(sites, gradients, present):
+            if p:
+                site.backward(gradient)
+    for k, site in enumerate(sites):
+        for a, b in zip(site.encoder.parameters(), reference.encoders[k].parameters()):
+            assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(server.decoder.parameters(), reference.decoder.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)

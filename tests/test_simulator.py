@@ -77,20 +77,46 @@ def test_one_step_equals_centralized_split_unet(project_root, tmp_path):
         assert (torch.as_tensor(saved[name]) - value).abs().max() <= 1e-5, name
 
 
-def test_modality_dropout_leaves_the_drawn_site_out(project_root, tiny_data, tmp_path):
-    """Seed 0, rate 0.5: step 2 of 3 runs without one site, which sends nothing at that step."""
-    _, sites = tiny_data
-    train = {"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "val_interval": 1, "modality_dropout": 0.5}
-    summary = run_simulation(sites, tmp_path / "ws", job_dir=project_root / "jobs/split_unet",
-                             site_configs=project_root / "site_configs", train=train, record_steps=[1, 2, 3],
-                             progress=None)
-    assert "error" not in summary, summary.get("error")
-    absent = {step: dropped_input(0.5, len(SITES), 0, step) for step in (1, 2, 3)}
-    assert sorted(a is None for a in absent.values()) == [False, True, True]
-    record = load_record(summary["artefacts"]["leakage_record"])
+def _final_weights(workspace):
+    sim = workspace / "simulator"
+    weights = {site: torch.load(sim / site / "simulate_job" / "split_unet_encoder.pt", weights_only=False)["encoder"]
+               for site in SITES}
+    weights["decoder"] = torch.load(next(sim.joinpath("server").rglob("split_unet_decoder.pt")),
+                                    weights_only=False)["model"]
+    return weights
+
+
+def test_modality_dropout_and_resume_equal_an_uninterrupted_run(project_root, tmp_path):
+    """Modality dropout (seed 0, rate 0.5) leaves t1w out of step 2: it sends nothing then. 4 steps in one run
+    == 2 steps, a checkpoint, and a second job that resumes and runs 2 more."""
+    _, sites = make_dataset(tmp_path / "data", patients=3)
+    train = {"size": TINY_SIZE, "network": TINY_NETWORK, "batch_size": 1, "val_fraction": 0.34, "epochs": 2,
+             "modality_dropout": 0.5, "seed": 0}
+    run = dict(job_dir=project_root / "jobs/split_unet", site_configs=project_root / "site_configs", progress=None)
+    checkpoints = {"executor": {"checkpoint_dir": str(tmp_path / "checkpoints" / "{site}")},
+                   "controller": {"checkpoint_dir": str(tmp_path / "checkpoints" / "server"), "checkpoint_interval": 2}}
+    whole = run_simulation(sites, tmp_path / "whole", train=train, record_steps=[1, 2, 3, 4], **run)
+    first = run_simulation(sites, tmp_path / "first", train={**train, "epochs": 1}, **run, **checkpoints)
+    checkpoints["controller"]["resume"] = True
+    second = run_simulation(sites, tmp_path / "second", train=train, **run, **checkpoints)
+    for summary in (whole, first, second):
+        assert "error" not in summary, summary.get("error")
+    absent = {step: dropped_input(0.5, len(SITES), 0, step) for step in (1, 2, 3, 4)}
+    assert absent == {1: None, 2: 1, 3: None, 4: None}
+    record = load_record(whole["artefacts"]["leakage_record"])
     for step, k in absent.items():
         assert {e.site for e in record if e.step == step} == set(SITES) - ({SITES[k]} if k is not None else set())
     assert all(sorted(e.gradients) == [0, 1, 2] for e in record)
+
+    log = (tmp_path / "second" / "simulator.log").read_text()
+    assert "resuming after training step 2" in log and log.count("resumed from") == len(SITES)
+    assert [e["loss"] for e in second["history"]] == pytest.approx([e["loss"] for e in whole["history"]], abs=1e-6)
+    expected, resumed = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "second")
+    for part, state in expected.items():
+        for name, value in state.items():
+            assert (torch.as_tensor(resumed[part][name]) - torch.as_tensor(value)).abs().max() <= 1e-6, (part, name)
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "flair").iterdir()) == ["step_0000002.pt",
+                                                                                      "step_0000004.pt"]
 
 
 def test_corrupt_file_at_a_site_stops_the_job_naming_site_patient_file(project_root, tiny_data, tmp_path):

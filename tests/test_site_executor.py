@@ -179,3 +179,26 @@ def test_site_left_out_of_a_step_applies_its_gradient_and_sends_nothing(site):
     # The next step's message carries no gradient for it (tensor_step set, no tensors): accepted.
     assert _send(executor, fl_ctx, TASK_TRAIN, 3, ["BRATS_002"], tensor_step=2).get_return_code(
         ReturnCode.OK) == ReturnCode.OK
+
+
+def _init(executor, fl_ctx, **extra):
+    config = TrainConfig(size=TINY_SIZE, network=TINY_NETWORK)
+    request = DXO(KIND_INIT, data={"train": config.to_dict(), "site_index": 0, "wire_dtype": "float32", **extra})
+    return executor.execute(TASK_INIT, request.to_shareable(), fl_ctx, Signal())
+
+
+def test_site_checkpoints_when_asked_and_resumes_from_it(site, tmp_path):
+    executor, fl_ctx = site
+    assert "no checkpoint_dir" in _error(_send_info(executor, fl_ctx, TASK_TRAIN, 1, [], {"checkpoint": 1}))
+    executor.checkpoint_dir = "checkpoints/{site}"
+    reply = _send(executor, fl_ctx, TASK_TRAIN, 2, ["BRATS_001"])
+    features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
+    gradients = {level: torch.ones_like(t) for level, t in features.items()}
+    reply = _send_info(executor, fl_ctx, TASK_TRAIN, 3, [], {"checkpoint": 1}, gradients, tensor_step=2)
+    assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK
+    assert (tmp_path / "checkpoints" / "flair" / "step_0000001.pt").is_file()
+    trained = [p.clone() for p in executor.party.encoder.parameters()]
+
+    assert "no checkpoint of step 5" in _error(_init(executor, fl_ctx, resume_step=5))
+    assert _init(executor, fl_ctx, resume_step=1).get_return_code(ReturnCode.OK) == ReturnCode.OK
+    assert all(torch.equal(a, b) for a, b in zip(trained, executor.party.encoder.parameters()))

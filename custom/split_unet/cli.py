@@ -13,7 +13,8 @@ from split_unet.errors import SplitUNetError
 def _train_overrides(args: argparse.Namespace) -> dict:
     """Only the options the user gave; the job config (or TrainConfig) supplies the rest."""
     train = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "size", "val_interval",
-                                                 "val_fraction", "device") if getattr(args, key, None) is not None}
+                                                 "val_fraction", "device", "modality_dropout")
+             if getattr(args, key, None) is not None}
     network = {}
     if getattr(args, "channels", None):
         network["channels"] = [int(c) for c in args.channels.split(",")]
@@ -40,6 +41,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--channels", help="feature channels per level, e.g. 8,16,32,64")
     group.add_argument("--levels", help="levels the sites send, e.g. 1,2,3 (default: all)")
     group.add_argument("--fusion", choices=("concat", "mean"))
+    group.add_argument("--modality-dropout", type=float,
+                       help="probability that one site, drawn per step, is left out of a training step (default 0)")
 
 
 def _print_result(name: str, summary: dict) -> None:

@@ -111,7 +111,7 @@ def job_clients(job_dir: str | Path) -> list[str]:
 
 def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | Path = "jobs/split_unet",
                    site_configs: str | Path = "site_configs", train: dict | None = None,
-                   controller: dict | None = None, site_threads: int | None = None,
+                   controller: dict | None = None, executor: dict | None = None, site_threads: int | None = None,
                    record_steps: list[int] | None = None, privacy_file: str | Path | None = None,
                    scope: str | None = None, site_filters: list[dict] | None = None,
                    server_filters: list[dict] | None = None,
@@ -120,7 +120,8 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
 
     The simulator runs in a child process whose full output goes to ``workspace/simulator.log``; the
     controller's progress lines are passed to ``progress``. The sites find their data through their site
-    settings, which name ``${SPLIT_UNET_SITES}``. All sites share this machine in the simulator, so each
+    settings, which name ``${SPLIT_UNET_SITES}``. ``controller`` and ``executor`` override the controller's and
+    the site executors' arguments. All sites share this machine in the simulator, so each
     gets ``site_threads`` torch threads (default: the cores divided among them) instead of all of them.
     ``privacy_file`` becomes the sites' ``local/privacy.json`` and ``scope`` picks one of its scopes.
     """
@@ -133,7 +134,8 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
     workspace.mkdir(parents=True, exist_ok=True)
     clients = job_clients(job_dir)
     site_threads = site_threads or max(1, (os.cpu_count() or 1) // len(clients))
-    job = configure_job(job_dir, workspace / "job", train, controller, {"num_threads": site_threads}, record_steps,
+    executor = {"num_threads": site_threads, **(executor or {})}
+    job = configure_job(job_dir, workspace / "job", train, controller, executor, record_steps,
                         scope=scope, site_filters=site_filters, server_filters=server_filters)
     return_code = simulate(job, workspace, sites_dir, site_configs, progress, privacy_file)
     log_path = workspace / "simulator.log"

@@ -93,8 +93,12 @@ class FusionDecoder(nn.Module):
         fusion: ``"concat"`` (concatenate the K features, then a 1x1 convolution back to the level's
             width) or ``"mean"`` (average them; no parameters).
 
-    ``forward(features)``: ``features`` is a list of K dicts ``{level: (B, channels[level], *S_level)}``
-    -> logits (B, out_channels, *S).
+    ``forward(features, present=None)``: ``features`` is a list of K dicts ``{level: (B, channels[level],
+    *S_level)}`` -> logits (B, out_channels, *S). ``present`` (K booleans, at least one true) marks inputs
+    that are missing (their dicts are ignored and may be empty): ``"mean"`` averages the present inputs;
+    ``"concat"`` puts zeros in a missing input's place and scales the present ones by K / present, as
+    inverted dropout does, so the fusing convolution sees inputs of the same expected size with or
+    without absences. A model trained with modality dropout has learnt this exact input.
     """
 
     def __init__(
@@ -138,16 +142,27 @@ class FusionDecoder(nn.Module):
             self.blocks.append(_conv_block(spatial_dims, block_in, channels[level], 1, num_res_units, norm, act, dropout))
         self.head = Convolution(spatial_dims, channels[0], out_channels, kernel_size=1, conv_only=True)
 
-    def fuse_level(self, level: int, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(K tensors of (B, C_l, *S_l)) -> (B, C_l, *S_l)."""
+    def fuse_level(self, level: int, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """(K tensors of (B, C_l, *S_l), None where an input is missing) -> (B, C_l, *S_l)."""
         if len(tensors) != self.num_inputs:
             raise ValueError(f"level {level}: expected features from {self.num_inputs} inputs, got {len(tensors)}")
+        kept = [t for t in tensors if t is not None]
+        if not kept:
+            raise ValueError(f"level {level}: every input is missing")
         if self.fusion == "mean":
-            return torch.stack(list(tensors)).mean(dim=0)
+            return torch.stack(kept).mean(dim=0)
+        if len(kept) < len(tensors):
+            zeros, scale = torch.zeros_like(kept[0]), len(tensors) / len(kept)
+            tensors = [zeros if t is None else t * scale for t in tensors]
         return self.fuse[str(level)](torch.cat(list(tensors), dim=1))
 
-    def forward(self, features: Sequence[dict[int, torch.Tensor]]) -> torch.Tensor:
-        fused = {level: self.fuse_level(level, [f[level] for f in features]) for level in self.levels}
+    def forward(self, features: Sequence[dict[int, torch.Tensor]],
+                present: Sequence[bool] | None = None) -> torch.Tensor:
+        present = [True] * len(features) if present is None else list(present)
+        if len(present) != len(features):
+            raise ValueError(f"present has {len(present)} entries for {len(features)} inputs")
+        fused = {level: self.fuse_level(level, [f[level] if p else None for f, p in zip(features, present)])
+                 for level in self.levels}
         x = fused[len(self.channels) - 1]
         for up, block, level in zip(self.up, self.blocks, range(len(self.channels) - 2, -1, -1)):
             x = up(x)
@@ -167,8 +182,9 @@ class SplitUNet(nn.Module):
         channels, strides, out_channels, levels, fusion, num_res_units, norm, act, dropout: as in
             ``ModalityEncoder`` and ``FusionDecoder``.
 
-    ``forward(x)``: x of shape (B, sum(in_channels), *S), channels split among the encoders in order
-    -> logits (B, out_channels, *S).
+    ``forward(x, present=None)``: x of shape (B, sum(in_channels), *S), channels split among the encoders
+    in order -> logits (B, out_channels, *S). ``present``: as in ``FusionDecoder``; a missing input's
+    encoder does not run.
     """
 
     def __init__(
@@ -199,9 +215,11 @@ class SplitUNet(nn.Module):
             spatial_dims, len(self.in_channels), out_channels=out_channels, fusion=fusion, **layer
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, present: Sequence[bool] | None = None) -> torch.Tensor:
         inputs = torch.split(x, list(self.in_channels), dim=1)
-        return self.decoder([encoder(part) for encoder, part in zip(self.encoders, inputs)])
+        keep = [True] * len(inputs) if present is None else list(present)
+        features = [encoder(part) if k else {} for encoder, part, k in zip(self.encoders, inputs, keep)]
+        return self.decoder(features, present)
 
 
 def _conv_block(spatial_dims: int, in_channels: int, out_channels: int, stride: int, num_res_units: int,

@@ -14,7 +14,7 @@ NVFlare serialises numpy arrays natively, so no decomposer has to be registered 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -23,6 +23,10 @@ from split_unet.errors import ProtocolError
 
 CODECS = ("float32", "float16", "int8", "topk")
 INDICES_SUFFIX = ":indices"
+# Largest tensor a receiver accepts (elements; 1 GiB as float32): a declared shape beyond it is refused
+# before the top-k codec allocates its dense tensor or any codec converts to float32.
+MAX_ELEMENTS = 2**28
+MAX_SCALE = float(np.finfo(np.float32).max)  # also refuses NaN and ints too large for a float
 
 
 def encode(tensor: torch.Tensor, codec: str, keep_fraction: float = 0.1) -> tuple[dict[str, np.ndarray], dict]:
@@ -50,8 +54,10 @@ def encode(tensor: torch.Tensor, codec: str, keep_fraction: float = 0.1) -> tupl
     return {"": (flat[indices] / header["scale"]).astype(np.float16), INDICES_SUFFIX: indices}, header
 
 
-def decode(arrays: Mapping[str, object], header: object, *, site: str | None, field_name: str) -> torch.Tensor:
-    """Checked inverse of ``encode``: refuses unknown codecs, wrong dtypes or shapes, bad scales, NaN and Inf."""
+def decode(arrays: Mapping[str, object], header: object, *, site: str | None, field_name: str,
+           max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
+    """Checked inverse of ``encode``: refuses unknown codecs, wrong dtypes or shapes, a declared shape of more
+    than ``max_elements`` elements, bad scales, NaN and Inf (also after scaling, which can overflow)."""
     def fail(message: str, suffix: str = "") -> ProtocolError:
         return ProtocolError(message, site=site, field=field_name + suffix)
 
@@ -60,6 +66,9 @@ def decode(arrays: Mapping[str, object], header: object, *, site: str | None, fi
     codec, shape, scale = header["codec"], header.get("shape"), header.get("scale")
     if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
         raise fail(f"invalid shape {shape!r}", ".shape")
+    numel = math.prod(shape)
+    if numel > max_elements:
+        raise fail(f"declared shape {shape} has {numel} elements, more than the limit of {max_elements}", ".shape")
     array = arrays.get("")
     if not isinstance(array, np.ndarray):
         raise fail(f"expected a numpy array, got {type(array).__name__}")
@@ -69,9 +78,20 @@ def decode(arrays: Mapping[str, object], header: object, *, site: str | None, fi
         raise fail(f"expected {'/'.join(np.dtype(d).name for d in expected_dtypes)} for {codec}, got {array.dtype}")
     if not np.isfinite(array).all():
         raise fail(f"contains {int((~np.isfinite(array.astype(np.float32))).sum())} NaN/Inf values")
-    scales = np.asarray(scale if isinstance(scale, list) else [scale], dtype=object)
-    if not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in scales):
+    # int8 has one scale per channel, the other codecs one number.
+    scales = scale if codec == "int8" and isinstance(scale, list) else [scale]
+    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s <= MAX_SCALE for s in scales):
         raise fail(f"invalid scale {scale!r}", ".scale")
+    with np.errstate(over="ignore"):  # an overflow is refused just below
+        tensor = _dense(codec, array, arrays, shape, scales, fail)
+    if not torch.isfinite(tensor).all():
+        raise fail(f"scale {scale!r} overflows float32", ".scale")
+    return tensor
+
+
+def _dense(codec: str, array: np.ndarray, arrays: Mapping[str, object], shape: list[int], scales: list,
+           fail: Callable[..., ProtocolError]) -> torch.Tensor:
+    """The decoded float32 tensor of a header already checked by ``decode``."""
     numel = math.prod(shape)
     if codec == "topk":
         indices = arrays.get(INDICES_SUFFIX)
@@ -81,7 +101,7 @@ def decode(arrays: Mapping[str, object], header: object, *, site: str | None, fi
         if indices.size and (indices.min() < 0 or indices.max() >= numel):
             raise fail("top-k index out of range", INDICES_SUFFIX)
         dense = np.zeros(numel, np.float32)
-        dense[indices] = array.astype(np.float32) * float(scale)
+        dense[indices] = array.astype(np.float32) * np.float32(scales[0])
         return torch.from_numpy(dense.reshape(shape))
     if list(array.shape) != shape:
         raise fail(f"array shape {list(array.shape)} != declared shape {shape}")
@@ -91,8 +111,8 @@ def decode(arrays: Mapping[str, object], header: object, *, site: str | None, fi
             raise fail(f"int8 needs one scale per channel, got {len(scales)}", ".scale")
         view = [1] * len(shape)
         view[1] = shape[1]
-        return torch.from_numpy(values * np.asarray(scale, np.float32).reshape(view))
-    return torch.from_numpy(values) * float(scale)
+        return torch.from_numpy(values * np.asarray(scales, np.float32).reshape(view))
+    return torch.from_numpy(values) * float(scales[0])
 
 
 def nbytes(arrays: Mapping[str, np.ndarray]) -> int:

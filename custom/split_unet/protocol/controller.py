@@ -31,6 +31,7 @@ from split_unet.reports import make_summary, write_summary
 from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, dropped_input, epoch_batches,
                                  logits_to_masks, select_device)
 
+from .checkpoint import SERVER_CHECKPOINT, load_checkpoint, save_atomically
 from .codecs import CODECS
 from .settings import load_site_settings
 from .wire import (KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INIT, TASK_TRAIN, TASK_VALIDATE,
@@ -56,11 +57,21 @@ class SplitUNetController(Controller):
         task_timeout: seconds a site may take to answer one task before the job stops, naming it.
         summary_file: file name of the results written to the server's run folder.
         num_threads: torch CPU threads for the server (0: torch's default).
+        checkpoint_dir: folder (absolute, or relative to the server's workspace) of the server's checkpoint;
+            the sites keep theirs in their own ``ModalitySiteExecutor(checkpoint_dir=...)``.
+        checkpoint_interval: training steps between checkpoints (0: none).
+        resume: start from the checkpoint in ``checkpoint_dir`` (if there is one): the same run continues, and
+            ``train.epochs`` may be raised to train on.
     """
+
+    # Settings a resumed run must share with the run that wrote its checkpoint (epochs may grow).
+    RESUME_KEYS = ("batch_size", "lr", "seed", "size", "spacing", "val_fraction", "nopeek_weight",
+                   "modality_dropout", "network")
 
     def __init__(self, sites: Sequence[str] = MODALITIES, train: dict | None = None, wire_dtype: str = "float32",
                  persistor_id: str = "persistor", task_timeout: int = 600, summary_file: str = "summary.json",
-                 num_threads: int = 0, task_check_period: float = 0.01):
+                 num_threads: int = 0, task_check_period: float = 0.01, checkpoint_dir: str = "",
+                 checkpoint_interval: int = 0, resume: bool = False):
         super().__init__(task_check_period=task_check_period)
         if wire_dtype not in CODECS:
             raise ValueError(f"wire_dtype must be one of {CODECS}, got {wire_dtype!r}")
@@ -71,6 +82,12 @@ class SplitUNetController(Controller):
         self.task_timeout = int(task_timeout)
         self.summary_file = summary_file
         self.num_threads = num_threads
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_interval = int(checkpoint_interval)
+        self.resume = resume
+        if (self.checkpoint_interval or resume) and not checkpoint_dir:
+            raise ValueError("checkpoint_interval and resume need a checkpoint_dir")
+        self._resumed: dict | None = None  # the checkpoint this run resumes from
         self.persistor: ModelPersistor | None = None
         self.party: DecoderParty | None = None
         self.labels: SiteLabels | None = None
@@ -124,6 +141,7 @@ class SplitUNetController(Controller):
         decoder = build_decoder(config.network, len(self.sites), config.seed)
         self._load_decoder(decoder, fl_ctx)
         self.party = DecoderParty(decoder, config.lr, select_device(config.device))
+        self._resumed = self._load_checkpoint(fl_ctx) if self.resume else None
 
         site_ids = self._initialize_sites(abort_signal, fl_ctx)
         common = set.intersection(*(set(ids) for ids in site_ids.values()))
@@ -144,12 +162,19 @@ class SplitUNetController(Controller):
         self.log_info(fl_ctx, f"{len(train_ids)} training / {len(val_ids)} validation patients, "
                               f"{config.epochs} epochs, wire {self.wire_dtype}, device {self.party.device}")
 
-        history, metrics, train_step = [], None, 0
+        resumed = self._resumed or {"train_step": 0, "epoch": 0, "losses": [], "history": []}
+        history, metrics, train_step = list(resumed["history"]), None, 0
         train_steps = sum(len(epoch_batches(train_ids, config.batch_size, config.seed, e)) for e in range(config.epochs))
         for epoch in range(config.epochs):
-            losses, batches = [], epoch_batches(train_ids, config.batch_size, config.seed, epoch)
+            batches = epoch_batches(train_ids, config.batch_size, config.seed, epoch)
+            if epoch < resumed["epoch"]:  # finished before the checkpoint: already in the history
+                train_step += len(batches)
+                continue
+            losses = list(resumed["losses"]) if epoch == resumed["epoch"] else []
             for index, batch_ids in enumerate(batches):
                 train_step += 1
+                if train_step <= resumed["train_step"]:
+                    continue
                 absent = dropped_input(config.modality_dropout, len(self.sites), config.seed, train_step)
                 features = self._round(TASK_TRAIN, batch_ids, abort_signal, fl_ctx,
                                        info={"train_step": train_step, "train_steps": train_steps},
@@ -161,6 +186,8 @@ class SplitUNetController(Controller):
                 self._gradient_info = {"gradient_train_step": train_step, "train_steps": train_steps}
                 losses.append(loss)
                 self._track("train/loss", loss, fl_ctx)
+                if self.checkpoint_interval and train_step % self.checkpoint_interval == 0:
+                    self._save_checkpoint(train_step, epoch, losses, history, abort_signal, fl_ctx)
                 if (index + 1) % max(1, len(batches) // 4) == 0 and index + 1 < len(batches):
                     self.log_info(fl_ctx, f"epoch {epoch + 1}/{config.epochs} batch {index + 1}/{len(batches)} "
                                           f"loss {np.mean(losses):.4f} ({time.perf_counter() - start:.0f} s)")
@@ -190,7 +217,9 @@ class SplitUNetController(Controller):
         """Send every site the run configuration; collect the patient ids it holds."""
         payloads = {
             site: DXO(KIND_INIT, data={"train": self.config.to_dict(), "site_index": index,
-                                       "wire_dtype": self.wire_dtype}).to_shareable()
+                                       "wire_dtype": self.wire_dtype,
+                                       "resume_step": self._resumed["train_step"] if self._resumed else None
+                                       }).to_shareable()
             for index, site in enumerate(self.sites)
         }
         replies = self._broadcast(TASK_INIT, payloads, abort_signal, fl_ctx)
@@ -294,6 +323,36 @@ class SplitUNetController(Controller):
         if weights:
             decoder.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
             self.log_info(fl_ctx, f"decoder initialised from the persistor ({len(weights)} tensors)")
+
+    def _checkpoint_path(self, fl_ctx: FLContext) -> Path:
+        return Path(fl_ctx.get_engine().get_workspace().get_root_dir()) / self.checkpoint_dir / SERVER_CHECKPOINT
+
+    def _save_checkpoint(self, train_step: int, epoch: int, losses: list[float], history: list[dict],
+                         abort_signal: Signal, fl_ctx: FLContext) -> None:
+        """A round without a batch delivers the sites' gradients of ``train_step``; each saves its checkpoint,
+        then the server saves its own: its file always names a step that every site has saved."""
+        self._round(TASK_TRAIN, [], abort_signal, fl_ctx, info={"checkpoint": train_step})
+        state = {**self.party.state_dict(), "torch_rng": torch.get_rng_state(), "train_step": train_step,
+                 "epoch": epoch, "losses": list(losses), "history": list(history), "sites": self.sites,
+                 "train": self.config.to_dict()}
+        self.log_info(fl_ctx, f"checkpoint of step {train_step} saved to "
+                              f"{save_atomically(state, self._checkpoint_path(fl_ctx))}")
+
+    def _load_checkpoint(self, fl_ctx: FLContext) -> dict | None:
+        """The server's checkpoint, restored into the decoder party and torch's RNG; None if there is none yet."""
+        path = self._checkpoint_path(fl_ctx)
+        if not path.is_file():
+            self.log_info(fl_ctx, f"no checkpoint at {path}: starting afresh")
+            return None
+        state = load_checkpoint(path, site="server")
+        saved, current = state["train"], self.config.to_dict()
+        if changed := [key for key in self.RESUME_KEYS if saved[key] != current[key]] + \
+                (["sites"] if state["sites"] != self.sites else []):
+            raise ProtocolError(f"the checkpoint's run differs in {changed}", site="server", field=str(path))
+        self.party.load_state_dict(state)
+        torch.set_rng_state(state["torch_rng"])
+        self.log_info(fl_ctx, f"resuming after training step {state['train_step']} from {path}")
+        return state
 
     def _save_decoder(self, fl_ctx: FLContext) -> None:
         if self.persistor is None:

@@ -20,7 +20,7 @@ from split_unet.leakage.record import snapshot_path
 from split_unet.networks import build_encoder
 from split_unet.training import EncoderParty, TrainConfig, select_device
 
-from .checkpoint import save_atomically
+from .checkpoint import load_checkpoint, save_atomically, save_site_checkpoint, site_checkpoint
 from .psi import read_intersection
 from .settings import load_site_settings
 from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INFER, TASK_INIT,
@@ -51,22 +51,28 @@ class ModalitySiteExecutor(Executor):
             intersection. Empty: every patient the site holds.
         encoder_path: a trained encoder to start from (inference): absolute, or relative to the site's
             workspace, ``{site}`` replaced by the site name, e.g. ``<training job id>/split_unet_encoder.pt``.
+        checkpoint_dir: folder (absolute, or relative to the site's workspace; ``{site}`` replaced) of this site's
+            training checkpoints, which the server asks for (``SplitUNetController(checkpoint_interval=...)``)
+            and resumes from. Empty: no checkpoints.
     """
 
     def __init__(self, encoder_file: str = "split_unet_encoder.pt", num_threads: int = 0,
-                 snapshot_steps: Sequence[int] = (), psi_job_id: str = "", encoder_path: str = ""):
+                 snapshot_steps: Sequence[int] = (), psi_job_id: str = "", encoder_path: str = "",
+                 checkpoint_dir: str = ""):
         super().__init__()
         self.encoder_file = encoder_file
         self.num_threads = num_threads
         self.snapshot_steps = list(snapshot_steps)
         self.psi_job_id = psi_job_id
         self.encoder_path = encoder_path
+        self.checkpoint_dir = checkpoint_dir
         self.party: EncoderParty | None = None
         self.images: SiteImages | None = None
         self.wire_dtype = "float32"
         self.last_step = -1
         self.pending_step: int | None = None
         self.run_config: dict = {}
+        self.agreed: set[str] | None = None  # the patients every party holds, once the server announced them
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         site = fl_ctx.get_identity_name()
@@ -110,33 +116,41 @@ class ModalitySiteExecutor(Executor):
         self.wire_dtype = request["wire_dtype"]
         self.run_config = {"train": config.to_dict(), "site_index": int(request["site_index"]),
                            "modality": self.images.modality}
-        self.last_step, self.pending_step = -1, None
+        if request.get("resume_step") is not None:
+            self._resume(request["resume_step"], root, site, fl_ctx)
+        self.last_step, self.pending_step, self.agreed = -1, None, None
         info = {"patient_ids": self.images.patient_ids, "modality": self.images.modality}
         return DXO(data_kind=KIND_SITE_INFO, data=info).to_shareable()
 
     def _exchange(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, site: str) -> Shareable:
         if self.party is None:
             raise ProtocolError(f"task '{task_name}' before '{TASK_INIT}'", site=site, field="task")
-        request = TensorMessage.from_shareable(shareable, KIND_GRADIENTS, site=site)
+        # Gradients may only be as large as the activations waiting for them; nothing else is decoded.
+        request = TensorMessage.from_shareable(shareable, KIND_GRADIENTS, site=site,
+                                               max_elements=self.party.largest_pending)
         if request.step <= self.last_step:
             raise ProtocolError(f"step {request.step} is not after the last step {self.last_step} (replayed or "
                                 f"out of order)", site=site, field="step")
+        if request.tensors and request.tensor_step != self.pending_step:
+            raise ProtocolError(f"gradient for step {request.tensor_step}, but the pending activations are "
+                                f"from step {self.pending_step}", site=site, field="tensor_step")
+        self._check_patients(task_name, request, site)
+        # Every check above comes before the encoder changes.
         if request.tensors:
-            if request.tensor_step != self.pending_step:
-                raise ProtocolError(f"gradient for step {request.tensor_step}, but the pending activations are "
-                                    f"from step {self.pending_step}", site=site, field="tensor_step")
             self.party.backward(request.tensors)
             self.pending_step = None
         self.last_step = request.step
+        if "checkpoint" in request.info:
+            self._save_checkpoint(request.info["checkpoint"], fl_ctx, site)
 
         features = {}
-        if task_name == TASK_TRAIN:
+        if task_name == TASK_TRAIN and request.patient_ids:  # no patients: left out of this step (modality dropout)
             self._snapshot(request, fl_ctx)
             features = self.party.forward(self.images.batch(request.patient_ids))
             self.pending_step = request.step
         elif task_name in (TASK_VALIDATE, TASK_INFER):
             features = self.party.infer(self.images.batch(request.patient_ids))
-        else:
+        elif task_name == TASK_FINISH:
             self._save_encoder(fl_ctx)
         echoed = {k: v for k, v in request.info.items() if k in ("train_step", "train_steps")}
         if task_name == TASK_INFER:
@@ -146,6 +160,63 @@ class ModalitySiteExecutor(Executor):
                 echoed["geometry"][pid] = {"affine": affine.tolist(), "shape": list(shape)}
         reply = TensorMessage(KIND_ACTIVATIONS, request.step, request.patient_ids, features, info=echoed)
         return reply.to_shareable(self.wire_dtype)[0]
+
+    def _check_patients(self, task_name: str, request: TensorMessage, site: str) -> None:
+        """Answer only for patients this site holds and, once the server has announced the patients every party
+        agreed on (``info["agreed_patients"]``, with the first batch), only for those."""
+        agreed, announced = self.agreed, request.info.get("agreed_patients")
+        if announced is not None:
+            if not isinstance(announced, list) or not all(isinstance(p, str) for p in announced):
+                raise ProtocolError("agreed_patients must be a list of strings", site=site, field="agreed_patients")
+            if agreed is not None and set(announced) != agreed:
+                raise ProtocolError("the agreed patients cannot change during a run", site=site,
+                                    field="agreed_patients")
+            if missing := sorted(set(announced) - set(self.images.patient_ids)):
+                raise ProtocolError(f"{len(missing)} agreed patients are not held here", site=site,
+                                    patient=missing[0], field="agreed_patients")
+            agreed = set(announced)
+        if task_name in (TASK_VALIDATE, TASK_INFER) and not request.patient_ids:
+            raise ProtocolError(f"task '{task_name}' names no patient", site=site, field="patient_ids")
+        for pid in request.patient_ids:
+            if pid not in self.images.patient_ids:
+                raise ProtocolError(f"unknown patient (this site has {len(self.images.patient_ids)})", site=site,
+                                    patient=pid, field="patient_ids")
+            if agreed is not None and pid not in agreed:
+                raise ProtocolError("patient outside the agreed intersection", site=site, patient=pid,
+                                    field="patient_ids")
+        self.agreed = agreed  # only once the whole request is acceptable
+
+    def _checkpoint_folder(self, root: Path, site: str) -> Path:
+        if not self.checkpoint_dir:
+            raise ProtocolError("the server asks for checkpoints, but this site has no checkpoint_dir", site=site,
+                                field="checkpoint_dir")
+        return root / self.checkpoint_dir.format(site=site)  # an absolute path stays as it is
+
+    def _save_checkpoint(self, train_step: object, fl_ctx: FLContext, site: str) -> None:
+        """After the gradient of ``train_step`` was applied: encoder, optimiser and RNG, atomically."""
+        if not isinstance(train_step, int) or isinstance(train_step, bool) or train_step < 1:
+            raise ProtocolError(f"checkpoint step must be a positive integer, got {train_step!r}", site=site,
+                                field="checkpoint")
+        folder = self._checkpoint_folder(Path(fl_ctx.get_engine().get_workspace().get_root_dir()), site)
+        state = {**self.party.state_dict(), "torch_rng": torch.get_rng_state(), "train_step": train_step,
+                 **self.run_config}
+        self.log_info(fl_ctx, f"checkpoint saved to {save_site_checkpoint(state, folder, train_step)}")
+
+    def _resume(self, train_step: object, root: Path, site: str, fl_ctx: FLContext) -> None:
+        """Load this site's checkpoint of the step the server resumes from; it must be of this very run."""
+        if not isinstance(train_step, int) or isinstance(train_step, bool):
+            raise ProtocolError(f"resume step must be an integer, got {train_step!r}", site=site, field="resume_step")
+        path = site_checkpoint(self._checkpoint_folder(root, site), train_step)
+        if not path.is_file():
+            raise ProtocolError(f"no checkpoint of step {train_step} at {path}", site=site, field="resume_step")
+        state = load_checkpoint(path, site=site)
+        saved = (state["site_index"], state["modality"], state["train"]["network"])
+        if saved != (self.run_config["site_index"], self.images.modality, self.run_config["train"]["network"]):
+            raise ProtocolError(f"{path} is of another site or network (site {saved[0]}, {saved[1]})", site=site,
+                                field="resume_step")
+        self.party.load_state_dict(state)
+        torch.set_rng_state(state["torch_rng"])
+        self.log_info(fl_ctx, f"resumed from {path}")
 
     def _snapshot(self, request: TensorMessage, fl_ctx: FLContext) -> None:
         """Keep the weights that are about to compute this training step's activations, if asked to."""

@@ -45,7 +45,7 @@ class LeakageRecorder(Filter):
         record_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / RECORD_FOLDER
         if kind == KIND_ACTIVATIONS:
             train_step = self._recorded(message.info.get("train_step"), message.info.get("train_steps"))
-            if train_step is not None:
+            if train_step is not None and message.tensors:  # no tensors: left out of the step (modality dropout)
                 n = self.max_patients
                 RecordedExchange(train_step, site, message.patient_ids[:n],
                                  {level: t[:n].clone() for level, t in message.tensors.items()}).save(record_dir)

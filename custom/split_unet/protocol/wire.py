@@ -7,7 +7,10 @@ per channel, top-k) that ``meta["encodings"]`` names with its scale and shape.
 - server -> site, task ``split_unet_init``: DXO ``split_unet.init`` with the run configuration.
 - server -> site, tasks ``split_unet_train`` / ``split_unet_validate`` / ``split_unet_finish``: DXO
   ``split_unet.gradients``: the gradient of the site's previous activations (possibly none), and the
-  patient ids and step number of the next batch.
+  patient ids and step number of the next batch. A training task without patients only delivers the
+  gradient (a site left out of the step by modality dropout; with ``info["checkpoint"]``, a checkpoint).
+  The first batch's ``info["agreed_patients"]`` names the patients every party holds: the only ones a
+  site then answers for.
 - server -> site, task ``split_unet_infer`` (inference job): as ``split_unet_validate``; the site's answer
   also carries, in ``info["geometry"]``, each patient's source affine and shape (header data, no image).
 - site -> server: DXO ``split_unet.activations``: the site's features of the requested batch.
@@ -15,6 +18,8 @@ per channel, top-k) that ``meta["encodings"]`` names with its scale and shape.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +46,9 @@ KIND_ACTIVATIONS = "split_unet.activations"
 KIND_SITE_INFO = "split_unet.site_info"
 
 ERROR_HEADER = "split_unet.error"
+# A data key: a level in ASCII digits (``str.isdigit`` also accepts "²", which ``int`` refuses), then the
+# codec's optional suffix.
+DATA_KEY = re.compile(r"(0|[1-9][0-9]{0,5})(" + re.escape(codecs.INDICES_SUFFIX) + ")?")
 
 
 @dataclass
@@ -71,7 +79,9 @@ class TensorMessage:
         return DXO(data_kind=self.kind, data=data, meta=meta), self.wire_bytes
 
     @classmethod
-    def from_shareable(cls, shareable: Shareable, kind: str, *, site: str | None) -> "TensorMessage":
+    def from_shareable(cls, shareable: Shareable, kind: str, *, site: str | None,
+                       max_elements: int = codecs.MAX_ELEMENTS) -> "TensorMessage":
+        """The checked message; any tensor declared larger than ``max_elements`` is refused before decoding."""
         dxo = dxo_of(shareable, kind, site=site)
         meta = dxo.meta or {}
         step = meta.get("step")
@@ -90,14 +100,15 @@ class TensorMessage:
         encodings = meta.get("encodings")
         if not isinstance(encodings, Mapping):
             raise ProtocolError("encodings missing", site=site, field="encodings")
-        by_level: dict[str, dict[str, object]] = {}
+        by_level: dict[int, dict[str, object]] = {}
         for key, array in dxo.data.items():
-            level, _, suffix = key.partition(":") if isinstance(key, str) else ("", "", "")
-            if not level.isdigit() or (suffix and f":{suffix}" != codecs.INDICES_SUFFIX):
+            match = DATA_KEY.fullmatch(key) if isinstance(key, str) else None
+            if match is None:
                 raise ProtocolError(f"unexpected key {key!r}: levels are non-negative integers", site=site,
                                     field=kind)
-            by_level.setdefault(level, {})[f":{suffix}" if suffix else ""] = array
-        tensors = {int(level): codecs.decode(arrays, encodings.get(level), site=site, field_name=f"{kind}[{level}]")
+            by_level.setdefault(int(match[1]), {})[match[2] or ""] = array
+        tensors = {level: codecs.decode(arrays, encodings.get(str(level)), site=site, field_name=f"{kind}[{level}]",
+                                        max_elements=max_elements)
                    for level, arrays in by_level.items()}
         wire_bytes = sum(a.nbytes for a in dxo.data.values() if isinstance(a, np.ndarray))
         return cls(kind=kind, step=step, patient_ids=patient_ids, tensors=tensors, tensor_step=tensor_step,
@@ -136,6 +147,21 @@ def check_features(features: Mapping[int, torch.Tensor], expected: Mapping[int, 
         if tuple(features[level].shape) != tuple(shape):
             raise ProtocolError(f"shape {tuple(features[level].shape)} != expected {tuple(shape)}", site=site,
                                 field=f"{field_name}[{level}]")
+
+
+def read_activations(reply: Shareable, *, site: str, step: int, patient_ids: list[str],
+                     expected: Mapping[int, tuple[int, ...]]) -> TensorMessage:
+    """The server's checks of one site's answer: the message itself, its step and patient ids, then exactly
+    the ``expected`` levels and shapes. Nothing larger than the largest expected tensor is decoded."""
+    largest = max((math.prod(shape) for shape in expected.values()), default=0)
+    message = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site=site, max_elements=largest)
+    if message.step != step:
+        raise ProtocolError(f"answer for step {message.step} does not match request step {step}", site=site,
+                            field="step")
+    if message.patient_ids != patient_ids:
+        raise ProtocolError("answer for other patients than requested", site=site, field="patient_ids")
+    check_features(message.tensors, expected, site=site)
+    return message
 
 
 def error_reply(message: str) -> Shareable:

@@ -21,7 +21,7 @@ from split_unet.reports import make_summary, write_summary
 from .config import TrainConfig
 from .metrics import RegionMetrics, logits_to_masks
 from .objective import chunks, epoch_batches, segmentation_loss, select_device
-from .parties import make_optimizer
+from .parties import dropped_input, make_optimizer
 
 MODES = ("late", "early", "single")
 
@@ -84,11 +84,14 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
         for batch_ids in epoch_batches(train_ids, config.batch_size, config.seed, epoch):
             images, labels = data.batch(batch_ids, image_channels)
             model.train()
-            loss = loss_function(model(images.to(device)), labels.to(device))
+            step += 1
+            # The same draw as the split job's; the left-out encoder gets no gradient, so Adam skips it.
+            absent = dropped_input(config.modality_dropout, len(in_channels), config.seed, step)
+            present = None if absent is None else [k != absent for k in range(len(in_channels))]
+            loss = loss_function(model(images.to(device), present), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
             losses.append(float(loss.detach()))
             writer.add_scalar("train/loss", losses[-1], step)
         entry = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)),

@@ -22,11 +22,14 @@ class TrainConfig:
     spacing: float | None = None
     device: str | None = None
     nopeek_weight: float = 0.0  # sites' NoPeek distance-correlation penalty (0 = off)
+    modality_dropout: float = 0.0  # probability that one site, drawn per step, is left out of a training step
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def __post_init__(self):
         if isinstance(self.network, dict):
             self.network = NetworkConfig.from_dict(self.network)
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
 
     def to_dict(self) -> dict:
         values = asdict(self)

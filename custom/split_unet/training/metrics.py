@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 from monai.metrics import DiceMetric, compute_hausdorff_distance
 
 from split_unet.data import REGION_NAMES
+from split_unet.networks import SplitUNet
 
 
 def logits_to_masks(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -55,3 +57,24 @@ class RegionMetrics:
         }
         result["dice"]["mean"] = float(dice.mean())
         return result
+
+
+@torch.no_grad()
+def dice_without_each_input(model: SplitUNet, images: torch.Tensor, target: torch.Tensor, names: Sequence[str],
+                            batch_size: int = 2) -> dict[str, dict[str, float]]:
+    """Dice per region with every input (key ``"none"``) and with each single input missing (key: its name).
+
+    images: (N, sum(in_channels), *S); target: (N, 3, *S) region masks; names: one per encoder (modality).
+    """
+    if len(names) != len(model.encoders):
+        raise ValueError(f"{len(names)} names for {len(model.encoders)} inputs")
+    model.eval()
+    cases = {"none": None, **{name: [k != j for j in range(len(names))] for k, name in enumerate(names)}}
+    results = {}
+    for name, present in cases.items():
+        metrics = RegionMetrics()
+        for start in range(0, len(images), batch_size):
+            logits = model(images[start:start + batch_size], present)
+            metrics.update(logits_to_masks(logits), target[start:start + batch_size])
+        results[name] = metrics.aggregate()["dice"]
+    return results

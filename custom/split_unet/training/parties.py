@@ -22,6 +22,18 @@ from .objective import segmentation_loss
 Features = dict[int, torch.Tensor]
 
 
+def dropped_input(probability: float, num_inputs: int, seed: int, step: int) -> int | None:
+    """Modality dropout: the input (site) left out of training step ``step``, or None.
+
+    With ``probability`` one input, chosen uniformly, is left out. Drawn from (seed, step) alone, so a
+    resumed run draws the same as an uninterrupted one and no generator state has to be saved.
+    """
+    if probability <= 0 or num_inputs < 2:
+        return None
+    rng = np.random.default_rng([seed, step])
+    return int(rng.integers(num_inputs)) if rng.random() < probability else None
+
+
 def make_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
     """Adam is per-parameter, so per-part optimisers equal one optimiser over the composed network."""
     return torch.optim.Adam(parameters, lr=lr)
@@ -45,6 +57,11 @@ class EncoderParty:
     def awaiting_gradient(self) -> bool:
         return self._pending is not None
 
+    @property
+    def largest_pending(self) -> int:
+        """Elements of the largest pending activation (0 if none): the bound on a gradient to accept."""
+        return max((t.numel() for t in (self._pending or {}).values()), default=0)
+
     def forward(self, images: np.ndarray | torch.Tensor) -> Features:
         """(B, C, *S) images -> detached CPU features; the graph is kept for ``backward``."""
         if self._pending is not None:
@@ -55,6 +72,19 @@ class EncoderParty:
         features = self.encoder(inputs)
         self._pending, self._pending_images = features, inputs
         return {level: t.detach().cpu() for level, t in features.items()}
+
+    def state_dict(self) -> dict:
+        """What a resumed site needs: weights, optimiser and NoPeek generator (no activations may be pending)."""
+        if self._pending is not None:
+            raise ProtocolError("cannot checkpoint while activations await their gradient", site=self.site,
+                                field="checkpoint")
+        return {"encoder": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.encoder.load_state_dict(state["encoder"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._generator.set_state(state["generator"])
 
     @torch.no_grad()
     def infer(self, images: np.ndarray | torch.Tensor) -> Features:
@@ -96,11 +126,13 @@ class DecoderParty:
         self.loss_function = segmentation_loss()
         self.device = device
 
-    def train_step(self, features: Sequence[Mapping[int, torch.Tensor]],
-                   target: np.ndarray | torch.Tensor) -> tuple[float, list[Features]]:
-        """One decoder step. features: K dicts of (B, C_l, *S_l); target: (B, 3, *S) region masks.
+    def train_step(self, features: Sequence[Mapping[int, torch.Tensor]], target: np.ndarray | torch.Tensor,
+                   present: Sequence[bool] | None = None) -> tuple[float, list[Features]]:
+        """One decoder step. features: K dicts of (B, C_l, *S_l); target: (B, 3, *S) region masks;
+        present: K booleans, False for a site left out of this step (its dict is empty; see ``FusionDecoder``).
 
-        Returns the loss and, per site, the gradient of the loss w.r.t. that site's activations.
+        Returns the loss and, per site, the gradient of the loss w.r.t. that site's activations (an empty dict
+        for a site left out: it has nothing to step on).
         """
         inputs = [
             {level: torch.as_tensor(t, device=self.device, dtype=torch.float32).requires_grad_()
@@ -108,13 +140,20 @@ class DecoderParty:
             for site_features in features
         ]
         self.decoder.train()
-        logits = self.decoder(inputs)
+        logits = self.decoder(inputs, present)
         loss = self.loss_function(logits, torch.as_tensor(target, device=self.device, dtype=torch.float32))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         gradients = [{level: t.grad.detach().cpu() for level, t in site_inputs.items()} for site_inputs in inputs]
         return float(loss.detach()), gradients
+
+    def state_dict(self) -> dict:
+        return {"decoder": self.decoder.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.decoder.load_state_dict(state["decoder"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
     @torch.no_grad()
     def predict(self, features: Sequence[Mapping[int, torch.Tensor]]) -> torch.Tensor:
