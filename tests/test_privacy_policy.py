@@ -32,11 +32,14 @@ def test_clinical_scope_noises_activations_the_job_did_not_ask_to_protect(projec
     assert "error" not in summary, summary.get("error")
     assert set(summary["privacy"]) == set(MODALITIES)
     assert all(0 < entry["epsilon"] < float("inf") for entry in summary["privacy"].values())
-    # What the server received: clipped to norm 100 per level, then noise of std 0.1 x 100 on every element.
+    # What the server received carries the scope's noise: std noise_multiplier x clip_norm on every element.
+    policy = json.loads((project_root / "site_configs/flair/local/privacy.json").read_text())
+    clinical = next(scope for scope in policy["scopes"] if scope["name"] == "clinical")
+    noise = next(f["args"] for f in clinical["task_result_filters"] if f["path"].endswith("ActivationClipNoise"))
     for exchange in load_record(summary["artefacts"]["leakage_record"]):
         assert sorted(exchange.activations) == [1, 2]
-        noise_floor = 10.0 * torch.tensor(exchange.activations[1][0].numel()).sqrt()
-        assert exchange.activations[1][0].norm() > 0.9 * noise_floor
+        floor = noise["noise_multiplier"] * noise["clip_norm"] * torch.tensor(exchange.activations[1][0].numel()).sqrt()
+        assert exchange.activations[1][0].norm() > 0.9 * floor
 
 
 def test_blocked_levels_refuse_the_job_at_start_naming_site_and_levels():
