@@ -200,15 +200,17 @@ def _follow(process: subprocess.Popen, log_path: Path, progress: Callable[[str],
 def artefacts(workspace: Path, clients: list[str]) -> dict:
     sim_root = workspace / "simulator"
     server_run = sim_root / "server" / "simulate_job"
-    return {
+    found = {
         "summary": str(server_run / "summary.json"),
         "tensorboard": str(server_run / "tb_events"),
         "decoder": str(next(iter(sorted(server_run.rglob("split_unet_decoder.pt"))), server_run / "split_unet_decoder.pt")),
         "encoders": {site: str(sim_root / site / "simulate_job" / "split_unet_encoder.pt") for site in clients},
         "server_log": str(sim_root / "server" / "log.txt"),
         "simulator_log": str(workspace / "simulator.log"),
-        "leakage_record": str(server_run / "leakage_record"),
     }
+    if (server_run / "leakage_record").is_dir():  # only with --record-steps
+        found["leakage_record"] = str(server_run / "leakage_record")
+    return found
 
 
 def main(argv: list[str]) -> int:
