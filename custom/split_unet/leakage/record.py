@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from split_unet.protocol.checkpoint import save_atomically
+
 RECORD_FOLDER = "leakage_record"
 SNAPSHOT_FOLDER = "encoder_snapshots"
 
@@ -43,13 +45,9 @@ class RecordedExchange:
     gradients: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def save(self, record_dir: str | Path) -> Path:
-        path = Path(record_dir) / step_folder(self.step) / f"{self.site}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"step": self.step, "site": self.site, "patient_ids": self.patient_ids,
-                    "activations": self.activations, "gradients": self.gradients}, tmp)
-        tmp.replace(path)
-        return path
+        return save_atomically({"step": self.step, "site": self.site, "patient_ids": self.patient_ids,
+                                "activations": self.activations, "gradients": self.gradients},
+                               Path(record_dir) / step_folder(self.step) / f"{self.site}.pt")
 
     @classmethod
     def load(cls, path: str | Path) -> "RecordedExchange":

@@ -29,7 +29,7 @@ from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.networks import build_decoder
 from split_unet.reports import make_summary, write_summary
 from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, dropped_input, epoch_batches,
-                                 logits_to_masks, select_device)
+                                 logits_to_masks, present_inputs, select_device)
 
 from .checkpoint import SERVER_CHECKPOINT, load_checkpoint, save_atomically
 from .codecs import CODECS
@@ -179,7 +179,7 @@ class SplitUNetController(Controller):
                 features = self._round(TASK_TRAIN, batch_ids, abort_signal, fl_ctx,
                                        info={"train_step": train_step, "train_steps": train_steps},
                                        absent=None if absent is None else self.sites[absent])
-                present = None if absent is None else [k != absent for k in range(len(self.sites))]
+                present = present_inputs(absent, len(self.sites))
                 loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids), present)
                 self._gradients = dict(zip(self.sites, gradients))
                 self._gradient_step = self._step

@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint, save_atomically, save_site_checkpoint, 
 from .psi import read_intersection
 from .settings import load_site_settings
 from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INFER, TASK_INIT,
-                   TASK_TRAIN, TASK_VALIDATE, TensorMessage, dxo_of, error_reply, resolve_steps)
+                   TASK_TRAIN, TASK_VALIDATE, TensorMessage, dxo_of, error_reply, selected_step)
 
 
 def check_privacy_scope(fl_ctx: FLContext, site: str) -> None:
@@ -220,10 +220,8 @@ class ModalitySiteExecutor(Executor):
 
     def _snapshot(self, request: TensorMessage, fl_ctx: FLContext) -> None:
         """Keep the weights that are about to compute this training step's activations, if asked to."""
-        train_step, total = request.info.get("train_step"), request.info.get("train_steps")
-        if not (self.snapshot_steps and isinstance(train_step, int) and isinstance(total, int)):
-            return
-        if train_step in resolve_steps(self.snapshot_steps, total):
+        train_step = selected_step(self.snapshot_steps, request.info.get("train_step"), request.info.get("train_steps"))
+        if train_step is not None:
             run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
             save_atomically({"encoder": self.party.encoder.state_dict(), "step": train_step,
                              "network": self.run_config["train"]["network"], **self.run_config},
@@ -233,8 +231,6 @@ class ModalitySiteExecutor(Executor):
         """The encoder never leaves the site: it is saved in the site's own run folder."""
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
         path = Path(run_dir) / self.encoder_file
-        save_atomically({"encoder": self.party.encoder.state_dict(),
-                         "optimizer": self.party.optimizer.state_dict(),
-                         "step": self.last_step, **self.run_config}, path)
+        save_atomically({**self.party.state_dict(), "step": self.last_step, **self.run_config}, path)
         self.log_info(fl_ctx, f"saved encoder to {path}")
         return path

@@ -18,7 +18,7 @@ from nvflare.apis.shareable import Shareable
 
 from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, step_folder
 
-from .wire import KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage, resolve_steps
+from .wire import KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage, selected_step
 
 
 class LeakageRecorder(Filter):
@@ -34,33 +34,31 @@ class LeakageRecorder(Filter):
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         try:
-            kind = from_shareable(shareable).data_kind
+            dxo = from_shareable(shareable)
         except Exception:  # not a DXO: not ours to record
             return shareable
-        if kind not in (KIND_ACTIVATIONS, KIND_GRADIENTS):
+        if dxo.data_kind not in (KIND_ACTIVATIONS, KIND_GRADIENTS):
+            return shareable
+        # Decide from the metadata alone, so that the payloads of steps not recorded are never decoded.
+        info = (dxo.meta or {}).get("info")
+        info = info if isinstance(info, dict) else {}
+        step_key = "train_step" if dxo.data_kind == KIND_ACTIVATIONS else "gradient_train_step"
+        train_step = selected_step(self.steps, info.get(step_key), info.get("train_steps"))
+        if train_step is None or not dxo.data:  # no tensors: a site left out of the step (modality dropout)
             return shareable
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name() if peer else "unknown"
-        message = TensorMessage.from_shareable(shareable, kind, site=site)
+        message = TensorMessage.from_shareable(shareable, dxo.data_kind, site=site)
         record_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / RECORD_FOLDER
-        if kind == KIND_ACTIVATIONS:
-            train_step = self._recorded(message.info.get("train_step"), message.info.get("train_steps"))
-            if train_step is not None and message.tensors:  # no tensors: left out of the step (modality dropout)
-                n = self.max_patients
-                RecordedExchange(train_step, site, message.patient_ids[:n],
-                                 {level: t[:n].clone() for level, t in message.tensors.items()}).save(record_dir)
-        elif message.tensors:
-            train_step = self._recorded(message.info.get("gradient_train_step"), message.info.get("train_steps"))
-            path = record_dir / step_folder(train_step) / f"{site}.pt" if train_step is not None else None
-            if path is not None and path.is_file():
-                exchange = RecordedExchange.load(path)
-                n = len(exchange.patient_ids)
-                exchange.gradients = {level: t[:n].clone() for level, t in message.tensors.items()}
-                exchange.save(record_dir)
+        if dxo.data_kind == KIND_ACTIVATIONS:
+            n = self.max_patients
+            RecordedExchange(train_step, site, message.patient_ids[:n],
+                             {level: t[:n].clone() for level, t in message.tensors.items()}).save(record_dir)
+            return shareable
+        path = record_dir / step_folder(train_step) / f"{site}.pt"
+        if path.is_file():
+            exchange = RecordedExchange.load(path)
+            n = len(exchange.patient_ids)
+            exchange.gradients = {level: t[:n].clone() for level, t in message.tensors.items()}
+            exchange.save(record_dir)
         return shareable
-
-    def _recorded(self, train_step, total) -> int | None:
-        """The training step if it is one to record, else None."""
-        if isinstance(train_step, int) and isinstance(total, int) and train_step in resolve_steps(self.steps, total):
-            return train_step
-        return None

@@ -23,7 +23,6 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
@@ -110,7 +109,7 @@ class TensorMessage:
         tensors = {level: codecs.decode(arrays, encodings.get(str(level)), site=site, field_name=f"{kind}[{level}]",
                                         max_elements=max_elements)
                    for level, arrays in by_level.items()}
-        wire_bytes = sum(a.nbytes for a in dxo.data.values() if isinstance(a, np.ndarray))
+        wire_bytes = codecs.nbytes(dxo.data)  # every value was checked to be an array by its decode
         return cls(kind=kind, step=step, patient_ids=patient_ids, tensors=tensors, tensor_step=tensor_step,
                    info=dict(info), wire_bytes=wire_bytes)
 
@@ -118,6 +117,16 @@ class TensorMessage:
 def resolve_steps(steps: Sequence[int], total: int) -> set[int]:
     """Training steps 1..total; negative entries count from the end (-1 = the last step)."""
     return {step if step > 0 else total + 1 + step for step in steps if step != 0}
+
+
+def selected_step(steps: Sequence[int], train_step: object, total: object) -> int | None:
+    """``train_step`` if it is one of ``steps`` (resolved against ``total`` training steps), else None.
+
+    Both numbers come from a message's ``info``, so anything but integers selects nothing.
+    """
+    if isinstance(train_step, int) and isinstance(total, int) and train_step in resolve_steps(steps, total):
+        return train_step
+    return None
 
 
 def dxo_of(shareable: Shareable, kind: str, *, site: str | None) -> DXO:

@@ -21,7 +21,7 @@ from split_unet.reports import make_summary, write_summary
 from .config import TrainConfig
 from .metrics import RegionMetrics, logits_to_masks
 from .objective import chunks, epoch_batches, segmentation_loss, select_device
-from .parties import dropped_input, make_optimizer
+from .parties import dropped_input, make_optimizer, present_inputs
 
 MODES = ("late", "early", "single")
 
@@ -87,7 +87,7 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
             step += 1
             # The same draw as the split job's; the left-out encoder gets no gradient, so Adam skips it.
             absent = dropped_input(config.modality_dropout, len(in_channels), config.seed, step)
-            present = None if absent is None else [k != absent for k in range(len(in_channels))]
+            present = present_inputs(absent, len(in_channels))
             loss = loss_function(model(images.to(device), present), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

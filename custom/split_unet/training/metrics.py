@@ -12,6 +12,8 @@ from monai.metrics import DiceMetric, compute_hausdorff_distance
 from split_unet.data import REGION_NAMES
 from split_unet.networks import SplitUNet
 
+from .parties import present_inputs
+
 
 def logits_to_masks(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """(B, 3, *S) logits -> (B, 3, *S) float masks, each region its own sigmoid."""
@@ -69,7 +71,7 @@ def dice_without_each_input(model: SplitUNet, images: torch.Tensor, target: torc
     if len(names) != len(model.encoders):
         raise ValueError(f"{len(names)} names for {len(model.encoders)} inputs")
     model.eval()
-    cases = {"none": None, **{name: [k != j for j in range(len(names))] for k, name in enumerate(names)}}
+    cases = {"none": None, **{name: present_inputs(k, len(names)) for k, name in enumerate(names)}}
     results = {}
     for name, present in cases.items():
         metrics = RegionMetrics()

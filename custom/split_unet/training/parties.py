@@ -34,6 +34,11 @@ def dropped_input(probability: float, num_inputs: int, seed: int, step: int) -> 
     return int(rng.integers(num_inputs)) if rng.random() < probability else None
 
 
+def present_inputs(absent: int | None, num_inputs: int) -> list[bool] | None:
+    """The fusion's ``present`` mask with input ``absent`` left out (None: every input present)."""
+    return None if absent is None else [k != absent for k in range(num_inputs)]
+
+
 def make_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
     """Adam is per-parameter, so per-part optimisers equal one optimiser over the composed network."""
     return torch.optim.Adam(parameters, lr=lr)
