@@ -57,3 +57,24 @@ def test_encoder_party_refuses_out_of_protocol_gradients():
     with pytest.raises(ProtocolError, match="site 'flair'.*gradient\\[1\\]"):
         site.backward(bad)
     assert all(torch.equal(a, b) for a, b in zip(before, site.encoder.parameters()))
+
+
+def test_decoder_micro_batches_take_the_same_step():
+    device = torch.device("cpu")
+    images, target = torch.randn(4, 4, 16, 16, 16), (torch.rand(4, 3, 16, 16, 16) > 0.7).float()
+    encoders = [build_encoder(CONFIG, k, 3) for k in range(4)]
+    with torch.no_grad():
+        features = [encoder(images[:, k:k + 1]) for k, encoder in enumerate(encoders)]
+    features[1] = {}  # a site left out of the step (modality dropout) sends nothing
+    results = []
+    for micro_batches in (1, 3):  # 3 parts of 4 patients: unequal parts (2, 1, 1)
+        server = DecoderParty(build_decoder(CONFIG, 4, 3), 1e-2, device, micro_batches=micro_batches)
+        loss, gradients = server.train_step(features, target, present=[True, False, True, True])
+        results.append((loss, gradients, [p.detach().clone() for p in server.decoder.parameters()]))
+    (loss_a, grads_a, params_a), (loss_b, grads_b, params_b) = results
+    assert loss_b == pytest.approx(loss_a, abs=1e-6)
+    for site_a, site_b in zip(grads_a, grads_b):
+        for level in site_a:
+            assert torch.allclose(site_a[level], site_b[level], atol=1e-7)
+    for a, b in zip(params_a, params_b):
+        assert torch.allclose(a, b, atol=1e-6)

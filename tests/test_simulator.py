@@ -25,7 +25,16 @@ def test_training_runs_and_loss_falls(trained_tiny):
     assert losses[-1] < losses[0]
     assert set(summary["dice"]) == {"WT", "TC", "ET", "mean"}
     assert summary["steps"] == 3 * 3  # 6 training patients, batch 2
-    assert summary["bytes_per_step"]["total"] > 0
+    # One round trip per step; float16 tensors of the three levels, per site and direction, nothing more.
+    assert summary["timing"]["round_trips_per_step"] == 1
+    assert len(summary["timing"]["step_seconds"]) == summary["steps"]
+    float16_bytes = 2 * sum(c * (TINY_SIZE // 2 ** k) ** 3 for k, c in enumerate(TINY_NETWORK["channels"])) * 2
+    for site in SITES:
+        sent = summary["bytes_per_step"]["per_site"][site]
+        assert float16_bytes <= sent["to_server"] <= 1.01 * float16_bytes
+        assert float16_bytes <= sent["to_site"] <= 1.01 * float16_bytes
+        assert summary["memory_mb"]["sites"][site] > 100
+    assert summary["memory_mb"]["server"] > 100
     artefacts = summary["artefacts"]
     for site in SITES:
         assert (workspace / "simulator" / site / "simulate_job" / "split_unet_encoder.pt").is_file()

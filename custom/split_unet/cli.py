@@ -13,7 +13,7 @@ from split_unet.errors import SplitUNetError
 def _train_overrides(args: argparse.Namespace) -> dict:
     """Only the options the user gave; the job config (or TrainConfig) supplies the rest."""
     train = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "size", "val_interval",
-                                                 "val_fraction", "device", "modality_dropout")
+                                                 "val_fraction", "device", "modality_dropout", "micro_batches")
              if getattr(args, key, None) is not None}
     network = {}
     if getattr(args, "channels", None):
@@ -43,6 +43,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fusion", choices=("concat", "mean"))
     group.add_argument("--modality-dropout", type=float,
                        help="probability that one site, drawn per step, is left out of a training step (default 0)")
+    group.add_argument("--micro-batches", type=int,
+                       help="the server's decoder runs each batch in this many parts (less memory, same step)")
 
 
 def _print_result(name: str, summary: dict) -> None:
@@ -96,9 +98,36 @@ def cmd_centralized(args) -> int:
     config = TrainConfig.from_dict(overrides)
     if network:
         config = TrainConfig.from_dict({**overrides, "network": {**config.network.to_dict(), **network}})
-    summary = train_centralized(args.data, args.out, mode=args.mode, modality=args.modality, config=config)
+    summary = train_centralized(args.data, args.out, mode=args.mode, modality=args.modality, config=config,
+                                encoders=args.encoders)
     _print_result(f"centralized {args.mode}" + (f" ({args.modality})" if args.modality else ""), summary)
     print(f"\nresults: {Path(args.out).resolve() / 'summary.json'}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from split_unet.benchmark import BenchConfig, bench, bench_table
+
+    config = BenchConfig(size=args.size, patients=args.patients, sites=args.n_sites, batch_size=args.batch_size,
+                         epochs=args.epochs, channels=tuple(int(c) for c in args.channels.split(",")),
+                         wire_dtype=args.wire_dtype, micro_batches=args.micro_batches,
+                         task_request_interval=args.task_request_interval,
+                         device=args.device, comm=json.loads(args.comm) if args.comm else {})
+    results = bench(args.out, config, args.modes.split(","), args.data_root)
+    print()
+    print(bench_table(results))
+    print(f"\nresults: {Path(args.out).resolve() / 'bench.json'}")
+    return 0
+
+
+def cmd_missing(args) -> int:
+    from split_unet.missing_modality import evaluate_missing_modalities, missing_modality_table
+
+    results = {}
+    for entry in args.runs:
+        name, _, workspace = entry.rpartition("=")
+        results[name or workspace] = evaluate_missing_modalities(workspace, args.sites)
+    print(missing_modality_table(results))
     return 0
 
 
@@ -217,8 +246,35 @@ def build_parser() -> argparse.ArgumentParser:
     centralized.add_argument("--mode", choices=("late", "early", "single"), default="late")
     centralized.add_argument("--modality", choices=("flair", "t1w", "t1gd", "t2w"))
     centralized.add_argument("--out", required=True)
+    centralized.add_argument("--encoders", type=int, default=4,
+                             help="late fusion: encoders, the modalities repeated beyond four (benchmarks)")
     _add_train_options(centralized)
     centralized.set_defaults(func=cmd_centralized)
+
+    bench = commands.add_parser("bench", help="seconds per step, bytes, round trips and peak memory: centralized "
+                                              "vs simulator vs POC on phantom data")
+    bench.add_argument("--out", required=True)
+    bench.add_argument("--modes", default="centralized,simulator,poc")
+    bench.add_argument("--size", type=int, default=64)
+    bench.add_argument("--patients", type=int, default=24, help="phantom patients (a quarter validates)")
+    bench.add_argument("--n-sites", type=int, default=4, help="sites; beyond 4, copies of the modalities")
+    bench.add_argument("--batch-size", type=int, default=2)
+    bench.add_argument("--epochs", type=int, default=2)
+    bench.add_argument("--channels", default="8,16,32,64")
+    bench.add_argument("--wire-dtype", choices=("float32", "float16"), default="float16")
+    bench.add_argument("--micro-batches", type=int, default=1, help="decoder micro-batches per step (server memory)")
+    bench.add_argument("--task-request-interval", type=float, default=0.05,
+                       help="seconds a site waits before asking again when the server has no task for it")
+    bench.add_argument("--comm", help='NVFlare comm settings as JSON, e.g. \'{"streaming_chunk_size": 8388608}\'')
+    bench.add_argument("--device")
+    bench.add_argument("--data-root", help="where phantom data sets are made and reused (default OUT/data)")
+    bench.set_defaults(func=cmd_bench)
+
+    missing = commands.add_parser("missing", help="validation Dice of trained runs with each site missing: "
+                                                  "NAME=WORKSPACE ...")
+    missing.add_argument("runs", nargs="+", help="split-unet simulate workspaces, optionally named NAME=WORKSPACE")
+    missing.add_argument("--sites", required=True, help="the partitioned data the runs used")
+    missing.set_defaults(func=cmd_missing)
 
     leakage = commands.add_parser("leakage", help="attack a recorded run (simulate --record-steps): images "
                                                   "from activations, tumour masks from gradients")

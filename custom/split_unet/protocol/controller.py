@@ -27,6 +27,7 @@ from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from split_unet.data import DATALIST, MODALITIES, SiteLabels, split_patients
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.networks import build_decoder
+from split_unet.profiling import peak_memory_mb
 from split_unet.reports import make_summary, write_summary
 from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, dropped_input, epoch_batches,
                                  logits_to_masks, present_inputs, select_device)
@@ -54,7 +55,12 @@ class SplitUNetController(Controller):
         train: ``TrainConfig`` fields (epochs, batch_size, lr, seed, size, network, ...).
         wire_dtype: "float32" (exact) or "float16" (half the bytes) for activations and gradients.
         persistor_id: component id of the NVFlare ``ModelPersistor`` that loads/saves the decoder.
-        task_timeout: seconds a site may take to answer one task before the job stops, naming it.
+        task_timeout: seconds a site may take to answer one task; then it counts as lost (named in the log and
+            the summary) and ``on_site_failure`` decides.
+        on_site_failure: the job's policy for a lost site (no answer within ``task_timeout``, or NVFlare reports it
+            dead): "stop" ends the job (the last complete checkpoint stays for a resume); "continue" trains and
+            validates on without that modality, as modality dropout does (train with ``modality_dropout`` so the
+            model copes). A site that answers with an error always stops the job.
         summary_file: file name of the results written to the server's run folder.
         num_threads: torch CPU threads for the server (0: torch's default).
         checkpoint_dir: folder (absolute, or relative to the server's workspace) of the server's checkpoint;
@@ -71,11 +77,15 @@ class SplitUNetController(Controller):
     def __init__(self, sites: Sequence[str] = MODALITIES, train: dict | None = None, wire_dtype: str = "float32",
                  persistor_id: str = "persistor", task_timeout: int = 600, summary_file: str = "summary.json",
                  num_threads: int = 0, task_check_period: float = 0.01, checkpoint_dir: str = "",
-                 checkpoint_interval: int = 0, resume: bool = False):
+                 checkpoint_interval: int = 0, resume: bool = False, on_site_failure: str = "stop"):
         super().__init__(task_check_period=task_check_period)
         if wire_dtype not in CODECS:
             raise ValueError(f"wire_dtype must be one of {CODECS}, got {wire_dtype!r}")
+        if on_site_failure not in ("stop", "continue"):
+            raise ValueError(f"on_site_failure must be 'stop' or 'continue', got {on_site_failure!r}")
         self.sites = list(sites)
+        self.on_site_failure = on_site_failure
+        self._lost: dict[str, dict] = {}  # sites lost during the run (policy "continue"): when and why
         self.config = TrainConfig.from_dict(train or {})
         self.wire_dtype = wire_dtype
         self.persistor_id = persistor_id
@@ -95,8 +105,14 @@ class SplitUNetController(Controller):
         self._gradients: dict[str, dict[int, torch.Tensor]] = {}
         self._gradient_step: int | None = None
         self._gradient_info: dict = {}
-        self._bytes = {"activations": 0, "gradients": 0}
-        self._step = 0
+        # Bytes as on the wire, per site: "to_server" (activations of training steps), "to_site" (all payloads).
+        self._bytes = {site: {"to_server": 0, "to_site": 0} for site in self.sites}
+        self._step = 0  # rounds of any task
+        self._train_rounds = 0  # rounds of the training task (one per step, plus checkpoint rounds)
+        self._step_seconds: list[float] = []  # per training step: the round trip and the decoder's step
+        self._decoder_seconds: list[float] = []  # per training step: the decoder's step alone
+        self._train_step = 0  # the training step in progress
+        self._last_checkpoint: int | None = None
         self.reply_info: dict[str, dict] = {}
         self._privacy: dict[str, dict] = {}
         self._agreed: list[str] | None = None  # announced to the sites with the next round, then None
@@ -140,7 +156,7 @@ class SplitUNetController(Controller):
             self.labels.check()
         decoder = build_decoder(config.network, len(self.sites), config.seed)
         self._load_decoder(decoder, fl_ctx)
-        self.party = DecoderParty(decoder, config.lr, select_device(config.device))
+        self.party = DecoderParty(decoder, config.lr, select_device(config.device), config.micro_batches)
         self._resumed = self._load_checkpoint(fl_ctx) if self.resume else None
 
         site_ids = self._initialize_sites(abort_signal, fl_ctx)
@@ -175,16 +191,20 @@ class SplitUNetController(Controller):
                 train_step += 1
                 if train_step <= resumed["train_step"]:
                     continue
+                step_started = time.perf_counter()
+                self._train_step = train_step
                 absent = dropped_input(config.modality_dropout, len(self.sites), config.seed, train_step)
                 features = self._round(TASK_TRAIN, batch_ids, abort_signal, fl_ctx,
                                        info={"train_step": train_step, "train_steps": train_steps},
                                        absent=None if absent is None else self.sites[absent])
-                present = present_inputs(absent, len(self.sites))
-                loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids), present)
+                round_done = time.perf_counter()
+                loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids), self._present(absent))
+                self._decoder_seconds.append(time.perf_counter() - round_done)
                 self._gradients = dict(zip(self.sites, gradients))
                 self._gradient_step = self._step
                 self._gradient_info = {"gradient_train_step": train_step, "train_steps": train_steps}
                 losses.append(loss)
+                self._step_seconds.append(time.perf_counter() - step_started)
                 self._track("train/loss", loss, fl_ctx)
                 if self.checkpoint_interval and train_step % self.checkpoint_interval == 0:
                     self._save_checkpoint(train_step, epoch, losses, history, abort_signal, fl_ctx)
@@ -208,7 +228,12 @@ class SplitUNetController(Controller):
             metrics, epochs=config.epochs, steps=train_steps, wall_seconds=time.perf_counter() - start,
             config={**config.to_dict(), "sites": self.sites, "wire_dtype": self.wire_dtype,
                     "train_patients": len(train_ids), "val_patients": len(val_ids)},
-            bytes_per_step=self._bytes_per_step(train_steps), privacy=self._privacy, history=history,
+            bytes_per_step=self._bytes_per_step(), privacy=self._privacy, history=history, lost_sites=self._lost,
+            timing={"step_seconds": [round(s, 4) for s in self._step_seconds],
+                    "decoder_seconds": [round(s, 4) for s in self._decoder_seconds],
+                    "round_trips_per_step": self._train_rounds / max(1, len(self._step_seconds))},
+            memory_mb={"server": peak_memory_mb(),
+                       "sites": {site: self.reply_info.get(site, {}).get("peak_memory_mb") for site in self.sites}},
         )
         path = write_summary(self.run_dir / self.summary_file, summary)
         self.log_info(fl_ctx, f"summary written to {path}")
@@ -240,19 +265,24 @@ class SplitUNetController(Controller):
         ``self.reply_info`` until the next round.
         """
         self._step += 1
-        payloads, requested = {}, {site: [] if site == absent else patient_ids for site in self.sites}
+        active = [site for site in self.sites if site not in self._lost]
+        payloads, requested = {}, {site: [] if site == absent else patient_ids for site in active}
         info = {**(info or {}), **(self._gradient_info if self._gradients else {})}
         if self._agreed is not None:  # once, with the first batch: sites then refuse any other patient
             info["agreed_patients"], self._agreed = self._agreed, None
-        for site in self.sites:
+        for site in active:
             message = TensorMessage(KIND_GRADIENTS, self._step, requested[site], self._gradients.get(site, {}),
                                     tensor_step=self._gradient_step if self._gradients else None, info=info)
             payloads[site], n_bytes = message.to_shareable(self.wire_dtype)
-            self._bytes["gradients"] += n_bytes
+            self._bytes[site]["to_site"] += n_bytes
+        self._train_rounds += task_name == TASK_TRAIN
         self._gradients, self._gradient_step, self._gradient_info = {}, None, {}
         replies = self._broadcast(task_name, payloads, abort_signal, fl_ctx)
         features = []
         for site in self.sites:
+            if site not in replies:  # lost: nothing from it, in this round or since an earlier one
+                features.append({})
+                continue
             ids = requested[site]
             message = read_activations(replies[site], site=site, step=self._step, patient_ids=ids,
                                        expected=self._expected_shapes(len(ids)) if ids else {})
@@ -260,13 +290,14 @@ class SplitUNetController(Controller):
             if "dp_epsilon" in message.info:  # a site's ActivationClipNoise reports its budget
                 self._privacy[site] = {"epsilon": message.info["dp_epsilon"], "delta": message.info.get("dp_delta")}
             if task_name == TASK_TRAIN:
-                self._bytes["activations"] += message.wire_bytes
+                self._bytes[site]["to_server"] += message.wire_bytes
             features.append(message.tensors)
         return features
 
     def _broadcast(self, task_name: str, payloads: dict[str, Shareable], abort_signal: Signal,
                    fl_ctx: FLContext) -> dict[str, Shareable]:
-        """Every site its own task, all in flight at once; wait for all of them (or the first failure)."""
+        """Every site its own task, all in flight at once; wait for all of them. A site that does not answer is
+        lost (``_lose_site``): the job stops, or the round goes on with the others' replies."""
         tasks = {site: Task(task_name, data, timeout=self.task_timeout) for site, data in payloads.items()}
         for site, task in tasks.items():
             self.broadcast(task, fl_ctx, targets=[site], min_responses=1)
@@ -281,14 +312,32 @@ class SplitUNetController(Controller):
                 reason = ("no answer within the task timeout of %d s" % self.task_timeout
                           if task.completion_status == TaskCompletionStatus.TIMEOUT
                           else f"task ended with status {task.completion_status}")
-                raise ProtocolError(reason, site=site, field=task_name)
+                self._lose_site(site, reason, task_name, fl_ctx)
+                continue
             replies[site] = result
         return replies
+
+    def _lose_site(self, site: str, reason: str, task_name: str, fl_ctx: FLContext) -> None:
+        """Apply the job's ``on_site_failure`` policy to a site that did not answer."""
+        if self.on_site_failure == "stop" or task_name == TASK_INIT:
+            raise ProtocolError(reason, site=site, field=task_name)
+        self._lost[site] = {"reason": reason, "task": task_name, "round": self._step, "train_step": self._train_step,
+                            "detected_at": time.time()}
+        if len(self._lost) == len(self.sites):
+            raise ProtocolError(f"every site is lost, the last one: {reason}", site=site, field=task_name)
+        self.log_warning(fl_ctx, f"site {site} lost at training step {self._train_step} ({reason}); going on "
+                                 f"without its modality (policy on_site_failure=continue)")
+
+    def _present(self, absent: int | None = None) -> list[bool] | None:
+        """The fusion's mask: every site but the lost ones and the one left out by modality dropout."""
+        left_out = {self.sites.index(site) for site in self._lost} | ({absent} if absent is not None else set())
+        return present_inputs(left_out, len(self.sites))
 
     def _validate(self, val_ids: list[str], abort_signal: Signal, fl_ctx: FLContext) -> dict:
         metrics = RegionMetrics()
         for batch_ids in chunks(val_ids, self.config.val_batch_size):
-            logits = self.party.predict(self._round(TASK_VALIDATE, batch_ids, abort_signal, fl_ctx))
+            features = self._round(TASK_VALIDATE, batch_ids, abort_signal, fl_ctx)
+            logits = self.party.predict(features, self._present())
             metrics.update(logits_to_masks(logits), torch.as_tensor(self.labels.batch(batch_ids)))
         return metrics.aggregate()
 
@@ -303,12 +352,16 @@ class SplitUNetController(Controller):
                 shapes[level] = (batch, channels, *(spatial,) * net.spatial_dims)
         return shapes
 
-    def _bytes_per_step(self, train_steps: int) -> dict:
-        """Bytes of one training step, all sites: activations received and gradients sent, as on the wire."""
-        activations = self._bytes["activations"] / max(1, train_steps)
-        gradients = self._bytes["gradients"] / max(1, train_steps)
-        return {"activations": int(activations), "gradients": int(gradients), "total": int(activations + gradients),
-                "codec": self.wire_dtype}
+    def _bytes_per_step(self) -> dict:
+        """Tensor bytes of one training step as on the wire: activations received and gradients sent, all sites
+        and per site (each direction); the tensors of the validation rounds are left out."""
+        steps = max(1, len(self._step_seconds))
+        per_site = {site: {direction: int(n / steps) for direction, n in counts.items()}
+                    for site, counts in self._bytes.items()}
+        activations = sum(counts["to_server"] for counts in per_site.values())
+        gradients = sum(counts["to_site"] for counts in per_site.values())
+        return {"activations": activations, "gradients": gradients, "total": activations + gradients,
+                "codec": self.wire_dtype, "per_site": per_site}
 
     def _track(self, tag: str, value: float, fl_ctx: FLContext) -> None:
         """TensorBoard through NVFlare's analytics events (a TBAnalyticsReceiver writes them)."""
@@ -335,6 +388,7 @@ class SplitUNetController(Controller):
         state = {**self.party.state_dict(), "torch_rng": torch.get_rng_state(), "train_step": train_step,
                  "epoch": epoch, "losses": list(losses), "history": list(history), "sites": self.sites,
                  "train": self.config.to_dict()}
+        self._last_checkpoint = train_step
         self.log_info(fl_ctx, f"checkpoint of step {train_step} saved to "
                               f"{save_atomically(state, self._checkpoint_path(fl_ctx))}")
 
@@ -364,6 +418,8 @@ class SplitUNetController(Controller):
         """Record why the run ended and stop the job (nothing already saved is touched)."""
         self.log_error(fl_ctx, f"split learning stopped: {reason}")
         if self.run_dir is not None:
-            write_summary(self.run_dir / self.summary_file, {"error": reason, "steps_done": self._step})
+            write_summary(self.run_dir / self.summary_file, {
+                "error": reason, "rounds_done": self._step, "train_step": self._train_step,
+                "last_checkpoint": self._last_checkpoint, "failed_at": time.time(), "lost_sites": self._lost})
         self.cancel_all_tasks()
         self.system_panic(reason, fl_ctx)

@@ -16,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from split_unet.data import MODALITIES, find_cases, load_case, split_patients
 from split_unet.networks import build_split_unet
+from split_unet.profiling import peak_memory_mb
 from split_unet.reports import make_summary, write_summary
 
 from .config import TrainConfig
@@ -26,10 +27,14 @@ from .parties import dropped_input, make_optimizer, present_inputs
 MODES = ("late", "early", "single")
 
 
-def mode_inputs(mode: str, modality: str | None) -> tuple[tuple[int, ...], list[int]]:
-    """(encoder input channels, image channels used) for a centralized mode."""
+def mode_inputs(mode: str, modality: str | None, encoders: int = len(MODALITIES)) -> tuple[tuple[int, ...], list[int]]:
+    """(encoder input channels, image channels used) for a centralized mode.
+
+    Late fusion with more ``encoders`` than modalities repeats the modalities in order, as the extra sites of a
+    benchmark do (``split_unet.benchmark``); fewer takes the first ones.
+    """
     if mode == "late":
-        return (1,) * len(MODALITIES), list(range(len(MODALITIES)))
+        return (1,) * encoders, [k % len(MODALITIES) for k in range(encoders)]
     if mode == "early":
         return (len(MODALITIES),), list(range(len(MODALITIES)))
     if mode == "single":
@@ -60,10 +65,14 @@ class CaseCache:
 
 
 def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "late", modality: str | None = None,
-                      config: TrainConfig | None = None, log: Callable[[str], None] = print) -> dict:
-    """Train one centralized baseline, write ``out_dir/summary.json`` and TensorBoard events; return the summary."""
+                      config: TrainConfig | None = None, log: Callable[[str], None] = print,
+                      encoders: int = len(MODALITIES)) -> dict:
+    """Train one centralized baseline, write ``out_dir/summary.json`` and TensorBoard events; return the summary.
+
+    ``encoders``: late fusion only, see ``mode_inputs``.
+    """
     config = config or TrainConfig()
-    in_channels, image_channels = mode_inputs(mode, modality)
+    in_channels, image_channels = mode_inputs(mode, modality, encoders)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(config.device)
@@ -77,11 +86,14 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
     writer = SummaryWriter(log_dir=str(out_dir / "tb_events"))
     name = mode if mode != "single" else f"single:{modality}"
     log(f"[centralized {name}] {len(train_ids)} training / {len(val_ids)} validation patients on {device}")
+    for patient_id in train_ids + val_ids:  # load (and check) every case before training, as the sites do
+        data.get(patient_id)
 
-    start, step, history, metrics = time.perf_counter(), 0, [], None
+    start, step, history, metrics, step_seconds = time.perf_counter(), 0, [], None, []
     for epoch in range(config.epochs):
         losses = []
         for batch_ids in epoch_batches(train_ids, config.batch_size, config.seed, epoch):
+            step_started = time.perf_counter()
             images, labels = data.batch(batch_ids, image_channels)
             model.train()
             step += 1
@@ -93,6 +105,7 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+            step_seconds.append(time.perf_counter() - step_started)
             writer.add_scalar("train/loss", losses[-1], step)
         entry = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)),
                  "seconds": time.perf_counter() - start}
@@ -111,8 +124,9 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
     summary = make_summary(metrics, epochs=config.epochs, steps=step, wall_seconds=time.perf_counter() - start,
                            config={**config.to_dict(), "mode": mode, "modality": modality,
                                    "data": str(data_dir), "train_patients": len(train_ids),
-                                   "val_patients": len(val_ids)},
-                           history=history)
+                                   "val_patients": len(val_ids), "encoders": len(in_channels)},
+                           history=history, timing={"step_seconds": [round(s, 4) for s in step_seconds]},
+                           memory_mb={"process": peak_memory_mb()})
     write_summary(out_dir / "summary.json", summary)
     return summary
 

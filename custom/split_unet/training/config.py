@@ -23,6 +23,9 @@ class TrainConfig:
     device: str | None = None
     nopeek_weight: float = 0.0  # sites' NoPeek distance-correlation penalty (0 = off)
     modality_dropout: float = 0.0  # probability that one site, drawn per step, is left out of a training step
+    # The server's decoder runs each training batch in this many parts and accumulates their gradients before
+    # its one optimiser step: less server memory, the same step (the loss is a mean over patients).
+    micro_batches: int = 1
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def __post_init__(self):
@@ -30,6 +33,8 @@ class TrainConfig:
             self.network = NetworkConfig.from_dict(self.network)
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
+        if not 1 <= self.micro_batches <= self.batch_size:
+            raise ValueError(f"micro_batches must be in [1, batch_size={self.batch_size}], got {self.micro_batches}")
 
     def to_dict(self) -> dict:
         values = asdict(self)

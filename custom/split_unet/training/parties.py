@@ -8,7 +8,7 @@ returns the gradient of each site's activations.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,9 +34,10 @@ def dropped_input(probability: float, num_inputs: int, seed: int, step: int) -> 
     return int(rng.integers(num_inputs)) if rng.random() < probability else None
 
 
-def present_inputs(absent: int | None, num_inputs: int) -> list[bool] | None:
-    """The fusion's ``present`` mask with input ``absent`` left out (None: every input present)."""
-    return None if absent is None else [k != absent for k in range(num_inputs)]
+def present_inputs(absent: int | Iterable[int] | None, num_inputs: int) -> list[bool] | None:
+    """The fusion's ``present`` mask with input(s) ``absent`` left out (None: every input present)."""
+    absent = set() if absent is None else {absent} if isinstance(absent, int) else set(absent)
+    return [k not in absent for k in range(num_inputs)] if absent else None
 
 
 def make_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
@@ -125,11 +126,12 @@ class EncoderParty:
 class DecoderParty:
     """The label holder's decoder, its optimiser and the loss."""
 
-    def __init__(self, decoder: FusionDecoder, lr: float, device: torch.device):
+    def __init__(self, decoder: FusionDecoder, lr: float, device: torch.device, micro_batches: int = 1):
         self.decoder = decoder.to(device)
         self.optimizer = make_optimizer(self.decoder.parameters(), lr)
         self.loss_function = segmentation_loss()
         self.device = device
+        self.micro_batches = micro_batches
 
     def train_step(self, features: Sequence[Mapping[int, torch.Tensor]], target: np.ndarray | torch.Tensor,
                    present: Sequence[bool] | None = None) -> tuple[float, list[Features]]:
@@ -138,20 +140,29 @@ class DecoderParty:
 
         Returns the loss and, per site, the gradient of the loss w.r.t. that site's activations (an empty dict
         for a site left out: it has nothing to step on).
+
+        With ``micro_batches`` > 1 the batch runs in that many parts, each part's loss weighted by its share of
+        the batch, so the accumulated gradients are those of the whole batch (Dice per patient and voxel-mean
+        cross-entropy are means over patients; instance norm works per patient) at a fraction of the memory.
         """
         inputs = [
             {level: torch.as_tensor(t, device=self.device, dtype=torch.float32).requires_grad_()
              for level, t in site_features.items()}
             for site_features in features
         ]
+        target = torch.as_tensor(target, device=self.device, dtype=torch.float32)
         self.decoder.train()
-        logits = self.decoder(inputs, present)
-        loss = self.loss_function(logits, torch.as_tensor(target, device=self.device, dtype=torch.float32))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for part in torch.arange(len(target)).tensor_split(self.micro_batches):
+            rows = slice(int(part[0]), int(part[-1]) + 1)
+            logits = self.decoder([{level: t[rows] for level, t in site.items()} for site in inputs], present)
+            loss = self.loss_function(logits, target[rows]) * (len(part) / len(target))
+            loss.backward()  # frees this part's graph; the gradients add up in the leaves
+            total += float(loss.detach())
         self.optimizer.step()
         gradients = [{level: t.grad.detach().cpu() for level, t in site_inputs.items()} for site_inputs in inputs]
-        return float(loss.detach()), gradients
+        return total, gradients
 
     def state_dict(self) -> dict:
         return {"decoder": self.decoder.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -161,9 +172,10 @@ class DecoderParty:
         self.optimizer.load_state_dict(state["optimizer"])
 
     @torch.no_grad()
-    def predict(self, features: Sequence[Mapping[int, torch.Tensor]]) -> torch.Tensor:
-        """Logits (B, 3, *S) in evaluation mode."""
+    def predict(self, features: Sequence[Mapping[int, torch.Tensor]],
+                present: Sequence[bool] | None = None) -> torch.Tensor:
+        """Logits (B, 3, *S) in evaluation mode; ``present`` as in ``train_step``."""
         self.decoder.eval()
         inputs = [{level: torch.as_tensor(t, device=self.device, dtype=torch.float32) for level, t in f.items()}
                   for f in features]
-        return self.decoder(inputs)
+        return self.decoder(inputs, present)

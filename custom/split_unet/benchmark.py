@@ -1,0 +1,276 @@
+"""Benchmark: centralized late fusion against split learning in the NVFlare simulator and in POC.
+
+One run trains the same model on the same phantom data with the same batch and number of steps in each
+mode, each in processes of its own, and reports per mode: seconds per training step (median and spread,
+the first step left out), seconds per epoch, the ratio to centralized, tensor bytes per step and site in
+each direction against the float16 size of the levels sent, round trips per step, and the peak memory of
+the server and of a site process. Validation and start-up are left out of the step times.
+
+Sites beyond the four MSD modalities (``--sites 8``) are extra synthetic modalities: copies of the four in
+order (``flair2`` holds FLAIR's images), which cost exactly what a new modality would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from split_unet.data import DATALIST, MODALITIES, SERVER_SITE, generate_dataset, partition_dataset
+from split_unet.poc import PROJECT_FILE, PocFederation, run_job
+from split_unet.profiling import step_statistics
+from split_unet.reports import read_summary, write_summary
+from split_unet.simulation import configure_job, run_simulation
+
+MODES = ("centralized", "simulator", "poc")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark point. ``comm`` holds NVFlare communication settings (``comm_config.json`` names, e.g.
+    ``streaming_chunk_size``), given to every process as ``NVFLARE_*`` environment variables."""
+
+    size: int = 64
+    patients: int = 24
+    sites: int = 4
+    batch_size: int = 2
+    epochs: int = 2
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    wire_dtype: str = "float16"
+    micro_batches: int = 1
+    task_request_interval: float = 0.05
+    seed: int = 0
+    device: str | None = None
+    comm: dict = field(default_factory=dict)
+
+    def train(self) -> dict:
+        """The ``train`` settings of every mode: validation only after the last epoch."""
+        train = {"epochs": self.epochs, "batch_size": self.batch_size, "size": self.size, "seed": self.seed,
+                 "val_fraction": 0.25, "val_interval": self.epochs, "micro_batches": self.micro_batches,
+                 "network": {"channels": list(self.channels), "strides": [2] * (len(self.channels) - 1)}}
+        return {**train, "device": self.device} if self.device else train
+
+    def float16_bytes(self) -> int:
+        """Float16 bytes of the levels one site sends for one batch (the floor for either direction)."""
+        return sum(self.batch_size * channels * (self.size // 2 ** level) ** 3 * 2
+                   for level, channels in enumerate(self.channels))
+
+
+def site_names(count: int) -> list[str]:
+    """The MSD modalities first, then extra synthetic ones: ``flair2``, ``t1w2``, ... (copies, see above)."""
+    return [MODALITIES[k % len(MODALITIES)] + (str(k // len(MODALITIES) + 1) if k >= len(MODALITIES) else "")
+            for k in range(count)]
+
+
+def prepare_data(root: str | Path, config: BenchConfig, progress: Callable[[str], None] = print) -> tuple[Path, Path]:
+    """The phantom data set of a configuration and its site folders (made once, then reused).
+
+    Returns ``(msd_dir, sites_dir)``.
+    """
+    base = Path(root).resolve() / f"phantom{config.size}_{config.patients}p_seed{config.seed}"
+    msd, sites_dir = base / "msd", base / "sites"
+    if not (msd / "dataset.json").is_file():
+        progress(f"generating {config.patients} phantoms of {config.size}^3 in {msd}")
+        generate_dataset(msd, config.patients, config.size, config.seed, progress=False)
+    if not (sites_dir / SERVER_SITE / DATALIST).is_file():
+        partition_dataset(msd, sites_dir, seed=config.seed)
+    for name in site_names(config.sites)[len(MODALITIES):]:
+        add_copied_site(sites_dir, name, source=name.rstrip("0123456789"))
+    return msd, sites_dir
+
+
+def add_copied_site(sites_dir: Path, name: str, source: str) -> Path:
+    """A site folder whose datalist points at another site's images (an extra synthetic modality)."""
+    datalist = json.loads((sites_dir / source / DATALIST).read_text())
+    datalist["site"] = name
+    datalist["patients"] = {pid: f"../{source}/{path}" for pid, path in datalist["patients"].items()}
+    folder = sites_dir / name
+    folder.mkdir(exist_ok=True)
+    (folder / DATALIST).write_text(json.dumps(datalist, indent=2))
+    return folder
+
+
+def write_site_configs(folder: Path, sites: Sequence[str]) -> Path:
+    """``site_configs/``-style settings for these sites and the server (no privacy policy: scope public)."""
+    for participant in (*sites, SERVER_SITE):
+        local = folder / participant / "local"
+        local.mkdir(parents=True, exist_ok=True)
+        (local / "split_unet_site.json").write_text(json.dumps({"data_dir": "${SPLIT_UNET_SITES}/%s" % participant}))
+    return folder
+
+
+def write_base_job(folder: Path, config: BenchConfig, sites: Sequence[str]) -> Path:
+    """``jobs/split_unet`` for these sites, with the configuration's polling interval."""
+    job = configure_job(REPO / "jobs" / "split_unet", folder, config.train(),
+                        {"sites": list(sites), "wire_dtype": config.wire_dtype})
+    meta = json.loads((job / "meta.json").read_text())
+    meta.update(min_clients=len(sites), deploy_map={"app_server": ["server"], "app_site": list(sites)})
+    (job / "meta.json").write_text(json.dumps(meta, indent=2))
+    server_config = job / "app_server" / "config" / "config_fed_server.json"
+    settings = json.loads(server_config.read_text())
+    settings.setdefault("server", {})["task_request_interval"] = config.task_request_interval
+    server_config.write_text(json.dumps(settings, indent=2))
+    return job
+
+
+@contextlib.contextmanager
+def comm_environment(comm: dict) -> Iterator[None]:
+    """NVFlare reads every ``comm_config.json`` setting from ``NVFLARE_<NAME>`` too; child processes inherit it."""
+    names = {f"NVFLARE_{key.upper()}": str(value) for key, value in comm.items()}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def site_threads(sites: int) -> int:
+    """Torch threads per site process: the cores shared among the sites, as ``run_simulation`` does."""
+    return max(1, (os.cpu_count() or 1) // sites)
+
+
+def run_centralized(msd: Path, workspace: Path, config: BenchConfig) -> dict:
+    """Late fusion in a process of its own (so its peak memory is its own)."""
+    train = config.train()
+    command = [sys.executable, "-m", "split_unet.cli", "centralized", "--data", str(msd), "--out", str(workspace),
+               "--mode", "late", "--encoders", str(config.sites), "--epochs", str(train["epochs"]),
+               "--batch-size", str(train["batch_size"]), "--size", str(train["size"]), "--seed", str(train["seed"]),
+               "--val-fraction", str(train["val_fraction"]), "--val-interval", str(train["val_interval"]),
+               "--channels", ",".join(map(str, config.channels))] + (["--device", config.device] if config.device else [])
+    workspace.mkdir(parents=True, exist_ok=True)
+    with open(workspace / "centralized.log", "w") as log:
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return read_summary(workspace / "summary.json")
+
+
+def run_in_simulator(sites_dir: Path, workspace: Path, job: Path, site_configs: Path, config: BenchConfig) -> dict:
+    return run_simulation(sites_dir, workspace, job_dir=job, site_configs=site_configs,
+                          site_threads=site_threads(config.sites), progress=None)
+
+
+def run_in_poc(sites_dir: Path, workspace: Path, job: Path, site_configs: Path, config: BenchConfig,
+               sites: Sequence[str], progress: Callable[[str], None]) -> dict:
+    """Prepare and start a POC federation of these sites on a free loopback port, train, download, stop."""
+    project = yaml.safe_load(PROJECT_FILE.read_text())
+    others = [p for p in project["participants"] if p["type"] != "client"]
+    project["participants"] = others[:1] + [{"name": s, "type": "client", "org": f"hospital_{s}"} for s in sites] \
+        + others[1:]
+    workspace.mkdir(parents=True, exist_ok=True)
+    project_file = workspace / "project.yml"
+    project_file.write_text(yaml.safe_dump(project, sort_keys=False))
+    with socket.socket() as probe:  # a free port on loopback for this federation's server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    federation = PocFederation(workspace / "federation", sites_dir, site_configs, project_file, port=port)
+    report: dict = {}
+    with federation:
+        federation.prepare()
+        federation.start()
+        train_job = configure_job(job, workspace / "job", executor={"num_threads": site_threads(config.sites)})
+        summary = read_summary(run_job(federation, "train", train_job, "cli", report, progress) / "summary.json")
+    summary["poc_seconds"] = report["seconds"]
+    write_summary(workspace / "summary.json", summary)
+    return summary
+
+
+def describe(mode: str, summary: dict, config: BenchConfig, steps_per_epoch: int) -> dict:
+    """The benchmark figures of one mode's summary."""
+    if "error" in summary:
+        return {"mode": mode, "error": summary["error"]}
+    seconds = summary["timing"]["step_seconds"]
+    row = {"mode": mode, "step_seconds": step_statistics(seconds),
+           "epoch_seconds": round(sum(seconds[-steps_per_epoch:]), 2), "wall_seconds": summary["wall_seconds"],
+           "dice_mean": summary["dice"]["mean"]}
+    if mode == "centralized":
+        row["peak_memory_mb"] = {"process": summary["memory_mb"]["process"]}
+        return row
+    per_site = summary["bytes_per_step"]["per_site"]
+    row.update(decoder_seconds=step_statistics(summary["timing"]["decoder_seconds"]),
+               round_trips_per_step=summary["timing"]["round_trips_per_step"],
+               bytes_per_step_per_site={direction: max(counts[direction] for counts in per_site.values())
+                                        for direction in ("to_server", "to_site")},
+               peak_memory_mb={"server": summary["memory_mb"]["server"],
+                               "site": max(v or 0 for v in summary["memory_mb"]["sites"].values())})
+    row["bytes_vs_float16"] = round(max(row["bytes_per_step_per_site"].values()) / config.float16_bytes(), 3)
+    return row
+
+
+def bench(out: str | Path, config: BenchConfig, modes: Sequence[str] = MODES, data_root: str | Path | None = None,
+          progress: Callable[[str], None] = print) -> dict:
+    """Run the modes one after another on this machine; write ``out/bench.json`` and return it."""
+    if unknown := set(modes) - set(MODES):
+        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    msd, sites_dir = prepare_data(data_root or out / "data", config, progress)
+    sites = site_names(config.sites)
+    site_configs = write_site_configs(out / "site_configs", sites)
+    job = write_base_job(out / "job", config, sites)
+    train_patients = config.patients - round(config.patients * 0.25)
+    steps_per_epoch = -(-train_patients // config.batch_size)
+    result = {"config": {**asdict(config), "channels": list(config.channels)}, "sites": sites, "float16_bytes_per_site": config.float16_bytes(),
+              "steps_per_epoch": steps_per_epoch, "cpu_count": os.cpu_count(), "modes": {}}
+    with comm_environment(config.comm):
+        for mode in modes:
+            progress(f"[bench] {mode}: {config.epochs} epochs x {steps_per_epoch} steps, {config.size}^3, "
+                     f"batch {config.batch_size}, {config.sites} sites")
+            started = time.perf_counter()
+            workspace = out / mode
+            if mode == "centralized":
+                summary = run_centralized(msd, workspace, config)
+            elif mode == "simulator":
+                summary = run_in_simulator(sites_dir, workspace, job, site_configs, config)
+            else:
+                summary = run_in_poc(sites_dir, workspace, job, site_configs, config, sites, progress)
+            row = describe(mode, summary, config, steps_per_epoch)
+            row["process_seconds"] = round(time.perf_counter() - started, 1)
+            result["modes"][mode] = row
+            progress(f"[bench] {mode}: " + (row.get("error") or f"{row['step_seconds']['median']:.3f} s/step"))
+    if "centralized" in result["modes"] and "step_seconds" in result["modes"]["centralized"]:
+        reference = result["modes"]["centralized"]
+        for row in result["modes"].values():
+            if "step_seconds" in row:
+                row["ratio_to_centralized"] = round(row["step_seconds"]["median"] / reference["step_seconds"]["median"], 3)
+                row["epoch_ratio_to_centralized"] = round(row["epoch_seconds"] / reference["epoch_seconds"], 3)
+    write_summary(out / "bench.json", result)
+    return result
+
+
+def bench_table(results: dict) -> str:
+    """Markdown table of one ``bench.json``."""
+    lines = ["| mode | s/step median (p10-p90) | s/epoch | x centralized (step / epoch) | MB/step/site to server "
+             "/ to site | x float16 | round trips/step | peak MB server / site |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mode, row in results["modes"].items():
+        if "error" in row:
+            lines.append(f"| {mode} | error: {row['error']} |||||||")
+            continue
+        stats = row["step_seconds"]
+        ratio = (f"{row['ratio_to_centralized']:.2f} / {row['epoch_ratio_to_centralized']:.2f}"
+                 if "ratio_to_centralized" in row else "-")
+        memory = row["peak_memory_mb"]
+        if mode == "centralized":
+            traffic, overhead, trips, peak = "-", "-", "-", f"{memory['process']:.0f} (one process)"
+        else:
+            sent = row["bytes_per_step_per_site"]
+            traffic = f"{sent['to_server'] / 1e6:.1f} / {sent['to_site'] / 1e6:.1f}"
+            overhead, trips = f"{row['bytes_vs_float16']:.2f}", f"{row['round_trips_per_step']:.2f}"
+            peak = f"{memory['server']:.0f} / {memory['site']:.0f}"
+        lines.append(f"| {mode} | {stats['median']:.3f} ({stats['p10']:.3f}-{stats['p90']:.3f}) | "
+                     f"{row['epoch_seconds']:.1f} | {ratio} | {traffic} | {overhead} | {trips} | {peak} |")
+    return "\n".join(lines)

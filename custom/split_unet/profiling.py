@@ -1,0 +1,34 @@
+"""Figures a benchmark needs from inside a process: its peak memory and step-time statistics."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, because ``ru_maxrss`` survives ``exec`` there and a process
+    started by a larger one would report its parent's peak. Elsewhere ``ru_maxrss`` (bytes on macOS).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / 2**20 if sys.platform == "darwin" else peak / 1024, 1)
+
+
+def step_statistics(seconds: Sequence[float], warmup: int = 1) -> dict:
+    """Median and spread of step times, the first ``warmup`` steps left out (allocation, caches, JIT)."""
+    kept = np.asarray(seconds[warmup:] if len(seconds) > warmup else seconds, dtype=float)
+    if kept.size == 0:
+        return {"steps": 0}
+    return {"steps": int(kept.size), "median": float(np.median(kept)), "p10": float(np.percentile(kept, 10)),
+            "p90": float(np.percentile(kept, 90)), "mean": float(kept.mean())}

@@ -1,0 +1,139 @@
+"""Faults in a real NVFlare federation on loopback (POC): a site's process and the server's process killed
+mid-training, the job's policy applied, and a resume that reaches the uninterrupted run's result.
+
+One federation serves every job. Bounded: a hard alarm ends the test and the federation is stopped in every case.
+"""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from split_unet.data import SERVER_SITE
+from split_unet.poc import PocFederation
+from split_unet.protocol.checkpoint import SERVER_CHECKPOINT, site_checkpoint
+from split_unet.reports import read_summary
+from split_unet.simulation import configure_job, run_simulation
+
+from helpers import TINY_NETWORK, TINY_SIZE, make_dataset
+from test_poc import free_port, processes_mentioning
+
+HARD_LIMIT_S = 420
+TRAIN = {"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 8, "batch_size": 2, "val_interval": 4}
+TASK_TIMEOUT = 20
+CHECKPOINT_INTERVAL = 3
+
+
+@pytest.fixture
+def hard_limit():
+    def expire(*_):
+        raise TimeoutError(f"POC fault test exceeded {HARD_LIMIT_S} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(HARD_LIMIT_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def wait_for(path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.05)
+
+
+def job_process(federation: PocFederation, participant: str, job_id: str) -> int:
+    """The process that runs one participant's part of one job (POC starts one per job and participant)."""
+    root = str(federation.site_root(participant))
+    found = [pid for pid in processes_mentioning(job_id)
+             if root in (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="ignore")]
+    assert len(found) == 1, f"expected one job process of {participant} for job {job_id}, found {found}"
+    return found[0]
+
+
+def kill_when(federation: PocFederation, job_id: str, victim: str, checkpoint: Path) -> float:
+    """Kill the victim's job process as soon as ``checkpoint`` exists; return the time of the kill."""
+    wait_for(checkpoint)
+    os.kill(job_process(federation, victim, job_id), signal.SIGKILL)
+    return time.time()
+
+
+def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
+    _, sites_dir = make_dataset(tmp_path / "data", patients=8)
+    checkpoints = tmp_path / "checkpoints"
+
+    def job(name: str, **controller) -> Path:
+        return configure_job(project_root / "jobs/split_unet", tmp_path / "jobs" / name, TRAIN,
+                             {"checkpoint_dir": str(checkpoints / name / SERVER_SITE),
+                              "checkpoint_interval": CHECKPOINT_INTERVAL, "task_timeout": TASK_TIMEOUT, **controller},
+                             {"checkpoint_dir": str(checkpoints / name / "{site}")})
+
+    # The uninterrupted run, in the simulator (which POC reproduces to ~1e-7, test_poc).
+    reference = run_simulation(sites_dir, tmp_path / "reference", job_dir=project_root / "jobs/split_unet",
+                               site_configs=project_root / "site_configs", train=TRAIN, progress=None)
+    steps = reference["steps"]
+    assert steps == 24
+
+    federation = PocFederation(tmp_path / "federation", sites_dir, project_root / "site_configs", port=free_port())
+    try:
+        federation.prepare()
+        federation.start()
+
+        # 1. A site's process dies; policy "stop": the job ends naming the site, its checkpoints stay.
+        job_id = federation.submit(job("resumed"))
+        killed_at = kill_when(federation, job_id, "t1w", site_checkpoint(checkpoints / "resumed" / "t1w", 6))
+        status = federation.wait(job_id, timeout=120)
+        failed = read_summary(federation.download(job_id) / "workspace" / "summary.json")
+        assert "COMPLETED" not in status or "error" in failed
+        assert "site 't1w'" in failed["error"], failed["error"]
+        detect_site = failed["failed_at"] - killed_at
+        assert detect_site <= TASK_TIMEOUT + 10
+        assert failed["last_checkpoint"] >= 6
+        site_steps_lost = failed["train_step"] - failed["last_checkpoint"]
+
+        # 2. Resume from the last complete checkpoint; the server's process is killed mid-way through.
+        job_id = federation.submit(job("resumed", resume=True))
+        server_checkpoint = checkpoints / "resumed" / SERVER_SITE / SERVER_CHECKPOINT
+        before = server_checkpoint.stat().st_mtime_ns
+        deadline = time.monotonic() + 120
+        while server_checkpoint.stat().st_mtime_ns == before:  # a new checkpoint: this job is training
+            assert time.monotonic() < deadline, "the resumed job wrote no checkpoint"
+            time.sleep(0.05)
+        os.kill(job_process(federation, "localhost", job_id), signal.SIGKILL)
+        status = federation.wait(job_id, timeout=120)
+        assert "COMPLETED" not in status
+
+        # 3. Resume again: the run ends as the uninterrupted one did.
+        started = time.monotonic()
+        job_id = federation.submit(job("resumed", resume=True))
+        assert "COMPLETED" in federation.wait(job_id, timeout=180)
+        resumed = read_summary(federation.download(job_id) / "workspace" / "summary.json")
+        assert "error" not in resumed, resumed.get("error")
+        assert resumed["dice"]["mean"] == pytest.approx(reference["dice"]["mean"], abs=1e-4)
+        for ours, theirs in zip(resumed["history"], reference["history"]):
+            assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
+        resume_seconds = time.monotonic() - started
+
+        # 4. Policy "continue": a site's process dies and training goes on without its modality.
+        job_id = federation.submit(job("continued", on_site_failure="continue"))
+        killed_at = kill_when(federation, job_id, "t2w", site_checkpoint(checkpoints / "continued" / "t2w", 6))
+        assert "COMPLETED" in federation.wait(job_id, timeout=180)
+        continued = read_summary(federation.download(job_id) / "workspace" / "summary.json")
+        assert "error" not in continued, continued.get("error")
+        lost = continued["lost_sites"]
+        assert list(lost) == ["t2w"] and lost["t2w"]["train_step"] >= 6
+        detect_continue = lost["t2w"]["detected_at"] - killed_at
+        assert detect_continue <= TASK_TIMEOUT + 10
+        assert continued["steps"] == steps and 0 <= continued["dice"]["mean"] <= 1
+        assert continued["memory_mb"]["sites"]["t2w"] is None
+    finally:
+        federation.stop()
+    assert not federation.running()
+    assert processes_mentioning(str(tmp_path / "federation")) == []
+    print(f"\nsite killed, policy stop: detected after {detect_site:.1f} s, {site_steps_lost} steps after the last "
+          f"checkpoint redone; resume after a server kill: {resume_seconds:.1f} s to the end, Dice "
+          f"{resumed['dice']['mean']:.4f} vs {reference['dice']['mean']:.4f} uninterrupted; policy continue: "
+          f"detected after {detect_continue:.1f} s, Dice {continued['dice']['mean']:.4f} without t2w from step "
+          f"{lost['t2w']['train_step']}")
