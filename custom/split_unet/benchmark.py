@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 @dataclass
 class BenchConfig:
     """One benchmark point. ``comm`` holds NVFlare communication settings (``comm_config.json`` names, e.g.
-    ``streaming_chunk_size``), given to every process as ``NVFLARE_*`` environment variables."""
+    ``streaming_chunk_size``), given to every process as ``NVFLARE_*`` environment variables; ``env`` holds
+    other environment variables for every process (e.g. ``MALLOC_ARENA_MAX``)."""
 
     size: int = 64
     patients: int = 24
@@ -52,6 +53,7 @@ class BenchConfig:
     seed: int = 0
     device: str | None = None
     comm: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
 
     def train(self) -> dict:
         """The ``train`` settings of every mode: validation only after the last epoch."""
@@ -124,9 +126,11 @@ def write_base_job(folder: Path, config: BenchConfig, sites: Sequence[str]) -> P
 
 
 @contextlib.contextmanager
-def comm_environment(comm: dict) -> Iterator[None]:
-    """NVFlare reads every ``comm_config.json`` setting from ``NVFLARE_<NAME>`` too; child processes inherit it."""
-    names = {f"NVFLARE_{key.upper()}": str(value) for key, value in comm.items()}
+def process_environment(config: BenchConfig) -> Iterator[None]:
+    """``config.env`` and ``config.comm`` for the processes started meanwhile (NVFlare reads every
+    ``comm_config.json`` setting from ``NVFLARE_<NAME>`` too)."""
+    names = {**{f"NVFLARE_{key.upper()}": str(value) for key, value in config.comm.items()},
+             **{key: str(value) for key, value in config.env.items()}}
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update(names)
     try:
@@ -151,7 +155,9 @@ def run_centralized(msd: Path, workspace: Path, config: BenchConfig) -> dict:
                "--mode", "late", "--encoders", str(config.sites), "--epochs", str(train["epochs"]),
                "--batch-size", str(train["batch_size"]), "--size", str(train["size"]), "--seed", str(train["seed"]),
                "--val-fraction", str(train["val_fraction"]), "--val-interval", str(train["val_interval"]),
-               "--channels", ",".join(map(str, config.channels))] + (["--device", config.device] if config.device else [])
+               "--channels", ",".join(map(str, config.channels))]
+    if config.device:
+        command += ["--device", config.device]
     workspace.mkdir(parents=True, exist_ok=True)
     with open(workspace / "centralized.log", "w") as log:
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -194,10 +200,12 @@ def describe(mode: str, summary: dict, config: BenchConfig, steps_per_epoch: int
         return {"mode": mode, "error": summary["error"]}
     seconds = summary["timing"]["step_seconds"]
     row = {"mode": mode, "step_seconds": step_statistics(seconds),
+           "cpu_seconds_per_step": summary["timing"]["cpu_seconds_per_step"]["total"],
            "epoch_seconds": round(sum(seconds[-steps_per_epoch:]), 2), "wall_seconds": summary["wall_seconds"],
            "dice_mean": summary["dice"]["mean"]}
     if mode == "centralized":
         row["peak_memory_mb"] = {"process": summary["memory_mb"]["process"]}
+        row["cpu_seconds"] = summary["cpu_seconds"]["process"]
         return row
     per_site = summary["bytes_per_step"]["per_site"]
     row.update(decoder_seconds=step_statistics(summary["timing"]["decoder_seconds"]),
@@ -205,7 +213,9 @@ def describe(mode: str, summary: dict, config: BenchConfig, steps_per_epoch: int
                bytes_per_step_per_site={direction: max(counts[direction] for counts in per_site.values())
                                         for direction in ("to_server", "to_site")},
                peak_memory_mb={"server": summary["memory_mb"]["server"],
-                               "site": max(v or 0 for v in summary["memory_mb"]["sites"].values())})
+                               "site": max(v or 0 for v in summary["memory_mb"]["sites"].values())},
+               cpu_seconds=round(summary["cpu_seconds"]["server"]
+                                 + sum(v or 0 for v in summary["cpu_seconds"]["sites"].values()), 2))
     row["bytes_vs_float16"] = round(max(row["bytes_per_step_per_site"].values()) / config.float16_bytes(), 3)
     return row
 
@@ -223,9 +233,10 @@ def bench(out: str | Path, config: BenchConfig, modes: Sequence[str] = MODES, da
     job = write_base_job(out / "job", config, sites)
     train_patients = config.patients - round(config.patients * 0.25)
     steps_per_epoch = -(-train_patients // config.batch_size)
-    result = {"config": {**asdict(config), "channels": list(config.channels)}, "sites": sites, "float16_bytes_per_site": config.float16_bytes(),
+    result = {"config": {**asdict(config), "channels": list(config.channels)}, "sites": sites,
+              "float16_bytes_per_site": config.float16_bytes(),
               "steps_per_epoch": steps_per_epoch, "cpu_count": os.cpu_count(), "modes": {}}
-    with comm_environment(config.comm):
+    with process_environment(config):
         for mode in modes:
             progress(f"[bench] {mode}: {config.epochs} epochs x {steps_per_epoch} steps, {config.size}^3, "
                      f"batch {config.batch_size}, {config.sites} sites")
@@ -245,7 +256,8 @@ def bench(out: str | Path, config: BenchConfig, modes: Sequence[str] = MODES, da
         reference = result["modes"]["centralized"]
         for row in result["modes"].values():
             if "step_seconds" in row:
-                row["ratio_to_centralized"] = round(row["step_seconds"]["median"] / reference["step_seconds"]["median"], 3)
+                row["ratio_to_centralized"] = round(row["step_seconds"]["median"]
+                                                    / reference["step_seconds"]["median"], 3)
                 row["epoch_ratio_to_centralized"] = round(row["epoch_seconds"] / reference["epoch_seconds"], 3)
     write_summary(out / "bench.json", result)
     return result
@@ -254,11 +266,11 @@ def bench(out: str | Path, config: BenchConfig, modes: Sequence[str] = MODES, da
 def bench_table(results: dict) -> str:
     """Markdown table of one ``bench.json``."""
     lines = ["| mode | s/step median (p10-p90) | s/epoch | x centralized (step / epoch) | MB/step/site to server "
-             "/ to site | x float16 | round trips/step | peak MB server / site |",
-             "|---|---|---|---|---|---|---|---|"]
+             "/ to site | x float16 | round trips/step | peak MB server / site | CPU s/step (all processes) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for mode, row in results["modes"].items():
         if "error" in row:
-            lines.append(f"| {mode} | error: {row['error']} |||||||")
+            lines.append(f"| {mode} | error: {row['error']} ||||||||")
             continue
         stats = row["step_seconds"]
         ratio = (f"{row['ratio_to_centralized']:.2f} / {row['epoch_ratio_to_centralized']:.2f}"
@@ -272,5 +284,6 @@ def bench_table(results: dict) -> str:
             overhead, trips = f"{row['bytes_vs_float16']:.2f}", f"{row['round_trips_per_step']:.2f}"
             peak = f"{memory['server']:.0f} / {memory['site']:.0f}"
         lines.append(f"| {mode} | {stats['median']:.3f} ({stats['p10']:.3f}-{stats['p90']:.3f}) | "
-                     f"{row['epoch_seconds']:.1f} | {ratio} | {traffic} | {overhead} | {trips} | {peak} |")
+                     f"{row['epoch_seconds']:.1f} | {ratio} | {traffic} | {overhead} | {trips} | {peak} | "
+                     f"{row['cpu_seconds_per_step']:.2f} |")
     return "\n".join(lines)

@@ -71,6 +71,22 @@ def cmd_partition(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from split_unet.data.check import check_sites, problems_as_dicts
+
+    loaded, problems = check_sites(args.sites, args.size, args.spacing, args.only.split(",") if args.only else None)
+    for site, count in loaded.items():
+        print(f"{site:>8}: {count} volumes read")
+    for problem in problems:
+        where = ", ".join(f"{key} '{value}'" for key, value in (("site", problem.site), ("patient", problem.patient),
+                                                                ("field", problem.field)) if value)
+        print(f"problem: {where}: {problem.message}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"volumes": loaded, "problems": problems_as_dicts(problems)}, indent=2))
+    print(f"{len(problems)} problems" if problems else "all site data readable and co-registered")
+    return 1 if problems else 0
+
+
 def cmd_simulate(args) -> int:
     from split_unet.simulation import run_simulation
 
@@ -227,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(default: all hold all)")
     partition.add_argument("--seed", type=int, default=0, help="seed of the --overlap choice")
     partition.set_defaults(func=cmd_partition)
+
+    check = commands.add_parser("check", help="check every site's data before a job: datalists, readable volumes, "
+                                              "each patient's grid the same at every site")
+    check.add_argument("--sites", required=True, help="folder written by `split-unet partition` (or laid out so)")
+    check.add_argument("--only", help="comma-separated site folders to check (default: all)")
+    check.add_argument("--size", type=int, default=64, help="volume edge the job uses")
+    check.add_argument("--spacing", type=float, help="isotropic spacing the job resamples to (default: none)")
+    check.add_argument("--json", help="also write the result to this file")
+    check.set_defaults(func=cmd_check)
 
     simulate = commands.add_parser("simulate", help="run the Split-U-Net job in the NVFlare simulator")
     simulate.add_argument("--sites", required=True, help="folder written by `split-unet partition`")

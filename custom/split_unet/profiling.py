@@ -25,6 +25,12 @@ def peak_memory_mb() -> float:
     return round(peak / 2**20 if sys.platform == "darwin" else peak / 1024, 1)
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) this process has used so far, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return round(usage.ru_utime + usage.ru_stime, 2)
+
+
 def step_statistics(seconds: Sequence[float], warmup: int = 1) -> dict:
     """Median and spread of step times, the first ``warmup`` steps left out (allocation, caches, JIT)."""
     kept = np.asarray(seconds[warmup:] if len(seconds) > warmup else seconds, dtype=float)

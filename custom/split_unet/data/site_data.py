@@ -81,6 +81,11 @@ class _SiteVolumes(ABC):
         self._paths = {pid: path for pid, path in self._paths.items() if pid in keep}
         self.patient_ids = sorted(self._paths)
 
+    def path(self, patient_id: str) -> Path:
+        """The file of one patient."""
+        self._cached(patient_id)  # a known patient
+        return self._paths[patient_id]
+
     def geometry(self, patient_id: str) -> tuple[np.ndarray, tuple[int, ...]]:
         """The source file's affine and 3D shape (header only): all the label holder needs to undo the grid."""
         self._cached(patient_id)  # known patient, readable file

@@ -8,12 +8,14 @@
 - ``topk``: only the ``keep_fraction`` largest-magnitude entries, as float16 values plus int32 flat
   indices; the rest decode as 0.
 
-NVFlare serialises numpy arrays natively, so no decomposer has to be registered at either end.
+NVFlare serialises numpy arrays natively, so no decomposer has to be registered at either end. Conversions
+to and from float16 run in torch, whose vectorised casts are several times faster than numpy's.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -33,7 +35,8 @@ def encode(tensor: torch.Tensor, codec: str, keep_fraction: float = 0.1) -> tupl
     """Tensor -> ({"": main array, ":indices": ...}, header with codec, scale and shape)."""
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
-    values = tensor.detach().to("cpu", torch.float32).numpy()
+    tensor = tensor.detach().to("cpu", torch.float32)
+    values = tensor.numpy()
     header = {"codec": codec, "shape": list(values.shape), "scale": 1.0}
     if codec == "float32":
         return {"": values}, header
@@ -43,10 +46,10 @@ def encode(tensor: torch.Tensor, codec: str, keep_fraction: float = 0.1) -> tupl
         scales = np.where(peaks > 0, peaks / 127.0, 1.0).astype(np.float32)
         header["scale"] = scales.reshape(-1).tolist()
         return {"": np.clip(np.rint(values / scales), -127, 127).astype(np.int8)}, header
-    peak = float(np.abs(values).max()) if values.size else 0.0
+    peak = float(tensor.abs().max()) if values.size else 0.0
     header["scale"] = peak if peak > 0 and math.isfinite(peak) else 1.0
     if codec == "float16":
-        return {"": (values / header["scale"]).astype(np.float16)}, header
+        return {"": (tensor / header["scale"]).to(torch.float16).numpy()}, header
     flat = values.reshape(-1)
     keep = min(flat.size, max(1, math.ceil(keep_fraction * flat.size)))
     indices = np.argpartition(np.abs(flat), flat.size - keep)[flat.size - keep:].astype(np.int32)
@@ -76,15 +79,15 @@ def decode(arrays: Mapping[str, object], header: object, *, site: str | None, fi
                        "topk": (np.float16,)}[codec]
     if array.dtype not in expected_dtypes:
         raise fail(f"expected {'/'.join(np.dtype(d).name for d in expected_dtypes)} for {codec}, got {array.dtype}")
-    if not np.isfinite(array).all():
-        raise fail(f"contains {int((~np.isfinite(array.astype(np.float32))).sum())} NaN/Inf values")
     # int8 has one scale per channel, the other codecs one number.
     scales = scale if codec == "int8" and isinstance(scale, list) else [scale]
     if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s <= MAX_SCALE for s in scales):
         raise fail(f"invalid scale {scale!r}", ".scale")
     with np.errstate(over="ignore"):  # an overflow is refused just below
         tensor = _dense(codec, array, arrays, shape, scales, fail)
-    if not torch.isfinite(tensor).all():
+    if not torch.isfinite(tensor).all():  # one check of the decoded tensor; the cause only on failure
+        if bad := int((~np.isfinite(array.astype(np.float32))).sum()):
+            raise fail(f"contains {bad} NaN/Inf values")
         raise fail(f"scale {scale!r} overflows float32", ".scale")
     return tensor
 
@@ -105,14 +108,16 @@ def _dense(codec: str, array: np.ndarray, arrays: Mapping[str, object], shape: l
         return torch.from_numpy(dense.reshape(shape))
     if list(array.shape) != shape:
         raise fail(f"array shape {list(array.shape)} != declared shape {shape}")
-    values = array.astype(np.float32)
+    with warnings.catch_warnings():  # a received array may be read-only; it is only read, never written
+        warnings.simplefilter("ignore", UserWarning)
+        values = torch.from_numpy(array).to(torch.float32)
     if codec == "int8":
         if len(shape) < 2 or len(scales) != shape[1]:
             raise fail(f"int8 needs one scale per channel, got {len(scales)}", ".scale")
         view = [1] * len(shape)
         view[1] = shape[1]
-        return torch.from_numpy(values * np.asarray(scales, np.float32).reshape(view))
-    return torch.from_numpy(values) * float(scales[0])
+        return values * torch.tensor(scales, dtype=torch.float32).reshape(view)
+    return values * float(scales[0])
 
 
 def nbytes(arrays: Mapping[str, np.ndarray]) -> int:

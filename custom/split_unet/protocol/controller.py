@@ -27,7 +27,7 @@ from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from split_unet.data import DATALIST, MODALITIES, SiteLabels, split_patients
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.networks import build_decoder
-from split_unet.profiling import peak_memory_mb
+from split_unet.profiling import cpu_seconds, peak_memory_mb
 from split_unet.reports import make_summary, write_summary
 from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, dropped_input, epoch_batches,
                                  logits_to_masks, present_inputs, select_device)
@@ -111,6 +111,8 @@ class SplitUNetController(Controller):
         self._train_rounds = 0  # rounds of the training task (one per step, plus checkpoint rounds)
         self._step_seconds: list[float] = []  # per training step: the round trip and the decoder's step
         self._decoder_seconds: list[float] = []  # per training step: the decoder's step alone
+        self._cpu_marks: dict[str, list[float]] = {}  # server and each site: CPU seconds after their first and
+        # latest training step, and the number of steps seen (see _cpu_per_step)
         self._train_step = 0  # the training step in progress
         self._last_checkpoint: int | None = None
         self.reply_info: dict[str, dict] = {}
@@ -200,6 +202,8 @@ class SplitUNetController(Controller):
                 round_done = time.perf_counter()
                 loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids), self._present(absent))
                 self._decoder_seconds.append(time.perf_counter() - round_done)
+                self._mark_cpu({"server": cpu_seconds(), **{site: self.reply_info[site].get("cpu_seconds")
+                                                             for site in self.sites if site in self.reply_info and site not in self._lost}})
                 self._gradients = dict(zip(self.sites, gradients))
                 self._gradient_step = self._step
                 self._gradient_info = {"gradient_train_step": train_step, "train_steps": train_steps}
@@ -231,9 +235,12 @@ class SplitUNetController(Controller):
             bytes_per_step=self._bytes_per_step(), privacy=self._privacy, history=history, lost_sites=self._lost,
             timing={"step_seconds": [round(s, 4) for s in self._step_seconds],
                     "decoder_seconds": [round(s, 4) for s in self._decoder_seconds],
-                    "round_trips_per_step": self._train_rounds / max(1, len(self._step_seconds))},
+                    "round_trips_per_step": self._train_rounds / max(1, len(self._step_seconds)),
+                    "cpu_seconds_per_step": self._cpu_per_step()},
             memory_mb={"server": peak_memory_mb(),
                        "sites": {site: self.reply_info.get(site, {}).get("peak_memory_mb") for site in self.sites}},
+            cpu_seconds={"server": cpu_seconds(),
+                         "sites": {site: self.reply_info.get(site, {}).get("cpu_seconds") for site in self.sites}},
         )
         path = write_summary(self.run_dir / self.summary_file, summary)
         self.log_info(fl_ctx, f"summary written to {path}")
@@ -304,8 +311,9 @@ class SplitUNetController(Controller):
         replies = {}
         for site, task in tasks.items():
             self.communicator.wait_for_task(task, abort_signal)
-            if abort_signal.triggered:
-                raise ProtocolError("job aborted", site=site, field=task_name)
+            if abort_signal.triggered:  # NVFlare's decision; its server log names the cause
+                raise ProtocolError("NVFlare aborted the job (it fails a job whose process at a site ends, naming the "
+                                    "site in the server's log; or an admin aborted it)", field=task_name)
             client_tasks: list[ClientTask] = task.client_tasks
             result = client_tasks[0].result if client_tasks else None
             if result is None:
@@ -351,6 +359,19 @@ class SplitUNetController(Controller):
             if level in net.sent_levels:
                 shapes[level] = (batch, channels, *(spatial,) * net.spatial_dims)
         return shapes
+
+    def _mark_cpu(self, readings: dict[str, float | None]) -> None:
+        for name, value in readings.items():
+            if isinstance(value, (int, float)):
+                first, _, count = self._cpu_marks.get(name, (value, value, 0))
+                self._cpu_marks[name] = [first, value, count + 1]
+
+    def _cpu_per_step(self) -> dict:
+        """CPU seconds per training step of the server and of each site process, from the end of the first step
+        to the end of the last (start-up and imports left out), and their total."""
+        per_step = {name: round((last - first) / (count - 1), 4)
+                    for name, (first, last, count) in self._cpu_marks.items() if count > 1}
+        return {**per_step, "total": round(sum(per_step.values()), 4)}
 
     def _bytes_per_step(self) -> dict:
         """Tensor bytes of one training step as on the wire: activations received and gradients sent, all sites

@@ -18,7 +18,7 @@ from split_unet.data import SiteImages
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.leakage.record import snapshot_path
 from split_unet.networks import build_encoder
-from split_unet.profiling import peak_memory_mb
+from split_unet.profiling import cpu_seconds, peak_memory_mb
 from split_unet.training import EncoderParty, TrainConfig, select_device
 
 from .checkpoint import load_checkpoint, save_atomically, save_site_checkpoint, site_checkpoint
@@ -152,9 +152,10 @@ class ModalitySiteExecutor(Executor):
         elif task_name in (TASK_VALIDATE, TASK_INFER):
             features = self.party.infer(self.images.batch(request.patient_ids))
         echoed = {k: v for k, v in request.info.items() if k in ("train_step", "train_steps")}
+        echoed["cpu_seconds"] = cpu_seconds()  # the server's benchmark figures: CPU per step, peak memory
         if task_name == TASK_FINISH:
             self._save_encoder(fl_ctx)
-            echoed["peak_memory_mb"] = peak_memory_mb()  # for the run's summary (benchmarks)
+            echoed["peak_memory_mb"] = peak_memory_mb()
         if task_name == TASK_INFER:
             echoed["geometry"] = {}
             for pid in request.patient_ids:

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The benchmark on a GPU machine at 128^3 (centralized vs NVFlare simulator vs POC, every process on the one GPU),
+# sized to finish in a few minutes. Run from anywhere with the packages installed (or on PYTHONPATH):
+#   bash benchmarks/gpu_bench.sh [OUT] [SIZE]        # defaults: runs/bench/gpu128 128
+# Prints the table; OUT/bench.json holds every figure.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${1:-runs/bench/gpu128}
+SIZE=${2:-128}
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+export PYTHONPATH="$PWD/custom${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+"$PYTHON" -m split_unet.cli bench --out "$OUT" --size "$SIZE" --patients 12 --epochs 2 --device "$DEVICE" \
+    --modes centralized,simulator,poc

@@ -1,0 +1,48 @@
+"""`split-unet check`: every bad file named before a job starts; a re-oriented but co-registered file is fine."""
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+
+from split_unet.cli import main
+from split_unet.data.check import check_sites
+
+from helpers import TINY_SIZE
+
+
+def test_check_names_corrupt_and_misregistered_files(tiny_data, tmp_path, capsys):
+    sites = tmp_path / "sites"
+    shutil.copytree(tiny_data[1], sites)
+    assert check_sites(sites, TINY_SIZE) == ({"flair": 8, "server": 8, "t1gd": 8, "t1w": 8, "t2w": 8}, [])
+
+    # Re-oriented (LAS, data flipped to match): the same grid in the world, no problem.
+    path = sites / "t1w" / "images" / "BRATS_001.nii.gz"
+    image = nib.load(path)
+    flipped = nib.Nifti1Image(np.asarray(image.dataobj)[::-1].copy(),
+                              image.affine @ nib.orientations.inv_ornt_aff([[0, -1], [1, 1], [2, 1]], image.shape))
+    nib.save(flipped, path)
+    assert check_sites(sites, TINY_SIZE)[1] == []
+
+    # Truncated at one site, another shape at another, shifted at a third.
+    truncated = sites / "flair" / "images" / "BRATS_002.nii.gz"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    reshaped = sites / "t2w" / "images" / "BRATS_003.nii.gz"
+    image = nib.load(reshaped)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:-2], image.affine), reshaped)
+    shifted = sites / "t1gd" / "images" / "BRATS_004.nii.gz"
+    image = nib.load(shifted)
+    moved = image.affine.copy()
+    moved[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), moved), shifted)
+
+    loaded, problems = check_sites(sites, TINY_SIZE)
+    found = {(p.site, p.patient): p for p in problems}
+    assert set(found) == {("flair", "BRATS_002"), ("t2w", "BRATS_003"), ("t1gd", "BRATS_004")}
+    assert loaded["flair"] == 7 and "BRATS_002.nii.gz" in found["flair", "BRATS_002"].field
+    assert "shape" in found["t2w", "BRATS_003"].message and found["t2w", "BRATS_003"].field == str(reshaped)
+    assert "not co-registered" in found["t1gd", "BRATS_004"].message
+
+    assert main(["check", "--sites", str(sites), "--size", str(TINY_SIZE)]) == 1
+    output = capsys.readouterr().out
+    assert "site 'flair', patient 'BRATS_002'" in output and "3 problems" in output
