@@ -33,9 +33,11 @@ def run_curves(out: Path, again: bool = False) -> dict:
     for variable, values in CURVES.items():
         results[variable] = []
         for value in values:
-            folder = out / f"{variable}_{value}"
+            config = dataclasses.replace(BASE, **{variable: value})
+            # Named by the whole point, so the point the curves share is measured once.
+            folder = out / f"size{config.size}_batch{config.batch_size}_sites{config.sites}"
             if again or not (folder / "bench.json").is_file():
-                bench(folder, dataclasses.replace(BASE, **{variable: value}), MODES, data_root=out / "data")
+                bench(folder, config, MODES, data_root=out / "data")
             measured = json.loads((folder / "bench.json").read_text())
             results[variable].append({"value": value, "modes": measured["modes"]})
     return results
@@ -56,6 +58,7 @@ def plot(results: dict, path: Path) -> Path:
         axis.set_xlabel(LABELS[variable])
         axis.set_ylabel("seconds per training step (median)")
         axis.set_xticks(values)
+        axis.margins(x=0.12, y=0.12)  # room for the ratio labels
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle(f"Split-U-Net on {BASE.patients} phantoms, CPU; others fixed at size {BASE.size}, "

@@ -61,7 +61,9 @@ def test_encoder_party_refuses_out_of_protocol_gradients():
 
 def test_decoder_micro_batches_take_the_same_step():
     device = torch.device("cpu")
-    images, target = torch.randn(4, 4, 16, 16, 16), (torch.rand(4, 3, 16, 16, 16) > 0.7).float()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 4, 16, 16, 16, generator=g)
+    target = (torch.rand(4, 3, 16, 16, 16, generator=g) > 0.7).float()
     encoders = [build_encoder(CONFIG, k, 3) for k in range(4)]
     with torch.no_grad():
         features = [encoder(images[:, k:k + 1]) for k, encoder in enumerate(encoders)]
@@ -70,11 +72,12 @@ def test_decoder_micro_batches_take_the_same_step():
     for micro_batches in (1, 3):  # 3 parts of 4 patients: unequal parts (2, 1, 1)
         server = DecoderParty(build_decoder(CONFIG, 4, 3), 1e-2, device, micro_batches=micro_batches)
         loss, gradients = server.train_step(features, target, present=[True, False, True, True])
-        results.append((loss, gradients, [p.detach().clone() for p in server.decoder.parameters()]))
+        # The accumulated gradients, not Adam's step: Adam turns ~0 gradients' rounding into lr-sized moves.
+        results.append((loss, gradients, [p.grad.clone() for p in server.decoder.parameters()]))
     (loss_a, grads_a, params_a), (loss_b, grads_b, params_b) = results
     assert loss_b == pytest.approx(loss_a, abs=1e-6)
     for site_a, site_b in zip(grads_a, grads_b):
         for level in site_a:
-            assert torch.allclose(site_a[level], site_b[level], atol=1e-7)
+            assert torch.allclose(site_a[level], site_b[level], rtol=1e-4, atol=1e-8)
     for a, b in zip(params_a, params_b):
-        assert torch.allclose(a, b, atol=1e-6)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)

@@ -25,7 +25,10 @@ from pathlib import Path
 
 import yaml
 
+from nvflare.fuel.flare_api.api_spec import JobTimeout
+
 from split_unet.data import DATALIST, MODALITIES, SERVER_SITE, generate_dataset, partition_dataset
+from split_unet.errors import SplitUNetError
 from split_unet.poc import PROJECT_FILE, PocFederation, run_job
 from split_unet.profiling import step_statistics
 from split_unet.reports import read_summary, write_summary
@@ -52,6 +55,7 @@ class BenchConfig:
     task_request_interval: float = 0.05
     seed: int = 0
     device: str | None = None
+    job_timeout: float = 600.0  # seconds a POC job may take before its mode counts as failed
     comm: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)
 
@@ -188,7 +192,8 @@ def run_in_poc(sites_dir: Path, workspace: Path, job: Path, site_configs: Path, 
         federation.prepare()
         federation.start()
         train_job = configure_job(job, workspace / "job", executor={"num_threads": site_threads(config.sites)})
-        summary = read_summary(run_job(federation, "train", train_job, "cli", report, progress) / "summary.json")
+        summary = read_summary(run_job(federation, "train", train_job, "cli", report, progress,
+                                       timeout=config.job_timeout) / "summary.json")
     summary["poc_seconds"] = report["seconds"]
     write_summary(workspace / "summary.json", summary)
     return summary
@@ -242,12 +247,15 @@ def bench(out: str | Path, config: BenchConfig, modes: Sequence[str] = MODES, da
                      f"batch {config.batch_size}, {config.sites} sites")
             started = time.perf_counter()
             workspace = out / mode
-            if mode == "centralized":
-                summary = run_centralized(msd, workspace, config)
-            elif mode == "simulator":
-                summary = run_in_simulator(sites_dir, workspace, job, site_configs, config)
-            else:
-                summary = run_in_poc(sites_dir, workspace, job, site_configs, config, sites, progress)
+            try:
+                if mode == "centralized":
+                    summary = run_centralized(msd, workspace, config)
+                elif mode == "simulator":
+                    summary = run_in_simulator(sites_dir, workspace, job, site_configs, config)
+                else:
+                    summary = run_in_poc(sites_dir, workspace, job, site_configs, config, sites, progress)
+            except (SplitUNetError, JobTimeout) as error:  # a mode that fails is a result too; go on
+                summary = {"error": f"{type(error).__name__}: {error}"}
             row = describe(mode, summary, config, steps_per_epoch)
             row["process_seconds"] = round(time.perf_counter() - started, 1)
             result["modes"][mode] = row

@@ -219,7 +219,7 @@ class PocFederation:
 
 
 def run_job(federation: PocFederation, name: str, job: Path, via: str, report: dict,
-            say: Callable[[str], None]) -> Path:
+            say: Callable[[str], None], timeout: float = 600) -> Path:
     """Submit, wait, download; record the job and the wall time of each step in ``report``.
 
     Returns the downloaded server run folder (``<result>/workspace``).
@@ -227,7 +227,7 @@ def run_job(federation: PocFederation, name: str, job: Path, via: str, report: d
     started = time.perf_counter()
     job_id = federation.submit(job, via=via)
     say(f"{name}: job {job_id} submitted ({via})")
-    status = federation.wait(job_id)
+    status = federation.wait(job_id, timeout=timeout)
     report.setdefault("jobs", {})[name] = {"id": job_id, "status": status}
     _timed(report, name, started, say)
     if "COMPLETED" not in status:

@@ -48,8 +48,9 @@ def encode(tensor: torch.Tensor, codec: str, keep_fraction: float = 0.1) -> tupl
         return {"": np.clip(np.rint(values / scales), -127, 127).astype(np.int8)}, header
     peak = float(tensor.abs().max()) if values.size else 0.0
     header["scale"] = peak if peak > 0 and math.isfinite(peak) else 1.0
-    if codec == "float16":
-        return {"": (tensor / header["scale"]).to(torch.float16).numpy()}, header
+    if codec == "float16":  # scaled straight into the float16 result: no float32 intermediate
+        return {"": torch.div(tensor, header["scale"], out=torch.empty_like(tensor, dtype=torch.float16)).numpy()}, \
+            header
     flat = values.reshape(-1)
     keep = min(flat.size, max(1, math.ceil(keep_fraction * flat.size)))
     indices = np.argpartition(np.abs(flat), flat.size - keep)[flat.size - keep:].astype(np.int32)
@@ -110,14 +111,16 @@ def _dense(codec: str, array: np.ndarray, arrays: Mapping[str, object], shape: l
         raise fail(f"array shape {list(array.shape)} != declared shape {shape}")
     with warnings.catch_warnings():  # a received array may be read-only; it is only read, never written
         warnings.simplefilter("ignore", UserWarning)
-        values = torch.from_numpy(array).to(torch.float32)
+        received = torch.from_numpy(array)
     if codec == "int8":
         if len(shape) < 2 or len(scales) != shape[1]:
             raise fail(f"int8 needs one scale per channel, got {len(scales)}", ".scale")
         view = [1] * len(shape)
         view[1] = shape[1]
-        return values * torch.tensor(scales, dtype=torch.float32).reshape(view)
-    return values * float(scales[0])
+        return received.to(torch.float32).mul_(torch.tensor(scales, dtype=torch.float32).reshape(view))
+    if received.dtype == torch.float32:
+        return received * float(scales[0])  # a new tensor: the received buffer is left as it is
+    return received.to(torch.float32).mul_(float(scales[0]))  # the converted copy, scaled in place
 
 
 def nbytes(arrays: Mapping[str, np.ndarray]) -> int:

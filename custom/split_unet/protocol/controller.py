@@ -111,6 +111,7 @@ class SplitUNetController(Controller):
         self._train_rounds = 0  # rounds of the training task (one per step, plus checkpoint rounds)
         self._step_seconds: list[float] = []  # per training step: the round trip and the decoder's step
         self._decoder_seconds: list[float] = []  # per training step: the decoder's step alone
+        self._training_peak_mb: float | None = None
         self._cpu_marks: dict[str, list[float]] = {}  # server and each site: CPU seconds after their first and
         # latest training step, and the number of steps seen (see _cpu_per_step)
         self._train_step = 0  # the training step in progress
@@ -202,6 +203,7 @@ class SplitUNetController(Controller):
                 round_done = time.perf_counter()
                 loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids), self._present(absent))
                 self._decoder_seconds.append(time.perf_counter() - round_done)
+                self._training_peak_mb = peak_memory_mb()  # the peak up to here, before any validation
                 self._mark_cpu({"server": cpu_seconds(), **{site: self.reply_info[site].get("cpu_seconds")
                                                              for site in self.sites if site in self.reply_info and site not in self._lost}})
                 self._gradients = dict(zip(self.sites, gradients))
@@ -237,7 +239,7 @@ class SplitUNetController(Controller):
                     "decoder_seconds": [round(s, 4) for s in self._decoder_seconds],
                     "round_trips_per_step": self._train_rounds / max(1, len(self._step_seconds)),
                     "cpu_seconds_per_step": self._cpu_per_step()},
-            memory_mb={"server": peak_memory_mb(),
+            memory_mb={"server": peak_memory_mb(), "server_training_steps": self._training_peak_mb,
                        "sites": {site: self.reply_info.get(site, {}).get("peak_memory_mb") for site in self.sites}},
             cpu_seconds={"server": cpu_seconds(),
                          "sites": {site: self.reply_info.get(site, {}).get("cpu_seconds") for site in self.sites}},
