@@ -2,7 +2,9 @@
 # The benchmark on a GPU machine at 128^3 (centralized vs NVFlare simulator vs POC, every process on the one GPU),
 # sized to finish in a few minutes. Run from anywhere with the packages installed (or on PYTHONPATH):
 #   bash benchmarks/gpu_bench.sh [OUT] [SIZE]        # defaults: runs/bench/gpu128 128
-# Prints the table; OUT/bench.json holds every figure.
+# Prints the table; OUT/bench.json holds every figure. PYTHON (default python3) and DEVICE (default cuda) may be
+# set; on a machine without the packages, install wheels first (pip install --no-index --target DIR wheels/*.whl
+# and PYTHONPATH=DIR): it needs nvflare, monai, nibabel, nilearn, opacus and openmined.psi besides torch.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-runs/bench/gpu128}

@@ -26,6 +26,10 @@ VARIANTS = {
     "chunk_8mb": ("streaming chunks of 8 MB instead of 1 MB",
                   {"comm": {"streaming_chunk_size": 8 * 2 ** 20}, "job_timeout": 240}, ("poc",)),
     "micro_batches_2": ("the decoder runs each batch in 2 micro-batches", {"micro_batches": 2}, ("poc",)),
+    "checkpointing": ("the decoder recomputes activations in its backward pass", {"decoder_checkpointing": True},
+                      ("poc",)),
+    "micro_batches_2_checkpointing": ("2 micro-batches and checkpointing in the decoder",
+                                      {"micro_batches": 2, "decoder_checkpointing": True}, ("poc",)),
     "malloc_arenas_2": ("glibc malloc limited to 2 arenas per process (MALLOC_ARENA_MAX=2)",
                         {"env": {"MALLOC_ARENA_MAX": 2}}, ("poc",)),
 }

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny phantom data sets, made once per test session."""
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,18 @@ def trained_tiny(tiny_data, tmp_path_factory, project_root) -> tuple[Path, dict]
                              site_configs=project_root / "site_configs", progress=None, record_steps=[1, -1],
                              train={"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 3, "val_interval": 3})
     return workspace, summary
+
+
+@pytest.fixture
+def hard_limit(request):
+    """End a test after its module's ``HARD_LIMIT_S`` seconds (SIGALRM), so a hung federation never hangs CI;
+    the test's own ``finally`` then stops what it started."""
+    limit = request.module.HARD_LIMIT_S
+
+    def expire(*_):
+        raise TimeoutError(f"{request.node.name} exceeded {limit} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(limit)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

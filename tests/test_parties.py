@@ -81,3 +81,22 @@ def test_decoder_micro_batches_take_the_same_step():
             assert torch.allclose(site_a[level], site_b[level], rtol=1e-4, atol=1e-8)
     for a, b in zip(params_a, params_b):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_decoder_checkpointing_gives_the_same_gradients():
+    g = torch.Generator().manual_seed(1)
+    features = [{level: torch.randn(2, c, *(16 // 2 ** level,) * 3, generator=g)
+                 for level, c in enumerate(CONFIG.channels)} for _ in range(4)]
+    target = (torch.rand(2, 3, 16, 16, 16, generator=g) > 0.7).float()
+    results = []
+    for checkpointing in (False, True):
+        server = DecoderParty(build_decoder(CONFIG, 4, 3), 1e-2, torch.device("cpu"), checkpointing=checkpointing)
+        loss, gradients = server.train_step(features, target)
+        results.append((loss, gradients, [p.grad.clone() for p in server.decoder.parameters()]))
+    (loss_a, grads_a, params_a), (loss_b, grads_b, params_b) = results
+    assert loss_b == pytest.approx(loss_a, abs=1e-6)
+    for site_a, site_b in zip(grads_a, grads_b):
+        for level in site_a:
+            assert torch.allclose(site_a[level], site_b[level], rtol=1e-4, atol=1e-8)
+    for a, b in zip(params_a, params_b):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)

@@ -6,7 +6,6 @@ Bounded: a hard alarm ends the test, and the federation is stopped in every case
 """
 
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import sysconfig
 from pathlib import Path
 
 import nibabel as nib
-import pytest
 
 from split_unet.data import SERVER_SITE, holdings, partition_dataset
 from split_unet.poc import PocFederation, run_pipeline
@@ -52,17 +50,6 @@ def processes_mentioning(text: str) -> list[int]:
         except OSError:
             pass
     return found
-
-
-@pytest.fixture
-def hard_limit():
-    def expire(*_):
-        raise TimeoutError(f"POC test exceeded {HARD_LIMIT_S} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(HARD_LIMIT_S)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def test_poc_federation_psi_train_infer(project_root, tmp_path, hard_limit):

@@ -27,17 +27,6 @@ TASK_TIMEOUT = 10
 CHECKPOINT_INTERVAL = 3
 
 
-@pytest.fixture
-def hard_limit():
-    def expire(*_):
-        raise TimeoutError(f"POC fault test exceeded {HARD_LIMIT_S} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(HARD_LIMIT_S)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
 def wait_for(path: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.is_file():

@@ -52,6 +52,7 @@ class BenchConfig:
     channels: tuple[int, ...] = (8, 16, 32, 64)
     wire_dtype: str = "float16"
     micro_batches: int = 1
+    decoder_checkpointing: bool = False
     task_request_interval: float = 0.05
     seed: int = 0
     device: str | None = None
@@ -63,6 +64,7 @@ class BenchConfig:
         """The ``train`` settings of every mode: validation only after the last epoch."""
         train = {"epochs": self.epochs, "batch_size": self.batch_size, "size": self.size, "seed": self.seed,
                  "val_fraction": 0.25, "val_interval": self.epochs, "micro_batches": self.micro_batches,
+                 "decoder_checkpointing": self.decoder_checkpointing,
                  "network": {"channels": list(self.channels), "strides": [2] * (len(self.channels) - 1)}}
         return {**train, "device": self.device} if self.device else train
 

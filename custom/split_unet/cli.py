@@ -13,7 +13,8 @@ from split_unet.errors import SplitUNetError
 def _train_overrides(args: argparse.Namespace) -> dict:
     """Only the options the user gave; the job config (or TrainConfig) supplies the rest."""
     train = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "size", "val_interval",
-                                                 "val_fraction", "device", "modality_dropout", "micro_batches")
+                                                 "val_fraction", "device", "modality_dropout", "micro_batches",
+                                                 "decoder_checkpointing")
              if getattr(args, key, None) is not None}
     network = {}
     if getattr(args, "channels", None):
@@ -45,6 +46,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="probability that one site, drawn per step, is left out of a training step (default 0)")
     group.add_argument("--micro-batches", type=int,
                        help="the server's decoder runs each batch in this many parts (less memory, same step)")
+    group.add_argument("--decoder-checkpointing", action="store_true", default=None,
+                       help="the decoder recomputes activations in its backward pass (less server memory)")
 
 
 def _print_result(name: str, summary: dict) -> None:
@@ -127,6 +130,7 @@ def cmd_bench(args) -> int:
     config = BenchConfig(size=args.size, patients=args.patients, sites=args.n_sites, batch_size=args.batch_size,
                          epochs=args.epochs, channels=tuple(int(c) for c in args.channels.split(",")),
                          wire_dtype=args.wire_dtype, micro_batches=args.micro_batches,
+                         decoder_checkpointing=args.decoder_checkpointing,
                          task_request_interval=args.task_request_interval,
                          device=args.device, comm=json.loads(args.comm) if args.comm else {})
     results = bench(args.out, config, args.modes.split(","), args.data_root)
@@ -288,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--channels", default="8,16,32,64")
     bench.add_argument("--wire-dtype", choices=("float32", "float16"), default="float16")
     bench.add_argument("--micro-batches", type=int, default=1, help="decoder micro-batches per step (server memory)")
+    bench.add_argument("--decoder-checkpointing", action="store_true", help="decoder activation checkpointing")
     bench.add_argument("--task-request-interval", type=float, default=0.05,
                        help="seconds a site waits before asking again when the server has no task for it")
     bench.add_argument("--comm", help='NVFlare comm settings as JSON, e.g. \'{"streaming_chunk_size": 8388608}\'')

@@ -23,6 +23,17 @@ def trained_config(summary: dict) -> dict:
     return {key: value for key, value in summary.get("config", {}).items() if key in fields}
 
 
+def read_training_summary(train_workspace: str | Path) -> dict:
+    """The summary of a finished ``split-unet simulate`` run; a clear error if there is none or it failed."""
+    summary_path = Path(train_workspace) / "summary.json"
+    if not summary_path.is_file():
+        raise DataError("no training summary (run `split-unet simulate` first)", field=str(summary_path))
+    summary = read_summary(summary_path)
+    if "error" in summary:
+        raise DataError(f"the training run failed: {summary['error']}", field=str(summary_path))
+    return summary
+
+
 def build_inference_job(train_job: str | Path, out_dir: str | Path, decoder_path: str, encoder_path: str,
                         train: dict | None = None, patients: Sequence[str] = (), with_code: bool = False) -> Path:
     """The training job turned into an inference job.
@@ -64,12 +75,7 @@ def infer_in_simulator(train_workspace: str | Path, sites_dir: str | Path, works
                        patients: Sequence[str] = (), progress: Callable[[str], None] | None = print) -> dict:
     """Segment with the models of a ``split-unet simulate`` run; results in ``workspace/segmentations``."""
     train_workspace, workspace = Path(train_workspace).resolve(), Path(workspace).resolve()
-    summary_path = train_workspace / "summary.json"
-    if not summary_path.is_file():
-        raise DataError("no training summary (run `split-unet simulate` first)", field=str(summary_path))
-    summary = read_summary(summary_path)
-    if "error" in summary:
-        raise DataError(f"the training run failed: {summary['error']}", field=str(summary_path))
+    summary = read_training_summary(train_workspace)
     workspace.mkdir(parents=True, exist_ok=True)
     encoders = str(train_workspace / "simulator" / "{site}" / "simulate_job" / "split_unet_encoder.pt")
     job = build_inference_job(job_dir, workspace / "job", summary["artefacts"]["decoder"], encoders,

@@ -13,9 +13,9 @@ import torch
 
 from split_unet.data import SERVER_SITE, SiteImages, SiteLabels, split_patients
 from split_unet.errors import DataError
-from split_unet.inference import trained_config
+from split_unet.inference import read_training_summary, trained_config
 from split_unet.networks import SplitUNet, build_split_unet
-from split_unet.reports import read_summary, write_summary
+from split_unet.reports import write_summary
 from split_unet.training import TrainConfig, dice_without_each_input
 
 RESULT_FILE = "missing_modality.json"
@@ -23,13 +23,7 @@ RESULT_FILE = "missing_modality.json"
 
 def load_trained_model(workspace: str | Path) -> tuple[SplitUNet, TrainConfig, list[str]]:
     """The composed network of a simulator run: ``(model, train config, sites in encoder order)``."""
-    workspace = Path(workspace)
-    summary_path = workspace / "summary.json"
-    if not summary_path.is_file():
-        raise DataError("no training summary (run `split-unet simulate` first)", field=str(summary_path))
-    summary = read_summary(summary_path)
-    if "error" in summary:
-        raise DataError(f"the training run failed: {summary['error']}", field=str(summary_path))
+    summary = read_training_summary(workspace)
     config = TrainConfig.from_dict(trained_config(summary))
     sites = list(summary["config"]["sites"])
     model = build_split_unet(config.network, (1,) * len(sites), config.seed)

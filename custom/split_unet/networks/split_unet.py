@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 FUSIONS = ("concat", "mean")
 
@@ -92,6 +93,8 @@ class FusionDecoder(nn.Module):
         out_channels: output channels (3 regions: WT, TC, ET).
         fusion: ``"concat"`` (concatenate the K features, then a 1x1 convolution back to the level's
             width) or ``"mean"`` (average them; no parameters).
+        checkpointing: in training, keep only each level's inputs and recompute the rest in the backward
+            pass (``torch.utils.checkpoint``): less memory at the label holder for about one more forward pass.
 
     ``forward(features, present=None)``: ``features`` is a list of K dicts ``{level: (B, channels[level],
     *S_level)}`` -> logits (B, out_channels, *S). ``present`` (K booleans, at least one true) marks inputs
@@ -114,8 +117,10 @@ class FusionDecoder(nn.Module):
         norm: tuple | str = "instance",
         act: tuple | str = "prelu",
         dropout: float = 0.0,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpointing = checkpointing
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         if num_inputs < 1:
@@ -154,7 +159,14 @@ class FusionDecoder(nn.Module):
         if len(kept) < len(tensors):
             zeros, scale = torch.zeros_like(kept[0]), len(tensors) / len(kept)
             tensors = [zeros if t is None else t * scale for t in tensors]
-        return self.fuse[str(level)](torch.cat(list(tensors), dim=1))
+        fuse = self.fuse[str(level)]
+        return self._run(lambda *parts: fuse(torch.cat(parts, dim=1)), *tensors)
+
+    def _run(self, function, *inputs: torch.Tensor) -> torch.Tensor:
+        """``function(*inputs)``, checkpointed when asked to and a backward pass will follow."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(function, *inputs, use_reentrant=False)
+        return function(*inputs)
 
     def forward(self, features: Sequence[dict[int, torch.Tensor]],
                 present: Sequence[bool] | None = None) -> torch.Tensor:
@@ -165,10 +177,11 @@ class FusionDecoder(nn.Module):
                  for level in self.levels}
         x = fused[len(self.channels) - 1]
         for up, block, level in zip(self.up, self.blocks, range(len(self.channels) - 2, -1, -1)):
-            x = up(x)
             if level in fused:
-                x = torch.cat([x, fused[level]], dim=1)
-            x = block(x)
+                x = self._run(lambda low, skip, up=up, block=block: block(torch.cat([up(low), skip], dim=1)),
+                              x, fused[level])
+            else:
+                x = self._run(lambda low, up=up, block=block: block(up(low)), x)
         return self.head(x)
 
 

@@ -159,7 +159,8 @@ class SplitUNetController(Controller):
             self.labels.check()
         decoder = build_decoder(config.network, len(self.sites), config.seed)
         self._load_decoder(decoder, fl_ctx)
-        self.party = DecoderParty(decoder, config.lr, select_device(config.device), config.micro_batches)
+        self.party = DecoderParty(decoder, config.lr, select_device(config.device), config.micro_batches,
+                                  config.decoder_checkpointing)
         self._resumed = self._load_checkpoint(fl_ctx) if self.resume else None
 
         site_ids = self._initialize_sites(abort_signal, fl_ctx)
@@ -204,9 +205,11 @@ class SplitUNetController(Controller):
                 loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids), self._present(absent))
                 self._decoder_seconds.append(time.perf_counter() - round_done)
                 self._training_peak_mb = peak_memory_mb()  # the peak up to here, before any validation
-                self._mark_cpu({"server": cpu_seconds(), **{site: self.reply_info[site].get("cpu_seconds")
-                                                             for site in self.sites if site in self.reply_info and site not in self._lost}})
+                answered = [site for site in self.sites if site in self.reply_info and site not in self._lost]
+                self._mark_cpu({"server": cpu_seconds(),
+                                **{site: self.reply_info[site].get("cpu_seconds") for site in answered}})
                 self._gradients = dict(zip(self.sites, gradients))
+                del features, gradients  # this step's inputs and their gradients: not kept through the next round
                 self._gradient_step = self._step
                 self._gradient_info = {"gradient_train_step": train_step, "train_steps": train_steps}
                 losses.append(loss)

@@ -16,7 +16,7 @@ class TrainConfig:
     lr: float = 5e-3
     val_fraction: float = 0.25
     val_interval: int = 2
-    val_batch_size: int = 4
+    val_batch_size: int = 2  # as large as the training batch: validation must not raise the server's peak memory
     seed: int = 0
     size: int = 64
     spacing: float | None = None
@@ -26,6 +26,8 @@ class TrainConfig:
     # The server's decoder runs each training batch in this many parts and accumulates their gradients before
     # its one optimiser step: less server memory, the same step (the loss is a mean over patients).
     micro_batches: int = 1
+    # The decoder recomputes its activations in the backward pass instead of keeping them (server memory).
+    decoder_checkpointing: bool = False
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def __post_init__(self):

@@ -126,8 +126,10 @@ class EncoderParty:
 class DecoderParty:
     """The label holder's decoder, its optimiser and the loss."""
 
-    def __init__(self, decoder: FusionDecoder, lr: float, device: torch.device, micro_batches: int = 1):
+    def __init__(self, decoder: FusionDecoder, lr: float, device: torch.device, micro_batches: int = 1,
+                 checkpointing: bool = False):
         self.decoder = decoder.to(device)
+        self.decoder.checkpointing = checkpointing
         self.optimizer = make_optimizer(self.decoder.parameters(), lr)
         self.loss_function = segmentation_loss()
         self.device = device
