@@ -152,6 +152,16 @@ def frontier_summary(valid: list[dict], reference: dict, label_limit: float | No
         best = min(cheap, key=lambda r: r["whitebox"]["max"])
         parts.append(f"Within the Dice budget the lowest white-box SSIM is {best['whitebox']['max']:.2f} ('{best['name']}').")
     if label_limit is not None:
+        def label_safe(rows: list[dict]) -> list[dict]:
+            return [r for r in rows if r.get("labels", {}).get("mean", 1.0) <= label_limit]
+        if both := label_safe(private):
+            best = max(both, key=lambda r: r["dice"])
+            parts.append(f"Both leakage targets at the least cost: '{best['name']}', mean Dice {best['dice']:.3f} "
+                         f"(cost {reference['dice'] - best['dice']:.3f}).")
+        if affordable := label_safe(r for r in cheap if r is not reference):
+            best = max(affordable, key=lambda r: r["dice"])
+            parts.append(f"Within the Dice budget the label target alone is met by '{best['name']}' (label Dice "
+                         f"{best['labels']['mean']:.2f}, mean Dice {best['dice']:.3f}).")
         lowest = min((r for r in valid if "labels" in r), key=lambda r: r["labels"]["mean"])
         parts.append(f"The lowest label-leakage Dice is {lowest['labels']['mean']:.2f} ('{lowest['name']}'; target "
                      f"<= {label_limit:.2f}).")
