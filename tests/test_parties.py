@@ -59,6 +59,23 @@ def test_encoder_party_refuses_out_of_protocol_gradients():
     assert all(torch.equal(a, b) for a, b in zip(before, site.encoder.parameters()))
 
 
+def decoder_step(server: DecoderParty, features, target, present=None):
+    """(loss, gradients sent to the sites, the decoder's accumulated gradients) of one step. The accumulated
+    gradients, not Adam's step: Adam turns ~0 gradients' rounding into lr-sized moves."""
+    loss, gradients = server.train_step(features, target, present)
+    return loss, gradients, [p.grad.clone() for p in server.decoder.parameters()]
+
+
+def assert_same_decoder_step(a, b):
+    (loss_a, grads_a, params_a), (loss_b, grads_b, params_b) = a, b
+    assert loss_b == pytest.approx(loss_a, abs=1e-6)
+    for site_a, site_b in zip(grads_a, grads_b):
+        for level in site_a:
+            assert torch.allclose(site_a[level], site_b[level], rtol=1e-4, atol=1e-8)
+    for param_a, param_b in zip(params_a, params_b):
+        assert torch.allclose(param_a, param_b, rtol=1e-4, atol=1e-7)
+
+
 def test_decoder_micro_batches_take_the_same_step():
     device = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
@@ -71,16 +88,8 @@ def test_decoder_micro_batches_take_the_same_step():
     results = []
     for micro_batches in (1, 3):  # 3 parts of 4 patients: unequal parts (2, 1, 1)
         server = DecoderParty(build_decoder(CONFIG, 4, 3), 1e-2, device, micro_batches=micro_batches)
-        loss, gradients = server.train_step(features, target, present=[True, False, True, True])
-        # The accumulated gradients, not Adam's step: Adam turns ~0 gradients' rounding into lr-sized moves.
-        results.append((loss, gradients, [p.grad.clone() for p in server.decoder.parameters()]))
-    (loss_a, grads_a, params_a), (loss_b, grads_b, params_b) = results
-    assert loss_b == pytest.approx(loss_a, abs=1e-6)
-    for site_a, site_b in zip(grads_a, grads_b):
-        for level in site_a:
-            assert torch.allclose(site_a[level], site_b[level], rtol=1e-4, atol=1e-8)
-    for a, b in zip(params_a, params_b):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+        results.append(decoder_step(server, features, target, present=[True, False, True, True]))
+    assert_same_decoder_step(*results)
 
 
 def test_decoder_checkpointing_gives_the_same_gradients():
@@ -91,12 +100,5 @@ def test_decoder_checkpointing_gives_the_same_gradients():
     results = []
     for checkpointing in (False, True):
         server = DecoderParty(build_decoder(CONFIG, 4, 3), 1e-2, torch.device("cpu"), checkpointing=checkpointing)
-        loss, gradients = server.train_step(features, target)
-        results.append((loss, gradients, [p.grad.clone() for p in server.decoder.parameters()]))
-    (loss_a, grads_a, params_a), (loss_b, grads_b, params_b) = results
-    assert loss_b == pytest.approx(loss_a, abs=1e-6)
-    for site_a, site_b in zip(grads_a, grads_b):
-        for level in site_a:
-            assert torch.allclose(site_a[level], site_b[level], rtol=1e-4, atol=1e-8)
-    for a, b in zip(params_a, params_b):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+        results.append(decoder_step(server, features, target))
+    assert_same_decoder_step(*results)

@@ -76,14 +76,13 @@ def cmd_partition(args) -> int:
 
 def cmd_check(args) -> int:
     from split_unet.data.check import check_sites, problems_as_dicts
+    from split_unet.errors import location
 
     loaded, problems = check_sites(args.sites, args.size, args.spacing, args.only.split(",") if args.only else None)
     for site, count in loaded.items():
         print(f"{site:>8}: {count} volumes read")
     for problem in problems:
-        where = ", ".join(f"{key} '{value}'" for key, value in (("site", problem.site), ("patient", problem.patient),
-                                                                ("field", problem.field)) if value)
-        print(f"problem: {where}: {problem.message}")
+        print(f"problem: {location(problem.site, problem.patient, problem.field)}: {problem.message}")
     if args.json:
         Path(args.json).write_text(json.dumps({"volumes": loaded, "problems": problems_as_dicts(problems)}, indent=2))
     print(f"{len(problems)} problems" if problems else "all site data readable and co-registered")

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def location(site: str | None = None, patient: str | None = None, field: str | None = None) -> str:
+    """``site 'x', patient 'y', field 'z'``, leaving out what is not known."""
+    return ", ".join(f"{key} '{value}'" for key, value in (("site", site), ("patient", patient), ("field", field))
+                     if value is not None)
+
+
 class SplitUNetError(Exception):
     """Base class: an error a user can act on, with the site, patient and field/file it concerns."""
 
@@ -11,10 +17,7 @@ class SplitUNetError(Exception):
         self.site = site
         self.patient = patient
         self.field = field
-        where = ", ".join(
-            f"{key} '{value}'" for key, value in (("site", site), ("patient", patient), ("field", field))
-            if value is not None
-        )
+        where = location(site, patient, field)
         super().__init__(f"{where}: {message}" if where else message)
         self.detail = message
 

@@ -31,6 +31,25 @@ def cpu_seconds() -> float:
     return round(usage.ru_utime + usage.ru_stime, 2)
 
 
+class CpuPerStep:
+    """CPU seconds per step of one process, from the end of its first step to the end of its last (start-up,
+    imports and the first step's allocations left out). ``mark`` takes ``cpu_seconds()`` at each step's end."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last: float | None = None
+        self.steps = 0
+
+    def mark(self, seconds: float) -> None:
+        self.first = seconds if self.first is None else self.first
+        self.last = seconds
+        self.steps += 1
+
+    @property
+    def per_step(self) -> float | None:
+        return round((self.last - self.first) / (self.steps - 1), 4) if self.steps > 1 else None
+
+
 def step_statistics(seconds: Sequence[float], warmup: int = 1) -> dict:
     """Median and spread of step times, the first ``warmup`` steps left out (allocation, caches, JIT)."""
     kept = np.asarray(seconds[warmup:] if len(seconds) > warmup else seconds, dtype=float)

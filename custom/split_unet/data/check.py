@@ -54,8 +54,7 @@ def check_sites(sites_dir: str | Path, size: int = 64, spacing: float | None = N
         loaded[name] = 0
         for patient in volumes.patient_ids:
             try:
-                volumes.get(patient)
-                affine, shape = volumes.geometry(patient)
+                affine, shape = volumes.geometry(patient)  # loads and checks the volume as training would
             except DataError as error:
                 problems.append(Problem(name, patient, error.field, error.detail))
                 continue

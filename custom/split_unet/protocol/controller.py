@@ -8,6 +8,7 @@ steps. The learning itself is ``DecoderParty``; this class moves messages, check
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from split_unet.data import DATALIST, MODALITIES, SiteLabels, split_patients
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.networks import build_decoder
-from split_unet.profiling import cpu_seconds, peak_memory_mb
+from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb
 from split_unet.reports import make_summary, write_summary
 from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, dropped_input, epoch_batches,
                                  logits_to_masks, present_inputs, select_device)
@@ -112,8 +113,7 @@ class SplitUNetController(Controller):
         self._step_seconds: list[float] = []  # per training step: the round trip and the decoder's step
         self._decoder_seconds: list[float] = []  # per training step: the decoder's step alone
         self._training_peak_mb: float | None = None
-        self._cpu_marks: dict[str, list[float]] = {}  # server and each site: CPU seconds after their first and
-        # latest training step, and the number of steps seen (see _cpu_per_step)
+        self._cpu: defaultdict[str, CpuPerStep] = defaultdict(CpuPerStep)  # the server and each site process
         self._train_step = 0  # the training step in progress
         self._last_checkpoint: int | None = None
         self.reply_info: dict[str, dict] = {}
@@ -206,8 +206,10 @@ class SplitUNetController(Controller):
                 self._decoder_seconds.append(time.perf_counter() - round_done)
                 self._training_peak_mb = peak_memory_mb()  # the peak up to here, before any validation
                 answered = [site for site in self.sites if site in self.reply_info and site not in self._lost]
-                self._mark_cpu({"server": cpu_seconds(),
-                                **{site: self.reply_info[site].get("cpu_seconds") for site in answered}})
+                self._cpu["server"].mark(cpu_seconds())
+                for site in answered:  # each site reports its process's CPU time with its answer
+                    if isinstance(seconds := self.reply_info[site].get("cpu_seconds"), (int, float)):
+                        self._cpu[site].mark(seconds)
                 self._gradients = dict(zip(self.sites, gradients))
                 del features, gradients  # this step's inputs and their gradients: not kept through the next round
                 self._gradient_step = self._step
@@ -365,17 +367,9 @@ class SplitUNetController(Controller):
                 shapes[level] = (batch, channels, *(spatial,) * net.spatial_dims)
         return shapes
 
-    def _mark_cpu(self, readings: dict[str, float | None]) -> None:
-        for name, value in readings.items():
-            if isinstance(value, (int, float)):
-                first, _, count = self._cpu_marks.get(name, (value, value, 0))
-                self._cpu_marks[name] = [first, value, count + 1]
-
     def _cpu_per_step(self) -> dict:
-        """CPU seconds per training step of the server and of each site process, from the end of the first step
-        to the end of the last (start-up and imports left out), and their total."""
-        per_step = {name: round((last - first) / (count - 1), 4)
-                    for name, (first, last, count) in self._cpu_marks.items() if count > 1}
+        """CPU seconds per training step of the server and of each site process (``CpuPerStep``), and their total."""
+        per_step = {name: tracker.per_step for name, tracker in self._cpu.items() if tracker.per_step is not None}
         return {**per_step, "total": round(sum(per_step.values()), 4)}
 
     def _bytes_per_step(self) -> dict:

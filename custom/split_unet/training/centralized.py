@@ -16,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from split_unet.data import MODALITIES, find_cases, load_case, split_patients
 from split_unet.networks import build_split_unet
-from split_unet.profiling import cpu_seconds, peak_memory_mb
+from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb
 from split_unet.reports import make_summary, write_summary
 
 from .config import TrainConfig
@@ -89,7 +89,7 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
     for patient_id in train_ids + val_ids:  # load (and check) every case before training, as the sites do
         data.get(patient_id)
 
-    start, step, history, metrics, step_seconds, step_cpu = time.perf_counter(), 0, [], None, [], []
+    start, step, history, metrics, step_seconds, step_cpu = time.perf_counter(), 0, [], None, [], CpuPerStep()
     for epoch in range(config.epochs):
         losses = []
         for batch_ids in epoch_batches(train_ids, config.batch_size, config.seed, epoch):
@@ -106,7 +106,7 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
             optimizer.step()
             losses.append(float(loss.detach()))
             step_seconds.append(time.perf_counter() - step_started)
-            step_cpu.append(cpu_seconds())
+            step_cpu.mark(cpu_seconds())
             writer.add_scalar("train/loss", losses[-1], step)
         entry = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)),
                  "seconds": time.perf_counter() - start}
@@ -127,7 +127,8 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
                                    "data": str(data_dir), "train_patients": len(train_ids),
                                    "val_patients": len(val_ids), "encoders": len(in_channels)},
                            history=history, timing={"step_seconds": [round(s, 4) for s in step_seconds],
-                                                    "cpu_seconds_per_step": cpu_per_step(step_cpu)},
+                                                    "cpu_seconds_per_step": {"process": step_cpu.per_step,
+                                                                             "total": step_cpu.per_step}},
                            memory_mb={"process": peak_memory_mb()}, cpu_seconds={"process": cpu_seconds()})
     write_summary(out_dir / "summary.json", summary)
     return summary
@@ -142,9 +143,3 @@ def evaluate(model: torch.nn.Module, data: CaseCache, patient_ids: list[str], im
         images, labels = data.batch(batch_ids, image_channels)
         metrics.update(logits_to_masks(model(images.to(device))), labels)
     return metrics.aggregate()
-
-
-def cpu_per_step(readings: list[float]) -> dict:
-    """CPU seconds per step from the end of the first step to the end of the last (as the controller counts)."""
-    per_step = round((readings[-1] - readings[0]) / (len(readings) - 1), 4) if len(readings) > 1 else None
-    return {"process": per_step, "total": per_step}
