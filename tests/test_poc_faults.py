@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from split_unet.data import SERVER_SITE
 from split_unet.poc import PocFederation
@@ -43,11 +44,12 @@ def job_process(federation: PocFederation, participant: str, job_id: str) -> int
     return found[0]
 
 
-def kill_when(federation: PocFederation, job_id: str, victim: str, checkpoint: Path) -> float:
-    """Kill the victim's job process as soon as ``checkpoint`` exists; return the time of the kill."""
-    wait_for(checkpoint)
-    os.kill(job_process(federation, victim, job_id), signal.SIGKILL)
-    return time.time()
+def wait_for_server_checkpoint(path: Path, train_step: int, timeout: float = 120) -> None:
+    """Until the server's checkpoint (written after every site saved theirs) is of ``train_step`` or later."""
+    deadline = time.monotonic() + timeout
+    while not (path.is_file() and torch.load(path, weights_only=False)["train_step"] >= train_step):
+        assert time.monotonic() < deadline, f"no checkpoint of step {train_step} in {path} within {timeout} s"
+        time.sleep(0.05)
 
 
 def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
@@ -73,7 +75,10 @@ def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
 
         # 1. A site's process dies: NVFlare fails the job, which ends naming the site; its checkpoints stay.
         job_id = federation.submit(job("resumed"))
-        killed_at = kill_when(federation, job_id, "t1w", site_checkpoint(checkpoints / "resumed" / "t1w", 6))
+        # After the step-6 checkpoint is complete (the server saves last), so that it is the one to resume from.
+        wait_for_server_checkpoint(checkpoints / "resumed" / SERVER_SITE / SERVER_CHECKPOINT, 6)
+        os.kill(job_process(federation, "t1w", job_id), signal.SIGKILL)
+        killed_at = time.time()
         status = federation.wait(job_id, timeout=120)
         failed = read_summary(federation.download(job_id) / "workspace" / "summary.json")
         assert "COMPLETED" not in status and "NVFlare aborted the job" in failed["error"], failed["error"]
