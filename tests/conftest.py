@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny phantom data sets, made once per test session."""
+"""Shared fixtures (tiny phantom data sets, made once per test session) and the test layers.
+
+Layers, chosen with ``-m``: ``poc`` (a real NVFlare federation on loopback, marked per module), ``simulator``
+(runs the NVFlare simulator: marked per test, or implied by the shared trained federation) and ``unit``
+(everything else: plain PyTorch/numpy pieces, seconds each)."""
 
 import signal
 from pathlib import Path
@@ -45,3 +49,10 @@ def hard_limit(request):
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("poc") or item.get_closest_marker("simulator"):
+            continue
+        item.add_marker(pytest.mark.simulator if "trained_tiny" in item.fixturenames else pytest.mark.unit)

@@ -41,6 +41,7 @@ def test_step_statistics_leave_out_the_warmup_step():
     assert peak_memory_mb() > 10
 
 
+@pytest.mark.simulator
 def test_bench_runs_centralized_and_simulator(tmp_path):
     config = BenchConfig(size=TINY_SIZE, patients=8, epochs=1, channels=(4, 8, 16))
     results = bench(tmp_path / "bench", config, modes=("centralized", "simulator"), progress=lambda _: None)

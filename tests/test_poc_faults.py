@@ -22,13 +22,14 @@ from split_unet.simulation import configure_job, run_simulation
 from helpers import TINY_NETWORK, TINY_SIZE, make_dataset
 from test_poc import free_port, processes_mentioning
 
-HARD_LIMIT_S = 420
+pytestmark = pytest.mark.poc
+HARD_LIMIT_S = 1200  # about 4 min on an idle 2-core machine; generous for a loaded one
 TRAIN = {"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 6, "batch_size": 2, "val_interval": 3}
 TASK_TIMEOUT = 10
 CHECKPOINT_INTERVAL = 3
 
 
-def wait_for(path: Path, timeout: float = 120) -> None:
+def wait_for(path: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.is_file():
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
@@ -44,7 +45,7 @@ def job_process(federation: PocFederation, participant: str, job_id: str) -> int
     return found[0]
 
 
-def wait_for_server_checkpoint(path: Path, train_step: int, timeout: float = 120) -> None:
+def wait_for_server_checkpoint(path: Path, train_step: int, timeout: float = 300) -> None:
     """Until the server's checkpoint (written after every site saved theirs) is of ``train_step`` or later."""
     deadline = time.monotonic() + timeout
     while not (path.is_file() and torch.load(path, weights_only=False)["train_step"] >= train_step):
@@ -79,7 +80,7 @@ def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
         wait_for_server_checkpoint(checkpoints / "resumed" / SERVER_SITE / SERVER_CHECKPOINT, 6)
         os.kill(job_process(federation, "t1w", job_id), signal.SIGKILL)
         killed_at = time.time()
-        status = federation.wait(job_id, timeout=120)
+        status = federation.wait(job_id, timeout=300)
         failed = read_summary(federation.download(job_id) / "workspace" / "summary.json")
         assert "COMPLETED" not in status and "NVFlare aborted the job" in failed["error"], failed["error"]
         server_log = (federation.site_root("localhost") / "log.txt").read_text()
@@ -98,13 +99,13 @@ def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
             assert time.monotonic() < deadline, "the resumed job wrote no checkpoint"
             time.sleep(0.05)
         os.kill(job_process(federation, "localhost", job_id), signal.SIGKILL)
-        status = federation.wait(job_id, timeout=120)
+        status = federation.wait(job_id, timeout=300)
         assert "COMPLETED" not in status
 
         # 3. Resume again: the run ends as the uninterrupted one did.
         started = time.monotonic()
         job_id = federation.submit(job("resumed", resume=True))
-        assert "COMPLETED" in federation.wait(job_id, timeout=180)
+        assert "COMPLETED" in federation.wait(job_id, timeout=400)
         resumed = read_summary(federation.download(job_id) / "workspace" / "summary.json")
         assert "error" not in resumed, resumed.get("error")
         assert resumed["dice"]["mean"] == pytest.approx(reference["dice"]["mean"], abs=1e-4)
@@ -121,11 +122,11 @@ def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
         os.kill(hung, signal.SIGSTOP)
         killed_at = time.time()
         try:
-            wait_for(federation.site_root("localhost") / job_id / "summary.json", timeout=120)
+            wait_for(federation.site_root("localhost") / job_id / "summary.json", timeout=300)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(hung, signal.SIGCONT)
-        assert "COMPLETED" in federation.wait(job_id, timeout=120)
+        assert "COMPLETED" in federation.wait(job_id, timeout=300)
         continued = read_summary(federation.download(job_id) / "workspace" / "summary.json")
         assert "error" not in continued, continued.get("error")
         lost = continued["lost_sites"]

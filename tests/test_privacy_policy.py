@@ -23,6 +23,7 @@ def _run(project_root, sites, workspace, **kwargs):
                           privacy_file=project_root / "site_configs/flair/local/privacy.json", **kwargs)
 
 
+@pytest.mark.simulator
 def test_clinical_scope_noises_activations_the_job_did_not_ask_to_protect(project_root, tiny_data, tmp_path):
     _, sites = tiny_data
     # The job configures no filter at all; it only names the sites' "clinical" scope and avoids level 0,

@@ -51,8 +51,16 @@ def test_training_runs_and_loss_falls(trained_tiny):
         assert snapshot_path(workspace / "simulator" / exchange.site / "simulate_job", exchange.step).is_file()
 
 
+@pytest.mark.simulator
 def test_one_step_equals_centralized_split_unet(project_root, tmp_path):
-    """float32 on the wire, no filters: one federated step == one SplitUNet step (max abs diff <= 1e-5)."""
+    """float32 on the wire, no filters: one federated step == one SplitUNet step (max abs diff <= 1e-5 on every
+    weight whose gradient is not tiny).
+
+    Adam's first step moves a weight by lr * g / (|g| + eps), eps = 1e-8. A relative rounding error r in g (another
+    summation order across processes) changes that by at most lr * r * eps / |g|: for |g| >= 1e-7 = 10 eps and
+    r <= 1e-2 that is <= 1e-5, but where |g| is near eps the move can change by up to 2 * lr. So the exact
+    comparison is made where |g| >= 1e-7, and those weights must be at least 90 % of all, so the test cannot
+    pass on a few survivors."""
     msd, sites = make_dataset(tmp_path / "data", patients=3)
     train = {"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "batch_size": 2, "val_fraction": 0.34,
              "lr": 0.01, "seed": 5}
@@ -76,14 +84,23 @@ def test_one_step_equals_centralized_split_unet(project_root, tmp_path):
     optimizer.step()
 
     sim = tmp_path / "ws" / "simulator"
+    compared = total = 0
+
+    def compare(module: torch.nn.Module, saved: dict, where: str) -> None:
+        nonlocal compared, total
+        for name, parameter in module.named_parameters():
+            sensitive = parameter.grad.abs() >= 1e-7
+            difference = (torch.as_tensor(saved[name]) - parameter.detach()).abs()
+            assert torch.all(difference[sensitive] <= 1e-5), (where, name, difference[sensitive].max())
+            compared += int(sensitive.sum())
+            total += parameter.numel()
+
     for k, site in enumerate(SITES):
-        saved = torch.load(sim / site / "simulate_job" / "split_unet_encoder.pt", weights_only=False)["encoder"]
-        for name, value in reference.encoders[k].state_dict().items():
-            assert (saved[name] - value).abs().max() <= 1e-5, (site, name)
+        saved = torch.load(sim / site / "simulate_job" / "split_unet_encoder.pt", weights_only=True)["encoder"]
+        compare(reference.encoders[k], saved, site)
     decoder_file = next(sim.joinpath("server").rglob("split_unet_decoder.pt"))
-    saved = torch.load(decoder_file, weights_only=False)["model"]
-    for name, value in reference.decoder.state_dict().items():
-        assert (torch.as_tensor(saved[name]) - value).abs().max() <= 1e-5, name
+    compare(reference.decoder, torch.load(decoder_file, weights_only=True)["model"], "decoder")
+    assert compared >= 0.9 * total, f"only {compared} of {total} weights had a gradient >= 1e-7"
 
 
 def _final_weights(workspace):
@@ -95,6 +112,7 @@ def _final_weights(workspace):
     return weights
 
 
+@pytest.mark.simulator
 def test_modality_dropout_and_resume_equal_an_uninterrupted_run(project_root, tmp_path):
     """Modality dropout (seed 0, rate 0.5) leaves t1w out of step 2: it sends nothing then. 4 steps in one run
     == 2 steps, a checkpoint, and a second job that resumes and runs 2 more."""
@@ -128,6 +146,7 @@ def test_modality_dropout_and_resume_equal_an_uninterrupted_run(project_root, tm
                                                                                       "step_0000004.pt"]
 
 
+@pytest.mark.simulator
 def test_corrupt_file_at_a_site_stops_the_job_naming_site_patient_file(project_root, tiny_data, tmp_path):
     _, sites = tiny_data
     broken = tmp_path / "sites"
@@ -141,6 +160,7 @@ def test_corrupt_file_at_a_site_stops_the_job_naming_site_patient_file(project_r
     assert "t1gd" in error and "BRATS_003" in error and "BRATS_003.nii.gz" in error
 
 
+@pytest.mark.simulator
 def test_missing_site_data_is_a_clear_error(project_root, tiny_data, tmp_path):
     _, sites = tiny_data
     broken = tmp_path / "sites"

@@ -25,6 +25,7 @@ from scipy.spatial.transform import Rotation
 from scipy.special import expit
 
 from split_unet.data.regions import MODALITIES
+from split_unet.errors import SplitUNetError
 
 __all__ = ["generate_patient", "generate_dataset", "anatomy"]
 
@@ -54,7 +55,11 @@ def _cache_dir() -> Path | None:
 
 def _build_anatomy(size: int) -> tuple[np.ndarray, float]:
     """Tissue fractions of the ICBM152 template, cropped to the brain, padded to a cube, resampled."""
-    from nilearn import datasets  # imported here: nilearn is slow to import and only the phantom needs it
+    # Imported here: nilearn is slow to import, and only the phantom needs it (the `phantom` extra).
+    try:
+        from nilearn import datasets
+    except ImportError as err:
+        raise SplitUNetError("the phantom needs nilearn: pip install 'split-unet[phantom]'") from err
 
     gm = datasets.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32)
     wm = datasets.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32)
