@@ -16,7 +16,7 @@ import torch
 from split_unet.data import SERVER_SITE
 from split_unet.poc import PocFederation
 from split_unet.protocol.checkpoint import SERVER_CHECKPOINT, site_checkpoint
-from split_unet.reports import read_summary
+from split_unet.files import load_json
 from split_unet.simulation import configure_job, run_simulation
 
 from helpers import TINY_NETWORK, TINY_SIZE, make_dataset
@@ -81,7 +81,7 @@ def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
         os.kill(job_process(federation, "t1w", job_id), signal.SIGKILL)
         killed_at = time.time()
         status = federation.wait(job_id, timeout=300)
-        failed = read_summary(federation.download(job_id) / "workspace" / "summary.json")
+        failed = load_json(federation.download(job_id) / "workspace" / "summary.json")
         assert "COMPLETED" not in status and "NVFlare aborted the job" in failed["error"], failed["error"]
         server_log = (federation.site_root("localhost") / "log.txt").read_text()
         assert f"Failing job {job_id} due to reported failure from t1w" in server_log
@@ -106,7 +106,7 @@ def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
         started = time.monotonic()
         job_id = federation.submit(job("resumed", resume=True))
         assert "COMPLETED" in federation.wait(job_id, timeout=400)
-        resumed = read_summary(federation.download(job_id) / "workspace" / "summary.json")
+        resumed = load_json(federation.download(job_id) / "workspace" / "summary.json")
         assert "error" not in resumed, resumed.get("error")
         assert resumed["dice"]["mean"] == pytest.approx(reference["dice"]["mean"], abs=1e-4)
         for ours, theirs in zip(resumed["history"], reference["history"]):
@@ -127,7 +127,7 @@ def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(hung, signal.SIGCONT)
         assert "COMPLETED" in federation.wait(job_id, timeout=300)
-        continued = read_summary(federation.download(job_id) / "workspace" / "summary.json")
+        continued = load_json(federation.download(job_id) / "workspace" / "summary.json")
         assert "error" not in continued, continued.get("error")
         lost = continued["lost_sites"]
         assert list(lost) == ["t2w"] and lost["t2w"]["train_step"] >= 6

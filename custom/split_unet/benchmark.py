@@ -31,7 +31,7 @@ from split_unet.data import DATALIST, MODALITIES, SERVER_SITE, generate_dataset,
 from split_unet.errors import SplitUNetError
 from split_unet.poc import PROJECT_FILE, PocFederation, run_job
 from split_unet.profiling import step_statistics
-from split_unet.reports import read_summary, write_summary
+from split_unet.files import load_json, write_json
 from split_unet.simulation import configure_job, run_simulation
 
 MODES = ("centralized", "simulator", "poc")
@@ -167,7 +167,7 @@ def run_centralized(msd: Path, workspace: Path, config: BenchConfig) -> dict:
     workspace.mkdir(parents=True, exist_ok=True)
     with open(workspace / "centralized.log", "w") as log:
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
-    return read_summary(workspace / "summary.json")
+    return load_json(workspace / "summary.json")
 
 
 def run_in_simulator(sites_dir: Path, workspace: Path, job: Path, site_configs: Path, config: BenchConfig) -> dict:
@@ -194,10 +194,10 @@ def run_in_poc(sites_dir: Path, workspace: Path, job: Path, site_configs: Path, 
         federation.prepare()
         federation.start()
         train_job = configure_job(job, workspace / "job", executor={"num_threads": site_threads(config.sites)})
-        summary = read_summary(run_job(federation, "train", train_job, "cli", report, progress,
+        summary = load_json(run_job(federation, "train", train_job, "cli", report, progress,
                                        timeout=config.job_timeout) / "summary.json")
     summary["poc_seconds"] = report["seconds"]
-    write_summary(workspace / "summary.json", summary)
+    write_json(workspace / "summary.json", summary)
     return summary
 
 
@@ -269,7 +269,7 @@ def bench(out: str | Path, config: BenchConfig, modes: Sequence[str] = MODES, da
                 row["ratio_to_centralized"] = round(row["step_seconds"]["median"]
                                                     / reference["step_seconds"]["median"], 3)
                 row["epoch_ratio_to_centralized"] = round(row["epoch_seconds"] / reference["epoch_seconds"], 3)
-    write_summary(out / "bench.json", result)
+    write_json(out / "bench.json", result)
     return result
 
 

@@ -176,12 +176,12 @@ def cmd_report(args) -> int:
 
 def _named_files(items: list[str], file_name: str) -> dict[str, dict]:
     """NAME=DIR_OR_FILE arguments -> {name: parsed JSON}."""
-    from split_unet.reports import read_summary
+    from split_unet.files import load_json
 
     rows = {}
     for item in items:
         name, _, path = item.rpartition("=")
-        rows[name or path] = read_summary(Path(path) / file_name if Path(path).is_dir() else path)
+        rows[name or path] = load_json(Path(path) / file_name if Path(path).is_dir() else path)
     return rows
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from split_unet.errors import DataError
 from split_unet.protocol.wire import TASK_INFER, TASK_INIT
-from split_unet.reports import read_summary, write_summary
+from split_unet.files import load_json, write_json
 from split_unet.simulation import CONTROLLER_PATHS, EXECUTOR_PATH, configure_job, simulate
 from split_unet.training import TrainConfig
 
@@ -28,7 +28,7 @@ def read_training_summary(train_workspace: str | Path) -> dict:
     summary_path = Path(train_workspace) / "summary.json"
     if not summary_path.is_file():
         raise DataError("no training summary (run `split-unet simulate` first)", field=str(summary_path))
-    summary = read_summary(summary_path)
+    summary = load_json(summary_path)
     if "error" in summary:
         raise DataError(f"the training run failed: {summary['error']}", field=str(summary_path))
     return summary
@@ -95,7 +95,7 @@ def collect_segmentations(found: Path, workspace: Path, failure: str) -> dict:
         if target != found:
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(found, target)
-        result = read_summary(target / "inference.json")
+        result = load_json(target / "inference.json")
         result["segmentations"] = str(target)
-    write_summary(workspace / "inference.json", result)
+    write_json(workspace / "inference.json", result)
     return result

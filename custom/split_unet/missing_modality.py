@@ -15,7 +15,7 @@ from split_unet.data import SERVER_SITE, SiteImages, SiteLabels, split_patients
 from split_unet.errors import DataError
 from split_unet.inference import read_training_summary, trained_config
 from split_unet.networks import SplitUNet, build_split_unet
-from split_unet.reports import write_summary
+from split_unet.files import write_json
 from split_unet.training import TrainConfig, dice_without_each_input
 
 RESULT_FILE = "missing_modality.json"
@@ -53,7 +53,7 @@ def evaluate_missing_modalities(workspace: str | Path, sites_dir: str | Path) ->
     target = torch.from_numpy(labels.batch(val_ids))
     result = {"sites": sites, "validation_cases": len(val_ids),
               "dice": dice_without_each_input(model, inputs, target, sites, config.val_batch_size)}
-    write_summary(Path(workspace) / RESULT_FILE, result)
+    write_json(Path(workspace) / RESULT_FILE, result)
     return result
 
 

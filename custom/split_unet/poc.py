@@ -30,7 +30,7 @@ import yaml
 from split_unet.errors import SplitUNetError
 from split_unet.inference import SEGMENTATIONS, build_inference_job, collect_segmentations, trained_config
 from split_unet.protocol.settings import ENV_SITES, SETTINGS_FILE, allow_job_classes
-from split_unet.reports import read_summary, write_summary
+from split_unet.files import load_json, write_json
 from split_unet.simulation import configure_job
 
 PROJECT_FILE = Path(__file__).resolve().parents[2] / "poc" / "project.yml"
@@ -255,7 +255,7 @@ def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, job_di
     if not (server_run / "summary.json").is_file():
         server_run = federation.download(train_job_id) / "workspace"
     job = build_inference_job(job_dir, out / "jobs" / "infer", str(server_run / "app_server" / DECODER_FILE),
-                              f"{train_job_id}/{ENCODER_FILE}", trained_config(read_summary(server_run / "summary.json")),
+                              f"{train_job_id}/{ENCODER_FILE}", trained_config(load_json(server_run / "summary.json")),
                               patients, with_code)
     server_run = run_job(federation, "infer", job, "api", report, say)
     return collect_segmentations(server_run / SEGMENTATIONS, out, f"no inference.json in {server_run}")
@@ -288,8 +288,8 @@ def run_pipeline(federation: PocFederation, out: str | Path, job_dir: str | Path
                     report, say)
             executor["psi_job_id"] = report["jobs"]["psi"]["id"]
         job = configure_job(job_dir, out / "jobs" / "train", train, controller, executor, with_code=with_code)
-        summary = read_summary(run_job(federation, "train", job, "cli", report, say) / "summary.json")
-        write_summary(out / "summary.json", summary)
+        summary = load_json(run_job(federation, "train", job, "cli", report, say) / "summary.json")
+        write_json(out / "summary.json", summary)
         report["train"] = {k: summary.get(k) for k in ("dice", "hd95", "steps", "wall_seconds", "config", "error")}
         report["infer"] = infer_in_poc(federation, report["jobs"]["train"]["id"], out, job_dir, with_code,
                                        report=report, progress=progress)
@@ -297,7 +297,7 @@ def run_pipeline(federation: PocFederation, out: str | Path, job_dir: str | Path
         started = time.perf_counter()
         federation.stop()
         _timed(report, "stop", started, say)
-        write_summary(out / "poc.json", report)
+        write_json(out / "poc.json", report)
     return report
 
 

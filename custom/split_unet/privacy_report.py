@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from split_unet.errors import DataError
-from split_unet.reports import read_summary, write_summary
+from split_unet.files import load_json, write_json
 
 TARGET_SSIM = 0.3
 TARGET_LABEL_FRACTION = 0.5
@@ -57,7 +57,7 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path
         # A configuration may point at a finished `split-unet simulate --record-steps` workspace instead.
         workspace = Path(configuration.get("workspace") or out_dir / "runs" / slug(name))
         summary_path = workspace / "summary.json"
-        if not (summary_path.is_file() and "error" not in read_summary(summary_path)):
+        if not (summary_path.is_file() and "error" not in load_json(summary_path)):
             log(f"[{index + 1}/{len(configurations)}] training: {name}")
             train = {**sweep.get("train", {}), **configuration.get("train", {})}
             if "network" in sweep.get("train", {}) and "network" in configuration.get("train", {}):
@@ -71,7 +71,7 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path
                 log(f"    failed: {summary['error']}")
                 rows.append({"name": name, "error": summary["error"], "workspace": str(workspace)})
                 continue
-        summary = read_summary(summary_path)
+        summary = load_json(summary_path)
         leakage_path = workspace / "leakage.json"
         done = json.loads(leakage_path.read_text()).get("attacks", {}) if leakage_path.is_file() else {}
         for attack in attacks:
@@ -211,5 +211,5 @@ def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dic
     (out_dir / "report.md").write_text("\n".join(lines))
     report = {"rows": rows, "frontier": [valid[i]["name"] for i in front],
               "recommended": best["name"] if best else None, "verdict": verdict}
-    write_summary(out_dir / "report.json", report)
+    write_json(out_dir / "report.json", report)
     return report

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from split_unet.data import REGION_NAMES
 
 
@@ -16,20 +13,6 @@ def make_summary(metrics: dict | None, *, epochs: int, steps: int, wall_seconds:
     return {"dice": metrics["dice"], "hd95": metrics["hd95"], "hd95_unit": "voxel",
             "validation_cases": metrics["cases"], "epochs": epochs, "steps": steps,
             "wall_seconds": round(wall_seconds, 2), "config": config, **extra}
-
-
-def write_summary(path: str | Path, summary: dict) -> Path:
-    """Write atomically, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(path)
-    return path
-
-
-def read_summary(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 def dice_table(rows: dict[str, dict]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from split_unet.errors import DataError
 from split_unet.protocol.settings import CLASS_ALLOW_LIST, ENV_SITE_CONFIGS, ENV_SITES
 from split_unet.protocol.wire import TASK_FINISH, TASK_TRAIN, TASK_VALIDATE
-from split_unet.reports import read_summary, write_summary
+from split_unet.files import load_json, write_json
 
 CONTROLLER_PATHS = ("split_unet.protocol.controller.SplitUNetController",
                     "split_unet.protocol.inference.SplitInferenceController")
@@ -140,10 +140,10 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
     return_code = simulate(job, workspace, sites_dir, site_configs, progress, privacy_file)
     log_path = workspace / "simulator.log"
     summary_path = workspace / "simulator" / "server" / "simulate_job" / "summary.json"
-    summary = read_summary(summary_path) if summary_path.is_file() else {
+    summary = load_json(summary_path) if summary_path.is_file() else {
         "error": f"the simulator exited with code {return_code} before writing a summary; see {log_path}"}
     summary["artefacts"] = artefacts(workspace, clients)
-    write_summary(workspace / "summary.json", summary)
+    write_json(workspace / "summary.json", summary)
     return summary
 
 

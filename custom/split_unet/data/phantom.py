@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from scipy.special import expit
 
 from split_unet.data.regions import MODALITIES
 from split_unet.errors import SplitUNetError
+from split_unet.files import write_atomically
 
 __all__ = ["generate_patient", "generate_dataset", "anatomy"]
 
@@ -95,12 +95,8 @@ def anatomy(size: int) -> tuple[np.ndarray, float]:
             return stored["tissue"], float(stored["spacing"])
     tissue, spacing = _build_anatomy(size)
     if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename: concurrent sites may build the same cache file at once.
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-                np.savez(tmp, tissue=tissue, spacing=spacing)
-            os.replace(tmp.name, path)
+        try:  # concurrent sites may build the same cache file at once
+            write_atomically(path, lambda file: np.savez(file, tissue=tissue, spacing=spacing))
         except OSError as err:
             warnings.warn(f"could not cache the phantom anatomy in {path.parent}: {err}", stacklevel=2)
     return tissue, spacing

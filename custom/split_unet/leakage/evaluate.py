@@ -23,7 +23,7 @@ from split_unet.data import SiteImages, SiteLabels
 from split_unet.data.partition import SERVER_SITE
 from split_unet.errors import DataError
 from split_unet.networks import ModalityEncoder, NetworkConfig
-from split_unet.reports import write_summary
+from split_unet.files import write_json
 from split_unet.training import select_device
 
 from .attacks import (gradient_label_leakage, learned_inversion, random_mask_like, train_inversion_decoder,
@@ -203,7 +203,7 @@ def _merge(path: Path, attack: str, results: dict) -> dict:
     sites = document.setdefault("attacks", {}).setdefault(attack, {})
     for site, steps in results.items():
         sites.setdefault(site, {}).update(steps)
-    write_summary(path, document)
+    write_json(path, document)
     return document
 
 

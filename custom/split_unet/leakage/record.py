@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from split_unet.protocol.checkpoint import save_atomically
+from split_unet.files import save_atomically
 
 RECORD_FOLDER = "leakage_record"
 SNAPSHOT_FOLDER = "encoder_snapshots"

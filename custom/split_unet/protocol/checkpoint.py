@@ -1,4 +1,4 @@
-"""Checkpoint files: written atomically (a crash mid-write never leaves a half-written file in place).
+"""Checkpoint files, written atomically (``files.save_atomically``): a crash mid-write never leaves half a file.
 
 Resumable training keeps, in a checkpoint folder outside any job's run folder, the server's
 ``server.pt`` (decoder, optimiser, progress, RNG) and at each site ``step_<train step>.pt`` (encoder,
@@ -8,24 +8,15 @@ names a step every site holds; a site keeps its last two files for the crash in 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from split_unet.errors import ProtocolError
+from split_unet.files import save_atomically
 
 SERVER_CHECKPOINT = "server.pt"
 SITE_CHECKPOINTS_KEPT = 2
-
-
-def save_atomically(state: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def site_checkpoint(folder: str | Path, train_step: int) -> Path:

@@ -27,13 +27,14 @@ from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
 from split_unet.data import DATALIST, MODALITIES, SiteLabels, split_patients
 from split_unet.errors import ProtocolError, SplitUNetError
+from split_unet.files import save_atomically, write_json
 from split_unet.networks import build_decoder
 from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb
-from split_unet.reports import make_summary, write_summary
+from split_unet.reports import make_summary
 from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, dropped_input, epoch_batches,
                                  logits_to_masks, present_inputs, select_device)
 
-from .checkpoint import SERVER_CHECKPOINT, load_checkpoint, save_atomically
+from .checkpoint import SERVER_CHECKPOINT, load_checkpoint
 from .codecs import CODECS
 from .settings import load_site_settings
 from .wire import (KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INIT, TASK_TRAIN, TASK_VALIDATE,
@@ -249,7 +250,7 @@ class SplitUNetController(Controller):
             cpu_seconds={"server": cpu_seconds(),
                          "sites": {site: self.reply_info.get(site, {}).get("cpu_seconds") for site in self.sites}},
         )
-        path = write_summary(self.run_dir / self.summary_file, summary)
+        path = write_json(self.run_dir / self.summary_file, summary)
         self.log_info(fl_ctx, f"summary written to {path}")
 
     def _initialize_sites(self, abort_signal: Signal, fl_ctx: FLContext) -> dict[str, list[str]]:
@@ -438,7 +439,7 @@ class SplitUNetController(Controller):
         """Record why the run ended and stop the job (nothing already saved is touched)."""
         self.log_error(fl_ctx, f"split learning stopped: {reason}")
         if self.run_dir is not None:
-            write_summary(self.run_dir / self.summary_file, {
+            write_json(self.run_dir / self.summary_file, {
                 "error": reason, "rounds_done": self._step, "train_step": self._train_step,
                 "last_checkpoint": self._last_checkpoint, "failed_at": time.time(), "lost_sites": self._lost})
         self.cancel_all_tasks()

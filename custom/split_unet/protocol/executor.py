@@ -16,12 +16,13 @@ from nvflare.private.privacy_manager import PrivacyService
 
 from split_unet.data import SiteImages
 from split_unet.errors import ProtocolError, SplitUNetError
+from split_unet.files import save_atomically
 from split_unet.leakage.record import snapshot_path
 from split_unet.networks import build_encoder
 from split_unet.profiling import cpu_seconds, peak_memory_mb
 from split_unet.training import EncoderParty, TrainConfig, select_device
 
-from .checkpoint import load_checkpoint, save_atomically, save_site_checkpoint, site_checkpoint
+from .checkpoint import load_checkpoint, save_site_checkpoint, site_checkpoint
 from .psi import read_intersection
 from .settings import load_site_settings
 from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INFER, TASK_INIT,

@@ -21,7 +21,7 @@ from nvflare.apis.signal import Signal
 
 from split_unet.data import label_from_regions, label_to_source
 from split_unet.errors import ProtocolError
-from split_unet.reports import write_summary
+from split_unet.files import write_json
 from split_unet.training import RegionMetrics, chunks, logits_to_masks
 
 from .controller import SplitUNetController
@@ -80,7 +80,7 @@ class SplitInferenceController(SplitUNetController):
             aggregate = scored.aggregate()
             summary.update(dice=aggregate["dice"], hd95=aggregate["hd95"], scored_cases=aggregate["cases"])
             self.log_info(fl_ctx, "Dice " + " ".join(f"{k} {v:.3f}" for k, v in aggregate["dice"].items()))
-        write_summary(out / RESULT_FILE, summary)
+        write_json(out / RESULT_FILE, summary)
         self.log_info(fl_ctx, f"segmentations written to {out}")
 
     def _geometry(self, patient_id: str) -> tuple[np.ndarray, tuple[int, ...]]:

@@ -17,7 +17,8 @@ from torch.utils.tensorboard import SummaryWriter
 from split_unet.data import MODALITIES, find_cases, load_case, split_patients
 from split_unet.networks import build_split_unet
 from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb
-from split_unet.reports import make_summary, write_summary
+from split_unet.files import write_json
+from split_unet.reports import make_summary
 
 from .config import TrainConfig
 from .metrics import RegionMetrics, logits_to_masks
@@ -130,7 +131,7 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
                                                     "cpu_seconds_per_step": {"process": step_cpu.per_step,
                                                                              "total": step_cpu.per_step}},
                            memory_mb={"process": peak_memory_mb()}, cpu_seconds={"process": cpu_seconds()})
-    write_summary(out_dir / "summary.json", summary)
+    write_json(out_dir / "summary.json", summary)
     return summary
 
 
