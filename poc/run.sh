@@ -3,7 +3,7 @@
 # prepare from poc/project.yml, start the server and the four sites, PSI, training, split inference,
 # download the results, stop. Example:
 #   bash poc/run.sh --sites data/phantom64/sites --workspace runs/poc --epochs 2
-# Options: python -m split_unet.poc --help. Phase wall times and job ids end up in WORKSPACE/poc.json.
+# Options: split-unet poc --help. Phase wall times and job ids end up in WORKSPACE/poc.json.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-exec "${PYTHON:-.venv/bin/python}" -m split_unet.poc "$@"
+exec "${SPLIT_UNET:-.venv/bin/split-unet}" poc "$@"

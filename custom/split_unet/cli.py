@@ -8,46 +8,7 @@ import sys
 from pathlib import Path
 
 from split_unet.errors import SplitUNetError
-
-
-def _train_overrides(args: argparse.Namespace) -> dict:
-    """Only the options the user gave; the job config (or TrainConfig) supplies the rest."""
-    train = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "size", "val_interval",
-                                                 "val_fraction", "device", "modality_dropout", "micro_batches",
-                                                 "decoder_checkpointing")
-             if getattr(args, key, None) is not None}
-    network = {}
-    if getattr(args, "channels", None):
-        network["channels"] = [int(c) for c in args.channels.split(",")]
-        network["strides"] = [2] * (len(network["channels"]) - 1)
-    if getattr(args, "levels", None):
-        network["levels"] = [int(level) for level in args.levels.split(",")]
-    if getattr(args, "fusion", None):
-        network["fusion"] = args.fusion
-    if network:
-        train["network"] = network
-    return train
-
-
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training budget (defaults: the job config / TrainConfig)")
-    group.add_argument("--epochs", type=int)
-    group.add_argument("--batch-size", type=int)
-    group.add_argument("--lr", type=float)
-    group.add_argument("--seed", type=int)
-    group.add_argument("--size", type=int, help="volume edge after crop/pad (voxels)")
-    group.add_argument("--val-interval", type=int)
-    group.add_argument("--val-fraction", type=float)
-    group.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
-    group.add_argument("--channels", help="feature channels per level, e.g. 8,16,32,64")
-    group.add_argument("--levels", help="levels the sites send, e.g. 1,2,3 (default: all)")
-    group.add_argument("--fusion", choices=("concat", "mean"))
-    group.add_argument("--modality-dropout", type=float,
-                       help="probability that one site, drawn per step, is left out of a training step (default 0)")
-    group.add_argument("--micro-batches", type=int,
-                       help="the server's decoder runs each batch in this many parts (less memory, same step)")
-    group.add_argument("--decoder-checkpointing", action="store_true", default=None,
-                       help="the decoder recomputes activations in its backward pass (less server memory)")
+from split_unet.options import add_train_options, train_overrides
 
 
 def _print_result(name: str, summary: dict) -> None:
@@ -95,7 +56,7 @@ def cmd_simulate(args) -> int:
     controller = {"wire_dtype": args.wire_dtype} if args.wire_dtype else None
     record_steps = [int(step) for step in args.record_steps.split(",")] if args.record_steps else None
     summary = run_simulation(args.sites, args.workspace, job_dir=args.job, site_configs=args.site_configs,
-                             train=_train_overrides(args), controller=controller, record_steps=record_steps,
+                             train=train_overrides(args), controller=controller, record_steps=record_steps,
                              privacy_file=args.privacy, scope=args.scope)
     if "error" in summary:
         print(f"split learning failed: {summary['error']}", file=sys.stderr)
@@ -111,7 +72,7 @@ def cmd_centralized(args) -> int:
     from split_unet.training import TrainConfig
     from split_unet.training.centralized import train_centralized
 
-    overrides = _train_overrides(args)
+    overrides = train_overrides(args)
     network = overrides.pop("network", {})
     config = TrainConfig.from_dict(overrides)
     if network:
@@ -217,6 +178,17 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def cmd_poc(args) -> int:
+    from split_unet.poc import PocFederation, run_pipeline
+
+    federation = PocFederation(Path(args.workspace) / "federation", args.sites, args.site_configs, port=args.port)
+    report = run_pipeline(federation, args.workspace, args.job, None if args.psi_job == "none" else args.psi_job,
+                          train_overrides(args), with_code=args.with_code, job_timeout=args.job_timeout)
+    print(json.dumps({k: report[k] for k in ("seconds", "jobs")}, indent=2))
+    print(f"results: {Path(args.workspace).resolve() / 'poc.json'}")
+    return 0
+
+
 def cmd_table(args) -> int:
     from split_unet.reports import dice_table, leakage_table
 
@@ -266,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--scope", help="the privacy scope the job asks for (meta.json scope)")
     simulate.add_argument("--record-steps", help="leakage evaluation: training steps to record, e.g. 1,-1 "
                                                  "(-1 = last); sites keep encoder snapshots of them")
-    _add_train_options(simulate)
+    add_train_options(simulate)
     simulate.set_defaults(func=cmd_simulate)
 
     centralized = commands.add_parser("centralized", help="the same budget in one process (baselines)")
@@ -276,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     centralized.add_argument("--out", required=True)
     centralized.add_argument("--encoders", type=int, default=4,
                              help="late fusion: encoders, the modalities repeated beyond four (benchmarks)")
-    _add_train_options(centralized)
+    add_train_options(centralized)
     centralized.set_defaults(func=cmd_centralized)
 
     bench = commands.add_parser("bench", help="seconds per step, bytes, round trips and peak memory: centralized "
@@ -324,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--job", default="jobs/split_unet")
     report.add_argument("--site-configs", default="site_configs")
     report.set_defaults(func=cmd_report)
+
+    poc = commands.add_parser("poc", help="a real NVFlare federation on this machine (POC, loopback only): "
+                                          "prepare, start, PSI, train, infer, download, stop")
+    poc.add_argument("--sites", required=True, help="folder written by `split-unet partition`")
+    poc.add_argument("--workspace", required=True, help="the federation's own folder (POC, HOME, results)")
+    poc.add_argument("--job", default="jobs/split_unet")
+    poc.add_argument("--psi-job", default="jobs/split_unet_psi", help="'none': train on all common patients")
+    poc.add_argument("--site-configs", default="site_configs")
+    poc.add_argument("--port", type=int, help="server port (default: the project file's)")
+    poc.add_argument("--with-code", action="store_true", help="jobs carry the split_unet package (BYOC)")
+    poc.add_argument("--job-timeout", type=float, default=1800, help="seconds to wait for each job (default 1800)")
+    add_train_options(poc)
+    poc.set_defaults(func=cmd_poc)
 
     infer = commands.add_parser("infer", help="segment with a trained Split-U-Net (encoders at the sites, decoder "
                                               "at the server): simulator or POC")

@@ -4,7 +4,7 @@
 listens on 127.0.0.1 only), installs every site's local settings, starts the server and the sites, submits
 jobs (``nvflare job submit`` or the FLARE Session API), waits, downloads results and stops everything it
 started. ``run_pipeline`` is the whole story: PSI, training on the intersection, split inference.
-``python -m split_unet.poc`` (``poc/run.sh``) runs it from the command line.
+``split-unet poc`` (``poc/run.sh``) runs it from the command line.
 
 All NVFlare commands run with ``HOME`` and ``NVFLARE_POC_WORKSPACE`` inside the federation's own folder:
 ``nvflare poc prepare`` writes ``~/.nvflare/config.conf``, which must not touch the user's.
@@ -12,7 +12,6 @@ All NVFlare commands run with ``HOME`` and ``NVFLARE_POC_WORKSPACE`` inside the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -26,11 +25,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
 
 from split_unet.errors import SplitUNetError
+from split_unet.files import load_json, write_json
 from split_unet.inference import SEGMENTATIONS, build_inference_job, collect_segmentations, trained_config
 from split_unet.protocol.settings import ENV_SITES, SETTINGS_FILE, allow_job_classes
-from split_unet.files import load_json, write_json
 from split_unet.simulation import configure_job
 
 PROJECT_FILE = Path(__file__).resolve().parents[2] / "poc" / "project.yml"
@@ -182,11 +182,29 @@ class PocFederation:
             raise PocError(f"no job id in the output of `nvflare job submit`: {output[-500:]}")
         return match.group(0)
 
-    def wait(self, job_id: str, timeout: float = 600) -> str:
-        """Wait for a job to end; return its final status (``FINISHED:COMPLETED`` when it went well)."""
+    def wait(self, job_id: str, timeout: float = 600, progress: Callable[[str], None] | None = None,
+             report_every: float = 30.0) -> str:
+        """Wait for a job to end; return its final status (``FINISHED:COMPLETED`` when it went well).
+
+        ``progress`` hears the job's status every ``report_every`` seconds; after ``timeout`` seconds a
+        PocError says that the job is still running (it is left running: ``nvflare job abort`` ends it)."""
+        started = last_report = time.monotonic()
+
+        def report(_session, _job_id, meta, *_) -> bool:
+            nonlocal last_report
+            if progress and time.monotonic() - last_report >= report_every:
+                last_report = time.monotonic()
+                progress(f"job {job_id}: {meta.get('status')} after {last_report - started:.0f} s")
+            return True
+
         with self.session() as session:
-            meta = session.wait_for_job(job_id, timeout=timeout, poll_interval=1.0)
-        return str(meta.get("status"))
+            code, meta = session.monitor_job_and_return_job_meta(job_id, timeout=timeout, poll_interval=1.0,
+                                                                 cb=report)
+        if code == MonitorReturnCode.TIMEOUT:
+            raise PocError(f"job {job_id} did not end within {timeout:.0f} s (last status "
+                           f"{(meta or {}).get('status')}); it is still running: wait longer (--job-timeout) or "
+                           f"`nvflare job abort {job_id}`")
+        return str((meta or {}).get("status"))
 
     def download(self, job_id: str) -> Path:
         """The job's result (every participant's run folder and logs) under ``results/<job id>``."""
@@ -227,7 +245,7 @@ def run_job(federation: PocFederation, name: str, job: Path, via: str, report: d
     started = time.perf_counter()
     job_id = federation.submit(job, via=via)
     say(f"{name}: job {job_id} submitted ({via})")
-    status = federation.wait(job_id, timeout=timeout)
+    status = federation.wait(job_id, timeout=timeout, progress=say)
     report.setdefault("jobs", {})[name] = {"id": job_id, "status": status}
     _timed(report, name, started, say)
     if "COMPLETED" not in status:
@@ -245,7 +263,7 @@ def _timed(report: dict, phase: str, started: float, say: Callable[[str], None])
 
 def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, job_dir: str | Path = "jobs/split_unet",
                  with_code: bool = False, patients: Sequence[str] = (), report: dict | None = None,
-                 progress: Callable[[str], None] | None = print) -> dict:
+                 progress: Callable[[str], None] | None = print, job_timeout: float = 600) -> dict:
     """Segment with the models of a finished POC training job (the federation running); results in ``out``."""
     report = {} if report is None else report
     say = progress or (lambda _: None)
@@ -257,17 +275,18 @@ def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, job_di
     job = build_inference_job(job_dir, out / "jobs" / "infer", str(server_run / "app_server" / DECODER_FILE),
                               f"{train_job_id}/{ENCODER_FILE}", trained_config(load_json(server_run / "summary.json")),
                               patients, with_code)
-    server_run = run_job(federation, "infer", job, "api", report, say)
+    server_run = run_job(federation, "infer", job, "api", report, say, job_timeout)
     return collect_segmentations(server_run / SEGMENTATIONS, out, f"no inference.json in {server_run}")
 
 
 def run_pipeline(federation: PocFederation, out: str | Path, job_dir: str | Path = "jobs/split_unet",
                  psi_job: str | Path | None = "jobs/split_unet_psi", train: dict | None = None,
                  controller: dict | None = None, with_code: bool = False,
-                 progress: Callable[[str], None] | None = print) -> dict:
+                 progress: Callable[[str], None] | None = print, job_timeout: float = 600) -> dict:
     """Prepare, start, PSI, train, infer, download, stop; return (and write to ``out/poc.json``) the results.
 
-    ``with_code`` makes every job carry the ``split_unet`` package (for sites that do not install it).
+    ``with_code`` makes every job carry the ``split_unet`` package (for sites that do not install it);
+    ``job_timeout`` bounds each job's wait (seconds).
     Training is submitted with ``nvflare job submit``, PSI and inference through the Session API.
     """
     out = Path(out).resolve()
@@ -285,48 +304,17 @@ def run_pipeline(federation: PocFederation, out: str | Path, job_dir: str | Path
         executor = {}
         if psi_job is not None:
             run_job(federation, "psi", configure_job(psi_job, out / "jobs" / "psi", with_code=with_code), "api",
-                    report, say)
+                    report, say, job_timeout)
             executor["psi_job_id"] = report["jobs"]["psi"]["id"]
         job = configure_job(job_dir, out / "jobs" / "train", train, controller, executor, with_code=with_code)
-        summary = load_json(run_job(federation, "train", job, "cli", report, say) / "summary.json")
+        summary = load_json(run_job(federation, "train", job, "cli", report, say, job_timeout) / "summary.json")
         write_json(out / "summary.json", summary)
         report["train"] = {k: summary.get(k) for k in ("dice", "hd95", "steps", "wall_seconds", "config", "error")}
         report["infer"] = infer_in_poc(federation, report["jobs"]["train"]["id"], out, job_dir, with_code,
-                                       report=report, progress=progress)
+                                       report=report, progress=progress, job_timeout=job_timeout)
     finally:
         started = time.perf_counter()
         federation.stop()
         _timed(report, "stop", started, say)
         write_json(out / "poc.json", report)
     return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m split_unet.poc --sites DIR --workspace DIR [training options]``."""
-    from split_unet.cli import _add_train_options, _train_overrides
-
-    parser = argparse.ArgumentParser(prog="poc/run.sh", description=run_pipeline.__doc__)
-    parser.add_argument("--sites", required=True, help="folder written by `split-unet partition`")
-    parser.add_argument("--workspace", required=True, help="the federation's own folder (POC, HOME, results)")
-    parser.add_argument("--job", default="jobs/split_unet")
-    parser.add_argument("--psi-job", default="jobs/split_unet_psi", help="'none': train on all common patients")
-    parser.add_argument("--site-configs", default="site_configs")
-    parser.add_argument("--port", type=int, help="server port (default: the project file's)")
-    parser.add_argument("--with-code", action="store_true", help="jobs carry the split_unet package (BYOC)")
-    _add_train_options(parser)
-    args = parser.parse_args(argv)
-    federation = PocFederation(Path(args.workspace) / "federation", args.sites, args.site_configs, port=args.port)
-    try:
-        report = run_pipeline(federation, args.workspace, args.job,
-                              None if args.psi_job == "none" else args.psi_job, _train_overrides(args),
-                              with_code=args.with_code)
-    except SplitUNetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: report[k] for k in ("seconds", "jobs")}, indent=2))
-    print(f"results: {Path(args.workspace).resolve() / 'poc.json'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

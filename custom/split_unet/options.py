@@ -1,0 +1,45 @@
+"""Training options shared by the command-line launchers (``split-unet simulate``, ``centralized``, ``poc``)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def train_overrides(args: argparse.Namespace) -> dict:
+    """Only the options the user gave; the job config (or TrainConfig) supplies the rest."""
+    train = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "size", "val_interval",
+                                                 "val_fraction", "device", "modality_dropout", "micro_batches",
+                                                 "decoder_checkpointing")
+             if getattr(args, key, None) is not None}
+    network = {}
+    if getattr(args, "channels", None):
+        network["channels"] = [int(c) for c in args.channels.split(",")]
+        network["strides"] = [2] * (len(network["channels"]) - 1)
+    if getattr(args, "levels", None):
+        network["levels"] = [int(level) for level in args.levels.split(",")]
+    if getattr(args, "fusion", None):
+        network["fusion"] = args.fusion
+    if network:
+        train["network"] = network
+    return train
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training budget (defaults: the job config / TrainConfig)")
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--lr", type=float)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--size", type=int, help="volume edge after crop/pad (voxels)")
+    group.add_argument("--val-interval", type=int)
+    group.add_argument("--val-fraction", type=float)
+    group.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    group.add_argument("--channels", help="feature channels per level, e.g. 8,16,32,64")
+    group.add_argument("--levels", help="levels the sites send, e.g. 1,2,3 (default: all)")
+    group.add_argument("--fusion", choices=("concat", "mean"))
+    group.add_argument("--modality-dropout", type=float,
+                       help="probability that one site, drawn per step, is left out of a training step (default 0)")
+    group.add_argument("--micro-batches", type=int,
+                       help="the server's decoder runs each batch in this many parts (less memory, same step)")
+    group.add_argument("--decoder-checkpointing", action="store_true", default=None,
+                       help="the decoder recomputes activations in its backward pass (less server memory)")
