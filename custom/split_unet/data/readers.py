@@ -176,7 +176,8 @@ def check_header(image: nib.Nifti1Image, path: Path, channel: int | None, max_vo
     if voxels > max_voxels:
         raise fail(f"shape {shape} has {voxels} voxels, more than the {max_voxels} allowed for this grid")
     header = image.header
-    declared = int(header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    offset = getattr(image.dataobj, "offset", header.get_data_offset())  # as on disk (image.header may reset it)
+    declared = int(offset) + int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
     data_file = Path(image.file_map["image"].filename or path)  # the .img of a NIfTI pair, else the file itself
     size = data_file.stat().st_size
     if data_file.name.endswith(".gz"):

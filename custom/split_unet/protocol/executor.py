@@ -24,7 +24,7 @@ from split_unet.training import EncoderParty, TrainConfig, select_device
 
 from .checkpoint import load_checkpoint, save_atomically, save_site_checkpoint, site_checkpoint
 from .paths import inside
-from .psi import read_intersection
+from .psi import intersection_path, read_intersection
 from .settings import load_site_settings
 from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INFER, TASK_INIT,
                    TASK_TRAIN, TASK_VALIDATE, TensorMessage, dxo_of, error_reply, selected_step)
@@ -119,6 +119,8 @@ class ModalitySiteExecutor(Executor):
         encoder_path = inside(root, self.encoder_path, site=site, field="encoder_path") if self.encoder_path else None
         if self.checkpoint_dir:
             self._checkpoint_folder(root, site)
+        if self.psi_job_id:
+            intersection_path(root, self.psi_job_id, site)
         self.images = SiteImages(settings["data_dir"], config.size, config.spacing, site=site)
         if self.psi_job_id:
             self.images.keep(read_intersection(root, self.psi_job_id, site))

@@ -48,17 +48,17 @@ class SplitInferenceController(SplitUNetController):
                  **kwargs):
         super().__init__(persistor_id="", **kwargs)
         self.decoder_path = decoder_path
-        self.patients = list(patients)
+        # Each becomes a file name "<id>.nii.gz": the id rule keeps it in the output folder.
+        self.patients = check_patient_ids(patients, site="server", field="patients", error=ProtocolError)
         self.output_folder = output_folder
 
     def run_workflow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         start = time.perf_counter()
         common = self._setup(abort_signal, fl_ctx, labels_required=False)
-        patient_ids = check_patient_ids(self.patients, site="server", field="patients", error=ProtocolError) or common
+        patient_ids = self.patients or common
         if unknown := sorted(set(patient_ids) - set(common)):
             raise ProtocolError(f"{len(unknown)} requested patients are not held by every site, e.g. {unknown[0]}",
                                 site="server", field="patients")
-        # Patient ids follow the id rule (checked where they entered), so "<id>.nii.gz" stays in this folder.
         out = inside(self.run_dir, self.output_folder, site="server", field="output_folder", where="run folder")
         out.mkdir(parents=True, exist_ok=True)
         results, scored = {}, RegionMetrics()
