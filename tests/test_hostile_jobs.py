@@ -41,7 +41,7 @@ from split_unet.protocol.recorder import LeakageRecorder
 from split_unet.protocol.settings import CLASS_ALLOW_LIST, SETTINGS_FILE
 from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_INIT,
                                       TASK_TRAIN, TASK_VALIDATE, TensorMessage)
-from split_unet.simulation import _follow, _party_local, stop_process_tree
+from split_unet.simulation import _follow, simulation_policy, stop_process_tree
 from split_unet.training import TrainConfig
 
 pytestmark = pytest.mark.unit
@@ -449,12 +449,14 @@ def test_a_named_scope_at_a_site_without_a_policy_is_refused():
         PrivacyService.manager = previous
 
 
-def test_the_simulator_gives_each_site_its_own_privacy_policy(project_root, tmp_path):
-    local = _party_local(tmp_path / "local", ["server", "flair", "t2w"], project_root / "site_configs", None, {})
-    for site in ("flair", "t2w"):
-        assert (local / site / "privacy.json").read_text() == \
-            (project_root / "site_configs" / site / "local" / "privacy.json").read_text()
-    assert not (local / "server" / "privacy.json").exists()  # the server defines no policy of its own
+def test_the_simulator_applies_the_sites_own_policy_and_refuses_sites_that_differ(project_root, tmp_path):
+    clients = ["flair", "t1w", "t1gd", "t2w"]
+    policy = simulation_policy(clients, project_root / "site_configs", None)
+    assert policy == project_root / "site_configs" / "flair" / "local" / "privacy.json"
+    shutil.copytree(project_root / "site_configs", tmp_path / "site_configs")
+    (tmp_path / "site_configs" / "t2w" / "local" / "privacy.json").unlink()
+    with pytest.raises(DataError, match=r"one privacy policy to every site, but \['t2w'\] differ"):
+        simulation_policy(clients, tmp_path / "site_configs", None)
 
 
 def test_a_site_policy_can_require_psi(tiny_data, tmp_path):

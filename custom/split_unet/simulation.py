@@ -133,8 +133,9 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
     settings, which name ``${SPLIT_UNET_SITES}``. ``controller`` and ``executor`` override the controller's and
     the site executors' arguments. All sites share this machine in the simulator, so each
     gets ``site_threads`` torch threads (default: the cores divided among them) instead of all of them.
-    Each party's privacy policy is its own ``site_configs/<party>/local/privacy.json`` unless ``privacy_file``
-    replaces it for every party; ``scope`` picks one of its scopes (a site that lacks it refuses the job).
+    The sites' privacy policy is their own ``site_configs/<site>/local/privacy.json`` (the same at every site, see
+    ``simulation_policy``) unless ``privacy_file`` replaces it; ``scope`` picks one of its scopes (a site that
+    lacks it refuses the job).
     ``persistent``: see ``simulate``.
     """
     sites_dir, workspace = Path(sites_dir).resolve(), Path(workspace).resolve()
@@ -166,10 +167,9 @@ def simulate(job: Path, workspace: Path, sites_dir: Path, site_configs: Path,
              grace_seconds: float = STOP_GRACE_SECONDS) -> int:
     """Run a configured job in the simulator under ``workspace/simulator``; return its exit code.
 
-    A real site has a ``local/`` folder of its own; the simulator gives every party a copy of one. So each party
-    gets, in its ``local/`` folder, its own files (``_party_local``): its privacy policy
-    (``site_configs/<party>/local/privacy.json``, or ``privacy_file`` for every party) and ``party_files``
-    (``{party: {file name: source}}``, e.g. a trained model), besides the class allow list.
+    A real site has a ``local/`` folder of its own; the simulator gives every party a copy of one, with the class
+    allow list and the privacy policy (``simulation_policy``: ``privacy_file``, else the sites' own), and adds each
+    party's ``party_files`` (``{party: {file name: source}}``, e.g. a trained model) to its copy.
     ``persistent``: a folder that outlives the simulator run, as a real site's workspace outlives its jobs
     (checkpoints to resume from): linked as ``<party workspace>/persistent`` to ``persistent/<party>``.
 
@@ -185,8 +185,10 @@ def simulate(job: Path, workspace: Path, sites_dir: Path, site_configs: Path,
     (sim_root / "local").mkdir(parents=True)
     allowed = CLASS_ALLOW_LIST + (RESEARCH_CLASSES if _uses(job, RECORDER_PATH) else [])
     (sim_root / "local" / "resources.json").write_text(json.dumps({"class_allow_list": allowed}, indent=2))
-    local = _party_local(workspace / "party_local", ["server", *clients], site_configs, privacy_file,
-                         party_files or {})
+    policy = simulation_policy(clients, site_configs, privacy_file)
+    if policy:
+        shutil.copyfile(policy, sim_root / "local" / PRIVACY_FILE)
+    local = _party_local(workspace / "party_local", ["server", *clients], party_files or {})
     env = {**os.environ, ENV_SITES: str(sites_dir), ENV_SITE_CONFIGS: str(site_configs)}
     log_path = workspace / "simulator.log"
     command = [sys.executable, "-m", "split_unet.simulation", str(job), str(sim_root), ",".join(clients), str(local),
@@ -206,17 +208,30 @@ def _uses(job: Path, class_path: str) -> bool:
     return any(class_path in path.read_text() for path in job.glob("app_*/config/config_fed_*.json"))
 
 
-def _party_local(folder: Path, parties: list[str], site_configs: Path, privacy_file: str | Path | None,
-                 party_files: dict[str, dict[str, Path]]) -> Path:
+def simulation_policy(clients: list[str], site_configs: Path, privacy_file: str | Path | None) -> Path | None:
+    """The privacy policy of a simulation: ``privacy_file``, else the sites' own
+    ``site_configs/<site>/local/privacy.json``. NVFlare's simulator reads one policy for every site (its
+    workspace's ``local/privacy.json``; measured with 2.9), so sites whose own policies differ are refused rather
+    than run under another site's policy."""
+    if privacy_file:
+        return Path(privacy_file)
+    paths = {site: site_configs / site / "local" / PRIVACY_FILE for site in clients}
+    policies = {site: json.loads(path.read_text()) if path.is_file() else None for site, path in paths.items()}
+    if any(policy != policies[clients[0]] for policy in policies.values()):
+        differ = sorted(site for site, policy in policies.items() if policy != policies[clients[0]])
+        raise DataError(f"the simulator applies one privacy policy to every site, but {differ} differ from "
+                        f"'{clients[0]}' (none is also a policy): give one with --privacy, or run in POC",
+                        field=str(site_configs))
+    return paths[clients[0]] if policies[clients[0]] is not None else None
+
+
+def _party_local(folder: Path, parties: list[str], party_files: dict[str, dict[str, Path]]) -> Path:
     """``folder/<party>/``: the files the simulator adds to each party's ``local/`` folder."""
     if folder.exists():
         shutil.rmtree(folder)
     for party in parties:
         own = folder / party
         own.mkdir(parents=True)
-        policy = Path(privacy_file) if privacy_file else site_configs / party / "local" / PRIVACY_FILE
-        if policy.is_file():
-            shutil.copyfile(policy, own / PRIVACY_FILE)
         for name, source in party_files.get(party, {}).items():
             shutil.copyfile(source, own / name)
     return folder
