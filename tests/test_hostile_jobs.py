@@ -455,7 +455,7 @@ def test_the_simulator_applies_the_sites_own_policy_and_refuses_sites_that_diffe
     assert policy == project_root / "site_configs" / "flair" / "local" / "privacy.json"
     shutil.copytree(project_root / "site_configs", tmp_path / "site_configs")
     (tmp_path / "site_configs" / "t2w" / "local" / "privacy.json").unlink()
-    with pytest.raises(DataError, match=r"one privacy policy to every site, but \['t2w'\] differ"):
+    with pytest.raises(DataError, match=r"one privacy policy to every site, but the policies of \['t2w'\] differ"):
         simulation_policy(clients, tmp_path / "site_configs", None)
 
 

@@ -219,9 +219,9 @@ def simulation_policy(clients: list[str], site_configs: Path, privacy_file: str 
     policies = {site: json.loads(path.read_text()) if path.is_file() else None for site, path in paths.items()}
     if any(policy != policies[clients[0]] for policy in policies.values()):
         differ = sorted(site for site, policy in policies.items() if policy != policies[clients[0]])
-        raise DataError(f"the simulator applies one privacy policy to every site, but {differ} differ from "
-                        f"'{clients[0]}' (none is also a policy): give one with --privacy, or run in POC",
-                        field=str(site_configs))
+        raise DataError(f"the simulator applies one privacy policy to every site, but the policies of {differ} "
+                        f"differ from '{clients[0]}''s (having none counts as differing): give one with --privacy, "
+                        f"or run in POC", field=str(site_configs))
     return paths[clients[0]] if policies[clients[0]] is not None else None
 
 

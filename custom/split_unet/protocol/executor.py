@@ -58,10 +58,11 @@ def check_psi_policy(settings: dict, psi_job_id: str, site: str) -> None:
 class ModalitySiteExecutor(Executor):
     """Runs one site's encoder on its own modality; only activations leave the site.
 
+    Every path the job names is relative to the site's run folder (``encoder_file``) or workspace (the others),
+    ``{site}`` replaced by the site name; absolute paths and '..' are refused (``paths.inside``).
+
     Args:
         encoder_file: file name, in the site's run folder, of the trained encoder saved at the end.
-        Every path below is relative to the site's workspace (``{site}`` replaced by the site name); absolute
-        paths and '..' are refused (``paths.inside``).
         num_threads: torch CPU threads for this site (0: torch's default).
         snapshot_steps: for a leakage evaluation only: training steps (-1 = the last) at which the site keeps
             its encoder weights in its own run folder (``encoder_snapshots/``). Empty in production.
@@ -151,7 +152,7 @@ class ModalitySiteExecutor(Executor):
         # Gradients may only be as large as the activations waiting for them; nothing else is decoded.
         request = TensorMessage.from_shareable(shareable, KIND_GRADIENTS, site=site,
                                                max_elements=self.party.largest_pending)
-        self._check_order(task_name, request, site)
+        self._check_order(task_name, request, fl_ctx, site)
         agreed = self._check_patients(task_name, request, site)
         # Every check above comes before the site changes: a refused message leaves it as it was, so the
         # server's correct retry is accepted. ``backward`` refuses mismatched gradients before it steps.
@@ -182,7 +183,7 @@ class ModalitySiteExecutor(Executor):
         reply = TensorMessage(KIND_ACTIVATIONS, request.step, request.patient_ids, features, info=echoed)
         return reply.to_shareable(self.wire_dtype)[0]
 
-    def _check_order(self, task_name: str, request: TensorMessage, site: str) -> None:
+    def _check_order(self, task_name: str, request: TensorMessage, fl_ctx: FLContext, site: str) -> None:
         """The message fits the exchange so far: a new step, the gradient of the pending activations, no new
         batch or checkpoint while activations still await their gradient, a well-formed checkpoint request."""
         if request.step <= self.last_step:
@@ -200,9 +201,7 @@ class ModalitySiteExecutor(Executor):
             if not isinstance(train_step, int) or isinstance(train_step, bool) or train_step < 1:
                 raise ProtocolError(f"checkpoint step must be a positive integer, got {train_step!r}", site=site,
                                     field="checkpoint")
-            if not self.checkpoint_dir:
-                raise ProtocolError("the server asks for checkpoints, but this site has no checkpoint_dir",
-                                    site=site, field="checkpoint_dir")
+            self._checkpoint_folder(Path(fl_ctx.get_engine().get_workspace().get_root_dir()), site)
             if still_pending:
                 raise ProtocolError("checkpoint asked for while activations await their gradient", site=site,
                                     field="checkpoint")
