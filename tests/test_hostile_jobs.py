@@ -174,17 +174,6 @@ def test_a_datalist_id_that_escapes_is_refused_and_check_lists_it(tiny_data, tmp
     assert [(p.site, "ESCAPED" in p.message) for p in problems] == [("flair", True)]
 
 
-def test_a_datalist_file_outside_the_site_folder_is_refused(tiny_data, tmp_path):
-    _, sites = tiny_data
-    shutil.copytree(sites / "flair", tmp_path / "flair")
-    datalist_path = tmp_path / "flair" / "datalist.json"
-    datalist = json.loads(datalist_path.read_text())
-    datalist["patients"]["BRATS_001"] = str(sites / "t1w" / "images" / "BRATS_001.nii.gz")
-    datalist_path.write_text(json.dumps(datalist))
-    with pytest.raises(DataError, match="site 'flair', field '.*:patients.BRATS_001'.*absolute paths"):
-        SiteImages(tmp_path / "flair", TINY_SIZE)
-
-
 def test_partition_refuses_a_case_whose_id_is_not_a_plain_name(tiny_data, tmp_path):
     msd, _ = tiny_data
     case = tmp_path / "brats" / "..hidden"

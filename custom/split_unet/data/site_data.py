@@ -15,7 +15,6 @@ from split_unet.data.readers import ImageRef, load_image, load_label, read_json
 from split_unet.data.regions import CONVENTIONS, MODALITIES
 from split_unet.errors import DataError
 from split_unet.ids import check_patient_id
-from split_unet.protocol.paths import inside
 
 __all__ = ["SiteImages", "SiteLabels", "split_patients"]
 
@@ -37,9 +36,11 @@ class _SiteVolumes(ABC):
         self.site = site or self._field("site", str)
         patients = self._field("patients", dict)
         field = f"{self._datalist_path}:patients"
-        self._paths = {check_patient_id(pid, site=self.site, field=field):
-                       inside(self.site_dir, rel, site=self.site, field=f"{field}.{pid}", where="site folder",
-                              error=DataError)
+        if not all(isinstance(rel, str) for rel in patients.values()):
+            raise DataError("'patients' must map patient ids to file paths", site=self.site, field=field)
+        # The datalist is the site's own (its files may lie elsewhere, e.g. a benchmark's copied site); its ids
+        # become names in messages and files, so they follow the id rule.
+        self._paths = {check_patient_id(pid, site=self.site, field=field): self.site_dir / rel
                        for pid, rel in patients.items()}
         self.patient_ids: list[str] = sorted(self._paths)
         self._cache: dict[str, np.ndarray] = {}
