@@ -47,7 +47,8 @@ def load_checkpoint(path: str | Path, *, site: str, field: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise ProtocolError(f"cannot load {path}: {type(error).__name__}: {str(error)[:300]}", site=site,
+        first_sentence = str(error).split(". ")[0][:300]  # torch's refusal goes on with advice to trust the file
+        raise ProtocolError(f"cannot load {path}: {type(error).__name__}: {first_sentence}", site=site,
                             field=field) from error
     if not isinstance(state, dict):
         raise ProtocolError(f"{path} holds a {type(state).__name__}, not a dict of weights", site=site, field=field)
