@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from split_unet.data import SERVER_SITE
 from split_unet.poc import PocFederation
 from split_unet.protocol.checkpoint import SERVER_CHECKPOINT, site_checkpoint
 from split_unet.files import load_json
@@ -48,20 +47,20 @@ def job_process(federation: PocFederation, participant: str, job_id: str) -> int
 def wait_for_server_checkpoint(path: Path, train_step: int, timeout: float = 300) -> None:
     """Until the server's checkpoint (written after every site saved theirs) is of ``train_step`` or later."""
     deadline = time.monotonic() + timeout
-    while not (path.is_file() and torch.load(path, weights_only=False)["train_step"] >= train_step):
+    while not (path.is_file() and torch.load(path, weights_only=True)["train_step"] >= train_step):
         assert time.monotonic() < deadline, f"no checkpoint of step {train_step} in {path} within {timeout} s"
         time.sleep(0.05)
 
 
 def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
     _, sites_dir = make_dataset(tmp_path / "data", patients=8)
-    checkpoints = tmp_path / "checkpoints"
 
     def job(name: str, **controller) -> Path:
+        # Each party keeps its checkpoints in its own workspace (a job may name no other folder).
         return configure_job(project_root / "jobs/split_unet", tmp_path / "jobs" / name, TRAIN,
-                             {"checkpoint_dir": str(checkpoints / name / SERVER_SITE),
-                              "checkpoint_interval": CHECKPOINT_INTERVAL, "task_timeout": TASK_TIMEOUT, **controller},
-                             {"checkpoint_dir": str(checkpoints / name / "{site}")})
+                             {"checkpoint_dir": f"checkpoints/{name}", "checkpoint_interval": CHECKPOINT_INTERVAL,
+                              "task_timeout": TASK_TIMEOUT, **controller},
+                             {"checkpoint_dir": f"checkpoints/{name}"})
 
     # The uninterrupted run, in the simulator (which POC reproduces to ~1e-7, test_poc).
     reference = run_simulation(sites_dir, tmp_path / "reference", job_dir=project_root / "jobs/split_unet",
@@ -77,7 +76,8 @@ def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
         # 1. A site's process dies: NVFlare fails the job, which ends naming the site; its checkpoints stay.
         job_id = federation.submit(job("resumed"))
         # After the step-6 checkpoint is complete (the server saves last), so that it is the one to resume from.
-        wait_for_server_checkpoint(checkpoints / "resumed" / SERVER_SITE / SERVER_CHECKPOINT, 6)
+        server_checkpoint = federation.site_root("localhost") / "checkpoints" / "resumed" / SERVER_CHECKPOINT
+        wait_for_server_checkpoint(server_checkpoint, 6)
         os.kill(job_process(federation, "t1w", job_id), signal.SIGKILL)
         killed_at = time.time()
         status = federation.wait(job_id, timeout=300)
@@ -92,7 +92,6 @@ def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
 
         # 2. Resume from the last complete checkpoint; the server's process is killed mid-way through.
         job_id = federation.submit(job("resumed", resume=True))
-        server_checkpoint = checkpoints / "resumed" / SERVER_SITE / SERVER_CHECKPOINT
         before = server_checkpoint.stat().st_mtime_ns
         deadline = time.monotonic() + 120
         while server_checkpoint.stat().st_mtime_ns == before:  # a new checkpoint: this job is training
@@ -117,7 +116,7 @@ def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
         # its modality. (A site whose process ends is case 1: NVFlare itself fails the job then.) The site comes
         # back once the server has finished (SIGCONT): its late answer is ignored and NVFlare ends the job.
         job_id = federation.submit(job("continued", on_site_failure="continue"))
-        wait_for(site_checkpoint(checkpoints / "continued" / "t2w", 6))
+        wait_for(site_checkpoint(federation.site_root("t2w") / "checkpoints" / "continued", 6))
         hung = job_process(federation, "t2w", job_id)
         os.kill(hung, signal.SIGSTOP)
         killed_at = time.time()

@@ -120,8 +120,9 @@ def test_modality_dropout_and_resume_equal_an_uninterrupted_run(project_root, tm
     train = {"size": TINY_SIZE, "network": TINY_NETWORK, "batch_size": 1, "val_fraction": 0.34, "epochs": 2,
              "modality_dropout": 0.5, "seed": 0}
     run = dict(job_dir=project_root / "jobs/split_unet", site_configs=project_root / "site_configs", progress=None)
-    checkpoints = {"executor": {"checkpoint_dir": str(tmp_path / "checkpoints" / "{site}")},
-                   "controller": {"checkpoint_dir": str(tmp_path / "checkpoints" / "server"), "checkpoint_interval": 2}}
+    # Each party's checkpoints lie in its own workspace, whose "persistent" folder outlives the simulator run.
+    checkpoints = {"executor": {"checkpoint_dir": "persistent/checkpoints"}, "persistent": tmp_path / "state",
+                   "controller": {"checkpoint_dir": "persistent/checkpoints", "checkpoint_interval": 2}}
     whole = run_simulation(sites, tmp_path / "whole", train=train, record_steps=[1, 2, 3, 4], **run)
     first = run_simulation(sites, tmp_path / "first", train={**train, "epochs": 1}, **run, **checkpoints)
     checkpoints["controller"]["resume"] = True
@@ -142,8 +143,8 @@ def test_modality_dropout_and_resume_equal_an_uninterrupted_run(project_root, tm
     for part, state in expected.items():
         for name, value in state.items():
             assert (torch.as_tensor(resumed[part][name]) - torch.as_tensor(value)).abs().max() <= 1e-6, (part, name)
-    assert sorted(p.name for p in (tmp_path / "checkpoints" / "flair").iterdir()) == ["step_0000002.pt",
-                                                                                      "step_0000004.pt"]
+    assert sorted(p.name for p in (tmp_path / "state" / "flair" / "checkpoints").iterdir()) == ["step_0000002.pt",
+                                                                                                "step_0000004.pt"]
 
 
 @pytest.mark.simulator

@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--job", default="jobs/split_unet")
     simulate.add_argument("--site-configs", default="site_configs")
     simulate.add_argument("--wire-dtype", choices=("float32", "float16"))
-    simulate.add_argument("--privacy", help="a privacy.json installed as every site's local privacy policy")
+    simulate.add_argument("--privacy", help="a privacy.json installed as every site's local privacy policy "
+                                            "(default: the sites' own, site_configs/<site>/local/privacy.json)")
     simulate.add_argument("--scope", help="the privacy scope the job asks for (meta.json scope)")
     simulate.add_argument("--record-steps", help="leakage evaluation: training steps to record, e.g. 1,-1 "
                                                  "(-1 = last); sites keep encoder snapshots of them")

@@ -15,6 +15,8 @@ from split_unet.training import TrainConfig
 
 INFERENCE_CONTROLLER = "split_unet.protocol.inference.SplitInferenceController"
 SEGMENTATIONS = "segmentations"
+ENCODER_FILE = "split_unet_encoder.pt"  # ModalitySiteExecutor's default encoder_file
+DECODER_FILE = "split_unet_decoder.pt"  # the training job's persistor file
 
 
 def trained_config(summary: dict) -> dict:
@@ -41,9 +43,9 @@ def build_inference_job(train_job: str | Path, out_dir: str | Path, decoder_path
     Args:
         train_job: the training job folder (e.g. ``jobs/split_unet``).
         out_dir: where to write the inference job.
-        decoder_path: the trained decoder at the server (absolute, or relative to its workspace).
-        encoder_path: each site's trained encoder (absolute or relative to the site's workspace; ``{site}``
-            is replaced by the site name).
+        decoder_path: the trained decoder at the server, relative to its workspace.
+        encoder_path: each site's trained encoder, relative to the site's workspace (``{site}`` is replaced by
+            the site name).
         train: ``train`` overrides, e.g. ``trained_config(training summary)``.
         patients: patients to segment (default: every patient all sites hold).
         with_code: carry the ``split_unet`` package in the job (see ``configure_job``).
@@ -77,10 +79,15 @@ def infer_in_simulator(train_workspace: str | Path, sites_dir: str | Path, works
     train_workspace, workspace = Path(train_workspace).resolve(), Path(workspace).resolve()
     summary = read_training_summary(train_workspace)
     workspace.mkdir(parents=True, exist_ok=True)
-    encoders = str(train_workspace / "simulator" / "{site}" / "simulate_job" / "split_unet_encoder.pt")
-    job = build_inference_job(job_dir, workspace / "job", summary["artefacts"]["decoder"], encoders,
+    # Each party's trained model goes to its own workspace (its local/ folder in the simulator): a job may
+    # name files there only.
+    artefacts = summary["artefacts"]
+    models = {site: {ENCODER_FILE: Path(path)} for site, path in artefacts["encoders"].items()}
+    models["server"] = {DECODER_FILE: Path(artefacts["decoder"])}
+    job = build_inference_job(job_dir, workspace / "job", f"local/{DECODER_FILE}", f"local/{ENCODER_FILE}",
                               trained_config(summary), patients)
-    return_code = simulate(job, workspace, Path(sites_dir).resolve(), Path(site_configs).resolve(), progress)
+    return_code = simulate(job, workspace, Path(sites_dir).resolve(), Path(site_configs).resolve(), progress,
+                           party_files=models)
     return collect_segmentations(workspace / "simulator" / "server" / "simulate_job" / SEGMENTATIONS, workspace,
                                  f"the simulator exited with code {return_code}; see {workspace / 'simulator.log'}")
 

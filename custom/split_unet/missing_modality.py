@@ -32,8 +32,8 @@ def load_trained_model(workspace: str | Path) -> tuple[SplitUNet, TrainConfig, l
         path = Path(artefacts["encoders"][site])
         if not path.is_file():
             raise DataError("trained encoder not found", site=site, field=str(path))
-        encoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["encoder"])
-    weights = torch.load(artefacts["decoder"], map_location="cpu", weights_only=False)["model"]
+        encoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["encoder"])
+    weights = torch.load(artefacts["decoder"], map_location="cpu", weights_only=True)["model"]
     model.decoder.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
     return model, config, sites
 

@@ -29,13 +29,12 @@ from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
 
 from split_unet.errors import SplitUNetError
 from split_unet.files import load_json, write_json
-from split_unet.inference import SEGMENTATIONS, build_inference_job, collect_segmentations, trained_config
+from split_unet.inference import (DECODER_FILE, ENCODER_FILE, SEGMENTATIONS, build_inference_job,
+                                  collect_segmentations, trained_config)
 from split_unet.protocol.settings import ENV_SITES, SETTINGS_FILE, allow_job_classes
 from split_unet.simulation import configure_job
 
 PROJECT_FILE = Path(__file__).resolve().parents[2] / "poc" / "project.yml"
-DECODER_FILE = "split_unet_decoder.pt"  # the training job's persistor file (jobs/split_unet)
-ENCODER_FILE = "split_unet_encoder.pt"  # ModalitySiteExecutor's default encoder_file
 JOB_ID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
 
 
@@ -272,9 +271,13 @@ def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, job_di
     server_run = federation.workspace / "results" / train_job_id / "workspace"
     if not (server_run / "summary.json").is_file():
         server_run = federation.download(train_job_id) / "workspace"
-    job = build_inference_job(job_dir, out / "jobs" / "infer", str(server_run / "app_server" / DECODER_FILE),
-                              f"{train_job_id}/{ENCODER_FILE}", trained_config(load_json(server_run / "summary.json")),
-                              patients, with_code)
+    # A job names files in the server's own workspace only: the admin puts the downloaded decoder there.
+    decoder = f"trained/{train_job_id}/{DECODER_FILE}"
+    installed = federation.site_root(federation.server) / decoder
+    installed.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(server_run / "app_server" / DECODER_FILE, installed)
+    job = build_inference_job(job_dir, out / "jobs" / "infer", decoder, f"{train_job_id}/{ENCODER_FILE}",
+                              trained_config(load_json(server_run / "summary.json")), patients, with_code)
     server_run = run_job(federation, "infer", job, "api", report, say, job_timeout)
     return collect_segmentations(server_run / SEGMENTATIONS, out, f"no inference.json in {server_run}")
 

@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from split_unet.errors import DataError
-from split_unet.protocol.settings import CLASS_ALLOW_LIST, ENV_SITE_CONFIGS, ENV_SITES
+from split_unet.protocol.controller import largest_training_tensor
+from split_unet.protocol.settings import CLASS_ALLOW_LIST, ENV_SITE_CONFIGS, ENV_SITES, RESEARCH_CLASSES
 from split_unet.protocol.wire import TASK_FINISH, TASK_TRAIN, TASK_VALIDATE
 from split_unet.files import load_json, write_json
+from split_unet.training import TrainConfig
 
 CONTROLLER_PATHS = ("split_unet.protocol.controller.SplitUNetController",
                     "split_unet.protocol.inference.SplitInferenceController")
 EXECUTOR_PATH = "split_unet.protocol.executor.ModalitySiteExecutor"
 RECORDER_PATH = "split_unet.protocol.recorder.LeakageRecorder"
+PRIVACY_FILE = "privacy.json"
+# The server's run is over (its workflow ended, END_RUN sent): from here the simulator only shuts down.
+JOB_END_PATTERN = re.compile(r"ServerRunner - INFO - \[[^]]*\] - Server runner finished")
+STOP_GRACE_SECONDS = 60.0
 PROGRESS_PATTERN = re.compile(r"Split(?:UNet|Inference)Controller - (?:INFO|WARNING|ERROR) - \[[^]]*\] - (.*)")
 
 
@@ -59,7 +67,8 @@ def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None =
             if workflow.get("path") in CONTROLLER_PATHS:
                 _override_controller(workflow.setdefault("args", {}), train or {}, controller or {})
             if record_steps:
-                _add_recorder(config, record_steps)
+                bound = largest_training_tensor(TrainConfig.from_dict(workflow.get("args", {}).get("train", {})))
+                _add_recorder(config, record_steps, bound)
         if config.get("executors") and site_filters:
             _add_filters(config, "task_result_filters", [TASK_TRAIN, TASK_VALIDATE], site_filters)
         for entry in config.get("executors", []):
@@ -86,9 +95,9 @@ def _add_filters(config: dict, chain_key: str, tasks: list[str], filters: list[d
     config[chain_key].append({"tasks": list(tasks), "filters": list(filters)})
 
 
-def _add_recorder(server_config: dict, steps: list[int]) -> None:
+def _add_recorder(server_config: dict, steps: list[int], max_elements: int) -> None:
     """The recorder last in both chains, so it keeps what the other filters let through."""
-    recorder = {"path": RECORDER_PATH, "args": {"steps": list(steps)}}
+    recorder = {"path": RECORDER_PATH, "args": {"steps": list(steps), "max_elements": max_elements}}
     _add_filters(server_config, "task_result_filters", [TASK_TRAIN], [recorder])
     _add_filters(server_config, "task_data_filters", [TASK_TRAIN, TASK_VALIDATE, TASK_FINISH], [recorder])
 
@@ -114,8 +123,9 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
                    controller: dict | None = None, executor: dict | None = None, site_threads: int | None = None,
                    record_steps: list[int] | None = None, privacy_file: str | Path | None = None,
                    scope: str | None = None, site_filters: list[dict] | None = None,
-                   server_filters: list[dict] | None = None,
-                   progress: Callable[[str], None] | None = print) -> dict:
+                   server_filters: list[dict] | None = None, persistent: str | Path | None = None,
+                   progress: Callable[[str], None] | None = print,
+                   grace_seconds: float = STOP_GRACE_SECONDS) -> dict:
     """Run the job on partitioned data; return the summary (also written to ``workspace/summary.json``).
 
     The simulator runs in a child process whose full output goes to ``workspace/simulator.log``; the
@@ -123,7 +133,10 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
     settings, which name ``${SPLIT_UNET_SITES}``. ``controller`` and ``executor`` override the controller's and
     the site executors' arguments. All sites share this machine in the simulator, so each
     gets ``site_threads`` torch threads (default: the cores divided among them) instead of all of them.
-    ``privacy_file`` becomes the sites' ``local/privacy.json`` and ``scope`` picks one of its scopes.
+    The sites' privacy policy is their own ``site_configs/<site>/local/privacy.json`` (the same at every site, see
+    ``simulation_policy``) unless ``privacy_file`` replaces it; ``scope`` picks one of its scopes (a site that
+    lacks it refuses the job).
+    ``persistent``: see ``simulate``.
     """
     sites_dir, workspace = Path(sites_dir).resolve(), Path(workspace).resolve()
     site_configs = Path(site_configs).resolve()
@@ -137,7 +150,8 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
     executor = {"num_threads": site_threads, **(executor or {})}
     job = configure_job(job_dir, workspace / "job", train, controller, executor, record_steps,
                         scope=scope, site_filters=site_filters, server_filters=server_filters)
-    return_code = simulate(job, workspace, sites_dir, site_configs, progress, privacy_file)
+    return_code = simulate(job, workspace, sites_dir, site_configs, progress, privacy_file, persistent=persistent,
+                           grace_seconds=grace_seconds)
     log_path = workspace / "simulator.log"
     summary_path = workspace / "simulator" / "server" / "simulate_job" / "summary.json"
     summary = load_json(summary_path) if summary_path.is_file() else {
@@ -148,53 +162,127 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | 
 
 
 def simulate(job: Path, workspace: Path, sites_dir: Path, site_configs: Path,
-             progress: Callable[[str], None] | None = print, privacy_file: str | Path | None = None) -> int:
+             progress: Callable[[str], None] | None = print, privacy_file: str | Path | None = None,
+             party_files: dict[str, dict[str, Path]] | None = None, persistent: str | Path | None = None,
+             grace_seconds: float = STOP_GRACE_SECONDS) -> int:
     """Run a configured job in the simulator under ``workspace/simulator``; return its exit code.
 
-    The simulator gives every site one copy of its ``local/`` folder: the class allow list and, if given,
-    ``privacy_file`` as the sites' privacy policy.
+    A real site has a ``local/`` folder of its own; the simulator gives every party a copy of one, with the class
+    allow list and the privacy policy (``simulation_policy``: ``privacy_file``, else the sites' own), and adds each
+    party's ``party_files`` (``{party: {file name: source}}``, e.g. a trained model) to its copy.
+    ``persistent``: a folder that outlives the simulator run, as a real site's workspace outlives its jobs
+    (checkpoints to resume from): linked as ``<party workspace>/persistent`` to ``persistent/<party>``.
 
-    Logs go to ``workspace/simulator.log``; the controllers' progress lines are passed to ``progress``.
+    Logs go to ``workspace/simulator.log``; the controllers' progress lines are passed to ``progress``. Once the
+    server's run has finished, the simulator and every process it started get ``grace_seconds`` to exit and are
+    then stopped: a hung site never holds the caller.
     """
     clients = job_clients(job)
     sim_root = workspace / "simulator"
     if sim_root.exists():
         shutil.rmtree(sim_root)
-    # The simulator copies its workspace's local/ folder into every site's local/ folder.
+    # The simulator copies its workspace's local/ folder into every party's local/ folder.
     (sim_root / "local").mkdir(parents=True)
-    (sim_root / "local" / "resources.json").write_text(json.dumps({"class_allow_list": CLASS_ALLOW_LIST}, indent=2))
-    if privacy_file:
-        shutil.copyfile(privacy_file, sim_root / "local" / "privacy.json")
+    allowed = CLASS_ALLOW_LIST + (RESEARCH_CLASSES if _uses(job, RECORDER_PATH) else [])
+    (sim_root / "local" / "resources.json").write_text(json.dumps({"class_allow_list": allowed}, indent=2))
+    policy = simulation_policy(clients, site_configs, privacy_file)
+    if policy:
+        shutil.copyfile(policy, sim_root / "local" / PRIVACY_FILE)
+    local = _party_local(workspace / "party_local", ["server", *clients], party_files or {})
     env = {**os.environ, ENV_SITES: str(sites_dir), ENV_SITE_CONFIGS: str(site_configs)}
     log_path = workspace / "simulator.log"
-    command = [sys.executable, "-m", "split_unet.simulation", str(job), str(sim_root), ",".join(clients)]
+    command = [sys.executable, "-m", "split_unet.simulation", str(job), str(sim_root), ",".join(clients), str(local),
+               str(Path(persistent).resolve()) if persistent else ""]
     with open(log_path, "w") as log:
         # Its own process group, so the simulator's client processes can be stopped with it.
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        return_code = _follow(process, log_path, progress)
-    finally:  # interrupted (Ctrl-C, a test timeout): stop the processes we started, and only those
+        return_code = _follow(process, log_path, progress, grace_seconds)
+    finally:  # interrupted (Ctrl-C, a test timeout) or hung: stop the processes we started, and only those
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+            stop_process_tree(process)
     return return_code
 
 
-def _follow(process: subprocess.Popen, log_path: Path, progress: Callable[[str], None] | None) -> int:
-    """Wait for the simulator, passing on the controller's log lines as they appear."""
+def _uses(job: Path, class_path: str) -> bool:
+    return any(class_path in path.read_text() for path in job.glob("app_*/config/config_fed_*.json"))
+
+
+def simulation_policy(clients: list[str], site_configs: Path, privacy_file: str | Path | None) -> Path | None:
+    """The privacy policy of a simulation: ``privacy_file``, else the sites' own
+    ``site_configs/<site>/local/privacy.json``. NVFlare's simulator reads one policy for every site (its
+    workspace's ``local/privacy.json``; measured with 2.9), so sites whose own policies differ are refused rather
+    than run under another site's policy."""
+    if privacy_file:
+        return Path(privacy_file)
+    paths = {site: site_configs / site / "local" / PRIVACY_FILE for site in clients}
+    policies = {site: json.loads(path.read_text()) if path.is_file() else None for site, path in paths.items()}
+    if any(policy != policies[clients[0]] for policy in policies.values()):
+        differ = sorted(site for site, policy in policies.items() if policy != policies[clients[0]])
+        raise DataError(f"the simulator applies one privacy policy to every site, but the policies of {differ} "
+                        f"differ from '{clients[0]}''s (having none counts as differing): give one with --privacy, "
+                        f"or run in POC", field=str(site_configs))
+    return paths[clients[0]] if policies[clients[0]] is not None else None
+
+
+def _party_local(folder: Path, parties: list[str], party_files: dict[str, dict[str, Path]]) -> Path:
+    """``folder/<party>/``: the files the simulator adds to each party's ``local/`` folder."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    for party in parties:
+        own = folder / party
+        own.mkdir(parents=True)
+        for name, source in party_files.get(party, {}).items():
+            shutil.copyfile(source, own / name)
+    return folder
+
+
+def _follow(process: subprocess.Popen, log_path: Path, progress: Callable[[str], None] | None,
+            grace_seconds: float) -> int:
+    """Wait for the simulator, passing on the controller's log lines as they appear; once the server's run has
+    finished, wait at most ``grace_seconds`` more, then stop it and its processes."""
+    ended_at = None
     with open(log_path) as log:
         while True:
             line = log.readline()
             if line:
                 if progress and PROGRESS_PATTERN.search(line):
                     progress(PROGRESS_PATTERN.search(line).group(1).rstrip())
+                if ended_at is None and JOB_END_PATTERN.search(line):
+                    ended_at = time.monotonic()
                 continue
             if process.poll() is not None:
                 return process.returncode
+            if ended_at is not None and time.monotonic() - ended_at > grace_seconds:
+                stopped = stop_process_tree(process)
+                note = (f"the server's run ended {grace_seconds:g} s ago but the simulator had not exited: stopped "
+                        f"it and the processes it started (PIDs {stopped})")
+                with open(log_path, "a") as out:
+                    out.write(f"split_unet.simulation - WARNING - {note}\n")
+                if progress:
+                    progress(note)
+                return process.returncode
             time.sleep(0.2)
+
+
+def stop_process_tree(process: subprocess.Popen, timeout: float = 10) -> list[int]:
+    """Stop ``process`` and every process it started, by PID (the simulator starts each client worker in a
+    session of its own, out of reach of our process group): SIGTERM, then SIGKILL after ``timeout``."""
+    try:
+        root = psutil.Process(process.pid)
+        family = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=timeout)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    process.wait(timeout=timeout)
+    return [member.pid for member in family]
 
 
 def artefacts(workspace: Path, clients: list[str]) -> dict:
@@ -214,13 +302,29 @@ def artefacts(workspace: Path, clients: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """Child-process entry: ``python -m split_unet.simulation JOB SIM_WORKSPACE CLIENTS``."""
+    """Child-process entry: ``python -m split_unet.simulation JOB SIM_WORKSPACE CLIENTS PARTY_LOCAL PERSISTENT``."""
     from nvflare.private.fed.app.simulator.simulator_runner import SimulatorRunner
 
-    job, sim_root, clients = argv
+    class PartyLocalRunner(SimulatorRunner):
+        """NVFlare's simulator, with each party's own ``local/`` files and persistent folder (see ``simulate``).
+
+        NVFlare offers no per-party ``local/`` folder in the simulator; its ``_setup_local_startup`` is where it
+        fills one, so the party's own files are added right after.
+        """
+
+        def _setup_local_startup(self, log_config_file_path, workspace):
+            super()._setup_local_startup(log_config_file_path, workspace)
+            party = Path(workspace)
+            shutil.copytree(Path(party_local) / party.name, party / "local", dirs_exist_ok=True)
+            if persistent:
+                target = Path(persistent) / party.name
+                target.mkdir(parents=True, exist_ok=True)
+                (party / "persistent").symlink_to(target, target_is_directory=True)
+
+    job, sim_root, clients, party_local, persistent = argv
     n_clients = len(clients.split(","))
-    return SimulatorRunner(job_folder=job, workspace=sim_root, clients=clients, n_clients=n_clients,
-                           threads=n_clients).run()
+    return PartyLocalRunner(job_folder=job, workspace=sim_root, clients=clients, n_clients=n_clients,
+                            threads=n_clients).run()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 from split_unet.data.readers import find_cases, read_label, read_volume
 from split_unet.data.regions import MODALITIES
 from split_unet.errors import DataError
+from split_unet.ids import check_patient_id
 
 __all__ = ["partition_dataset", "holdings", "SERVER_SITE", "DATALIST"]
 
@@ -88,6 +89,7 @@ def partition_dataset(data_dir: str | Path, out_dir: str | Path, modalities: Seq
     cases = find_cases(data_dir)
     # Check every case before writing anything, so a bad dataset leaves no half-written partition.
     for case in cases:
+        check_patient_id(case.patient_id, field="patient_id")
         for modality in modalities:
             if modality not in case.images:
                 raise DataError(f"no {modality} image", patient=case.patient_id, field=modality)

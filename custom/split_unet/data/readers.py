@@ -30,7 +30,7 @@ from monai.utils import convert_to_numpy
 from split_unet.data.regions import CONVENTIONS, MODALITIES, regions
 from split_unet.errors import DataError
 
-__all__ = ["ImageRef", "Case", "find_cases", "read_volume", "read_label", "load_image", "load_label", "load_case",
+__all__ = ["ImageRef", "Case", "find_cases", "check_header", "max_source_voxels", "read_volume", "read_label", "load_image", "load_label", "load_case",
            "label_to_source"]
 
 # BraTS 2021 file suffixes -> modality names (BraTS 2023 renamed them and moved ET to label 3).
@@ -142,27 +142,72 @@ def find_cases(root: str | Path) -> list[Case]:
     return sorted(cases, key=lambda case: case.patient_id)
 
 
-def read_volume(ref: ImageRef, *, site: str | None = None,
-                patient: str | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
+# A head at 1 mm fits in a 256 mm cube (MPRAGE matrices are 256 x 256 x 176, BraTS 240 x 240 x 155 = 8.9M
+# voxels): 256^3 voxels, 64 MiB as float32, is the most a source volume may hold unless the job's own grid is
+# larger, which may then be covered twice over along each axis (e.g. a 1 mm source for a 2 mm grid).
+MAX_HEAD_VOXELS = 256**3
+# Deflate (gzip) cannot compress better than 1032:1, so a .nii.gz file declaring more data than that is lying.
+DEFLATE_MAX_RATIO = 1032
+
+
+def max_source_voxels(grid_size: int | None = None) -> int:
+    """The most voxels a source volume may have for a job whose grid is ``grid_size``^3 (None: no job)."""
+    return max(MAX_HEAD_VOXELS, 8 * (grid_size or 0) ** 3)
+
+
+def check_header(image: nib.Nifti1Image, path: Path, channel: int | None, max_voxels: int, *,
+                 site: str | None = None, patient: str | None = None) -> None:
+    """Refuse a volume from its header alone, before any data is read: dimensionality, every dimension >= 1,
+    the voxel count against ``max_voxels``, the declared data size against the file's size (uncompressed:
+    exactly enough bytes; gzip: within deflate's best ratio), and a finite, invertible affine."""
+    def fail(message: str) -> DataError:
+        return DataError(message, site=site, patient=patient, field=str(path))
+
+    shape = image.shape
+    if channel is None and len(shape) != 3:
+        raise fail(f"expected a 3D volume, got shape {shape}")
+    if channel is not None and not (len(shape) == 4 and 0 <= channel < shape[3]):
+        raise fail(f"expected a 4D volume with channel {channel}, got shape {shape}")
+    if channel is not None and shape[3] > len(MODALITIES):
+        raise fail(f"a 4D volume holds at most {len(MODALITIES)} modalities, got shape {shape}")
+    if min(shape) < 1:
+        raise fail(f"every dimension must be at least 1, got shape {shape}")
+    voxels = int(np.prod(shape[:3], dtype=np.int64))
+    if voxels > max_voxels:
+        raise fail(f"shape {shape} has {voxels} voxels, more than the {max_voxels} allowed for this grid")
+    header = image.header
+    offset = getattr(image.dataobj, "offset", header.get_data_offset())  # as on disk (image.header may reset it)
+    declared = int(offset) + int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    data_file = Path(image.file_map["image"].filename or path)  # the .img of a NIfTI pair, else the file itself
+    size = data_file.stat().st_size
+    if data_file.name.endswith(".gz"):
+        if declared > size * DEFLATE_MAX_RATIO:
+            raise fail(f"header declares {declared} bytes, more than a {size}-byte gzip file can hold")
+    elif declared > size:
+        raise fail(f"header declares {declared} bytes, but the file has {size}")
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or np.linalg.matrix_rank(affine[:3, :3]) < 3:
+        raise fail("affine must be finite and invertible")
+
+
+def read_volume(ref: ImageRef, *, site: str | None = None, patient: str | None = None,
+                grid_size: int | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Raw data of one volume, as stored (scaled by the header), and its NIfTI image (for the geometry).
+
+    The header is checked first (``check_header``, at most ``max_source_voxels(grid_size)`` voxels).
 
     Returns:
         ``(data, image)``: float32 array of the file's 3D shape ``(X, Y, Z)`` and the nibabel image.
 
     Raises:
-        DataError: missing or unreadable file, wrong dimensionality, channel out of range, NaN/Inf values.
+        DataError: missing or unreadable file, a refused header, channel out of range, NaN/Inf values.
     """
     path = Path(ref.path)
     if not path.is_file():
         raise DataError("file not found", site=site, patient=patient, field=str(path))
     try:
-        image = nib.load(path)
-        shape = image.shape
-        if ref.channel is None and len(shape) != 3:
-            raise DataError(f"expected a 3D volume, got shape {shape}", site=site, patient=patient, field=str(path))
-        if ref.channel is not None and not (len(shape) == 4 and 0 <= ref.channel < shape[3]):
-            raise DataError(f"expected a 4D volume with channel {ref.channel}, got shape {shape}",
-                            site=site, patient=patient, field=str(path))
+        image = nib.load(path)  # the header only: nibabel reads data on demand
+        check_header(image, path, ref.channel, max_source_voxels(grid_size), site=site, patient=patient)
         proxy = image.dataobj if ref.channel is None else image.dataobj[..., ref.channel]
         data = np.array(proxy, dtype=np.float32)  # a writable copy: torch refuses read-only arrays
     except DataError:
@@ -175,8 +220,8 @@ def read_volume(ref: ImageRef, *, site: str | None = None,
     return data, image
 
 
-def read_label(path: str | Path, convention: str, *, site: str | None = None,
-               patient: str | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
+def read_label(path: str | Path, convention: str, *, site: str | None = None, patient: str | None = None,
+               grid_size: int | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A label volume as uint8 ``(X, Y, Z)``, checked against the convention's label values.
 
     Raises:
@@ -185,7 +230,7 @@ def read_label(path: str | Path, convention: str, *, site: str | None = None,
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown label convention {convention!r}; expected one of {sorted(CONVENTIONS)}")
-    data, image = read_volume(ImageRef(Path(path)), site=site, patient=patient)
+    data, image = read_volume(ImageRef(Path(path)), site=site, patient=patient, grid_size=grid_size)
     allowed = (0, *CONVENTIONS[convention])
     if not np.isin(data, allowed).all():
         bad = np.setdiff1d(np.unique(data), allowed)[:5].tolist()
@@ -203,10 +248,16 @@ def _grid_transform(size: int, spacing: float | None, mode: str) -> Compose:
     return Compose(geometry)
 
 
-def _to_grid(data: np.ndarray, image: nib.Nifti1Image, size: int, spacing: float | None, mode: str) -> MetaTensor:
-    """``data`` on the common grid: ``(1, size, size, size)`` float32 tensor."""
+def _to_grid(data: np.ndarray, image: nib.Nifti1Image, size: int, spacing: float | None, mode: str, *,
+             site: str | None = None, patient: str | None = None) -> MetaTensor:
+    """``data`` on the common grid: ``(1, size, size, size)`` float32 tensor; a DataError naming the file if
+    MONAI cannot transform it."""
     volume = MetaTensor(torch.from_numpy(data), affine=torch.as_tensor(image.affine, dtype=torch.float64))
-    return _grid_transform(size, spacing, mode)(volume)
+    try:
+        return _grid_transform(size, spacing, mode)(volume)
+    except Exception as err:  # MONAI wraps any failure of a transform in a RuntimeError
+        raise DataError(f"cannot bring the volume onto the {size}^3 grid ({type(err).__name__}: {str(err)[:200]})",
+                        site=site, patient=patient, field=str(image.get_filename())) from err
 
 
 def label_to_source(label: np.ndarray, affine: np.ndarray, shape: Sequence[int], spacing: float | None = None
@@ -241,8 +292,9 @@ def load_image(ref: ImageRef, size: int, spacing: float | None = None, *, site: 
     Raises:
         DataError: see :func:`read_volume`.
     """
-    data, image = read_volume(ref, site=site, patient=patient)
-    volume = convert_to_numpy(_to_grid(data, image, size, spacing, mode="bilinear"), dtype=np.float32)
+    data, image = read_volume(ref, site=site, patient=patient, grid_size=size)
+    volume = convert_to_numpy(_to_grid(data, image, size, spacing, mode="bilinear", site=site, patient=patient),
+                              dtype=np.float32)
     brain = volume[volume != 0].astype(np.float64)
     if brain.size == 0:
         return volume
@@ -262,8 +314,9 @@ def load_label(path: str | Path, size: int, convention: str, spacing: float | No
     Raises:
         DataError: see :func:`read_label`.
     """
-    data, image = read_label(path, convention, site=site, patient=patient)
-    label = convert_to_numpy(_to_grid(data.astype(np.float32), image, size, spacing, mode="nearest")[0])
+    data, image = read_label(path, convention, site=site, patient=patient, grid_size=size)
+    label = convert_to_numpy(_to_grid(data.astype(np.float32), image, size, spacing, mode="nearest", site=site,
+                                      patient=patient)[0])
     return regions(np.rint(label).astype(np.uint8), convention).astype(np.float32)
 
 

@@ -14,6 +14,7 @@ from split_unet.data.partition import DATALIST
 from split_unet.data.readers import ImageRef, load_image, load_label, read_json
 from split_unet.data.regions import CONVENTIONS, MODALITIES
 from split_unet.errors import DataError
+from split_unet.ids import check_patient_id
 
 __all__ = ["SiteImages", "SiteLabels", "split_patients"]
 
@@ -34,10 +35,13 @@ class _SiteVolumes(ABC):
         self.datalist = read_json(self._datalist_path, site=self.site)
         self.site = site or self._field("site", str)
         patients = self._field("patients", dict)
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in patients.items()):
-            raise DataError("'patients' must map patient ids to relative file paths", site=self.site,
-                            field=f"{self._datalist_path}:patients")
-        self._paths = {pid: self.site_dir / rel for pid, rel in patients.items()}
+        field = f"{self._datalist_path}:patients"
+        if not all(isinstance(rel, str) for rel in patients.values()):
+            raise DataError("'patients' must map patient ids to file paths", site=self.site, field=field)
+        # The datalist is the site's own (its files may lie elsewhere, e.g. a benchmark's copied site); its ids
+        # become names in messages and files, so they follow the id rule.
+        self._paths = {check_patient_id(pid, site=self.site, field=field): self.site_dir / rel
+                       for pid, rel in patients.items()}
         self.patient_ids: list[str] = sorted(self._paths)
         self._cache: dict[str, np.ndarray] = {}
 

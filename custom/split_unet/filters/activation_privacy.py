@@ -6,7 +6,7 @@ per level and release. Batches are a shuffled partition of the patients, not Poi
 privacy amplification by subsampling is claimed: a patient's privacy loss is the composition of the
 releases of its own activations (every training epoch, every validation), which Opacus' RDP accountant
 computes with sample rate 1. The budget goes to the site's run folder (``privacy_budget.json``) and, in
-the reply's ``info``, to the server.
+the reply's ``info`` with the parameters it follows from, to the server, which recomputes it.
 
 The encoder's backward pass treats the clipping factor as a constant (the gradient arrives for the
 noised activations); this is the usual approximation for output perturbation in split learning.
@@ -39,9 +39,12 @@ def clip_per_sample(tensor: torch.Tensor, clip_norm: float) -> torch.Tensor:
 
 
 def gaussian_epsilon(noise_multiplier: float, mechanisms: int, delta: float) -> float:
-    """Epsilon of ``mechanisms`` composed Gaussian mechanisms (sensitivity 1, std ``noise_multiplier``)."""
+    """Epsilon of ``mechanisms`` composed Gaussian mechanisms (sensitivity 1, std ``noise_multiplier``);
+    infinite for a release without noise."""
     if mechanisms == 0:
         return 0.0
+    if noise_multiplier == 0:
+        return float("inf")
     orders = RDPAccountant.DEFAULT_ALPHAS
     rdp = rdp_analysis.compute_rdp(q=1.0, noise_multiplier=noise_multiplier, steps=mechanisms, orders=orders)
     return float(rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
@@ -90,7 +93,7 @@ class ActivationClipNoise(TensorMessageFilter):
     def epsilon(self) -> float:
         """The largest epsilon of any patient so far."""
         worst = max(self.releases.values(), default=0)
-        return gaussian_epsilon(self.noise_multiplier, worst, self.delta) if self.noise_multiplier > 0 else float("inf")
+        return gaussian_epsilon(self.noise_multiplier, worst, self.delta)
 
     def transform(self, message: TensorMessage, fl_ctx: FLContext) -> TensorMessage | None:
         if not message.tensors:
@@ -100,7 +103,11 @@ class ActivationClipNoise(TensorMessageFilter):
         for patient in message.patient_ids:
             self.releases[patient] += protected_levels
         epsilon = self.epsilon()
-        message.info = {**message.info, "dp_epsilon": epsilon, "dp_delta": self.delta}
+        # The mechanism's parameters travel with its epsilon, so that the server recomputes the epsilon
+        # (``controller.check_privacy_report``) instead of taking a number on trust.
+        message.info = {**message.info, "dp_epsilon": epsilon, "dp_delta": self.delta,
+                        "dp_noise_multiplier": self.noise_multiplier, "dp_releases": max(self.releases.values()),
+                        "dp_levels": None if self.levels is None else sorted(self.levels)}
         engine = fl_ctx.get_engine()
         if engine is not None and fl_ctx.get_job_id():
             run_dir = Path(engine.get_workspace().get_run_dir(fl_ctx.get_job_id()))

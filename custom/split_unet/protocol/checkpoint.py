@@ -8,6 +8,7 @@ names a step every site holds; a site keeps its last two files for the crash in 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -31,9 +32,15 @@ def save_site_checkpoint(state: dict, folder: str | Path, train_step: int) -> Pa
     return path
 
 
-def load_checkpoint(path: str | Path, *, site: str) -> dict:
-    """A checkpoint file's contents, or a ProtocolError naming the site and the file."""
+def load_checkpoint(path: str | Path, *, site: str, field: str) -> dict:
+    """A checkpoint or model file's tensors and plain values, or a ProtocolError naming the site, the job's field
+    and the file. ``weights_only``: a file a job names may hold a pickle, whose code must never run."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise ProtocolError(f"cannot resume: {error}", site=site, field=str(path)) from error
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        first_sentence = str(error).split(". ")[0][:300]  # torch's refusal goes on with advice to trust the file
+        raise ProtocolError(f"cannot load {path}: {type(error).__name__}: {first_sentence}", site=site,
+                            field=field) from error
+    if not isinstance(state, dict):
+        raise ProtocolError(f"{path} holds a {type(state).__name__}, not a dict of weights", site=site, field=field)
+    return state

@@ -28,6 +28,7 @@ INDICES_SUFFIX = ":indices"
 # Largest tensor a receiver accepts (elements; 1 GiB as float32): a declared shape beyond it is refused
 # before the top-k codec allocates its dense tensor or any codec converts to float32.
 MAX_ELEMENTS = 2**28
+MAX_DIMS = 8  # a U-Net level is (batch, channels, *spatial) with at most 3 spatial axes
 MAX_SCALE = float(np.finfo(np.float32).max)  # also refuses NaN and ints too large for a float
 
 
@@ -68,11 +69,17 @@ def decode(arrays: Mapping[str, object], header: object, *, site: str | None, fi
     if not isinstance(header, Mapping) or header.get("codec") not in CODECS:
         raise fail(f"unknown encoding {header!r}", ".encoding")
     codec, shape, scale = header["codec"], header.get("shape"), header.get("scale")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise fail(f"invalid shape {shape!r}", ".shape")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise fail(f"invalid shape {str(shape)[:80]}", ".shape")
     numel = math.prod(shape)
     if numel > max_elements:
         raise fail(f"declared shape {shape} has {numel} elements, more than the limit of {max_elements}", ".shape")
+    # Every dimension too: with a zero elsewhere the product stays small, but numpy refuses such a shape
+    # (top-k reshapes its dense tensor to it).
+    if max(shape, default=0) > max(max_elements, 1):
+        raise fail(f"declared shape {str(shape)[:80]} has a dimension of more than the limit of {max_elements}",
+                   ".shape")
     array = arrays.get("")
     if not isinstance(array, np.ndarray):
         raise fail(f"expected a numpy array, got {type(array).__name__}")

@@ -7,9 +7,10 @@ steps. The learning itself is ``DecoderParty``; this class moves messages, check
 
 from __future__ import annotations
 
+import math
 import time
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from split_unet.data import DATALIST, MODALITIES, SiteLabels, split_patients
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.files import save_atomically, write_json
+from split_unet.filters.activation_privacy import gaussian_epsilon
+from split_unet.ids import check_patient_ids
 from split_unet.networks import build_decoder
 from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb
 from split_unet.reports import make_summary
@@ -36,9 +39,93 @@ from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunk
 
 from .checkpoint import SERVER_CHECKPOINT, load_checkpoint
 from .codecs import CODECS
+from .paths import inside
 from .settings import load_site_settings
 from .wire import (KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INIT, TASK_TRAIN, TASK_VALIDATE,
                    TensorMessage, dxo_of, read_activations)
+
+
+# Bounds on what a site reports about its own process: beyond them a number is not a measurement
+# (1e9 CPU seconds are 31 years, 1e9 MB a petabyte).
+REPORT_BOUNDS = {"cpu_seconds": 1e9, "peak_memory_mb": 1e9}
+# The server recomputes a site's epsilon with the site filter's own function and compares: the same code gives
+# the same float; the tolerance only leaves room for another machine's floating-point library.
+EPSILON_RELATIVE_TOLERANCE = 1e-6
+MAX_RELEASES = 10**9
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}... ({type(value).__name__} of {len(text)} characters)"
+
+
+def check_site_report(info: Mapping, site: str) -> dict:
+    """What the server keeps of the ``info`` a site sends about its own process: CPU seconds and peak memory,
+    each a finite number within ``REPORT_BOUNDS``, and (inference) the volumes' geometry, checked where used."""
+    report = {}
+    for key, bound in REPORT_BOUNDS.items():
+        if key in info:
+            if not _is_number(info[key]) or not 0 <= info[key] <= bound:
+                raise ProtocolError(f"must be a number in [0, {bound:g}], got {_shown(info[key])}", site=site,
+                                    field=f"info.{key}")
+            report[key] = float(info[key])
+    if "geometry" in info:
+        report["geometry"] = info["geometry"]
+    return report
+
+
+def check_privacy_report(info: Mapping, site: str, releases_seen: int) -> dict:
+    """A site's differential-privacy report (``ActivationClipNoise``): the server recomputes the epsilon from
+    the mechanism's declared parameters and refuses a report that differs or that claims fewer releases per
+    patient than the server itself received. The server cannot see the noise; it checks the arithmetic."""
+    noise, delta, releases, epsilon = (info.get(key) for key in ("dp_noise_multiplier", "dp_delta", "dp_releases",
+                                                                  "dp_epsilon"))
+    if not _is_number(noise) or noise < 0:
+        raise ProtocolError(f"must be a finite number >= 0, got {_shown(noise)}", site=site,
+                            field="info.dp_noise_multiplier")
+    if not _is_number(delta) or not 0 < delta < 1:
+        raise ProtocolError(f"must be a number in (0, 1), got {_shown(delta)}", site=site, field="info.dp_delta")
+    if not isinstance(releases, int) or isinstance(releases, bool) or not releases_seen <= releases <= MAX_RELEASES:
+        raise ProtocolError(f"must be an integer of at least {releases_seen} (the releases per patient the server "
+                            f"received), got {_shown(releases)}", site=site, field="info.dp_releases")
+    computed = gaussian_epsilon(noise, releases, delta)
+    if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not (
+            epsilon == computed or math.isclose(epsilon, computed, rel_tol=EPSILON_RELATIVE_TOLERANCE)):
+        raise ProtocolError(f"reported epsilon {_shown(epsilon)} is not the {computed:.6g} of the declared mechanism "
+                            f"(noise multiplier {noise}, {releases} releases, delta {delta})", site=site,
+                            field="info.dp_epsilon")
+    return {"epsilon": computed, "delta": delta, "noise_multiplier": noise, "releases_per_patient": releases}
+
+
+def protected_levels(info: Mapping, received: Sequence[int], site: str) -> int:
+    """How many of the ``received`` levels the site's noise filter says it protected (``dp_levels``)."""
+    levels = info.get("dp_levels")
+    if levels is None:
+        return len(received)
+    if not isinstance(levels, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in levels):
+        raise ProtocolError(f"must be a list of levels, got {_shown(levels)}", site=site, field="info.dp_levels")
+    return len(set(received) & set(levels))
+
+
+def activation_shapes(config: TrainConfig, batch: int) -> dict[int, tuple[int, ...]]:
+    """``{level: (batch, C_l, *S_l)}`` of the activations a site sends (and the gradients it gets back)."""
+    net = config.network
+    shapes, spatial = {}, config.size
+    for level, channels in enumerate(net.channels):
+        if level > 0:
+            spatial //= net.strides[level - 1]
+        if level in net.sent_levels:
+            shapes[level] = (batch, channels, *(spatial,) * net.spatial_dims)
+    return shapes
+
+
+def largest_training_tensor(config: TrainConfig) -> int:
+    """Elements of the largest tensor of a training step: the bound on anything decoded off a training message."""
+    return max(math.prod(shape) for shape in activation_shapes(config, config.batch_size).values())
 
 
 def refuse_blocked_levels(site: str, blocked: Sequence[int], sent: Sequence[int]) -> None:
@@ -63,9 +150,10 @@ class SplitUNetController(Controller):
             dead): "stop" ends the job (the last complete checkpoint stays for a resume); "continue" trains and
             validates on without that modality, as modality dropout does (train with ``modality_dropout`` so the
             model copes). A site that answers with an error always stops the job.
-        summary_file: file name of the results written to the server's run folder.
+        summary_file: file name of the results written to the server's run folder (relative, no '..').
         num_threads: torch CPU threads for the server (0: torch's default).
-        checkpoint_dir: folder (absolute, or relative to the server's workspace) of the server's checkpoint;
+        checkpoint_dir: folder (relative to the server's workspace; absolute paths and '..' are refused) of the
+            server's checkpoint;
             the sites keep theirs in their own ``ModalitySiteExecutor(checkpoint_dir=...)``.
         checkpoint_interval: training steps between checkpoints (0: none).
         resume: start from the checkpoint in ``checkpoint_dir`` (if there is one): the same run continues, and
@@ -104,6 +192,7 @@ class SplitUNetController(Controller):
         self.party: DecoderParty | None = None
         self.labels: SiteLabels | None = None
         self.run_dir: Path | None = None
+        self.summary_path: Path | None = None
         self._gradients: dict[str, dict[int, torch.Tensor]] = {}
         self._gradient_step: int | None = None
         self._gradient_info: dict = {}
@@ -119,6 +208,7 @@ class SplitUNetController(Controller):
         self._last_checkpoint: int | None = None
         self.reply_info: dict[str, dict] = {}
         self._privacy: dict[str, dict] = {}
+        self._released: defaultdict[str, Counter] = defaultdict(Counter)  # per site: patient -> protected releases
         self._agreed: list[str] | None = None  # announced to the sites with the next round, then None
 
     # NVFlare life cycle -------------------------------------------------------------------------------------------
@@ -139,6 +229,13 @@ class SplitUNetController(Controller):
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         try:
+            # Every path the job names stays in the server's own run folder and workspace; a bad one ends the
+            # job before anything is written.
+            summary_path = inside(self.run_dir, self.summary_file, site="server", field="summary_file",
+                                  where="run folder")
+            if self.checkpoint_dir:
+                self._checkpoint_path(fl_ctx)
+            self.summary_path = summary_path
             self.run_workflow(abort_signal, fl_ctx)
         except SplitUNetError as error:
             self._fail(str(error), fl_ctx)
@@ -250,7 +347,7 @@ class SplitUNetController(Controller):
             cpu_seconds={"server": cpu_seconds(),
                          "sites": {site: self.reply_info.get(site, {}).get("cpu_seconds") for site in self.sites}},
         )
-        path = write_json(self.run_dir / self.summary_file, summary)
+        path = write_json(self.summary_path, summary)
         self.log_info(fl_ctx, f"summary written to {path}")
 
     def _initialize_sites(self, abort_signal: Signal, fl_ctx: FLContext) -> dict[str, list[str]]:
@@ -266,9 +363,16 @@ class SplitUNetController(Controller):
         site_ids = {}
         for site, reply in replies.items():
             info = dxo_of(reply, KIND_SITE_INFO, site=site).data
-            site_ids[site] = list(info.get("patient_ids", []))
-            self.log_info(fl_ctx, f"site {site}: modality {info.get('modality')}, {len(site_ids[site])} patients")
-            refuse_blocked_levels(site, info.get("blocked_levels", []), self.config.network.sent_levels)
+            site_ids[site] = check_patient_ids(info.get("patient_ids"), site=site, field="patient_ids",
+                                               error=ProtocolError)
+            if info.get("modality") not in MODALITIES:
+                raise ProtocolError(f"unknown modality {_shown(info.get('modality'))}", site=site, field="modality")
+            blocked = info.get("blocked_levels", [])
+            if not isinstance(blocked, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in blocked):
+                raise ProtocolError(f"must be a list of levels, got {_shown(blocked)}", site=site,
+                                    field="blocked_levels")
+            self.log_info(fl_ctx, f"site {site}: modality {info['modality']}, {len(site_ids[site])} patients")
+            refuse_blocked_levels(site, blocked, self.config.network.sent_levels)
         return site_ids
 
     def _round(self, task_name: str, patient_ids: list[str], abort_signal: Signal, fl_ctx: FLContext,
@@ -301,9 +405,12 @@ class SplitUNetController(Controller):
             ids = requested[site]
             message = read_activations(replies[site], site=site, step=self._step, patient_ids=ids,
                                        expected=self._expected_shapes(len(ids)) if ids else {})
-            self.reply_info[site] = message.info
-            if "dp_epsilon" in message.info:  # a site's ActivationClipNoise reports its budget
-                self._privacy[site] = {"epsilon": message.info["dp_epsilon"], "delta": message.info.get("dp_delta")}
+            self.reply_info[site] = check_site_report(message.info, site)
+            if any(key.startswith("dp_") for key in message.info):  # a site's ActivationClipNoise reports its budget
+                released = self._released[site]
+                for pid in message.patient_ids:
+                    released[pid] += protected_levels(message.info, list(message.tensors), site)
+                self._privacy[site] = check_privacy_report(message.info, site, max(released.values(), default=0))
             if task_name == TASK_TRAIN:
                 self._bytes[site]["to_server"] += message.wire_bytes
             features.append(message.tensors)
@@ -359,14 +466,7 @@ class SplitUNetController(Controller):
 
     # Helpers ------------------------------------------------------------------------------------------------------
     def _expected_shapes(self, batch: int) -> dict[int, tuple[int, ...]]:
-        net = self.config.network
-        shapes, spatial = {}, self.config.size
-        for level, channels in enumerate(net.channels):
-            if level > 0:
-                spatial //= net.strides[level - 1]
-            if level in net.sent_levels:
-                shapes[level] = (batch, channels, *(spatial,) * net.spatial_dims)
-        return shapes
+        return activation_shapes(self.config, batch)
 
     def _cpu_per_step(self) -> dict:
         """CPU seconds per training step of the server and of each site process (``CpuPerStep``), and their total."""
@@ -399,7 +499,8 @@ class SplitUNetController(Controller):
             self.log_info(fl_ctx, f"decoder initialised from the persistor ({len(weights)} tensors)")
 
     def _checkpoint_path(self, fl_ctx: FLContext) -> Path:
-        return Path(fl_ctx.get_engine().get_workspace().get_root_dir()) / self.checkpoint_dir / SERVER_CHECKPOINT
+        root = fl_ctx.get_engine().get_workspace().get_root_dir()
+        return inside(root, self.checkpoint_dir, site="server", field="checkpoint_dir") / SERVER_CHECKPOINT
 
     def _save_checkpoint(self, train_step: int, epoch: int, losses: list[float], history: list[dict],
                          abort_signal: Signal, fl_ctx: FLContext) -> None:
@@ -419,7 +520,7 @@ class SplitUNetController(Controller):
         if not path.is_file():
             self.log_info(fl_ctx, f"no checkpoint at {path}: starting afresh")
             return None
-        state = load_checkpoint(path, site="server")
+        state = load_checkpoint(path, site="server", field="checkpoint_dir")
         saved, current = state["train"], self.config.to_dict()
         if changed := [key for key in self.RESUME_KEYS if saved[key] != current[key]] + \
                 (["sites"] if state["sites"] != self.sites else []):
@@ -438,8 +539,8 @@ class SplitUNetController(Controller):
     def _fail(self, reason: str, fl_ctx: FLContext) -> None:
         """Record why the run ended and stop the job (nothing already saved is touched)."""
         self.log_error(fl_ctx, f"split learning stopped: {reason}")
-        if self.run_dir is not None:
-            write_json(self.run_dir / self.summary_file, {
+        if self.summary_path is not None:
+            write_json(self.summary_path, {
                 "error": reason, "rounds_done": self._step, "train_step": self._train_step,
                 "last_checkpoint": self._last_checkpoint, "failed_at": time.time(), "lost_sites": self._lost})
         self.cancel_all_tasks()

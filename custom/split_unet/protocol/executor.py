@@ -17,13 +17,15 @@ from nvflare.private.privacy_manager import PrivacyService
 from split_unet.data import SiteImages
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.files import save_atomically
+from split_unet.ids import check_patient_ids
 from split_unet.leakage.record import snapshot_path
 from split_unet.networks import build_encoder
 from split_unet.profiling import cpu_seconds, peak_memory_mb
 from split_unet.training import EncoderParty, TrainConfig, select_device
 
 from .checkpoint import load_checkpoint, save_site_checkpoint, site_checkpoint
-from .psi import read_intersection
+from .paths import inside
+from .psi import intersection_path, read_intersection
 from .settings import load_site_settings
 from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INFER, TASK_INIT,
                    TASK_TRAIN, TASK_VALIDATE, TensorMessage, dxo_of, error_reply, selected_step)
@@ -36,13 +38,29 @@ def check_privacy_scope(fl_ctx: FLContext, site: str) -> None:
     would run the job under no scope, so the site checks again here.
     """
     scope = fl_ctx.get_prop(FLContextKey.JOB_SCOPE_NAME) or (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope")
-    if scope and not PrivacyService.is_scope_allowed(scope):
+    if not scope:
+        return
+    # NVFlare lets any scope pass at a site without a policy; a job that names one expects its filters.
+    if not PrivacyService.is_policy_defined():
+        raise ProtocolError(f"the job asks for privacy scope '{scope}', but this site has no privacy policy "
+                            f"(local/privacy.json)", site=site, field="scope")
+    if not PrivacyService.is_scope_allowed(scope):
         raise ProtocolError(f"the job asks for privacy scope '{scope}', which this site's privacy policy does not "
                             f"define", site=site, field="scope")
 
 
+def check_psi_policy(settings: dict, psi_job_id: str, site: str) -> None:
+    """A site whose settings say ``"require_psi": true`` refuses a job that would learn its full patient list."""
+    if settings.get("require_psi") and not psi_job_id:
+        raise ProtocolError("this site's policy requires a PSI job (psi_job_id) before training, so that the "
+                            "server learns only the patients every party holds", site=site, field="psi_job_id")
+
+
 class ModalitySiteExecutor(Executor):
     """Runs one site's encoder on its own modality; only activations leave the site.
+
+    Every path the job names is relative to the site's run folder (``encoder_file``) or workspace (the others),
+    ``{site}`` replaced by the site name; absolute paths and '..' are refused (``paths.inside``).
 
     Args:
         encoder_file: file name, in the site's run folder, of the trained encoder saved at the end.
@@ -51,11 +69,9 @@ class ModalitySiteExecutor(Executor):
             its encoder weights in its own run folder (``encoder_snapshots/``). Empty in production.
         psi_job_id: the id of a PSI job this site ran (``jobs/split_unet_psi``): use only the patients of its
             intersection. Empty: every patient the site holds.
-        encoder_path: a trained encoder to start from (inference): absolute, or relative to the site's
-            workspace, ``{site}`` replaced by the site name, e.g. ``<training job id>/split_unet_encoder.pt``.
-        checkpoint_dir: folder (absolute, or relative to the site's workspace; ``{site}`` replaced) of this site's
-            training checkpoints, which the server asks for (``SplitUNetController(checkpoint_interval=...)``)
-            and resumes from. Empty: no checkpoints.
+        encoder_path: a trained encoder to start from (inference), e.g. ``<training job id>/split_unet_encoder.pt``.
+        checkpoint_dir: folder of this site's training checkpoints, which the server asks for
+            (``SplitUNetController(checkpoint_interval=...)``) and resumes from. Empty: no checkpoints.
     """
 
     def __init__(self, encoder_file: str = "split_unet_encoder.pt", num_threads: int = 0,
@@ -99,6 +115,14 @@ class ModalitySiteExecutor(Executor):
             torch.set_num_threads(self.num_threads)
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
         settings = load_site_settings(site, root)
+        check_psi_policy(settings, self.psi_job_id, site)
+        # Every path the job names, checked before any data is read.
+        inside(self._run_dir(fl_ctx), self.encoder_file, site=site, field="encoder_file", where="run folder")
+        encoder_path = inside(root, self.encoder_path, site=site, field="encoder_path") if self.encoder_path else None
+        if self.checkpoint_dir:
+            self._checkpoint_folder(root, site)
+        if self.psi_job_id:
+            intersection_path(root, self.psi_job_id, site)
         self.images = SiteImages(settings["data_dir"], config.size, config.spacing, site=site)
         if self.psi_job_id:
             self.images.keep(read_intersection(root, self.psi_job_id, site))
@@ -109,10 +133,9 @@ class ModalitySiteExecutor(Executor):
                               f"in {settings['data_dir']}")
         self.images.check()
         encoder = build_encoder(config.network, int(request["site_index"]), config.seed)
-        if self.encoder_path:
-            path = root / self.encoder_path.format(site=site)  # an absolute path stays as it is
-            encoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["encoder"])
-            self.log_info(fl_ctx, f"encoder loaded from {path}")
+        if encoder_path is not None:
+            encoder.load_state_dict(load_checkpoint(encoder_path, site=site, field="encoder_path")["encoder"])
+            self.log_info(fl_ctx, f"encoder loaded from {encoder_path}")
         self.party = EncoderParty(encoder, config.lr, select_device(config.device), site=site,
                                   nopeek_weight=config.nopeek_weight, seed=config.seed)
         self.wire_dtype = request["wire_dtype"]
@@ -130,18 +153,14 @@ class ModalitySiteExecutor(Executor):
         # Gradients may only be as large as the activations waiting for them; nothing else is decoded.
         request = TensorMessage.from_shareable(shareable, KIND_GRADIENTS, site=site,
                                                max_elements=self.party.largest_pending)
-        if request.step <= self.last_step:
-            raise ProtocolError(f"step {request.step} is not after the last step {self.last_step} (replayed or "
-                                f"out of order)", site=site, field="step")
-        if request.tensors and request.tensor_step != self.pending_step:
-            raise ProtocolError(f"gradient for step {request.tensor_step}, but the pending activations are "
-                                f"from step {self.pending_step}", site=site, field="tensor_step")
-        self._check_patients(task_name, request, site)
-        # Every check above comes before the encoder changes.
+        self._check_order(task_name, request, fl_ctx, site)
+        agreed = self._check_patients(task_name, request, site)
+        # Every check above comes before the site changes: a refused message leaves it as it was, so the
+        # server's correct retry is accepted. ``backward`` refuses mismatched gradients before it steps.
         if request.tensors:
             self.party.backward(request.tensors)
             self.pending_step = None
-        self.last_step = request.step
+        self.agreed, self.last_step = agreed, request.step
         if "checkpoint" in request.info:
             self._save_checkpoint(request.info["checkpoint"], fl_ctx, site)
 
@@ -165,13 +184,35 @@ class ModalitySiteExecutor(Executor):
         reply = TensorMessage(KIND_ACTIVATIONS, request.step, request.patient_ids, features, info=echoed)
         return reply.to_shareable(self.wire_dtype)[0]
 
-    def _check_patients(self, task_name: str, request: TensorMessage, site: str) -> None:
+    def _check_order(self, task_name: str, request: TensorMessage, fl_ctx: FLContext, site: str) -> None:
+        """The message fits the exchange so far: a new step, the gradient of the pending activations, no new
+        batch or checkpoint while activations still await their gradient, a well-formed checkpoint request."""
+        if request.step <= self.last_step:
+            raise ProtocolError(f"step {request.step} is not after the last step {self.last_step} (replayed or "
+                                f"out of order)", site=site, field="step")
+        if request.tensors and request.tensor_step != self.pending_step:
+            raise ProtocolError(f"gradient for step {request.tensor_step}, but the pending activations are "
+                                f"from step {self.pending_step}", site=site, field="tensor_step")
+        still_pending = self.pending_step is not None and not request.tensors
+        if still_pending and task_name == TASK_TRAIN and request.patient_ids:
+            raise ProtocolError(f"new training batch while the activations of step {self.pending_step} await their "
+                                f"gradient", site=site, field="patient_ids")
+        if "checkpoint" in request.info:
+            train_step = request.info["checkpoint"]
+            if not isinstance(train_step, int) or isinstance(train_step, bool) or train_step < 1:
+                raise ProtocolError(f"checkpoint step must be a positive integer, got {train_step!r}", site=site,
+                                    field="checkpoint")
+            self._checkpoint_folder(Path(fl_ctx.get_engine().get_workspace().get_root_dir()), site)
+            if still_pending:
+                raise ProtocolError("checkpoint asked for while activations await their gradient", site=site,
+                                    field="checkpoint")
+
+    def _check_patients(self, task_name: str, request: TensorMessage, site: str) -> set[str] | None:
         """Answer only for patients this site holds and, once the server has announced the patients every party
-        agreed on (``info["agreed_patients"]``, with the first batch), only for those."""
+        agreed on (``info["agreed_patients"]``, with the first batch), only for those. Returns the agreed set."""
         agreed, announced = self.agreed, request.info.get("agreed_patients")
         if announced is not None:
-            if not isinstance(announced, list) or not all(isinstance(p, str) for p in announced):
-                raise ProtocolError("agreed_patients must be a list of strings", site=site, field="agreed_patients")
+            check_patient_ids(announced, site=site, field="agreed_patients", error=ProtocolError)
             if agreed is not None and set(announced) != agreed:
                 raise ProtocolError("the agreed patients cannot change during a run", site=site,
                                     field="agreed_patients")
@@ -188,19 +229,20 @@ class ModalitySiteExecutor(Executor):
             if agreed is not None and pid not in agreed:
                 raise ProtocolError("patient outside the agreed intersection", site=site, patient=pid,
                                     field="patient_ids")
-        self.agreed = agreed  # only once the whole request is acceptable
+        return agreed
 
     def _checkpoint_folder(self, root: Path, site: str) -> Path:
         if not self.checkpoint_dir:
-            raise ProtocolError("the server asks for checkpoints, but this site has no checkpoint_dir", site=site,
+            raise ProtocolError("the server asks for a checkpoint, but this site has no checkpoint_dir", site=site,
                                 field="checkpoint_dir")
-        return root / self.checkpoint_dir.format(site=site)  # an absolute path stays as it is
+        return inside(root, self.checkpoint_dir, site=site, field="checkpoint_dir")
 
-    def _save_checkpoint(self, train_step: object, fl_ctx: FLContext, site: str) -> None:
-        """After the gradient of ``train_step`` was applied: encoder, optimiser and RNG, atomically."""
-        if not isinstance(train_step, int) or isinstance(train_step, bool) or train_step < 1:
-            raise ProtocolError(f"checkpoint step must be a positive integer, got {train_step!r}", site=site,
-                                field="checkpoint")
+    def _run_dir(self, fl_ctx: FLContext) -> Path:
+        return Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+
+    def _save_checkpoint(self, train_step: int, fl_ctx: FLContext, site: str) -> None:
+        """After the gradient of ``train_step`` was applied (checked by ``_check_order``): encoder, optimiser and
+        RNG, atomically."""
         folder = self._checkpoint_folder(Path(fl_ctx.get_engine().get_workspace().get_root_dir()), site)
         state = {**self.party.state_dict(), "torch_rng": torch.get_rng_state(), "train_step": train_step,
                  **self.run_config}
@@ -213,7 +255,7 @@ class ModalitySiteExecutor(Executor):
         path = site_checkpoint(self._checkpoint_folder(root, site), train_step)
         if not path.is_file():
             raise ProtocolError(f"no checkpoint of step {train_step} at {path}", site=site, field="resume_step")
-        state = load_checkpoint(path, site=site)
+        state = load_checkpoint(path, site=site, field="resume_step")
         saved = (state["site_index"], state["modality"], state["train"]["network"])
         if saved != (self.run_config["site_index"], self.images.modality, self.run_config["train"]["network"]):
             raise ProtocolError(f"{path} is of another site or network (site {saved[0]}, {saved[1]})", site=site,
@@ -226,15 +268,14 @@ class ModalitySiteExecutor(Executor):
         """Keep the weights that are about to compute this training step's activations, if asked to."""
         train_step = selected_step(self.snapshot_steps, request.info.get("train_step"), request.info.get("train_steps"))
         if train_step is not None:
-            run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
             save_atomically({"encoder": self.party.encoder.state_dict(), "step": train_step,
                              "network": self.run_config["train"]["network"], **self.run_config},
-                            snapshot_path(run_dir, train_step))
+                            snapshot_path(self._run_dir(fl_ctx), train_step))
 
     def _save_encoder(self, fl_ctx: FLContext) -> Path:
         """The encoder never leaves the site: it is saved in the site's own run folder."""
-        run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
-        path = Path(run_dir) / self.encoder_file
+        path = inside(self._run_dir(fl_ctx), self.encoder_file, site=fl_ctx.get_identity_name(), field="encoder_file",
+                      where="run folder")
         save_atomically({**self.party.state_dict(), "step": self.last_step, **self.run_config}, path)
         self.log_info(fl_ctx, f"saved encoder to {path}")
         return path

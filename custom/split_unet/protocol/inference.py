@@ -22,20 +22,24 @@ from nvflare.apis.signal import Signal
 from split_unet.data import label_from_regions, label_to_source
 from split_unet.errors import ProtocolError
 from split_unet.files import write_json
+from split_unet.ids import check_patient_ids
 from split_unet.training import RegionMetrics, chunks, logits_to_masks
 
+from .checkpoint import load_checkpoint
 from .controller import SplitUNetController
+from .paths import inside
 from .wire import TASK_INFER
 
 RESULT_FILE = "inference.json"
+MAX_SOURCE_DIM = 2048  # voxels along one axis of a source volume whose geometry a site reports
 
 
 class SplitInferenceController(SplitUNetController):
     """Inference workflow of the Split-U-Net (arguments as ``SplitUNetController``, plus):
 
     Args:
-        decoder_path: the trained decoder (the training job's ``PTFileModelPersistor`` file), absolute or
-            relative to the server's workspace.
+        decoder_path: the trained decoder (the training job's ``PTFileModelPersistor`` file), relative to the
+            server's workspace (absolute paths and '..' are refused).
         patients: patient ids to segment; default every patient that all sites hold.
         output_folder: folder in the server's run folder for ``<patient>.nii.gz`` and ``inference.json``.
     """
@@ -44,7 +48,8 @@ class SplitInferenceController(SplitUNetController):
                  **kwargs):
         super().__init__(persistor_id="", **kwargs)
         self.decoder_path = decoder_path
-        self.patients = list(patients)
+        # Each becomes a file name "<id>.nii.gz": the id rule keeps it in the output folder.
+        self.patients = check_patient_ids(patients, site="server", field="patients", error=ProtocolError)
         self.output_folder = output_folder
 
     def run_workflow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
@@ -54,7 +59,7 @@ class SplitInferenceController(SplitUNetController):
         if unknown := sorted(set(patient_ids) - set(common)):
             raise ProtocolError(f"{len(unknown)} requested patients are not held by every site, e.g. {unknown[0]}",
                                 site="server", field="patients")
-        out = self.run_dir / self.output_folder
+        out = inside(self.run_dir, self.output_folder, site="server", field="output_folder", where="run folder")
         out.mkdir(parents=True, exist_ok=True)
         results, scored = {}, RegionMetrics()
         for batch_ids in chunks(patient_ids, self.config.val_batch_size):
@@ -87,10 +92,11 @@ class SplitInferenceController(SplitUNetController):
         """The source affine and shape the sites reported; they must agree (one voxel grid per patient)."""
         reported = {}
         for site in self.sites:
-            entry = (self.reply_info.get(site, {}).get("geometry") or {}).get(patient_id)
+            geometry = self.reply_info.get(site, {}).get("geometry")
+            entry = geometry.get(patient_id) if isinstance(geometry, dict) else None
             if not isinstance(entry, dict):
                 raise ProtocolError("no geometry reported", site=site, patient=patient_id, field="info.geometry")
-            reported[site] = (np.asarray(entry["affine"], dtype=np.float64), tuple(int(n) for n in entry["shape"]))
+            reported[site] = self._checked_geometry(entry, site, patient_id)
         affine, shape = reported[self.sites[0]]
         for site, (other_affine, other_shape) in reported.items():
             if other_shape != shape or not np.allclose(other_affine, affine, atol=1e-4):
@@ -98,11 +104,28 @@ class SplitInferenceController(SplitUNetController):
                                     field="info.geometry")
         return affine, shape
 
+    def _checked_geometry(self, entry: dict, site: str, patient_id: str) -> tuple[np.ndarray, tuple[int, ...]]:
+        """A reported source geometry: a finite, invertible 4x4 affine and three dimensions, each 1 to
+        ``MAX_SOURCE_DIM`` (the segmentation of that shape is allocated here)."""
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or len(shape) != 3 or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_SOURCE_DIM for n in shape):
+            raise ProtocolError(f"shape must be three integers in [1, {MAX_SOURCE_DIM}], got {str(shape)[:60]}",
+                                site=site, patient=patient_id, field="info.geometry.shape")
+        try:
+            affine = np.asarray(entry.get("affine"), dtype=np.float64)
+        except (TypeError, ValueError):
+            affine = np.zeros(0)
+        if affine.shape != (4, 4) or not np.isfinite(affine).all() or np.linalg.matrix_rank(affine[:3, :3]) < 3:
+            raise ProtocolError("affine must be a finite, invertible 4x4 matrix", site=site, patient=patient_id,
+                                field="info.geometry.affine")
+        return affine, tuple(shape)
+
     def _load_decoder(self, decoder: torch.nn.Module, fl_ctx: FLContext) -> None:
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
-        path = root / self.decoder_path  # an absolute path stays as it is
+        path = inside(root, self.decoder_path, site="server", field="decoder_path")
         if not path.is_file():
-            raise ProtocolError("trained decoder not found", site="server", field=str(path))
-        weights = torch.load(path, map_location="cpu", weights_only=False)["model"]
+            raise ProtocolError(f"trained decoder not found at {path}", site="server", field="decoder_path")
+        weights = load_checkpoint(path, site="server", field="decoder_path")["model"]
         decoder.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
         self.log_info(fl_ctx, f"decoder loaded from {path}")

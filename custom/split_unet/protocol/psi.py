@@ -21,8 +21,10 @@ from nvflare.app_common.psi.psi_workflow_spec import PSIWorkflow
 from nvflare.app_opt.psi.dh_psi.dh_psi_server import PSIServer
 
 from split_unet.data import SERVER_SITE, SiteImages, SiteLabels
-from split_unet.errors import DataError
+from split_unet.errors import DataError, ProtocolError
+from split_unet.ids import check_patient_ids
 
+from .paths import inside
 from .settings import load_site_settings
 
 #: ``FilePSIWriter``'s ``output_path`` in ``jobs/split_unet_psi`` (relative to ``<run folder>/<site>/``).
@@ -30,8 +32,11 @@ PSI_OUTPUT = "psi/intersection.txt"
 
 
 def intersection_path(workspace_root: str | Path, psi_job_id: str, site: str) -> Path:
-    """Where ``FilePSIWriter`` leaves a site's intersection: ``<root>/<job id>/<site>/psi/intersection.txt``."""
-    return Path(workspace_root) / psi_job_id / site / PSI_OUTPUT
+    """Where ``FilePSIWriter`` leaves a site's intersection: ``<root>/<job id>/<site>/psi/intersection.txt``;
+    the job id a job names is one folder of the site's workspace."""
+    if not isinstance(psi_job_id, str) or "/" in psi_job_id:
+        raise ProtocolError(f"a PSI job id is one folder name, got {psi_job_id!r}", site=site, field="psi_job_id")
+    return inside(workspace_root, f"{psi_job_id}/{site}/{PSI_OUTPUT}", site=site, field="psi_job_id")
 
 
 def read_intersection(workspace_root: str | Path, psi_job_id: str, site: str) -> list[str]:
@@ -39,7 +44,7 @@ def read_intersection(workspace_root: str | Path, psi_job_id: str, site: str) ->
     if not path.is_file():
         raise DataError(f"no PSI result of job '{psi_job_id}' (run jobs/split_unet_psi first)", site=site,
                         field=str(path))
-    return [line for line in path.read_text().splitlines() if line]
+    return check_patient_ids([line for line in path.read_text().splitlines() if line], site=site, field=str(path))
 
 
 class SitePatients(PSI):

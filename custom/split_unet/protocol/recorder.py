@@ -18,17 +18,24 @@ from nvflare.apis.shareable import Shareable
 
 from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, step_folder
 
+from .codecs import MAX_ELEMENTS
 from .wire import KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage, selected_step
 
 
 class LeakageRecorder(Filter):
     """Args:
+        max_elements: the largest tensor a training message may carry (``controller.largest_training_tensor``
+            of the job's ``train`` settings, which ``configure_job`` fills in): the controller's bound, applied
+            here too, since this filter decodes a site's message before the controller sees it.
         steps: training steps to record (1-based; -1 = the last one).
         max_patients: patients kept per recorded step (bounds the record's size).
     """
 
-    def __init__(self, steps: Sequence[int] = (1, -1), max_patients: int = 2):
+    def __init__(self, max_elements: int, steps: Sequence[int] = (1, -1), max_patients: int = 2):
         super().__init__()
+        if not isinstance(max_elements, int) or not 0 < max_elements <= MAX_ELEMENTS:
+            raise ValueError(f"max_elements must be an integer in [1, {MAX_ELEMENTS}], got {max_elements!r}")
+        self.max_elements = max_elements
         self.steps = list(steps)
         self.max_patients = max_patients
 
@@ -48,7 +55,7 @@ class LeakageRecorder(Filter):
             return shareable
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name() if peer else "unknown"
-        message = TensorMessage.from_shareable(shareable, dxo.data_kind, site=site)
+        message = TensorMessage.from_shareable(shareable, dxo.data_kind, site=site, max_elements=self.max_elements)
         record_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / RECORD_FOLDER
         if dxo.data_kind == KIND_ACTIVATIONS:
             n = self.max_patients

@@ -21,13 +21,25 @@ ENV_SITE_CONFIGS = "SPLIT_UNET_SITE_CONFIGS"
 ENV_SITES = "SPLIT_UNET_SITES"
 
 # NVFlare 2.9 builds only component classes a site allows (``class_allow_list`` in its
-# ``local/resources.json``), unless the job brings its own code. A site that runs this job allows these.
+# ``local/resources.json``), unless the job brings its own code. A site that runs this job allows exactly
+# these classes: the workflow, the site executor, PSI, the privacy filters, the decoder persistor and
+# TensorBoard; not the leakage recorder (a research tool, ``RESEARCH_CLASSES``) and no decomposer (numpy
+# arrays travel natively, so none is registered).
 CLASS_ALLOW_LIST = [
-    "split_unet.",
+    "split_unet.protocol.controller.SplitUNetController",
+    "split_unet.protocol.inference.SplitInferenceController",
+    "split_unet.protocol.executor.ModalitySiteExecutor",
+    "split_unet.protocol.psi.SitePatients",
+    "split_unet.protocol.psi.LabelHolderPSIController",
+    "split_unet.filters.LevelBlocking",
+    "split_unet.filters.ActivationClipNoise",
+    "split_unet.filters.ActivationQuantization",
+    "split_unet.filters.GradientProtection",
     "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
     "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
-    "nvflare.app_common.widgets.decomposer_reg.DecomposerRegister",
 ]
+# Allowed only where a leakage evaluation runs (the simulator adds them when a job uses them).
+RESEARCH_CLASSES = ["split_unet.protocol.recorder.LeakageRecorder"]
 
 
 def settings_candidates(site: str, workspace_root: str | Path | None) -> list[Path]:

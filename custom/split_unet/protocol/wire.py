@@ -29,6 +29,7 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import Shareable, make_reply
 
 from split_unet.errors import ProtocolError
+from split_unet.ids import check_patient_ids
 
 from . import codecs
 
@@ -86,9 +87,7 @@ class TensorMessage:
         step = meta.get("step")
         if not isinstance(step, int) or isinstance(step, bool):
             raise ProtocolError(f"step must be an integer, got {step!r}", site=site, field="step")
-        patient_ids = meta.get("patient_ids")
-        if not isinstance(patient_ids, list) or not all(isinstance(p, str) for p in patient_ids):
-            raise ProtocolError("patient_ids must be a list of strings", site=site, field="patient_ids")
+        patient_ids = check_patient_ids(meta.get("patient_ids"), site=site, field="patient_ids", error=ProtocolError)
         tensor_step = meta.get("tensor_step")
         if tensor_step is not None and (not isinstance(tensor_step, int) or isinstance(tensor_step, bool)):
             raise ProtocolError(f"tensor_step must be an integer, got {tensor_step!r}", site=site,

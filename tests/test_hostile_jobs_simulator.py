@@ -1,0 +1,64 @@
+"""Hostile-job rows that need the NVFlare simulator (issue 13): a job naming the sites' "clinical" scope
+without ``--privacy`` runs under each site's own policy, and a hung site under ``on_site_failure=continue`` does
+not hold ``simulate`` once the job has ended."""
+
+import contextlib
+import os
+import signal
+import time
+
+import psutil
+import pytest
+from helpers import TINY_NETWORK, TINY_SIZE
+
+from split_unet.data import MODALITIES
+from split_unet.simulation import run_simulation
+
+pytestmark = pytest.mark.simulator
+
+HARD_LIMIT_S = 900
+GRACE_S = 5
+
+
+def _site_worker(site: str) -> psutil.Process:
+    """The simulator's worker process of ``site``: a descendant of this test's process."""
+    return next(p for p in psutil.Process().children(recursive=True)
+                if "simulator_worker" in " ".join(p.cmdline()) and f"--client {site}" in " ".join(p.cmdline()))
+
+
+def test_scope_without_privacy_file_and_a_hung_site(project_root, tiny_data, tmp_path, hard_limit):
+    _, sites = tiny_data
+    events: dict[str, float | int] = {}
+
+    def progress(line: str) -> None:
+        if "training /" in line and "hung" not in events:  # the controller starts training: t2w stops answering
+            events["hung"] = _site_worker("t2w").pid
+            os.kill(events["hung"], signal.SIGSTOP)
+        if line.startswith("summary written"):
+            events["summary_at"] = time.monotonic()
+
+    # Level 0 is blocked by the sites' clinical scope, so the job sends levels 1 and 2 only.
+    # The task timeout leaves the sites time to start and read their data on a busy machine (init counts too).
+    train = {"size": TINY_SIZE, "network": {**TINY_NETWORK, "levels": [1, 2]}, "epochs": 1, "val_fraction": 0.25}
+    try:
+        summary = run_simulation(sites, tmp_path / "ws", job_dir=project_root / "jobs/split_unet",
+                                 site_configs=project_root / "site_configs", train=train, scope="clinical",
+                                 controller={"task_timeout": 60, "on_site_failure": "continue"}, progress=progress,
+                                 grace_seconds=GRACE_S)
+        returned_at = time.monotonic()
+    finally:
+        with contextlib.suppress(ProcessLookupError, KeyError):
+            os.kill(events["hung"], signal.SIGCONT)
+    assert "error" not in summary, summary.get("error")
+    assert list(summary["lost_sites"]) == ["t2w"]
+    # simulate returned once the job had ended: the grace period, then SIGTERM (SIGKILL 10 s later for a stopped
+    # process), with room for a busy machine.
+    assert returned_at - events["summary_at"] < GRACE_S + 60, returned_at - events["summary_at"]
+    assert not psutil.pid_exists(events["hung"]) or psutil.Process(events["hung"]).status() == psutil.STATUS_ZOMBIE
+    assert "stopped it and the processes it started" in (tmp_path / "ws" / "simulator.log").read_text()
+    # Without --privacy, each site applied its own clinical scope: noise with an epsilon the server recomputed.
+    answered = [site for site in MODALITIES if site != "t2w"]
+    assert sorted(summary["privacy"]) == sorted(answered)
+    for site in answered:
+        entry = summary["privacy"][site]
+        assert 0 < entry["epsilon"] < float("inf") and entry["noise_multiplier"] == 0.004
