@@ -1,8 +1,14 @@
-"""Helpers shared by the tests: tiny phantom data sets and a small network."""
+"""Helpers shared by the tests: tiny phantom data sets, a small network, a stand-in NVFlare engine for one party,
+and process lookups for the federation tests."""
 
+import socket
 from pathlib import Path
 
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.signal import Signal
+
 from split_unet.data import generate_dataset, partition_dataset
+from split_unet.protocol.wire import ERROR_HEADER, KIND_GRADIENTS, TensorMessage
 
 TINY_SIZE = 32
 TINY_NETWORK = {"channels": [4, 8, 16], "strides": [2, 2]}
@@ -13,3 +19,59 @@ def make_dataset(root: Path, patients: int, size: int = TINY_SIZE, seed: int = 0
     msd = generate_dataset(root / "msd", n_patients=patients, size=size, seed=seed, progress=False)
     partition_dataset(msd, root / "sites", progress=False)
     return msd, root / "sites"
+
+
+class StandInWorkspace:
+    """The part of an NVFlare workspace the executor and controller use: a root folder and run folders."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def get_root_dir(self):
+        return str(self.root)
+
+    def get_run_dir(self, job_id):
+        return str(self.root / job_id)
+
+
+class StandInEngine:
+    """The part of an NVFlare engine a party uses outside a federation: its workspace, events to nobody."""
+
+    def __init__(self, root):
+        self.workspace = StandInWorkspace(root)
+
+    def get_workspace(self):
+        return self.workspace
+
+    def fire_event(self, event_type, fl_ctx):
+        """log_error fires an event; nobody listens here."""
+
+
+def send_task(executor, fl_ctx, task, step, patient_ids, gradients=None, tensor_step=None, info=None):
+    """The executor's reply to a task carrying ``gradients`` (float32 on the wire), ``info`` and the next batch."""
+    message = TensorMessage(KIND_GRADIENTS, step, patient_ids, gradients or {}, tensor_step=tensor_step,
+                            info=info or {})
+    return executor.execute(task, message.to_shareable("float32")[0], fl_ctx, Signal())
+
+
+def error_of(reply):
+    """The error message of a refused task."""
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    return reply.get_header(ERROR_HEADER)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="ignore"):
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from helpers import TINY_NETWORK, TINY_SIZE
+from helpers import TINY_NETWORK, TINY_SIZE, StandInEngine
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
-from test_site_executor import _Engine
 
 from split_unet.errors import ProtocolError
 from split_unet.networks import NetworkConfig, build_decoder
@@ -22,7 +21,7 @@ def _controller(tmp_path, **train):
     network = NetworkConfig.from_dict({**NetworkConfig().to_dict(), **TINY_NETWORK})
     controller.party = DecoderParty(build_decoder(network, 4, seed=len(train)), 1e-3, torch.device("cpu"))
     fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.ENGINE, _Engine(tmp_path), private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.ENGINE, StandInEngine(tmp_path), private=True, sticky=False)
     return controller, fl_ctx
 
 

@@ -20,13 +20,12 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from helpers import TINY_NETWORK, TINY_SIZE
+from helpers import TINY_NETWORK, TINY_SIZE, StandInEngine, error_of, send_task
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 from nvflare.private.privacy_manager import PrivacyManager, PrivacyService
-from test_site_executor import _Engine, _error, _send, _send_info, site  # noqa: F401 (site is a fixture)
 
 from split_unet import cli
 from split_unet.data import SiteImages, partition_dataset, readers
@@ -54,7 +53,7 @@ TRAIN = TrainConfig(size=TINY_SIZE, network=TINY_NETWORK)
 def _context(root: Path, identity: str = "flair") -> FLContext:
     fl_ctx = FLContext()
     fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, identity, private=False, sticky=False)
-    fl_ctx.set_prop(ReservedKey.ENGINE, _Engine(root), private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.ENGINE, StandInEngine(root), private=True, sticky=False)
     fl_ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=False)
     return fl_ctx
 
@@ -99,7 +98,7 @@ def test_a_pickle_as_encoder_path_runs_no_code_at_the_site(tiny_data, tmp_path):
     _, sites = tiny_data
     marker = tmp_path / "code_ran"
     _pickle_bomb(tmp_path / "ws" / "trained" / "encoder.pt", marker, "encoder")
-    error = _error(_init(ModalitySiteExecutor(encoder_path="trained/encoder.pt"), _site_workspace(tmp_path / "ws", sites)))
+    error = error_of(_init(ModalitySiteExecutor(encoder_path="trained/encoder.pt"), _site_workspace(tmp_path / "ws", sites)))
     assert not marker.exists()
     assert "site 'flair'" in error and "field 'encoder_path'" in error and "Weights only load failed" in error
 
@@ -109,7 +108,7 @@ def test_a_pickle_as_site_checkpoint_runs_no_code_on_resume(tiny_data, tmp_path)
     marker = tmp_path / "code_ran"
     _pickle_bomb(tmp_path / "ws" / "checkpoints" / "flair" / "step_0000001.pt", marker, "encoder")
     executor = ModalitySiteExecutor(checkpoint_dir="checkpoints/{site}")
-    error = _error(_init(executor, _site_workspace(tmp_path / "ws", sites), resume_step=1))
+    error = error_of(_init(executor, _site_workspace(tmp_path / "ws", sites), resume_step=1))
     assert not marker.exists()
     assert "site 'flair'" in error and "field 'resume_step'" in error
 
@@ -134,7 +133,7 @@ def test_a_site_refuses_a_job_path_outside_its_workspace_before_reading_data(tin
     value = value.replace("/ABSOLUTE", str(tmp_path / "outside"))
     workspace = tmp_path / "deep" / "ws"
     executor = ModalitySiteExecutor(**{field: value})
-    error = _error(_init(executor, _site_workspace(workspace, sites)))
+    error = error_of(_init(executor, _site_workspace(workspace, sites)))
     assert f"site 'flair', field '{field}'" in error, error
     assert executor.images is None  # refused before any volume was read
     # Whatever the site did, nothing landed outside its workspace.
@@ -205,7 +204,7 @@ def test_a_message_naming_an_escaping_patient_is_refused():
 
 # Row 4: a refused message leaves the site as it was, so the server's correct retry is accepted ----------------------
 def _first_step(executor, fl_ctx):
-    reply = _send(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"])
+    reply = send_task(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"])
     features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
     weights = [p.detach().clone() for p in executor.party.encoder.parameters()]
     return {level: torch.ones_like(t) for level, t in features.items()}, weights
@@ -219,10 +218,10 @@ def test_a_gradient_with_a_bad_checkpoint_flag_changes_nothing_and_the_retry_is_
     executor, fl_ctx = site
     executor.checkpoint_dir = "checkpoints/{site}"
     gradients, weights = _first_step(executor, fl_ctx)
-    error = _error(_send_info(executor, fl_ctx, TASK_TRAIN, 2, [], {"checkpoint": "x"}, gradients, tensor_step=1))
+    error = error_of(send_task(executor, fl_ctx, TASK_TRAIN, 2, [], gradients, tensor_step=1, info={"checkpoint": "x"}))
     assert "site 'flair', field 'checkpoint'" in error
     assert _unchanged(executor, weights) and (executor.last_step, executor.pending_step) == (1, 1)
-    retry = _send_info(executor, fl_ctx, TASK_TRAIN, 2, [], {"checkpoint": 1}, gradients, tensor_step=1)
+    retry = send_task(executor, fl_ctx, TASK_TRAIN, 2, [], gradients, tensor_step=1, info={"checkpoint": 1})
     assert retry.get_return_code(ReturnCode.OK) == ReturnCode.OK
     assert not _unchanged(executor, weights) and executor.last_step == 2
 
@@ -230,10 +229,10 @@ def test_a_gradient_with_a_bad_checkpoint_flag_changes_nothing_and_the_retry_is_
 def test_a_new_batch_while_activations_await_their_gradient_changes_nothing(site):
     executor, fl_ctx = site
     gradients, weights = _first_step(executor, fl_ctx)
-    error = _error(_send(executor, fl_ctx, TASK_TRAIN, 2, ["BRATS_002"]))
+    error = error_of(send_task(executor, fl_ctx, TASK_TRAIN, 2, ["BRATS_002"]))
     assert "site 'flair', field 'patient_ids'" in error and "await their gradient" in error
     assert _unchanged(executor, weights) and (executor.last_step, executor.pending_step) == (1, 1)
-    retry = _send(executor, fl_ctx, TASK_TRAIN, 2, ["BRATS_002"], gradients, tensor_step=1)
+    retry = send_task(executor, fl_ctx, TASK_TRAIN, 2, ["BRATS_002"], gradients, tensor_step=1)
     assert retry.get_return_code(ReturnCode.OK) == ReturnCode.OK and executor.pending_step == 2
 
 
@@ -450,7 +449,7 @@ def test_the_simulator_applies_the_sites_own_policy_and_refuses_sites_that_diffe
 
 def test_a_site_policy_can_require_psi(tiny_data, tmp_path):
     _, sites = tiny_data
-    error = _error(_init(ModalitySiteExecutor(), _site_workspace(tmp_path / "ws", sites, require_psi=True)))
+    error = error_of(_init(ModalitySiteExecutor(), _site_workspace(tmp_path / "ws", sites, require_psi=True)))
     assert "site 'flair', field 'psi_job_id'" in error and "requires a PSI job" in error
 
 

@@ -7,7 +7,6 @@ Bounded: a hard alarm ends the test, and the federation is stopped in every case
 
 import pytest
 import json
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -19,7 +18,7 @@ from split_unet.data import SERVER_SITE, holdings, partition_dataset
 from split_unet.poc import PocFederation, run_pipeline
 from split_unet.protocol.psi import intersection_path
 
-from helpers import TINY_NETWORK, TINY_SIZE, make_dataset
+from helpers import TINY_NETWORK, TINY_SIZE, free_port, make_dataset, processes_mentioning
 
 pytestmark = pytest.mark.poc
 HARD_LIMIT_S = 900  # about 3 min on an idle 2-core machine; generous for a loaded one
@@ -35,23 +34,6 @@ def bare_python(folder: Path) -> str:
                                    check=True, capture_output=True, text=True).stdout.strip()
     Path(site_packages, "parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return str(python)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="ignore"):
-                found.append(int(entry.name))
-        except OSError:
-            pass
-    return found
 
 
 def test_poc_federation_psi_train_infer(project_root, tmp_path, hard_limit):

@@ -18,8 +18,7 @@ from split_unet.protocol.checkpoint import SERVER_CHECKPOINT, site_checkpoint
 from split_unet.files import load_json
 from split_unet.simulation import configure_job, run_simulation
 
-from helpers import TINY_NETWORK, TINY_SIZE, make_dataset
-from test_poc import free_port, processes_mentioning
+from helpers import TINY_NETWORK, TINY_SIZE, free_port, make_dataset, processes_mentioning
 
 pytestmark = pytest.mark.poc
 HARD_LIMIT_S = 1200  # about 4 min on an idle 2-core machine; generous for a loaded one

@@ -1,81 +1,26 @@
 """The site Executor without a federation: a real FLContext around a stand-in engine and workspace."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_NETWORK, TINY_SIZE
+from helpers import TINY_NETWORK, TINY_SIZE, error_of, send_task
 from nvflare.apis.dxo import DXO
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
-from nvflare.apis.fl_context import FLContext
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
 
-from split_unet.protocol.executor import ModalitySiteExecutor
-from split_unet.protocol.settings import SETTINGS_FILE
-from split_unet.protocol.wire import (ERROR_HEADER, KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, TASK_FINISH,
-                                      TASK_INIT, TASK_TRAIN, TASK_VALIDATE, TensorMessage)
+from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, TASK_FINISH, TASK_INIT, TASK_TRAIN,
+                                      TASK_VALIDATE, TensorMessage)
 from split_unet.training import TrainConfig
-
-
-class _Workspace:
-    def __init__(self, root):
-        self.root = root
-
-    def get_root_dir(self):
-        return str(self.root)
-
-    def get_run_dir(self, job_id):
-        return str(self.root / job_id)
-
-
-class _Engine:
-    def __init__(self, root):
-        self.workspace = _Workspace(root)
-
-    def get_workspace(self):
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx):
-        """log_error fires an event; nobody listens here."""
-
-
-@pytest.fixture()
-def site(tiny_data, tmp_path):
-    """(executor, fl_ctx) of the 'flair' site, its settings in its own local/ folder."""
-    _, sites = tiny_data
-    (tmp_path / "local").mkdir()
-    (tmp_path / "local" / SETTINGS_FILE).write_text(json.dumps({"modality": "flair", "data_dir": str(sites / "flair")}))
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "flair", private=False, sticky=False)
-    fl_ctx.set_prop(ReservedKey.ENGINE, _Engine(tmp_path), private=True, sticky=False)
-    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=False)
-    executor = ModalitySiteExecutor()
-    config = TrainConfig(size=TINY_SIZE, network=TINY_NETWORK)
-    request = DXO(KIND_INIT, data={"train": config.to_dict(), "site_index": 0, "wire_dtype": "float32"})
-    reply = executor.execute(TASK_INIT, request.to_shareable(), fl_ctx, Signal())
-    assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK, reply.get_header(ERROR_HEADER)
-    return executor, fl_ctx
-
-
-def _send(executor, fl_ctx, task, step, patient_ids, gradients=None, tensor_step=None):
-    message = TensorMessage(KIND_GRADIENTS, step, patient_ids, gradients or {}, tensor_step=tensor_step)
-    return executor.execute(task, message.to_shareable("float32")[0], fl_ctx, Signal())
-
-
-def _error(reply):
-    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
-    return reply.get_header(ERROR_HEADER)
 
 
 def test_train_step_then_gradient_updates_the_encoder_and_saves_it(site, tmp_path):
     executor, fl_ctx = site
-    reply = _send(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001", "BRATS_002"])
+    reply = send_task(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001", "BRATS_002"])
     features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
     assert features[0].shape == (2, 4, TINY_SIZE, TINY_SIZE, TINY_SIZE) and features[2].shape[1] == 16
     before = [p.clone() for p in executor.party.encoder.parameters()]
     gradients = {level: torch.randn_like(t) for level, t in features.items()}
-    reply = _send(executor, fl_ctx, TASK_FINISH, 2, [], gradients, tensor_step=1)
+    reply = send_task(executor, fl_ctx, TASK_FINISH, 2, [], gradients, tensor_step=1)
     assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK
     assert any(not torch.equal(a, b) for a, b in zip(before, executor.party.encoder.parameters()))
     saved = torch.load(tmp_path / "job1" / "split_unet_encoder.pt", weights_only=False)
@@ -84,14 +29,14 @@ def test_train_step_then_gradient_updates_the_encoder_and_saves_it(site, tmp_pat
 
 def test_unknown_patient_is_refused_naming_site_and_patient(site):
     executor, fl_ctx = site
-    message = _error(_send(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_999"]))
+    message = error_of(send_task(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_999"]))
     assert "flair" in message and "BRATS_999" in message
 
 
 @pytest.mark.parametrize("corrupt", ["nan", "shape", "levels", "step"])
 def test_bad_gradients_are_refused_and_leave_the_encoder_unchanged(site, corrupt):
     executor, fl_ctx = site
-    reply = _send(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"])
+    reply = send_task(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"])
     features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
     gradients = {level: torch.zeros_like(t) for level, t in features.items()}
     tensor_step = 1
@@ -104,15 +49,15 @@ def test_bad_gradients_are_refused_and_leave_the_encoder_unchanged(site, corrupt
     else:
         tensor_step = 0
     before = [p.clone() for p in executor.party.encoder.parameters()]
-    message = _error(_send(executor, fl_ctx, TASK_TRAIN, 2, ["BRATS_002"], gradients, tensor_step=tensor_step))
+    message = error_of(send_task(executor, fl_ctx, TASK_TRAIN, 2, ["BRATS_002"], gradients, tensor_step=tensor_step))
     assert "site 'flair'" in message
     assert all(torch.equal(a, b) for a, b in zip(before, executor.party.encoder.parameters()))
 
 
 def test_replayed_step_is_refused(site):
     executor, fl_ctx = site
-    _send(executor, fl_ctx, TASK_TRAIN, 3, ["BRATS_001"])
-    assert "replayed or out of order" in _error(_send(executor, fl_ctx, TASK_TRAIN, 3, ["BRATS_001"]))
+    send_task(executor, fl_ctx, TASK_TRAIN, 3, ["BRATS_001"])
+    assert "replayed or out of order" in error_of(send_task(executor, fl_ctx, TASK_TRAIN, 3, ["BRATS_001"]))
 
 
 def test_float16_wire_keeps_tiny_gradients():
@@ -125,34 +70,28 @@ def test_float16_wire_keeps_tiny_gradients():
     assert np.float16(3e-9) == 0  # what plain float16 would have sent
 
 
-def _send_info(executor, fl_ctx, task, step, patient_ids, info, gradients=None, tensor_step=None):
-    message = TensorMessage(KIND_GRADIENTS, step, patient_ids, gradients or {}, tensor_step=tensor_step, info=info)
-    return executor.execute(task, message.to_shareable("float32")[0], fl_ctx, Signal())
-
-
 def test_site_answers_only_for_the_agreed_patients(site):
     executor, fl_ctx = site
     agreed = {"agreed_patients": ["BRATS_001", "BRATS_002"]}
-    reply = _send_info(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"], agreed)
+    reply = send_task(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"], info=agreed)
     features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
     gradients = {level: torch.ones_like(t) for level, t in features.items()}
     before = [p.clone() for p in executor.party.encoder.parameters()]
     # BRATS_003 is in the datalist but not agreed: refused before the gradient is applied.
-    message = _error(_send(executor, fl_ctx, TASK_TRAIN, 2, ["BRATS_003"], gradients, tensor_step=1))
+    message = error_of(send_task(executor, fl_ctx, TASK_TRAIN, 2, ["BRATS_003"], gradients, tensor_step=1))
     assert "patient 'BRATS_003'" in message and "agreed" in message
     assert all(torch.equal(a, b) for a, b in zip(before, executor.party.encoder.parameters()))
     changed = {"agreed_patients": ["BRATS_001", "BRATS_003"]}
-    assert "cannot change" in _error(_send_info(executor, fl_ctx, TASK_VALIDATE, 2, ["BRATS_001"], changed))
-    assert _send(executor, fl_ctx, TASK_TRAIN, 3, ["BRATS_002"], gradients, tensor_step=1).get_return_code(
+    assert "cannot change" in error_of(send_task(executor, fl_ctx, TASK_VALIDATE, 2, ["BRATS_001"], info=changed))
+    assert send_task(executor, fl_ctx, TASK_TRAIN, 3, ["BRATS_002"], gradients, tensor_step=1).get_return_code(
         ReturnCode.OK) == ReturnCode.OK
 
 
 def test_agreed_patients_the_site_lacks_are_refused(site):
     executor, fl_ctx = site
-    message = _error(_send_info(executor, fl_ctx, TASK_VALIDATE, 1, ["BRATS_001"],
-                                {"agreed_patients": ["BRATS_001", "BRATS_999"]}))
+    message = error_of(send_task(executor, fl_ctx, TASK_VALIDATE, 1, ["BRATS_001"], info={"agreed_patients": ["BRATS_001", "BRATS_999"]}))
     assert "patient 'BRATS_999'" in message and "field 'agreed_patients'" in message
-    assert "names no patient" in _error(_send(executor, fl_ctx, TASK_VALIDATE, 2, []))
+    assert "names no patient" in error_of(send_task(executor, fl_ctx, TASK_VALIDATE, 2, []))
 
 
 def test_site_sends_only_its_configured_levels_whatever_the_task_asks(site):
@@ -161,23 +100,23 @@ def test_site_sends_only_its_configured_levels_whatever_the_task_asks(site):
     request = DXO(KIND_INIT, data={"train": config.to_dict(), "site_index": 0, "wire_dtype": "float32"})
     assert executor.execute(TASK_INIT, request.to_shareable(), fl_ctx, Signal()).get_return_code(
         ReturnCode.OK) == ReturnCode.OK
-    reply = _send_info(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"], {"levels": [0, 1, 2]})
+    reply = send_task(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"], info={"levels": [0, 1, 2]})
     assert sorted(TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors) == [1, 2]
 
 
 def test_site_left_out_of_a_step_applies_its_gradient_and_sends_nothing(site):
     """Modality dropout: a training task without patients only finishes the pending backward pass."""
     executor, fl_ctx = site
-    reply = _send(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"])
+    reply = send_task(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"])
     features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
     gradients = {level: torch.ones_like(t) for level, t in features.items()}
     before = [p.clone() for p in executor.party.encoder.parameters()]
-    reply = _send(executor, fl_ctx, TASK_TRAIN, 2, [], gradients, tensor_step=1)
+    reply = send_task(executor, fl_ctx, TASK_TRAIN, 2, [], gradients, tensor_step=1)
     assert TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors == {}
     assert any(not torch.equal(a, b) for a, b in zip(before, executor.party.encoder.parameters()))
     assert executor.pending_step is None and not executor.party.awaiting_gradient
     # The next step's message carries no gradient for it (tensor_step set, no tensors): accepted.
-    assert _send(executor, fl_ctx, TASK_TRAIN, 3, ["BRATS_002"], tensor_step=2).get_return_code(
+    assert send_task(executor, fl_ctx, TASK_TRAIN, 3, ["BRATS_002"], tensor_step=2).get_return_code(
         ReturnCode.OK) == ReturnCode.OK
 
 
@@ -189,16 +128,16 @@ def _init(executor, fl_ctx, **extra):
 
 def test_site_checkpoints_when_asked_and_resumes_from_it(site, tmp_path):
     executor, fl_ctx = site
-    assert "no checkpoint_dir" in _error(_send_info(executor, fl_ctx, TASK_TRAIN, 1, [], {"checkpoint": 1}))
+    assert "no checkpoint_dir" in error_of(send_task(executor, fl_ctx, TASK_TRAIN, 1, [], info={"checkpoint": 1}))
     executor.checkpoint_dir = "checkpoints/{site}"
-    reply = _send(executor, fl_ctx, TASK_TRAIN, 2, ["BRATS_001"])
+    reply = send_task(executor, fl_ctx, TASK_TRAIN, 2, ["BRATS_001"])
     features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
     gradients = {level: torch.ones_like(t) for level, t in features.items()}
-    reply = _send_info(executor, fl_ctx, TASK_TRAIN, 3, [], {"checkpoint": 1}, gradients, tensor_step=2)
+    reply = send_task(executor, fl_ctx, TASK_TRAIN, 3, [], gradients, tensor_step=2, info={"checkpoint": 1})
     assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK
     assert (tmp_path / "checkpoints" / "flair" / "step_0000001.pt").is_file()
     trained = [p.clone() for p in executor.party.encoder.parameters()]
 
-    assert "no checkpoint of step 5" in _error(_init(executor, fl_ctx, resume_step=5))
+    assert "no checkpoint of step 5" in error_of(_init(executor, fl_ctx, resume_step=5))
     assert _init(executor, fl_ctx, resume_step=1).get_return_code(ReturnCode.OK) == ReturnCode.OK
     assert all(torch.equal(a, b) for a, b in zip(trained, executor.party.encoder.parameters()))

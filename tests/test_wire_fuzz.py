@@ -15,7 +15,6 @@ from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
-from test_site_executor import site  # noqa: F401  (fixture: an initialised 'flair' executor)
 
 from split_unet.errors import ProtocolError
 from split_unet.protocol.codecs import CODECS
