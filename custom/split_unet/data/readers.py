@@ -30,7 +30,7 @@ from split_unet.data.regions import CONVENTIONS, MODALITIES, regions
 from split_unet.errors import DataError
 
 __all__ = ["ImageRef", "Case", "find_cases", "read_volume", "read_label", "load_image", "load_label", "load_case",
-           "label_to_source"]
+           "label_to_source", "grid_spacing"]
 
 # BraTS file layouts: (name separator, file suffix -> modality name, label convention). BraTS 2021:
 # <id>/<id>_{flair,t1,t1ce,t2,seg}.nii.gz; BraTS 2023+: <id>/<id>-{t2f,t1n,t1c,t2w,seg}.nii.gz (ET moved to 3).
@@ -236,6 +236,16 @@ def _channel_first(data: np.ndarray | torch.Tensor, affine: np.ndarray) -> MetaT
 def _to_grid(data: np.ndarray, image: nib.Nifti1Image, size: int, spacing: float | None, mode: str) -> MetaTensor:
     """``data`` on the common grid: ``(1, size, size, size)`` float32 tensor."""
     return _grid_transform(size, spacing, mode)(_channel_first(torch.from_numpy(data), image.affine))
+
+
+def grid_spacing(affine: np.ndarray, spacing: float | None) -> tuple[float, float, float]:
+    """Voxel size (mm) of the common grid along its (RAS) axes: ``spacing``, or the source's voxels reoriented."""
+    if spacing is not None:
+        return (float(spacing),) * 3
+    sizes = nib.affines.voxel_sizes(affine)
+    ras = np.empty(3)
+    ras[nib.orientations.io_orientation(affine)[:, 0].astype(int)] = sizes  # voxel axis i becomes RAS axis ornt[i]
+    return tuple(float(size) for size in ras)
 
 
 def label_to_source(label: np.ndarray, affine: np.ndarray, shape: Sequence[int], spacing: float | None = None
