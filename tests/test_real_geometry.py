@@ -1,10 +1,13 @@
 """Real brain MRI in its own geometry (240 x 240 x 155 at 1 mm, RAS 4D MSD and LPS int16 BraTS files): a label
 pushed onto the common grid and back lands where it was, for every size / spacing, padding and cropping."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
 
+from split_unet.cli import main
 from split_unet.data import (
     RELEASE_SHAPE,
     REGION_NAMES,
@@ -77,3 +80,19 @@ def test_label_round_trip_in_source_space(release, size, spacing):
         # No shift: the centres of mass agree to within half a grid voxel (the old inverse moved them 42 mm).
         shift = np.abs(np.argwhere(written[region]).mean(0) - np.argwhere(truth[region]).mean(0))
         assert (shift < spacing / 2).all(), (name, shift)
+
+
+def test_check_reports_what_the_grid_keeps(release, tmp_path, capsys):
+    folders, _ = release
+    sites = folders["server"].parent
+    # 64 voxels without spacing: the central 64 mm of a 240 x 240 x 155 mm volume.
+    assert main(["check", "--sites", str(sites), "--size", "64", "--json", str(tmp_path / "small.json")]) == 0
+    output = capsys.readouterr().out
+    small = json.loads((tmp_path / "small.json").read_text())["coverage"]
+    assert small["t1gd"]["share"] < 0.5 and "warning: site 't1gd'" in output and "brain voxels" in output
+    assert "overall" in output and "label voxels" in output
+    # 160 voxels of 1.5 mm cover 240 mm: everything is kept, no warning.
+    assert main(["check", "--sites", str(sites), "--size", "160", "--spacing", "1.5",
+                 "--json", str(tmp_path / "large.json")]) == 0
+    large = json.loads((tmp_path / "large.json").read_text())["coverage"]
+    assert large["t1gd"]["share"] == large["server"]["share"] == 1.0 and "warning" not in capsys.readouterr().out

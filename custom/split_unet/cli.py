@@ -12,9 +12,9 @@ from split_unet.errors import SplitUNetError
 
 def _train_overrides(args: argparse.Namespace) -> dict:
     """Only the options the user gave; the job config (or TrainConfig) supplies the rest."""
-    train = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "size", "val_interval",
-                                                 "val_fraction", "device", "modality_dropout", "micro_batches",
-                                                 "decoder_checkpointing")
+    train = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "size", "spacing",
+                                                 "val_interval", "val_fraction", "device", "modality_dropout",
+                                                 "micro_batches", "decoder_checkpointing", "min_component_voxels")
              if getattr(args, key, None) is not None}
     network = {}
     if getattr(args, "channels", None):
@@ -35,7 +35,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int)
     group.add_argument("--lr", type=float)
     group.add_argument("--seed", type=int)
-    group.add_argument("--size", type=int, help="volume edge after crop/pad (voxels)")
+    _add_grid_options(group)
     group.add_argument("--val-interval", type=int)
     group.add_argument("--val-fraction", type=float)
     group.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
@@ -48,6 +48,16 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="the server's decoder runs each batch in this many parts (less memory, same step)")
     group.add_argument("--decoder-checkpointing", action="store_true", default=None,
                        help="the decoder recomputes activations in its backward pass (less server memory)")
+    group.add_argument("--min-component-voxels", type=int,
+                       help="post-processing: remove connected components smaller than this (grid voxels) from "
+                            "every segmentation (default 0: none)")
+
+
+def _add_grid_options(parser, size_default: int | None = None) -> None:
+    """``--size`` and ``--spacing``: the common voxel grid (README, "Your own data", on how to choose them)."""
+    parser.add_argument("--size", type=int, default=size_default, help="volume edge after crop/pad (voxels)")
+    parser.add_argument("--spacing", type=float, help="isotropic spacing (mm) to resample to before the crop/pad "
+                                                      "(default: none, the source voxels; 1 mm for BraTS)")
 
 
 def _print_result(name: str, summary: dict) -> None:
@@ -75,16 +85,30 @@ def cmd_partition(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from split_unet.data.check import check_sites, problems_as_dicts
+    from split_unet.data.check import COVERAGE_WARNING, Coverage, check_sites, problems_as_dicts
     from split_unet.errors import location
 
-    loaded, problems = check_sites(args.sites, args.size, args.spacing, args.only.split(",") if args.only else None)
+    loaded, problems, coverage = check_sites(args.sites, args.size, args.spacing,
+                                             args.only.split(",") if args.only else None)
+    overall = {"brain": Coverage(), "label": Coverage()}
     for site, count in loaded.items():
-        print(f"{site:>8}: {count} volumes read")
+        kind = "label" if site == "server" else "brain"
+        overall[kind].add(coverage[site])
+        print(f"{site:>8}: {count} volumes read; the grid keeps {100 * coverage[site].share:.1f} % of {kind} voxels")
+    grid = f"--size {args.size}" + (f" --spacing {args.spacing}" if args.spacing else " without --spacing")
+    for kind, total in overall.items():
+        if total.total:
+            print(f"{'overall':>8}: the grid ({grid}) keeps {100 * total.share:.1f} % of {kind} voxels")
+    for site, share in ((site, c.share) for site, c in coverage.items() if c.share < COVERAGE_WARNING):
+        print(f"warning: site '{site}': the grid ({grid}) keeps only {100 * share:.1f} % of its "
+              f"{'label' if site == 'server' else 'brain'} voxels; choose a spacing and a size that cover the brain "
+              f"(README, 'Your own data')")
     for problem in problems:
         print(f"problem: {location(problem.site, problem.patient, problem.field)}: {problem.message}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"volumes": loaded, "problems": problems_as_dicts(problems)}, indent=2))
+        shares = {site: {"kept": c.kept, "total": c.total, "share": c.share} for site, c in coverage.items()}
+        Path(args.json).write_text(json.dumps({"volumes": loaded, "coverage": shares,
+                                               "problems": problems_as_dicts(problems)}, indent=2))
     print(f"{len(problems)} problems" if problems else "all site data readable and co-registered")
     return 1 if problems else 0
 
@@ -126,7 +150,7 @@ def cmd_centralized(args) -> int:
 def cmd_bench(args) -> int:
     from split_unet.benchmark import BenchConfig, bench, bench_table
 
-    config = BenchConfig(size=args.size, patients=args.patients, sites=args.n_sites, batch_size=args.batch_size,
+    config = BenchConfig(size=args.size, spacing=args.spacing, patients=args.patients, sites=args.n_sites, batch_size=args.batch_size,
                          epochs=args.epochs, channels=tuple(int(c) for c in args.channels.split(",")),
                          wire_dtype=args.wire_dtype, micro_batches=args.micro_batches,
                          decoder_checkpointing=args.decoder_checkpointing,
@@ -189,6 +213,7 @@ def cmd_infer(args) -> int:
     from split_unet.inference import infer_in_simulator
 
     patients = args.patients.split(",") if args.patients else ()
+    grid = {key: getattr(args, key) for key in ("size", "spacing") if getattr(args, key) is not None}
     if args.poc:
         from split_unet.poc import PocFederation, infer_in_poc
 
@@ -199,12 +224,12 @@ def cmd_infer(args) -> int:
         try:
             federation.start()
             result = infer_in_poc(federation, args.train_job, Path(args.workspace).resolve(), args.job,
-                                  patients=patients)
+                                  patients=patients, grid=grid)
         finally:
             federation.stop()
     elif args.train_workspace:
         result = infer_in_simulator(args.train_workspace, args.sites, args.workspace, args.job, args.site_configs,
-                                    patients)
+                                    patients, grid=grid)
     else:
         print("error: give --train-workspace (simulator) or --poc and --train-job", file=sys.stderr)
         return 2
@@ -213,7 +238,8 @@ def cmd_infer(args) -> int:
         return 1
     if "dice" in result:
         print("Dice " + " ".join(f"{k} {v:.3f}" for k, v in result["dice"].items()))
-    print(f"{len(result['patients'])} segmentations (NIfTI, MSD labels) in {result['segmentations']}")
+    print(f"{len(result['patients'])} segmentations (NIfTI, {result['convention']} labels, source geometry) in "
+          f"{result['segmentations']}")
     return 0
 
 
@@ -251,8 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "each patient's grid the same at every site")
     check.add_argument("--sites", required=True, help="folder written by `split-unet partition` (or laid out so)")
     check.add_argument("--only", help="comma-separated site folders to check (default: all)")
-    check.add_argument("--size", type=int, default=64, help="volume edge the job uses")
-    check.add_argument("--spacing", type=float, help="isotropic spacing the job resamples to (default: none)")
+    _add_grid_options(check, size_default=64)
     check.add_argument("--json", help="also write the result to this file")
     check.set_defaults(func=cmd_check)
 
@@ -283,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "vs simulator vs POC on phantom data")
     bench.add_argument("--out", required=True)
     bench.add_argument("--modes", default="centralized,simulator,poc")
-    bench.add_argument("--size", type=int, default=64)
+    _add_grid_options(bench, size_default=64)
     bench.add_argument("--patients", type=int, default=24, help="phantom patients (a quarter validates)")
     bench.add_argument("--n-sites", type=int, default=4, help="sites; beyond 4, copies of the modalities")
     bench.add_argument("--batch-size", type=int, default=2)
@@ -335,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--patients", help="comma-separated patient ids (default: every patient all sites hold)")
     infer.add_argument("--job", default="jobs/split_unet", help="the training job folder")
     infer.add_argument("--site-configs", default="site_configs")
+    _add_grid_options(infer)  # default: the training's grid
     infer.set_defaults(func=cmd_infer)
 
     table = commands.add_parser("table", help="Dice (or --leakage) table of runs: NAME=DIR_OR_FILE ...")
