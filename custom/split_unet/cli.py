@@ -68,8 +68,13 @@ def _print_result(name: str, summary: dict) -> None:
 
 
 def cmd_synth(args) -> int:
-    from split_unet.data import generate_dataset
+    from split_unet.data import RELEASE_SHAPE, generate_dataset, generate_release
 
+    if args.release:
+        out = generate_release(args.out, args.release, args.patients, args.seed, args.unlabelled, args.size)
+        print(f"phantom data set in the {args.release} layout ({args.patients} patients, {args.unlabelled} without "
+              f"label, {'x'.join(map(str, RELEASE_SHAPE))} at 1 mm, seed {args.seed}) in {out}")
+        return 0
     out = generate_dataset(args.out, n_patients=args.patients, size=args.size, seed=args.seed)
     print(f"phantom data set ({args.patients} patients, {args.size}^3, seed {args.seed}) in {out}")
     return 0
@@ -213,7 +218,8 @@ def cmd_infer(args) -> int:
     from split_unet.inference import infer_in_simulator
 
     patients = args.patients.split(",") if args.patients else ()
-    grid = {key: getattr(args, key) for key in ("size", "spacing") if getattr(args, key) is not None}
+    overrides = {key: getattr(args, key) for key in ("size", "spacing", "min_component_voxels")
+                 if getattr(args, key) is not None}
     if args.poc:
         from split_unet.poc import PocFederation, infer_in_poc
 
@@ -224,12 +230,12 @@ def cmd_infer(args) -> int:
         try:
             federation.start()
             result = infer_in_poc(federation, args.train_job, Path(args.workspace).resolve(), args.job,
-                                  patients=patients, grid=grid)
+                                  patients=patients, overrides=overrides)
         finally:
             federation.stop()
     elif args.train_workspace:
         result = infer_in_simulator(args.train_workspace, args.sites, args.workspace, args.job, args.site_configs,
-                                    patients, grid=grid)
+                                    patients, overrides=overrides)
     else:
         print("error: give --train-workspace (simulator) or --poc and --train-job", file=sys.stderr)
         return 2
@@ -257,15 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="split-unet", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    synth = commands.add_parser("synth", help="generate BraTS-like phantoms in the MSD Task01 layout")
+    synth = commands.add_parser("synth", help="generate BraTS-like phantoms in the MSD Task01 layout (or, with "
+                                              "--release, a real release's layout and geometry)")
     synth.add_argument("--out", required=True)
     synth.add_argument("--patients", type=int, default=64)
-    synth.add_argument("--size", type=int, default=64)
+    synth.add_argument("--size", type=int, default=64, help="phantom edge (voxels); the phantom spans ~189 mm")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--release", choices=("msd", "brats2021", "brats2023"),
+                       help="write the phantoms as that release does, at its geometry (240x240x155, 1 mm)")
+    synth.add_argument("--unlabelled", type=int, default=0, help="--release: the last N patients without label")
     synth.set_defaults(func=cmd_synth)
 
     partition = commands.add_parser("partition", help="split an MSD/BraTS data set into one folder per site")
-    partition.add_argument("--data", required=True, help="MSD Task01 or BraTS 2021 folder")
+    partition.add_argument("--data", required=True, help="MSD Task01, BraTS 2021 or BraTS 2023+ folder")
     partition.add_argument("--out", required=True)
     partition.add_argument("--overlap", type=float, help="share of patients every site and the server hold; "
                                                          "each other patient misses at one or more of them "
@@ -295,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(func=cmd_simulate)
 
     centralized = commands.add_parser("centralized", help="the same budget in one process (baselines)")
-    centralized.add_argument("--data", required=True, help="MSD Task01 or BraTS 2021 folder")
+    centralized.add_argument("--data", required=True, help="MSD Task01, BraTS 2021 or BraTS 2023+ folder")
     centralized.add_argument("--mode", choices=("late", "early", "single"), default="late")
     centralized.add_argument("--modality", choices=("flair", "t1w", "t1gd", "t2w"))
     centralized.add_argument("--out", required=True)
@@ -361,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--job", default="jobs/split_unet", help="the training job folder")
     infer.add_argument("--site-configs", default="site_configs")
     _add_grid_options(infer)  # default: the training's grid
+    infer.add_argument("--min-component-voxels", type=int, help="post-processing: remove connected components "
+                                                                "smaller than this (grid voxels; default: the training's)")
     infer.set_defaults(func=cmd_infer)
 
     table = commands.add_parser("table", help="Dice (or --leakage) table of runs: NAME=DIR_OR_FILE ...")

@@ -73,17 +73,18 @@ def build_inference_job(train_job: str | Path, out_dir: str | Path, decoder_path
 def infer_in_simulator(train_workspace: str | Path, sites_dir: str | Path, workspace: str | Path,
                        job_dir: str | Path = "jobs/split_unet", site_configs: str | Path = "site_configs",
                        patients: Sequence[str] = (), progress: Callable[[str], None] | None = print,
-                       grid: dict | None = None) -> dict:
+                       overrides: dict | None = None) -> dict:
     """Segment with the models of a ``split-unet simulate`` run; results in ``workspace/segmentations``.
 
-    ``grid``: ``size`` / ``spacing`` to use instead of the training's (the networks are fully convolutional).
+    ``overrides``: ``train`` settings to use instead of the training's: ``size`` / ``spacing`` (the networks are
+    fully convolutional), ``min_component_voxels`` (post-processing).
     """
     train_workspace, workspace = Path(train_workspace).resolve(), Path(workspace).resolve()
     summary = read_training_summary(train_workspace)
     workspace.mkdir(parents=True, exist_ok=True)
     encoders = str(train_workspace / "simulator" / "{site}" / "simulate_job" / "split_unet_encoder.pt")
     job = build_inference_job(job_dir, workspace / "job", summary["artefacts"]["decoder"], encoders,
-                              {**trained_config(summary), **(grid or {})}, patients)
+                              {**trained_config(summary), **(overrides or {})}, patients)
     return_code = simulate(job, workspace, Path(sites_dir).resolve(), Path(site_configs).resolve(), progress)
     return collect_segmentations(workspace / "simulator" / "server" / "simulate_job" / SEGMENTATIONS, workspace,
                                  f"the simulator exited with code {return_code}; see {workspace / 'simulator.log'}")

@@ -245,10 +245,10 @@ def _timed(report: dict, phase: str, started: float, say: Callable[[str], None])
 
 def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, job_dir: str | Path = "jobs/split_unet",
                  with_code: bool = False, patients: Sequence[str] = (), report: dict | None = None,
-                 progress: Callable[[str], None] | None = print, grid: dict | None = None) -> dict:
+                 progress: Callable[[str], None] | None = print, overrides: dict | None = None) -> dict:
     """Segment with the models of a finished POC training job (the federation running); results in ``out``.
 
-    ``grid``: ``size`` / ``spacing`` to use instead of the training's.
+    ``overrides``: ``train`` settings to use instead of the training's (see ``infer_in_simulator``).
     """
     report = {} if report is None else report
     say = progress or (lambda _: None)
@@ -259,7 +259,7 @@ def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, job_di
         server_run = federation.download(train_job_id) / "workspace"
     job = build_inference_job(job_dir, out / "jobs" / "infer", str(server_run / "app_server" / DECODER_FILE),
                               f"{train_job_id}/{ENCODER_FILE}",
-                              {**trained_config(read_summary(server_run / "summary.json")), **(grid or {})},
+                              {**trained_config(read_summary(server_run / "summary.json")), **(overrides or {})},
                               patients, with_code)
     server_run = run_job(federation, "infer", job, "api", report, say)
     return collect_segmentations(server_run / SEGMENTATIONS, out, f"no inference.json in {server_run}")
