@@ -102,7 +102,7 @@ def _find_msd(root: Path) -> list[Case]:
         if not (isinstance(entry, dict) and isinstance(entry.get("image"), str)
                 and isinstance(entry.get("label", ""), str)):
             raise DataError(f"entry {entry!r} needs an 'image' path (and a 'label' path for training)",
-                            field=f"{meta_path}:training")
+                            field=f"{meta_path}:{'training' if entry in entries else 'test'}")
         image = root / entry["image"]
         label = root / entry["label"] if "label" in entry else None
         patient = _strip_nifti_suffix(image.name)
