@@ -98,11 +98,10 @@ def _find_msd(root: Path) -> list[Case]:
     if not (isinstance(tests, list) and all(isinstance(entry, str) for entry in tests)):
         raise DataError("'test' must be a list of image paths", field=f"{meta_path}:test")
     cases = []
+    for entry in entries:
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(key), str) for key in ("image", "label"))):
+            raise DataError(f"training entry {entry!r} needs 'image' and 'label' paths", field=f"{meta_path}:training")
     for entry in [*entries, *({"image": path} for path in tests)]:
-        if not (isinstance(entry, dict) and isinstance(entry.get("image"), str)
-                and isinstance(entry.get("label", ""), str)):
-            raise DataError(f"entry {entry!r} needs an 'image' path (and a 'label' path for training)",
-                            field=f"{meta_path}:{'training' if entry in entries else 'test'}")
         image = root / entry["image"]
         label = root / entry["label"] if "label" in entry else None
         patient = _strip_nifti_suffix(image.name)
