@@ -155,8 +155,9 @@ def cmd_centralized(args) -> int:
 def cmd_bench(args) -> int:
     from split_unet.benchmark import BenchConfig, bench, bench_table
 
-    config = BenchConfig(size=args.size, spacing=args.spacing, patients=args.patients, sites=args.n_sites, batch_size=args.batch_size,
-                         epochs=args.epochs, channels=tuple(int(c) for c in args.channels.split(",")),
+    config = BenchConfig(size=args.size, spacing=args.spacing, patients=args.patients, sites=args.n_sites,
+                         batch_size=args.batch_size, epochs=args.epochs,
+                         channels=tuple(int(c) for c in args.channels.split(",")),
                          wire_dtype=args.wire_dtype, micro_batches=args.micro_batches,
                          decoder_checkpointing=args.decoder_checkpointing,
                          task_request_interval=args.task_request_interval,
@@ -371,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--job", default="jobs/split_unet", help="the training job folder")
     infer.add_argument("--site-configs", default="site_configs")
     _add_grid_options(infer)  # default: the training's grid
-    infer.add_argument("--min-component-voxels", type=int, help="post-processing: remove connected components "
-                                                                "smaller than this (grid voxels; default: the training's)")
+    infer.add_argument("--min-component-voxels", type=int,
+                       help="post-processing: remove connected components smaller than this (grid voxels; default: "
+                            "the training's)")
     infer.set_defaults(func=cmd_infer)
 
     table = commands.add_parser("table", help="Dice (or --leakage) table of runs: NAME=DIR_OR_FILE ...")

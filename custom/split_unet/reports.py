@@ -44,7 +44,8 @@ def dice_table(rows: dict[str, dict]) -> str:
     lines = ["| run | " + " | ".join(columns) + " | minutes |", "|" + "---|" * (len(columns) + 2)]
     for name, summary in rows.items():
         dice, hd = summary["dice"], summary["hd95"]
-        cells = [f"{dice[r]:.3f}" for r in REGION_NAMES] + [f"{dice['mean']:.3f}"] + [f"{hd[r]:.1f}" for r in REGION_NAMES]
+        cells = [f"{dice[r]:.3f}" for r in REGION_NAMES] + [f"{dice['mean']:.3f}"]
+        cells += [f"{hd[r]:.1f}" for r in REGION_NAMES]
         if lesion_columns and "lesion_dice" in summary:
             cells += [f"{summary['lesion_dice'][r]:.3f}" for r in REGION_NAMES]
             cells += [f"{summary['lesion_hd95'][r]:.1f}" for r in REGION_NAMES] + [str(summary["lesions"]["WT"]["fp"])]

@@ -1,7 +1,14 @@
-"""Data: phantoms, NIfTI readers (MSD Task01, BraTS 2021, BraTS 2023+), vertical partition, per-site loading, regions."""
+"""Data: phantoms, NIfTI readers (MSD Task01, BraTS 2021 and 2023+), vertical partition, per-site loading, regions."""
 
 from split_unet.data.partition import DATALIST, SERVER_SITE, holdings, partition_dataset
-from split_unet.data.phantom import RELEASE_SHAPE, RELEASES, anatomy, generate_dataset, generate_patient, generate_release
+from split_unet.data.phantom import (
+    RELEASE_SHAPE,
+    RELEASES,
+    anatomy,
+    generate_dataset,
+    generate_patient,
+    generate_release,
+)
 from split_unet.data.readers import (
     Case,
     ImageRef,

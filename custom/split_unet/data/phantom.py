@@ -325,7 +325,8 @@ def generate_release(out_dir: str | os.PathLike, release: str, n_patients: int, 
         pid = pattern.format(index)
         stored = np.rint(image[::-1, ::-1]).astype(np.int16)  # LPS voxel order
         for channel, suffix in enumerate(suffixes):
-            _save_nifti(np.ascontiguousarray(stored[..., channel]), affine, out / pid / f"{pid}{separator}{suffix}.nii.gz")
+            path = out / pid / f"{pid}{separator}{suffix}.nii.gz"
+            _save_nifti(np.ascontiguousarray(stored[..., channel]), affine, path)
         if labelled:
             seg = np.ascontiguousarray(_MSD_TO[release][label][::-1, ::-1])
             _save_nifti(seg, affine, out / pid / f"{pid}{separator}seg.nii.gz")

@@ -64,7 +64,8 @@ class SplitInferenceController(SplitUNetController):
             masks = logits_to_masks(logits, min_component_voxels=self.config.min_component_voxels)
             for pid, mask in zip(batch_ids, masks):
                 affine, shape = self._geometry(pid)
-                label = label_to_source(label_from_regions(mask.numpy(), convention), affine, shape, self.config.spacing)
+                label = label_to_source(label_from_regions(mask.numpy(), convention), affine, shape,
+                                        self.config.spacing)
                 image = nib.Nifti1Image(label, affine)
                 image.set_qform(affine, code=1)
                 image.set_sform(affine, code=1)
