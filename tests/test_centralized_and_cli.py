@@ -5,7 +5,8 @@ import json
 import pytest
 from helpers import TINY_NETWORK, TINY_SIZE
 
-from split_unet.cli import main
+from split_unet.cli import build_parser, main
+from split_unet.options import train_overrides
 from split_unet.training import TrainConfig
 from split_unet.training.centralized import mode_inputs, train_centralized
 
@@ -61,3 +62,13 @@ def test_cli_leakage_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| all levels | whitebox | ssim | 0.99 -> 0.95 |" in out
     assert "| all levels | labels | dice_wt | 0.60 (0.05) |" in out
+
+
+@pytest.mark.parametrize("command", [["simulate", "--sites", "s", "--workspace", "w"], ["centralized", "--data", "d",
+                                     "--out", "o"], ["infer", "--sites", "s", "--workspace", "w"],
+                                     ["bench", "--out", "o"], ["check", "--sites", "s"]])
+def test_spacing_wherever_size_is_accepted(command):
+    args = build_parser().parse_args([*command, "--size", "128", "--spacing", "1.875"])
+    assert (args.size, args.spacing) == (128, 1.875)
+    if command[0] in ("simulate", "centralized"):
+        assert train_overrides(args)["spacing"] == 1.875

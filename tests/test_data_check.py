@@ -14,7 +14,9 @@ from helpers import TINY_SIZE
 def test_check_names_corrupt_and_misregistered_files(tiny_data, tmp_path, capsys):
     sites = tmp_path / "sites"
     shutil.copytree(tiny_data[1], sites)
-    assert check_sites(sites, TINY_SIZE) == ({"flair": 8, "server": 8, "t1gd": 8, "t1w": 8, "t2w": 8}, [])
+    loaded, problems, coverage = check_sites(sites, TINY_SIZE)
+    assert (loaded, problems) == ({"flair": 8, "server": 8, "t1gd": 8, "t1w": 8, "t2w": 8}, [])
+    assert all(c.share == 1.0 and c.total > 0 for c in coverage.values())  # the phantom cube is the grid
 
     # Re-oriented (LAS, data flipped to match): the same grid in the world, no problem.
     path = sites / "t1w" / "images" / "BRATS_001.nii.gz"
@@ -36,7 +38,7 @@ def test_check_names_corrupt_and_misregistered_files(tiny_data, tmp_path, capsys
     moved[0, 3] += 5.0
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj), moved), shifted)
 
-    loaded, problems = check_sites(sites, TINY_SIZE)
+    loaded, problems, _ = check_sites(sites, TINY_SIZE)
     found = {(p.site, p.patient): p for p in problems}
     assert set(found) == {("flair", "BRATS_002"), ("t2w", "BRATS_003"), ("t1gd", "BRATS_004")}
     assert loaded["flair"] == 7 and "BRATS_002.nii.gz" in found["flair", "BRATS_002"].field

@@ -1,6 +1,7 @@
 """Readers (MSD and BraTS layouts), content-independent geometry, partition and per-site loading."""
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -22,10 +23,14 @@ from split_unet.data import (
     regions,
     split_patients,
 )
+from split_unet.errors import DataError
 
 SIZE = 32
 MSD_TO_BRATS = np.array([0, 2, 1, 4], dtype=np.uint8)  # oedema 1->2, non-enhancing 2->1 (NCR), enhancing 3->4
 BRATS_SUFFIX = {"flair": "flair", "t1w": "t1", "t1gd": "t1ce", "t2w": "t2"}
+# BraTS 2023+: <id>/<id>-{t2f,t1n,t1c,t2w,seg}.nii.gz, labels 1 NETC, 2 SNFH (oedema), 3 ET.
+MSD_TO_BRATS2023 = np.array([0, 2, 1, 3], dtype=np.uint8)
+BRATS2023_SUFFIX = {"flair": "t2f", "t1w": "t1n", "t1gd": "t1c", "t2w": "t2w"}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +51,25 @@ def brats(msd, tmp_path_factory):
             nib.save(nib.Nifti1Image(data, image.affine), root / pid / f"{pid}_{suffix}.nii.gz")
         seg = MSD_TO_BRATS[np.asarray(label.dataobj)]
         nib.save(nib.Nifti1Image(seg, label.affine), root / pid / f"{pid}_seg.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def brats2023(msd, tmp_path_factory):
+    """The same patients in the BraTS 2023 layout; the last one without seg, as in a validation release."""
+    root = tmp_path_factory.mktemp("brats2023")
+    cases = find_cases(msd)
+    for number, case in enumerate(cases):
+        image, label = nib.load(case.images["flair"].path), nib.load(case.label)
+        pid = f"BraTS-GLI-{number:05d}-000"
+        (root / pid).mkdir()
+        for modality, suffix in BRATS2023_SUFFIX.items():
+            data = image.get_fdata(dtype=np.float32)[..., MODALITIES.index(modality)]
+            nib.save(nib.Nifti1Image(data, image.affine), root / pid / f"{pid}-{suffix}.nii.gz")
+        if number < len(cases) - 1:
+            seg = MSD_TO_BRATS2023[np.asarray(label.dataobj)]
+            nib.save(nib.Nifti1Image(seg, label.affine), root / pid / f"{pid}-seg.nii.gz")
+    (root / "._BraTS-GLI-00000-000").write_bytes(b"macOS junk")  # a file, not a case folder
     return root
 
 
@@ -185,3 +209,46 @@ def test_split_patients():
         split_patients(ids, seed=0, n_val=11)
     with pytest.raises(ValueError):
         split_patients(["a", "a"], 0.5, 0)
+
+
+def test_brats2023_layout_found_and_equal_to_msd(msd, brats2023, tmp_path):
+    cases = find_cases(brats2023)
+    assert [c.patient_id for c in cases] == [f"BraTS-GLI-0000{i}-000" for i in range(3)]
+    assert {c.convention for c in cases} == {"brats2023"} and sorted(cases[0].images) == sorted(MODALITIES)
+    assert cases[-1].label is None  # validation-style folder: images only
+    for msd_case, case in zip(find_cases(msd)[:2], cases[:2]):
+        a, b = load_case(msd_case, SIZE), load_case(case, SIZE)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    # The unlabelled case goes to the sites only; the server keeps the BraTS 2023 labels as they are.
+    folders = partition_dataset(brats2023, tmp_path / "split", progress=False)
+    labels = SiteLabels(folders["server"], SIZE)
+    assert labels.convention == "brats2023" and labels.patient_ids == [c.patient_id for c in cases[:2]]
+    stored = np.asarray(nib.load(folders["server"] / "labels" / f"{cases[0].patient_id}.nii.gz").dataobj)
+    assert set(np.unique(stored)) <= {0, 1, 2, 3} and 3 in stored
+    assert SiteImages(folders["t2w"], SIZE).patient_ids == [c.patient_id for c in cases]
+
+
+def test_msd_test_images_are_unlabelled_cases(msd, tmp_path):
+    root = tmp_path / "msd"
+    shutil.copytree(msd, root)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "imagesTs").mkdir()
+    shutil.move(root / "imagesTr" / "BRATS_003.nii.gz", root / "imagesTs" / "BRATS_003.nii.gz")
+    meta["training"], meta["test"] = meta["training"][:2], ["./imagesTs/BRATS_003.nii.gz"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    cases = find_cases(root)
+    assert [(c.patient_id, c.label is None) for c in cases] == [("BRATS_001", False), ("BRATS_002", False),
+                                                                ("BRATS_003", True)]
+    assert "label" not in load_case(cases[2], SIZE)
+    folders = partition_dataset(root, tmp_path / "split", modalities=("flair",), progress=False)
+    assert SiteImages(folders["flair"], SIZE).patient_ids == ["BRATS_001", "BRATS_002", "BRATS_003"]
+    assert SiteLabels(folders["server"], SIZE).patient_ids == ["BRATS_001", "BRATS_002"]
+
+
+def test_one_release_per_folder(brats, brats2023, tmp_path):
+    root = tmp_path / "mixed"
+    shutil.copytree(brats, root)
+    shutil.copytree(brats2023 / "BraTS-GLI-00000-000", root / "BraTS-GLI-00000-000")
+    with pytest.raises(DataError, match="several releases"):
+        find_cases(root)

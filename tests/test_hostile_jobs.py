@@ -169,16 +169,17 @@ def test_a_datalist_id_that_escapes_is_refused_and_check_lists_it(tiny_data, tmp
     datalist_path.write_text(json.dumps(datalist))
     with pytest.raises(DataError, match=r"site 'flair', field '.*datalist.json:patients': patient id '../../../ESCAPED'"):
         SiteImages(tmp_path / "sites" / "flair", TINY_SIZE)
-    _, problems = check_sites(tmp_path / "sites", TINY_SIZE)
+    _, problems, _ = check_sites(tmp_path / "sites", TINY_SIZE)
     assert [(p.site, "ESCAPED" in p.message) for p in problems] == [("flair", True)]
 
 
 def test_partition_refuses_a_case_whose_id_is_not_a_plain_name(tiny_data, tmp_path):
     msd, _ = tiny_data
-    case = tmp_path / "brats" / "..hidden"
+    # (A name starting with '.' is skipped as hidden, as the macOS '._' files of the real releases are.)
+    case = tmp_path / "brats" / "bad$id"
     case.mkdir(parents=True)
-    shutil.copyfile(msd / "labelsTr" / "BRATS_001.nii.gz", case / "..hidden_seg.nii.gz")
-    with pytest.raises(DataError, match="patient id '..hidden' is not"):
+    shutil.copyfile(msd / "labelsTr" / "BRATS_001.nii.gz", case / "bad$id_seg.nii.gz")
+    with pytest.raises(DataError, match=r"patient id 'bad\$id' is not"):
         partition_dataset(tmp_path / "brats", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -1,11 +1,13 @@
 """Split inference: the inverse of the common grid, and train-then-segment in the NVFlare simulator."""
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
+import pytest
 
-from split_unet.data import label_from_regions, label_to_source, load_label
+from split_unet.data import REGION_NAMES, label_from_regions, label_to_source, load_label, regions
 from split_unet.inference import infer_in_simulator
 
 
@@ -23,19 +25,38 @@ def test_label_to_source_inverts_the_grid_for_a_non_ras_affine(tmp_path):
 
 
 def test_train_then_segment_in_the_simulator(project_root, tiny_data, trained_tiny, tmp_path):
-    _, sites = tiny_data
+    # A new patient the sites hold and the server has no label for (as partition writes MSD imagesTs).
+    sites = tmp_path / "sites"
+    shutil.copytree(tiny_data[1], sites)
+    for datalist_path in sites.glob("*/datalist.json"):
+        if datalist_path.parent.name != "server":
+            datalist = json.loads(datalist_path.read_text())
+            folder = datalist_path.parent
+            shutil.copy(folder / datalist["patients"]["BRATS_001"], folder / "images/NEW_001.nii.gz")
+            datalist["patients"]["NEW_001"] = "images/NEW_001.nii.gz"
+            datalist_path.write_text(json.dumps(datalist))
     train_ws, _ = trained_tiny
     result = infer_in_simulator(train_ws, sites, tmp_path / "infer", job_dir=project_root / "jobs/split_unet",
                                 site_configs=project_root / "site_configs", progress=None)
     assert "error" not in result, result.get("error")
-    assert sorted(result["patients"]) == [f"BRATS_00{i}" for i in range(1, 9)]
+    assert sorted(result["patients"]) == [f"BRATS_00{i}" for i in range(1, 9)] + ["NEW_001"]
+    unlabelled = result["patients"].pop("NEW_001")
+    assert "dice" not in unlabelled and (tmp_path / "infer" / "segmentations" / unlabelled["segmentation"]).is_file()
     assert set(result["dice"]) == {"WT", "TC", "ET", "mean"} and result["scored_cases"] == 8
+    assert result["convention"] == "msd" and result["hd95_unit"] == "mm"
+    assert set(result["lesion_dice"]) == {"WT", "TC", "ET", "mean"}
+    assert set(result["lesions"]["WT"]) == {"tp", "fn", "fp"}
     for pid, entry in result["patients"].items():
         source = nib.load(sites / "server" / "labels" / f"{pid}.nii.gz")
         segmentation = nib.load(tmp_path / "infer" / "segmentations" / entry["segmentation"])
         assert segmentation.shape == source.shape and np.allclose(segmentation.affine, source.affine)
-        assert set(np.unique(np.asarray(segmentation.dataobj))) <= {0, 1, 2, 3}
-        assert 0 <= entry["dice"]["mean"] <= 1
+        written = np.asarray(segmentation.dataobj)
+        assert set(np.unique(written)) <= {0, 1, 2, 3}
+        # The scores are those of the file written, against the source label, in source space.
+        truth, mine = regions(np.asarray(source.dataobj)), regions(written)
+        for region, name in enumerate(REGION_NAMES):
+            overlap, total = np.logical_and(truth[region], mine[region]).sum(), truth[region].sum() + mine[region].sum()
+            assert entry["dice"][name] == pytest.approx(2 * overlap / total if total else 1.0, abs=1e-6)
     assert json.loads((tmp_path / "infer" / "inference.json").read_text())["dice"] == result["dice"]
     job = json.loads((tmp_path / "infer" / "job" / "app_site" / "config" / "config_fed_client.json").read_text())
     assert job["executors"][0]["executor"]["args"]["encoder_path"] == "local/split_unet_encoder.pt"

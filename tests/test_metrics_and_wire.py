@@ -9,7 +9,8 @@ from nvflare.apis.shareable import Shareable
 from split_unet.errors import ProtocolError
 from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage, check_features, dxo_of,
                                       error_reply)
-from split_unet.training import RegionMetrics, epoch_batches
+from split_unet.training import RegionMetrics, epoch_batches, logits_to_masks
+from split_unet.training.metrics import MISSING_HD95_MM, lesion_wise
 
 
 def _cube_masks():
@@ -26,15 +27,62 @@ def test_perfect_prediction_scores_one_and_zero_distance():
     assert result["hd95"] == {"WT": 0.0, "TC": 0.0, "ET": 0.0}
 
 
-def test_missed_region_scores_zero_dice_and_the_diagonal():
+def test_missed_region_scores_zero_dice_and_374_mm():
     prediction = _cube_masks()
     prediction[:, 2] = 0
     metrics = RegionMetrics()
     metrics.update(prediction, _cube_masks())
     result = metrics.aggregate()
     assert result["dice"]["ET"] == 0.0 and result["dice"]["WT"] == 1.0
-    assert result["hd95"]["ET"] == pytest.approx(np.sqrt(3 * 16**2))
+    assert result["hd95"]["ET"] == MISSING_HD95_MM  # BraTS: a missed region scores 374 mm
     assert result["dice"]["mean"] == pytest.approx(2 / 3)
+
+
+def test_hd95_is_in_millimetres_of_the_grid():
+    prediction = torch.roll(_cube_masks(), 1, dims=2)  # one voxel off along x
+    in_voxels, in_mm = RegionMetrics(), RegionMetrics()
+    in_voxels.update(prediction, _cube_masks())
+    cases = in_mm.update(prediction, _cube_masks(), [(2.0, 2.0, 2.0)])
+    assert in_voxels.aggregate()["hd95"]["WT"] == pytest.approx(1.0)
+    assert in_mm.aggregate()["hd95"]["WT"] == pytest.approx(2.0) == cases[0]["hd95"]["WT"]
+
+
+def _cube(volume, corner, edge):
+    x, y, z = corner
+    volume[x:x + edge, y:y + edge, z:z + edge] = True
+    return volume
+
+
+def test_lesion_wise_counts_found_missed_and_false_lesions():
+    truth = _cube(_cube(np.zeros((32,) * 3, bool), (4, 4, 4), 6), (20, 4, 4), 6)  # two lesions of 216 mm^3
+    pred = _cube(_cube(np.zeros((32,) * 3, bool), (4, 4, 4), 6), (4, 20, 20), 3)  # the first, and a false one
+    scores = lesion_wise(pred, truth)
+    assert (scores["tp"], scores["fn"], scores["fp"]) == (1, 1, 1)
+    assert scores["dice"] == pytest.approx((1 + 0 + 0) / 3)
+    assert scores["hd95"] == pytest.approx((0 + 374 + 374) / 3)
+    # A lesion of at most 50 mm^3 is not scored: missing it costs nothing, and finding it is no false lesion.
+    small = _cube(truth.copy(), (26, 26, 26), 3)
+    assert lesion_wise(pred, small) == scores
+    assert lesion_wise(_cube(pred.copy(), (26, 26, 26), 3), small) == scores
+    # Lesions closer than the dilation (2 voxels apart) are one lesion: half of it found, no miss.
+    close = _cube(_cube(np.zeros((32,) * 3, bool), (4, 4, 4), 6), (12, 4, 4), 6)
+    merged = lesion_wise(_cube(np.zeros((32,) * 3, bool), (4, 4, 4), 6), close)
+    assert (merged["tp"], merged["fn"], merged["fp"]) == (1, 0, 0) and merged["dice"] == pytest.approx(2 / 3)
+    # Nothing to find and nothing found: perfect; a false lesion on an empty truth: 0 / 374.
+    empty = np.zeros((32,) * 3, bool)
+    assert lesion_wise(empty, empty) == {"dice": 1.0, "hd95": 0.0, "tp": 0, "fn": 0, "fp": 0}
+    assert lesion_wise(pred, empty)["dice"] == 0.0 and lesion_wise(pred, empty)["hd95"] == MISSING_HD95_MM
+
+
+def test_masks_are_nested_and_small_components_removable():
+    logits = torch.full((1, 3, 16, 16, 16), -5.0)
+    logits[:, 0, 4:10, 4:10, 4:10] = 5.0  # WT cube
+    logits[:, 0, 14, 14, 14] = 5.0  # an isolated WT voxel
+    logits[:, 1:, 6:8, 6:8, 2:8] = 5.0  # TC and ET reaching outside WT (z 2..3)
+    masks = logits_to_masks(logits)
+    assert masks[0, 0].sum() == 217 and masks[0, 1].sum() == masks[0, 2].sum() == 2 * 2 * 4  # inside WT only
+    cleaned = logits_to_masks(logits, min_component_voxels=2)
+    assert cleaned[0, 0].sum() == 216 and cleaned[0, 0, 14, 14, 14] == 0
 
 
 def test_epoch_batches_are_seeded_and_cover_every_patient():

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from split_unet.errors import SplitUNetError
-from split_unet.options import add_train_options, train_overrides
+from split_unet.options import add_grid_options, add_train_options, train_overrides
 
 
 def _print_result(name: str, summary: dict) -> None:
@@ -19,8 +19,13 @@ def _print_result(name: str, summary: dict) -> None:
 
 
 def cmd_synth(args) -> int:
-    from split_unet.data import generate_dataset
+    from split_unet.data import RELEASE_SHAPE, generate_dataset, generate_release
 
+    if args.release:
+        out = generate_release(args.out, args.release, args.patients, args.seed, args.unlabelled, args.size)
+        print(f"phantom data set in the {args.release} layout ({args.patients} patients, {args.unlabelled} without "
+              f"label, {'x'.join(map(str, RELEASE_SHAPE))} at 1 mm, seed {args.seed}) in {out}")
+        return 0
     out = generate_dataset(args.out, n_patients=args.patients, size=args.size, seed=args.seed)
     print(f"phantom data set ({args.patients} patients, {args.size}^3, seed {args.seed}) in {out}")
     return 0
@@ -36,16 +41,30 @@ def cmd_partition(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from split_unet.data.check import check_sites, problems_as_dicts
+    from split_unet.data.check import COVERAGE_WARNING, Coverage, check_sites, problems_as_dicts
     from split_unet.errors import location
 
-    loaded, problems = check_sites(args.sites, args.size, args.spacing, args.only.split(",") if args.only else None)
+    loaded, problems, coverage = check_sites(args.sites, args.size, args.spacing,
+                                             args.only.split(",") if args.only else None)
+    overall = {"brain": Coverage(), "label": Coverage()}
     for site, count in loaded.items():
-        print(f"{site:>8}: {count} volumes read")
+        kind = "label" if site == "server" else "brain"
+        overall[kind].add(coverage[site])
+        print(f"{site:>8}: {count} volumes read; the grid keeps {100 * coverage[site].share:.1f} % of {kind} voxels")
+    grid = f"--size {args.size}" + (f" --spacing {args.spacing}" if args.spacing else " without --spacing")
+    for kind, total in overall.items():
+        if total.total:
+            print(f"{'overall':>8}: the grid ({grid}) keeps {100 * total.share:.1f} % of {kind} voxels")
+    for site, share in ((site, c.share) for site, c in coverage.items() if c.share < COVERAGE_WARNING):
+        print(f"warning: site '{site}': the grid ({grid}) keeps only {100 * share:.1f} % of its "
+              f"{'label' if site == 'server' else 'brain'} voxels; choose a spacing and a size that cover the brain "
+              f"(README, 'Your own data')")
     for problem in problems:
         print(f"problem: {location(problem.site, problem.patient, problem.field)}: {problem.message}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"volumes": loaded, "problems": problems_as_dicts(problems)}, indent=2))
+        shares = {site: {"kept": c.kept, "total": c.total, "share": c.share} for site, c in coverage.items()}
+        Path(args.json).write_text(json.dumps({"volumes": loaded, "coverage": shares,
+                                               "problems": problems_as_dicts(problems)}, indent=2))
     print(f"{len(problems)} problems" if problems else "all site data readable and co-registered")
     return 1 if problems else 0
 
@@ -87,8 +106,9 @@ def cmd_centralized(args) -> int:
 def cmd_bench(args) -> int:
     from split_unet.benchmark import BenchConfig, bench, bench_table
 
-    config = BenchConfig(size=args.size, patients=args.patients, sites=args.n_sites, batch_size=args.batch_size,
-                         epochs=args.epochs, channels=tuple(int(c) for c in args.channels.split(",")),
+    config = BenchConfig(size=args.size, spacing=args.spacing, patients=args.patients, sites=args.n_sites,
+                         batch_size=args.batch_size, epochs=args.epochs,
+                         channels=tuple(int(c) for c in args.channels.split(",")),
                          wire_dtype=args.wire_dtype, micro_batches=args.micro_batches,
                          decoder_checkpointing=args.decoder_checkpointing,
                          task_request_interval=args.task_request_interval,
@@ -150,6 +170,8 @@ def cmd_infer(args) -> int:
     from split_unet.inference import infer_in_simulator
 
     patients = args.patients.split(",") if args.patients else ()
+    overrides = {key: getattr(args, key) for key in ("size", "spacing", "min_component_voxels")
+                 if getattr(args, key) is not None}
     if args.poc:
         from split_unet.poc import PocFederation, infer_in_poc
 
@@ -160,12 +182,12 @@ def cmd_infer(args) -> int:
         try:
             federation.start()
             result = infer_in_poc(federation, args.train_job, Path(args.workspace).resolve(), args.job,
-                                  patients=patients)
+                                  patients=patients, overrides=overrides)
         finally:
             federation.stop()
     elif args.train_workspace:
         result = infer_in_simulator(args.train_workspace, args.sites, args.workspace, args.job, args.site_configs,
-                                    patients)
+                                    patients, overrides=overrides)
     else:
         print("error: give --train-workspace (simulator) or --poc and --train-job", file=sys.stderr)
         return 2
@@ -174,7 +196,8 @@ def cmd_infer(args) -> int:
         return 1
     if "dice" in result:
         print("Dice " + " ".join(f"{k} {v:.3f}" for k, v in result["dice"].items()))
-    print(f"{len(result['patients'])} segmentations (NIfTI, MSD labels) in {result['segmentations']}")
+    print(f"{len(result['patients'])} segmentations (NIfTI, {result['convention']} labels, source geometry) in "
+          f"{result['segmentations']}")
     return 0
 
 
@@ -203,15 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="split-unet", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    synth = commands.add_parser("synth", help="generate BraTS-like phantoms in the MSD Task01 layout")
+    synth = commands.add_parser("synth", help="generate BraTS-like phantoms in the MSD Task01 layout (or, with "
+                                              "--release, a real release's layout and geometry)")
     synth.add_argument("--out", required=True)
     synth.add_argument("--patients", type=int, default=64)
-    synth.add_argument("--size", type=int, default=64)
+    synth.add_argument("--size", type=int, default=64, help="phantom edge (voxels); the phantom spans ~189 mm")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--release", choices=("msd", "brats2021", "brats2023"),
+                       help="write the phantoms as that release does, at its geometry (240x240x155, 1 mm)")
+    synth.add_argument("--unlabelled", type=int, default=0, help="--release: the last N patients without label")
     synth.set_defaults(func=cmd_synth)
 
     partition = commands.add_parser("partition", help="split an MSD/BraTS data set into one folder per site")
-    partition.add_argument("--data", required=True, help="MSD Task01 or BraTS 2021 folder")
+    partition.add_argument("--data", required=True, help="MSD Task01, BraTS 2021 or BraTS 2023+ folder")
     partition.add_argument("--out", required=True)
     partition.add_argument("--overlap", type=float, help="share of patients every site and the server hold; "
                                                          "each other patient misses at one or more of them "
@@ -223,8 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "each patient's grid the same at every site")
     check.add_argument("--sites", required=True, help="folder written by `split-unet partition` (or laid out so)")
     check.add_argument("--only", help="comma-separated site folders to check (default: all)")
-    check.add_argument("--size", type=int, default=64, help="volume edge the job uses")
-    check.add_argument("--spacing", type=float, help="isotropic spacing the job resamples to (default: none)")
+    add_grid_options(check, size_default=64)
     check.add_argument("--json", help="also write the result to this file")
     check.set_defaults(func=cmd_check)
 
@@ -243,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(func=cmd_simulate)
 
     centralized = commands.add_parser("centralized", help="the same budget in one process (baselines)")
-    centralized.add_argument("--data", required=True, help="MSD Task01 or BraTS 2021 folder")
+    centralized.add_argument("--data", required=True, help="MSD Task01, BraTS 2021 or BraTS 2023+ folder")
     centralized.add_argument("--mode", choices=("late", "early", "single"), default="late")
     centralized.add_argument("--modality", choices=("flair", "t1w", "t1gd", "t2w"))
     centralized.add_argument("--out", required=True)
@@ -256,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "vs simulator vs POC on phantom data")
     bench.add_argument("--out", required=True)
     bench.add_argument("--modes", default="centralized,simulator,poc")
-    bench.add_argument("--size", type=int, default=64)
+    add_grid_options(bench, size_default=64)
     bench.add_argument("--patients", type=int, default=24, help="phantom patients (a quarter validates)")
     bench.add_argument("--n-sites", type=int, default=4, help="sites; beyond 4, copies of the modalities")
     bench.add_argument("--batch-size", type=int, default=2)
@@ -321,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--patients", help="comma-separated patient ids (default: every patient all sites hold)")
     infer.add_argument("--job", default="jobs/split_unet", help="the training job folder")
     infer.add_argument("--site-configs", default="site_configs")
+    add_grid_options(infer)  # default: the training's grid
+    infer.add_argument("--min-component-voxels", type=int,
+                       help="post-processing: remove connected components smaller than this (grid voxels; default: "
+                            "the training's)")
     infer.set_defaults(func=cmd_infer)
 
     table = commands.add_parser("table", help="Dice (or --leakage) table of runs: NAME=DIR_OR_FILE ...")

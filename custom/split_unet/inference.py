@@ -74,8 +74,13 @@ def build_inference_job(train_job: str | Path, out_dir: str | Path, decoder_path
 
 def infer_in_simulator(train_workspace: str | Path, sites_dir: str | Path, workspace: str | Path,
                        job_dir: str | Path = "jobs/split_unet", site_configs: str | Path = "site_configs",
-                       patients: Sequence[str] = (), progress: Callable[[str], None] | None = print) -> dict:
-    """Segment with the models of a ``split-unet simulate`` run; results in ``workspace/segmentations``."""
+                       patients: Sequence[str] = (), progress: Callable[[str], None] | None = print,
+                       overrides: dict | None = None) -> dict:
+    """Segment with the models of a ``split-unet simulate`` run; results in ``workspace/segmentations``.
+
+    ``overrides``: ``train`` settings to use instead of the training's: ``size`` / ``spacing`` (the networks are
+    fully convolutional), ``min_component_voxels`` (post-processing).
+    """
     train_workspace, workspace = Path(train_workspace).resolve(), Path(workspace).resolve()
     summary = read_training_summary(train_workspace)
     workspace.mkdir(parents=True, exist_ok=True)
@@ -85,7 +90,7 @@ def infer_in_simulator(train_workspace: str | Path, sites_dir: str | Path, works
     models = {site: {ENCODER_FILE: Path(path)} for site, path in artefacts["encoders"].items()}
     models["server"] = {DECODER_FILE: Path(artefacts["decoder"])}
     job = build_inference_job(job_dir, workspace / "job", f"local/{DECODER_FILE}", f"local/{ENCODER_FILE}",
-                              trained_config(summary), patients)
+                              {**trained_config(summary), **(overrides or {})}, patients)
     return_code = simulate(job, workspace, Path(sites_dir).resolve(), Path(site_configs).resolve(), progress,
                            party_files=models)
     return collect_segmentations(workspace / "simulator" / "server" / "simulate_job" / SEGMENTATIONS, workspace,

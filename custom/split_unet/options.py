@@ -1,4 +1,4 @@
-"""Training options shared by the command-line launchers (``split-unet simulate``, ``centralized``, ``poc``)."""
+"""Training options shared by the command-line launchers (``split-unet simulate``, ``centralized``, ``poc``, ...)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import argparse
 
 def train_overrides(args: argparse.Namespace) -> dict:
     """Only the options the user gave; the job config (or TrainConfig) supplies the rest."""
-    train = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "size", "val_interval",
-                                                 "val_fraction", "device", "modality_dropout", "micro_batches",
-                                                 "decoder_checkpointing")
+    train = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "size", "spacing",
+                                                 "val_interval", "val_fraction", "device", "modality_dropout",
+                                                 "micro_batches", "decoder_checkpointing", "min_component_voxels")
              if getattr(args, key, None) is not None}
     network = {}
     if getattr(args, "channels", None):
@@ -30,7 +30,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int)
     group.add_argument("--lr", type=float)
     group.add_argument("--seed", type=int)
-    group.add_argument("--size", type=int, help="volume edge after crop/pad (voxels)")
+    add_grid_options(group)
     group.add_argument("--val-interval", type=int)
     group.add_argument("--val-fraction", type=float)
     group.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
@@ -43,3 +43,13 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="the server's decoder runs each batch in this many parts (less memory, same step)")
     group.add_argument("--decoder-checkpointing", action="store_true", default=None,
                        help="the decoder recomputes activations in its backward pass (less server memory)")
+    group.add_argument("--min-component-voxels", type=int,
+                       help="post-processing: remove connected components smaller than this (grid voxels) from "
+                            "every segmentation (default 0: none)")
+
+
+def add_grid_options(parser, size_default: int | None = None) -> None:
+    """``--size`` and ``--spacing``: the common voxel grid (README, "Your own data", on how to choose them)."""
+    parser.add_argument("--size", type=int, default=size_default, help="volume edge after crop/pad (voxels)")
+    parser.add_argument("--spacing", type=float, help="isotropic spacing (mm) to resample to before the crop/pad "
+                                                      "(default: none, the source voxels; 1 mm for BraTS)")

@@ -262,8 +262,12 @@ def _timed(report: dict, phase: str, started: float, say: Callable[[str], None])
 
 def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, job_dir: str | Path = "jobs/split_unet",
                  with_code: bool = False, patients: Sequence[str] = (), report: dict | None = None,
-                 progress: Callable[[str], None] | None = print, job_timeout: float = 600) -> dict:
-    """Segment with the models of a finished POC training job (the federation running); results in ``out``."""
+                 progress: Callable[[str], None] | None = print, job_timeout: float = 600,
+                 overrides: dict | None = None) -> dict:
+    """Segment with the models of a finished POC training job (the federation running); results in ``out``.
+
+    ``overrides``: ``train`` settings to use instead of the training's (see ``infer_in_simulator``).
+    """
     report = {} if report is None else report
     say = progress or (lambda _: None)
     # The admin downloaded the training result, decoder included, on the server's machine (POC); the encoders
@@ -277,7 +281,8 @@ def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, job_di
     installed.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(server_run / "app_server" / DECODER_FILE, installed)
     job = build_inference_job(job_dir, out / "jobs" / "infer", decoder, f"{train_job_id}/{ENCODER_FILE}",
-                              trained_config(load_json(server_run / "summary.json")), patients, with_code)
+                              {**trained_config(load_json(server_run / "summary.json")), **(overrides or {})},
+                              patients, with_code)
     server_run = run_job(federation, "infer", job, "api", report, say, job_timeout)
     return collect_segmentations(server_run / SEGMENTATIONS, out, f"no inference.json in {server_run}")
 

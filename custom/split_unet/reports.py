@@ -10,21 +10,31 @@ def make_summary(metrics: dict | None, *, epochs: int, steps: int, wall_seconds:
     """The ``summary.json`` layout shared by split learning and centralized training."""
     if metrics is None:
         raise ValueError("no validation metrics: the run ended before its first validation")
-    return {"dice": metrics["dice"], "hd95": metrics["hd95"], "hd95_unit": "voxel",
+    return {"dice": metrics["dice"], "hd95": metrics["hd95"], "hd95_unit": "mm",
+            "lesion_dice": metrics["lesion_dice"], "lesion_hd95": metrics["lesion_hd95"], "lesions": metrics["lesions"],
             "validation_cases": metrics["cases"], "epochs": epochs, "steps": steps,
             "wall_seconds": round(wall_seconds, 2), "config": config, **extra}
 
 
 def dice_table(rows: dict[str, dict]) -> str:
-    """Markdown table: one row per run name -> summary (Dice per region, mean, HD95, wall time)."""
-    header = ("| run | " + " | ".join(f"Dice {r}" for r in REGION_NAMES) + " | mean Dice | "
-              + " | ".join(f"HD95 {r}" for r in REGION_NAMES) + " | minutes |")
-    lines = [header, "|" + "---|" * (len(REGION_NAMES) * 2 + 3)]
+    """Markdown table: one row per run name -> summary (Dice and HD95 per region, global and, where the summary
+    has them, lesion-wise as BraTS 2023 ranks them, with the false lesions found; wall time)."""
+    lesion_columns = any("lesion_dice" in summary for summary in rows.values())
+    columns = [f"Dice {r}" for r in REGION_NAMES] + ["mean Dice"] + [f"HD95 {r} (mm)" for r in REGION_NAMES]
+    if lesion_columns:
+        columns += [f"lesion Dice {r}" for r in REGION_NAMES] + [f"lesion HD95 {r}" for r in REGION_NAMES]
+        columns += ["false lesions WT"]
+    lines = ["| run | " + " | ".join(columns) + " | minutes |", "|" + "---|" * (len(columns) + 2)]
     for name, summary in rows.items():
         dice, hd = summary["dice"], summary["hd95"]
-        lines.append(f"| {name} | " + " | ".join(f"{dice[r]:.3f}" for r in REGION_NAMES)
-                     + f" | {dice['mean']:.3f} | " + " | ".join(f"{hd[r]:.1f}" for r in REGION_NAMES)
-                     + f" | {summary['wall_seconds'] / 60:.1f} |")
+        cells = [f"{dice[r]:.3f}" for r in REGION_NAMES] + [f"{dice['mean']:.3f}"]
+        cells += [f"{hd[r]:.1f}" for r in REGION_NAMES]
+        if lesion_columns and "lesion_dice" in summary:
+            cells += [f"{summary['lesion_dice'][r]:.3f}" for r in REGION_NAMES]
+            cells += [f"{summary['lesion_hd95'][r]:.1f}" for r in REGION_NAMES] + [str(summary["lesions"]["WT"]["fp"])]
+        elif lesion_columns:
+            cells += ["-"] * (2 * len(REGION_NAMES) + 1)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary['wall_seconds'] / 60:.1f} |")
     return "\n".join(lines)
 
 

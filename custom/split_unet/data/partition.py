@@ -66,7 +66,7 @@ def holdings(patient_ids: Sequence[str], parties: Sequence[str], overlap: float 
 
 def partition_dataset(data_dir: str | Path, out_dir: str | Path, modalities: Sequence[str] = MODALITIES,
                       progress: bool = True, overlap: float | None = None, seed: int = 0) -> dict[str, Path]:
-    """Split a dataset (MSD Task01 or BraTS 2021, see :func:`find_cases`) into per-site folders.
+    """Split a dataset (MSD Task01, BraTS 2021 or BraTS 2023+, see :func:`find_cases`) into per-site folders.
 
     By default every site and the server hold every patient; with ``overlap`` each holds a partly different
     set (see :func:`holdings`), as hospitals do, and PSI finds the patients they share.
@@ -74,13 +74,14 @@ def partition_dataset(data_dir: str | Path, out_dir: str | Path, modalities: Seq
     Writes ``out_dir/<modality>/images/<patient>.nii.gz`` (that modality only, float32 3D, source geometry,
     values as stored) and ``out_dir/server/labels/<patient>.nii.gz`` (uint8, labels unchanged), each folder
     with a ``datalist.json``: ``{"site", "modality", "patients": {id: relative path}}`` for a site,
-    ``{"site": "server", "convention", "patients"}`` for the server.
+    ``{"site": "server", "convention", "patients"}`` for the server. Cases without a label (MSD ``imagesTs``,
+    BraTS validation folders) go to the sites only: training skips them, ``split-unet infer`` segments them.
 
     Returns:
         ``{site name: folder}`` for every modality in ``modalities`` and ``"server"``.
 
     Raises:
-        DataError: a case lacks a modality (``field`` = the modality) or a label, or a file is unreadable.
+        DataError: a case lacks a modality (``field`` = the modality), or a file is unreadable.
         ValueError: an unknown modality in ``modalities``.
     """
     unknown = sorted(set(modalities) - set(MODALITIES))
@@ -93,8 +94,6 @@ def partition_dataset(data_dir: str | Path, out_dir: str | Path, modalities: Seq
         for modality in modalities:
             if modality not in case.images:
                 raise DataError(f"no {modality} image", patient=case.patient_id, field=modality)
-        if case.label is None:
-            raise DataError("no label", patient=case.patient_id, field="label")
 
     out = Path(out_dir)
     folders = {name: out / name for name in (*modalities, SERVER_SITE)}
@@ -107,7 +106,7 @@ def partition_dataset(data_dir: str | Path, out_dir: str | Path, modalities: Seq
             data, source = read_volume(case.images[modality], patient=pid)
             patients[modality][pid] = f"images/{pid}.nii.gz"
             _save(data, source, folders[modality] / patients[modality][pid])
-        if pid in held[SERVER_SITE]:
+        if case.label is not None and pid in held[SERVER_SITE]:
             label, source = read_label(case.label, case.convention, patient=pid)
             patients[SERVER_SITE][pid] = f"labels/{pid}.nii.gz"
             _save(label, source, folders[SERVER_SITE] / patients[SERVER_SITE][pid])

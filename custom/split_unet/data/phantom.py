@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from monai.transforms import Resample, Resize, SpatialPad
 from monai.transforms.utils import create_grid, generate_spatial_bounding_box
-from scipy.ndimage import distance_transform_edt, gaussian_filter
+from scipy.ndimage import distance_transform_edt, gaussian_filter, zoom
 from scipy.spatial.transform import Rotation
 from scipy.special import expit
 
@@ -27,7 +27,7 @@ from split_unet.data.regions import MODALITIES
 from split_unet.errors import SplitUNetError
 from split_unet.files import write_atomically
 
-__all__ = ["generate_patient", "generate_dataset", "anatomy"]
+__all__ = ["generate_patient", "generate_dataset", "generate_release", "anatomy", "RELEASES", "RELEASE_SHAPE"]
 
 # Bump when the anatomy preprocessing changes, so stale disk caches are not reused.
 _ANATOMY_VERSION = 2
@@ -218,11 +218,7 @@ def generate_dataset(out_dir: str | os.PathLike, n_patients: int, size: int = 64
         name = f"BRATS_{index + 1:03d}.nii.gz"
         image, label = generate_patient(index, size, seed)
         for data, folder in ((image, "imagesTr"), (label, "labelsTr")):
-            nifti = nib.Nifti1Image(data, affine)
-            nifti.header.set_xyzt_units("mm", "sec")
-            nifti.set_qform(affine, code=1)
-            nifti.set_sform(affine, code=1)
-            nib.save(nifti, out / folder / name)
+            _save_nifti(data, affine, out / folder / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
         if progress:
             print(f"phantom {index + 1}/{n_patients}", flush=True)
@@ -240,4 +236,108 @@ def generate_dataset(out_dir: str | os.PathLike, n_patients: int, size: int = 64
         "generator": {"size": size, "seed": seed, "spacing_mm": spacing},
     }
     (out / "dataset.json").write_text(json.dumps(description, indent=4) + "\n")
+    return out
+
+
+#: Layouts :func:`generate_release` writes, named after the releases whose on-disk conventions they copy.
+RELEASES = ("msd", "brats2021", "brats2023")
+#: Shape of every real MSD Task01 / BraTS 2021 / BraTS 2023 volume (1 mm isotropic).
+RELEASE_SHAPE = (240, 240, 155)
+# MSD label value -> BraTS 2021 (1 NCR, 2 ED, 4 ET) and BraTS 2023 (1 NETC, 2 SNFH, 3 ET) label value.
+_MSD_TO = {"brats2021": np.array([0, 2, 1, 4], np.uint8), "brats2023": np.array([0, 2, 1, 3], np.uint8)}
+_BRATS_FILES = {"brats2021": ("BraTS2021_{:05d}", "_", ("flair", "t1", "t1ce", "t2")),
+                "brats2023": ("BraTS-GLI-{:05d}-000", "-", ("t2f", "t1n", "t1c", "t2w"))}  # MODALITIES order
+
+
+def _to_release_grid(volume: np.ndarray, spacing: float, order: int) -> np.ndarray:
+    """A phantom volume (cube of ``spacing`` mm voxels, RAS) at 1 mm, centred in ``RELEASE_SHAPE``."""
+    resampled = zoom(volume, spacing, order=order, grid_mode=True, mode="grid-constant")
+    out = np.zeros(RELEASE_SHAPE, volume.dtype)
+    source, target = [], []
+    for have, want in zip(resampled.shape, RELEASE_SHAPE):
+        start = (have - want) // 2  # > 0: crop, < 0: pad
+        source.append(slice(max(start, 0), max(start, 0) + min(have, want)))
+        target.append(slice(max(-start, 0), max(-start, 0) + min(have, want)))
+    out[tuple(target)] = resampled[tuple(source)]
+    return out
+
+
+def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    nifti = nib.Nifti1Image(data, affine)
+    nifti.header.set_xyzt_units("mm", "sec")
+    nifti.set_qform(affine, code=1)
+    nifti.set_sform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nifti, path)
+
+
+def generate_release(out_dir: str | os.PathLike, release: str, n_patients: int, seed: int = 0,
+                     unlabelled: int = 0, size: int = 64) -> Path:
+    """Phantoms in the exact on-disk conventions of a real release, at its geometry (240 x 240 x 155, 1 mm).
+
+    Each patient is :func:`generate_patient` at ``size`` (the template brain, ~189 mm), resampled to 1 mm and
+    centred in the release's volume, so the brain and tumour sizes are realistic. Conventions copied:
+
+    - ``msd`` (Task01): ``imagesTr/BRATS_001.nii.gz`` 4D float32 ``(240, 240, 155, 4)`` (FLAIR, T1w, t1gd,
+      T2w), ``labelsTr`` uint8 (1 oedema, 2 non-enhancing, 3 enhancing), RAS affine, ``dataset.json`` with
+      ``./imagesTr/...`` paths, macOS ``._`` junk files beside the volumes; unlabelled cases in ``imagesTs``.
+    - ``brats2021``: ``BraTS2021_00000/BraTS2021_00000_{flair,t1,t1ce,t2,seg}.nii.gz``, int16 images, LPS-style
+      affine ``diag(-1, -1, 1)`` with offsets, labels 1 NCR, 2 ED, 4 ET.
+    - ``brats2023``: ``BraTS-GLI-00000-000/BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz``, int16, the same
+      affine, labels 1 NETC, 2 SNFH, 3 ET.
+
+    The last ``unlabelled`` patients have no label (MSD ``imagesTs``; BraTS folders without ``seg``, as in the
+    validation releases).
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+    """
+    if release not in RELEASES:
+        raise ValueError(f"unknown release {release!r}; expected one of {list(RELEASES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _, spacing = anatomy(size)
+    # Voxel (i, j, k) of the RAS-ordered volume; BraTS stores x and y reversed under an LPS-style affine.
+    ras = np.eye(4)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = np.array(RELEASE_SHAPE[:2]) - 1
+    if release != "msd":
+        ras[0, 3] = -(RELEASE_SHAPE[0] - 1)  # BraTS: [[-1, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0]]
+    affine = ras if release == "msd" else ras @ flip
+    training, test = [], []
+    for index in range(n_patients):
+        phantom, phantom_label = generate_patient(index, size, seed)
+        image = np.stack([_to_release_grid(phantom[..., c], spacing, order=1) for c in range(len(MODALITIES))], -1)
+        image[image < 0] = 0  # interpolation overshoot must not turn the background non-zero
+        label = _to_release_grid(phantom_label, spacing, order=0)
+        labelled = index < n_patients - unlabelled
+        if release == "msd":
+            name = f"BRATS_{index + 1:03d}.nii.gz"
+            images, labels = ("imagesTr", "labelsTr") if labelled else ("imagesTs", None)
+            _save_nifti(image.astype(np.float32), affine, out / images / name)
+            (out / images / f"._{name}").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble")
+            if labels:
+                _save_nifti(label, affine, out / labels / name)
+                training.append({"image": f"./{images}/{name}", "label": f"./{labels}/{name}"})
+            else:
+                test.append(f"./{images}/{name}")
+            continue
+        pattern, separator, suffixes = _BRATS_FILES[release]
+        pid = pattern.format(index)
+        stored = np.rint(image[::-1, ::-1]).astype(np.int16)  # LPS voxel order
+        for channel, suffix in enumerate(suffixes):
+            path = out / pid / f"{pid}{separator}{suffix}.nii.gz"
+            _save_nifti(np.ascontiguousarray(stored[..., channel]), affine, path)
+        if labelled:
+            seg = np.ascontiguousarray(_MSD_TO[release][label][::-1, ::-1])
+            _save_nifti(seg, affine, out / pid / f"{pid}{separator}seg.nii.gz")
+    if release == "msd":
+        description = {
+            "name": "BRATS", "tensorImageSize": "4D",
+            "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+            "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+            "numTraining": len(training), "numTest": len(test), "training": training, "test": test,
+            "generator": {"phantom size": size, "seed": seed},
+        }
+        (out / "dataset.json").write_text(json.dumps(description, indent=4) + "\n")
     return out

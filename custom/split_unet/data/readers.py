@@ -1,4 +1,4 @@
-"""Readers for MSD Task01 and BraTS 2021 folders: case discovery, NIfTI reading and preprocessing.
+"""Readers for MSD Task01, BraTS 2021 and BraTS 2023+ folders: case discovery, NIfTI reading and preprocessing.
 
 Spatial preprocessing depends only on each file's affine and shape, never on its content, so the
 server (which holds only labels) and every site (one modality each) land on the same voxel grid:
@@ -19,7 +19,6 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
-    EnsureChannelFirst,
     NormalizeIntensity,
     Orientation,
     ResizeWithPadOrCrop,
@@ -30,11 +29,15 @@ from monai.utils import convert_to_numpy
 from split_unet.data.regions import CONVENTIONS, MODALITIES, regions
 from split_unet.errors import DataError
 
-__all__ = ["ImageRef", "Case", "find_cases", "check_header", "max_source_voxels", "read_volume", "read_label", "load_image", "load_label", "load_case",
-           "label_to_source"]
+__all__ = ["ImageRef", "Case", "find_cases", "check_header", "max_source_voxels", "read_volume", "read_label",
+           "load_image", "load_label", "load_case", "label_to_source", "grid_spacing"]
 
-# BraTS 2021 file suffixes -> modality names (BraTS 2023 renamed them and moved ET to label 3).
-_BRATS_SUFFIXES = {"flair": "flair", "t1": "t1w", "t1ce": "t1gd", "t2": "t2w"}
+# BraTS file layouts: (name separator, file suffix -> modality name, label convention). BraTS 2021:
+# <id>/<id>_{flair,t1,t1ce,t2,seg}.nii.gz; BraTS 2023+: <id>/<id>-{t2f,t1n,t1c,t2w,seg}.nii.gz (ET moved to 3).
+_BRATS_LAYOUTS = (
+    ("_", {"flair": "flair", "t1": "t1w", "t1ce": "t1gd", "t2": "t2w"}, "brats"),
+    ("-", {"t2f": "flair", "t1n": "t1w", "t1c": "t1gd", "t2w": "t2w"}, "brats2023"),
+)
 _NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 
 
@@ -77,7 +80,7 @@ def read_json(path: Path, *, site: str | None = None) -> dict[str, Any]:
 
 
 def _find_msd(root: Path) -> list[Case]:
-    """Cases listed under "training" in an MSD Task01 ``dataset.json``."""
+    """Cases of an MSD Task01 ``dataset.json``: "training" (image and label), "test" (image only, imagesTs)."""
     meta_path = root / "dataset.json"
     meta = read_json(meta_path)
     names = meta.get("modality", {str(i): m for i, m in enumerate(MODALITIES)})
@@ -91,14 +94,19 @@ def _find_msd(root: Path) -> list[Case]:
     entries = meta.get("training")
     if not isinstance(entries, list) or not entries:
         raise DataError("'training' must be a non-empty list of cases", field=f"{meta_path}:training")
+    tests = meta.get("test", [])
+    if not (isinstance(tests, list) and all(isinstance(entry, str) for entry in tests)):
+        raise DataError("'test' must be a list of image paths", field=f"{meta_path}:test")
     cases = []
     for entry in entries:
         if not (isinstance(entry, dict) and all(isinstance(entry.get(key), str) for key in ("image", "label"))):
             raise DataError(f"training entry {entry!r} needs 'image' and 'label' paths", field=f"{meta_path}:training")
-        image, label = root / entry["image"], root / entry["label"]
+    for entry in [*entries, *({"image": path} for path in tests)]:
+        image = root / entry["image"]
+        label = root / entry["label"] if "label" in entry else None
         patient = _strip_nifti_suffix(image.name)
         for path in (image, label):
-            if not path.is_file():
+            if path is not None and not path.is_file():
                 raise DataError(f"file listed in {meta_path.name} not found", patient=patient, field=str(path))
         images = {modality: ImageRef(image, channel) for modality, channel in channels.items()}
         cases.append(Case(patient, images, label, "msd"))
@@ -113,23 +121,27 @@ def _find_nifti(folder: Path, stem: str) -> Path | None:
 
 
 def _find_brats(root: Path) -> list[Case]:
-    """One folder per case, ``<id>/<id>_{flair,t1,t1ce,t2,seg}.nii.gz``; ``seg`` may be absent."""
+    """One folder per case in the BraTS 2021 or 2023+ naming (see ``_BRATS_LAYOUTS``); ``seg`` may be absent."""
     cases = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        images = {modality: ImageRef(path) for suffix, modality in _BRATS_SUFFIXES.items()
-                  if (path := _find_nifti(folder, f"{folder.name}_{suffix}")) is not None}
-        label = _find_nifti(folder, f"{folder.name}_seg")
-        if images or label:
-            cases.append(Case(folder.name, images, label, "brats"))
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for separator, suffixes, convention in _BRATS_LAYOUTS:
+            images = {modality: ImageRef(path) for suffix, modality in suffixes.items()
+                      if (path := _find_nifti(folder, f"{folder.name}{separator}{suffix}")) is not None}
+            label = _find_nifti(folder, f"{folder.name}{separator}seg")
+            if images or label:
+                cases.append(Case(folder.name, images, label, convention))
+                break
     return cases
 
 
 def find_cases(root: str | Path) -> list[Case]:
-    """Cases of an MSD Task01 folder (``dataset.json``) or a BraTS 2021 folder, sorted by patient id.
+    """Cases of an MSD Task01 folder (``dataset.json``), a BraTS 2021 or a BraTS 2023+ folder, sorted by id.
+
+    Cases without a label (MSD ``imagesTs``, BraTS validation folders) have ``label=None``.
 
     Raises:
-        DataError: ``root`` is missing or matches neither layout, or a file listed in ``dataset.json``
-            is missing.
+        DataError: ``root`` is missing or matches no layout, a file listed in ``dataset.json`` is missing,
+            or the folder mixes label conventions.
     """
     root = Path(root)
     if not root.is_dir():
@@ -137,8 +149,13 @@ def find_cases(root: str | Path) -> list[Case]:
     cases = _find_msd(root) if (root / "dataset.json").is_file() else _find_brats(root)
     if not cases:
         raise DataError(
-            "neither an MSD Task01 folder (dataset.json, imagesTr, labelsTr) nor a BraTS 2021 folder "
-            "(<id>/<id>_{flair,t1,t1ce,t2,seg}.nii.gz)", field=str(root))
+            "neither an MSD Task01 folder (dataset.json, imagesTr, labelsTr), a BraTS 2021 folder "
+            "(<id>/<id>_{flair,t1,t1ce,t2,seg}.nii.gz) nor a BraTS 2023+ folder "
+            "(<id>/<id>-{t2f,t1n,t1c,t2w,seg}.nii.gz)", field=str(root))
+    conventions = {case.convention: case.patient_id for case in cases}
+    if len(conventions) > 1:
+        raise DataError(f"cases of several releases (label conventions {sorted(conventions)}, e.g. "
+                        f"{sorted(conventions.values())}): give one release per folder", field=str(root))
     return sorted(cases, key=lambda case: case.patient_id)
 
 
@@ -240,24 +257,46 @@ def read_label(path: str | Path, convention: str, *, site: str | None = None, pa
 
 
 def _grid_transform(size: int, spacing: float | None, mode: str) -> Compose:
-    """Content-independent geometry: channel first, RAS, optional isotropic ``spacing``, crop/pad to ``size``^3."""
-    geometry = [EnsureChannelFirst(channel_dim="no_channel"), Orientation(axcodes="RAS", labels=None)]
+    """Content-independent geometry of a channel-first volume: RAS, optional isotropic ``spacing``, crop/pad to
+    ``size``^3."""
+    geometry = [Orientation(axcodes="RAS", labels=None)]
     if spacing is not None:
         geometry.append(Spacing(pixdim=spacing, mode=mode, padding_mode="zeros", dtype=np.float32))
     geometry.append(ResizeWithPadOrCrop((size,) * 3))
     return Compose(geometry)
 
 
+def _channel_first(data: np.ndarray | torch.Tensor, affine: np.ndarray) -> MetaTensor:
+    """A 3D volume as a ``(1, X, Y, Z)`` MetaTensor with its source affine.
+
+    The channel axis is added before the MetaTensor is made: MONAI 1.6.1 infers the number of spatial axes
+    when a MetaTensor is created (2 for a bare 3D array) and ``EnsureChannelFirst`` does not update it, so its
+    pads then left the affine's offset unchanged and every inverse through ``Spacing`` landed shifted by the
+    padding (42 mm in z for 155 slices at 1 mm).
+    """
+    return MetaTensor(torch.as_tensor(data)[None], affine=torch.as_tensor(affine, dtype=torch.float64))
+
+
 def _to_grid(data: np.ndarray, image: nib.Nifti1Image, size: int, spacing: float | None, mode: str, *,
              site: str | None = None, patient: str | None = None) -> MetaTensor:
     """``data`` on the common grid: ``(1, size, size, size)`` float32 tensor; a DataError naming the file if
     MONAI cannot transform it."""
-    volume = MetaTensor(torch.from_numpy(data), affine=torch.as_tensor(image.affine, dtype=torch.float64))
+    volume = _channel_first(torch.from_numpy(data), image.affine)
     try:
         return _grid_transform(size, spacing, mode)(volume)
     except Exception as err:  # MONAI wraps any failure of a transform in a RuntimeError
         raise DataError(f"cannot bring the volume onto the {size}^3 grid ({type(err).__name__}: {str(err)[:200]})",
                         site=site, patient=patient, field=str(image.get_filename())) from err
+
+
+def grid_spacing(affine: np.ndarray, spacing: float | None) -> tuple[float, float, float]:
+    """Voxel size (mm) of the common grid along its (RAS) axes: ``spacing``, or the source's voxels reoriented."""
+    if spacing is not None:
+        return (float(spacing),) * 3
+    sizes = nib.affines.voxel_sizes(affine)
+    ras = np.empty(3)
+    ras[nib.orientations.io_orientation(affine)[:, 0].astype(int)] = sizes  # voxel axis i becomes RAS axis ornt[i]
+    return tuple(float(size) for size in ras)
 
 
 def label_to_source(label: np.ndarray, affine: np.ndarray, shape: Sequence[int], spacing: float | None = None
@@ -276,7 +315,7 @@ def label_to_source(label: np.ndarray, affine: np.ndarray, shape: Sequence[int],
         ``uint8`` label map of shape ``shape`` (nearest neighbour; zero where the grid cropped the source).
     """
     transform = _grid_transform(label.shape[0], spacing, mode="nearest")
-    reference = transform(MetaTensor(torch.zeros(tuple(shape)), affine=torch.as_tensor(affine, dtype=torch.float64)))
+    reference = transform(_channel_first(torch.zeros(tuple(shape)), affine))
     grid = MetaTensor(torch.as_tensor(label[None], dtype=torch.float32), affine=reference.affine,
                       applied_operations=reference.applied_operations)
     return np.rint(convert_to_numpy(transform.inverse(grid))[0]).astype(np.uint8)

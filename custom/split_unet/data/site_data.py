@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 
 from split_unet.data.partition import DATALIST
-from split_unet.data.readers import ImageRef, load_image, load_label, read_json
+from split_unet.data.readers import ImageRef, grid_spacing, load_image, load_label, read_json
 from split_unet.data.regions import CONVENTIONS, MODALITIES
 from split_unet.errors import DataError
 from split_unet.ids import check_patient_id
@@ -95,6 +95,10 @@ class _SiteVolumes(ABC):
         self._cached(patient_id)  # known patient, readable file
         header = nib.load(self._paths[patient_id]).header
         return header.get_best_affine(), tuple(int(n) for n in header.get_data_shape()[:3])
+
+    def grid_spacing(self, patient_id: str) -> tuple[float, float, float]:
+        """Voxel size (mm) of this patient on the common grid (for distances in mm)."""
+        return grid_spacing(self.geometry(patient_id)[0], self.spacing)
 
     def check(self) -> None:
         """Load every volume once (they stay cached); raise the first :class:`DataError`."""

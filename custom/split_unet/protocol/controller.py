@@ -461,7 +461,9 @@ class SplitUNetController(Controller):
         for batch_ids in chunks(val_ids, self.config.val_batch_size):
             features = self._round(TASK_VALIDATE, batch_ids, abort_signal, fl_ctx)
             logits = self.party.predict(features, self._present())
-            metrics.update(logits_to_masks(logits), torch.as_tensor(self.labels.batch(batch_ids)))
+            metrics.update(logits_to_masks(logits, min_component_voxels=self.config.min_component_voxels),
+                           torch.as_tensor(self.labels.batch(batch_ids)),
+                           [self.labels.grid_spacing(pid) for pid in batch_ids])
         return metrics.aggregate()
 
     # Helpers ------------------------------------------------------------------------------------------------------

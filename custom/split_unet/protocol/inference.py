@@ -2,9 +2,10 @@
 
 The trained encoders stay at their sites (``ModalitySiteExecutor(encoder_path=...)``) and the trained
 decoder at the server. Each round sends a batch of patient ids; every site answers with its encoder's
-features and, as header data only, the affine and shape of its source volumes; the server decodes and
-writes each segmentation as NIfTI in that source geometry with the MSD label values (1 oedema,
-2 non-enhancing tumour, 3 enhancing), and scores the Dice where it holds the label.
+features and, as header data only, the affine and shape of its source volumes; the server decodes, nests the
+regions (ET inside TC inside WT), writes each segmentation as NIfTI in that source geometry with the label values
+of the source's own convention (the server's labels; MSD values when it holds none), and scores the file it
+wrote, in source space, against the source label where it holds one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 
-from split_unet.data import label_from_regions, label_to_source
+from split_unet.data import CONVENTIONS, label_from_regions, label_to_source, read_label, regions
 from split_unet.errors import ProtocolError
 from split_unet.files import write_json
 from split_unet.ids import check_patient_ids
@@ -61,29 +62,40 @@ class SplitInferenceController(SplitUNetController):
                                 site="server", field="patients")
         out = inside(self.run_dir, self.output_folder, site="server", field="output_folder", where="run folder")
         out.mkdir(parents=True, exist_ok=True)
+        convention = self.labels.convention if self.labels is not None else "msd"
         results, scored = {}, RegionMetrics()
         for batch_ids in chunks(patient_ids, self.config.val_batch_size):
-            masks = logits_to_masks(self.party.predict(self._round(TASK_INFER, batch_ids, abort_signal, fl_ctx)))
+            logits = self.party.predict(self._round(TASK_INFER, batch_ids, abort_signal, fl_ctx))
+            masks = logits_to_masks(logits, min_component_voxels=self.config.min_component_voxels)
             for pid, mask in zip(batch_ids, masks):
                 affine, shape = self._geometry(pid)
-                label = label_to_source(label_from_regions(mask.numpy()), affine, shape, self.config.spacing)
+                label = label_to_source(label_from_regions(mask.numpy(), convention), affine, shape,
+                                        self.config.spacing)
                 image = nib.Nifti1Image(label, affine)
                 image.set_qform(affine, code=1)
                 image.set_sform(affine, code=1)
                 nib.save(image, out / f"{pid}.nii.gz")
                 results[pid] = {"segmentation": f"{pid}.nii.gz"}
                 if self.labels is not None and pid in self.labels.patient_ids:
-                    metrics = RegionMetrics()
-                    truth = torch.as_tensor(self.labels.get(pid))[None]
-                    metrics.update(mask[None], truth)
-                    scored.update(mask[None], truth)
-                    results[pid].update({k: metrics.aggregate()[k] for k in ("dice", "hd95")})
+                    # The file as written against the source label, both in source space (voxel sizes in mm).
+                    truth, _ = read_label(self.labels.path(pid), convention, site="server", patient=pid)
+                    if truth.shape != label.shape:
+                        raise ProtocolError(f"label shape {truth.shape} differs from the sites' {shape}", site="server",
+                                            patient=pid, field=str(self.labels.path(pid)))
+                    (case,) = scored.update(torch.from_numpy(regions(label, convention))[None],
+                                            torch.from_numpy(regions(truth, convention))[None],
+                                            [nib.affines.voxel_sizes(affine)])
+                    results[pid].update(case)
             self.log_info(fl_ctx, f"segmented {len(results)}/{len(patient_ids)} patients")
-        summary = {"patients": results, "segmentations": str(out), "label_values": {"oedema": 1,
-                   "non_enhancing": 2, "enhancing": 3}, "wall_seconds": round(time.perf_counter() - start, 2)}
+        oedema, core, enhancing = CONVENTIONS[convention]
+        summary = {"patients": results, "segmentations": str(out), "convention": convention,
+                   "label_values": {"oedema": oedema, "non_enhancing": core, "enhancing": enhancing},
+                   "scored_in": "source space (the files written)", "hd95_unit": "mm",
+                   "wall_seconds": round(time.perf_counter() - start, 2)}
         if any("dice" in r for r in results.values()):
             aggregate = scored.aggregate()
-            summary.update(dice=aggregate["dice"], hd95=aggregate["hd95"], scored_cases=aggregate["cases"])
+            summary.update({key: aggregate[key] for key in ("dice", "hd95", "lesion_dice", "lesion_hd95", "lesions")},
+                           scored_cases=aggregate["cases"])
             self.log_info(fl_ctx, "Dice " + " ".join(f"{k} {v:.3f}" for k, v in aggregate["dice"].items()))
         write_json(out / RESULT_FILE, summary)
         self.log_info(fl_ctx, f"segmentations written to {out}")

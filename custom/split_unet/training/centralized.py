@@ -10,11 +10,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from split_unet.data import MODALITIES, find_cases, load_case, split_patients
+from split_unet.data import MODALITIES, find_cases, grid_spacing, load_case, split_patients
 from split_unet.networks import build_split_unet
 from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb
 from split_unet.files import write_json
@@ -57,6 +58,10 @@ class CaseCache:
         if patient_id not in self._loaded:
             self._loaded[patient_id] = load_case(self.cases[patient_id], self.size, self.spacing)
         return self._loaded[patient_id]
+
+    def grid_spacing(self, patient_id: str) -> tuple[float, float, float]:
+        """Voxel size (mm) of one case on the common grid, from its label's header."""
+        return grid_spacing(nib.load(self.cases[patient_id].label).affine, self.spacing)
 
     def batch(self, patient_ids: list[str], image_channels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         items = [self.get(pid) for pid in patient_ids]
@@ -114,7 +119,8 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
         log(f"[centralized {name}] epoch {epoch + 1}/{config.epochs} loss {entry['loss']:.4f} "
             f"({step} steps, {entry['seconds']:.0f} s)")
         if (epoch + 1) % config.val_interval == 0 or epoch + 1 == config.epochs:
-            metrics = evaluate(model, data, val_ids, image_channels, config.val_batch_size, device)
+            metrics = evaluate(model, data, val_ids, image_channels, config.val_batch_size, device,
+                               config.min_component_voxels)
             entry["validation"] = metrics
             for region, value in metrics["dice"].items():
                 writer.add_scalar(f"val/dice_{region}", value, step)
@@ -137,10 +143,11 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: CaseCache, patient_ids: list[str], image_channels: list[int],
-             batch_size: int, device: torch.device) -> dict:
+             batch_size: int, device: torch.device, min_component_voxels: int = 0) -> dict:
     model.eval()
     metrics = RegionMetrics()
     for batch_ids in chunks(patient_ids, batch_size):
         images, labels = data.batch(batch_ids, image_channels)
-        metrics.update(logits_to_masks(model(images.to(device))), labels)
+        metrics.update(logits_to_masks(model(images.to(device)), min_component_voxels=min_component_voxels), labels,
+                       [data.grid_spacing(pid) for pid in batch_ids])
     return metrics.aggregate()

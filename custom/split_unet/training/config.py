@@ -28,6 +28,8 @@ class TrainConfig:
     micro_batches: int = 1
     # The decoder recomputes its activations in the backward pass instead of keeping them (server memory).
     decoder_checkpointing: bool = False
+    # Post-processing of every segmentation: connected components smaller than this (grid voxels) are removed.
+    min_component_voxels: int = 0
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def __post_init__(self):
