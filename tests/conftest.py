@@ -18,6 +18,7 @@ from nvflare.apis.signal import Signal
 from split_unet.protocol.executor import ModalitySiteExecutor
 from split_unet.protocol.settings import SETTINGS_FILE
 from split_unet.protocol.wire import ERROR_HEADER, KIND_INIT, TASK_INIT
+from split_unet.jobs import training_settings
 from split_unet.simulation import run_simulation
 from split_unet.training import TrainConfig
 
@@ -39,9 +40,9 @@ def trained_tiny(tiny_data, tmp_path_factory, project_root) -> tuple[Path, dict]
     leakage recorder on at the first and last step. Shared by the tests that need a trained federation."""
     _, sites = tiny_data
     workspace = tmp_path_factory.mktemp("trained") / "ws"
-    summary = run_simulation(sites, workspace, job_dir=project_root / "jobs/split_unet",
-                             site_configs=project_root / "site_configs", progress=None, record_steps=[1, -1],
-                             train={"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 3, "val_interval": 3})
+    job = training_settings({"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 3, "val_interval": 3},
+                            record_steps=[1, -1])
+    summary = run_simulation(sites, workspace, job, site_configs=project_root / "site_configs", progress=None)
     return workspace, summary
 
 

@@ -12,6 +12,7 @@ import pytest
 from helpers import TINY_NETWORK, TINY_SIZE
 
 from split_unet.data import MODALITIES
+from split_unet.jobs import training_settings
 from split_unet.simulation import run_simulation
 
 pytestmark = pytest.mark.simulator
@@ -41,10 +42,10 @@ def test_scope_without_privacy_file_and_a_hung_site(project_root, tiny_data, tmp
     # The task timeout leaves the sites time to start and read their data on a busy machine (init counts too).
     train = {"size": TINY_SIZE, "network": {**TINY_NETWORK, "levels": [1, 2]}, "epochs": 1, "val_fraction": 0.25}
     try:
-        summary = run_simulation(sites, tmp_path / "ws", job_dir=project_root / "jobs/split_unet",
-                                 site_configs=project_root / "site_configs", train=train, scope="clinical",
-                                 controller={"task_timeout": 60, "on_site_failure": "continue"}, progress=progress,
-                                 grace_seconds=GRACE_S)
+        job = training_settings(train, scope="clinical",
+                                controller_args={"task_timeout": 60, "on_site_failure": "continue"})
+        summary = run_simulation(sites, tmp_path / "ws", job, site_configs=project_root / "site_configs",
+                                 progress=progress, grace_seconds=GRACE_S)
         returned_at = time.monotonic()
     finally:
         with contextlib.suppress(ProcessLookupError, KeyError):

@@ -9,6 +9,7 @@ import pytest
 
 from split_unet.data import REGION_NAMES, label_from_regions, label_to_source, load_label, regions
 from split_unet.inference import infer_in_simulator
+from split_unet.protocol.names import ENCODER_FILE
 
 
 
@@ -36,8 +37,8 @@ def test_train_then_segment_in_the_simulator(project_root, tiny_data, trained_ti
             datalist["patients"]["NEW_001"] = "images/NEW_001.nii.gz"
             datalist_path.write_text(json.dumps(datalist))
     train_ws, _ = trained_tiny
-    result = infer_in_simulator(train_ws, sites, tmp_path / "infer", job_dir=project_root / "jobs/split_unet",
-                                site_configs=project_root / "site_configs", progress=None)
+    result = infer_in_simulator(train_ws, sites, tmp_path / "infer", site_configs=project_root / "site_configs",
+                                progress=None)
     assert "error" not in result, result.get("error")
     assert sorted(result["patients"]) == [f"BRATS_00{i}" for i in range(1, 9)] + ["NEW_001"]
     unlabelled = result["patients"].pop("NEW_001")
@@ -58,5 +59,6 @@ def test_train_then_segment_in_the_simulator(project_root, tiny_data, trained_ti
             overlap, total = np.logical_and(truth[region], mine[region]).sum(), truth[region].sum() + mine[region].sum()
             assert entry["dice"][name] == pytest.approx(2 * overlap / total if total else 1.0, abs=1e-6)
     assert json.loads((tmp_path / "infer" / "inference.json").read_text())["dice"] == result["dice"]
-    job = json.loads((tmp_path / "infer" / "job" / "app_site" / "config" / "config_fed_client.json").read_text())
-    assert job["executors"][0]["executor"]["args"]["encoder_path"] == "local/split_unet_encoder.pt"
+    job = json.loads((tmp_path / "infer" / "job" / "split_unet_infer" / "app_flair" / "config" /
+                      "config_fed_client.json").read_text())
+    assert job["executors"][0]["executor"]["args"]["encoder_path"] == f"local/{ENCODER_FILE}"

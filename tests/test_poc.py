@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 
 from split_unet.data import SERVER_SITE, holdings, partition_dataset
+from split_unet.jobs import PsiJob, training_settings
 from split_unet.poc import PocFederation, run_pipeline
 from split_unet.protocol.psi import intersection_path
 
@@ -47,10 +48,9 @@ def test_poc_federation_psi_train_infer(project_root, tmp_path, hard_limit):
     federation = PocFederation(tmp_path / "federation", sites_dir, project_root / "site_configs",
                                port=free_port(), python=python)
     try:
-        report = run_pipeline(federation, tmp_path / "out", project_root / "jobs/split_unet",
-                              project_root / "jobs/split_unet_psi", with_code=True, progress=None,
-                              train={"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "batch_size": 2,
-                                     "val_fraction": 0.34})
+        training = training_settings({"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "batch_size": 2,
+                                      "val_fraction": 0.34}, with_code=True)
+        report = run_pipeline(federation, tmp_path / "out", training, PsiJob(with_code=True), progress=None)
     finally:
         federation.stop()
     assert not federation.running()

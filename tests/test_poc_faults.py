@@ -16,7 +16,8 @@ import torch
 from split_unet.poc import PocFederation
 from split_unet.protocol.checkpoint import SERVER_CHECKPOINT, site_checkpoint
 from split_unet.files import load_json
-from split_unet.simulation import configure_job, run_simulation
+from split_unet.jobs import export, training_settings
+from split_unet.simulation import run_simulation
 
 from helpers import TINY_NETWORK, TINY_SIZE, free_port, make_dataset, processes_mentioning
 
@@ -56,14 +57,14 @@ def test_kill_site_and_server_then_resume(project_root, tmp_path, hard_limit):
 
     def job(name: str, **controller) -> Path:
         # Each party keeps its checkpoints in its own workspace (a job may name no other folder).
-        return configure_job(project_root / "jobs/split_unet", tmp_path / "jobs" / name, TRAIN,
-                             {"checkpoint_dir": f"checkpoints/{name}", "checkpoint_interval": CHECKPOINT_INTERVAL,
-                              "task_timeout": TASK_TIMEOUT, **controller},
-                             {"checkpoint_dir": f"checkpoints/{name}"})
+        settings = training_settings(TRAIN, controller_args={
+            "checkpoint_dir": f"checkpoints/{name}", "checkpoint_interval": CHECKPOINT_INTERVAL,
+            "task_timeout": TASK_TIMEOUT, **controller}, executor_args={"checkpoint_dir": f"checkpoints/{name}"})
+        return export(settings, tmp_path / "jobs" / name)
 
     # The uninterrupted run, in the simulator (which POC reproduces to ~1e-7, test_poc).
-    reference = run_simulation(sites_dir, tmp_path / "reference", job_dir=project_root / "jobs/split_unet",
-                               site_configs=project_root / "site_configs", train=TRAIN, progress=None)
+    reference = run_simulation(sites_dir, tmp_path / "reference", training_settings(TRAIN),
+                               site_configs=project_root / "site_configs", progress=None)
     steps = reference["steps"]
     assert steps == 18
 

@@ -14,13 +14,14 @@ from split_unet.errors import ProtocolError
 from split_unet.protocol.controller import refuse_blocked_levels
 from split_unet.protocol.executor import check_privacy_scope
 from split_unet.leakage.record import load_record
+from split_unet.jobs import training_settings
 from split_unet.simulation import run_simulation
 
 
-def _run(project_root, sites, workspace, **kwargs):
-    return run_simulation(sites, workspace, job_dir=project_root / "jobs/split_unet",
+def _run(project_root, sites, workspace, train, **settings):
+    return run_simulation(sites, workspace, training_settings(train, **settings),
                           site_configs=project_root / "site_configs", progress=None,
-                          privacy_file=project_root / "site_configs/flair/local/privacy.json", **kwargs)
+                          privacy_file=project_root / "site_configs/flair/local/privacy.json")
 
 
 @pytest.mark.simulator

@@ -27,8 +27,7 @@ def test_sweep_trains_attacks_and_reports(project_root, tiny_data, trained_tiny,
     }
     sweep_file = tmp_path / "sweep.json"
     sweep_file.write_text(json.dumps(sweep))
-    report = run_sweep(sweep_file, sites, tmp_path / "report", project_root / "jobs/split_unet",
-                       project_root / "site_configs", log=lambda _: None)
+    report = run_sweep(sweep_file, sites, tmp_path / "report", project_root / "site_configs", log=lambda _: None)
     rows = {row["name"]: row for row in report["rows"]}
     assert set(rows) == {"undefended", "int8 + gradient noise"} and not any("error" in r for r in rows.values())
     # int8 activations take half the bytes of the default float16 ones.

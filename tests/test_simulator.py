@@ -10,6 +10,7 @@ from split_unet.data import MODALITIES as SITES
 from split_unet.data import find_cases, load_case, split_patients
 from split_unet.leakage.record import load_record, snapshot_path
 from split_unet.networks import NetworkConfig, build_split_unet
+from split_unet.jobs import training_settings
 from split_unet.simulation import run_simulation
 from split_unet.training import dropped_input, epoch_batches, make_optimizer, segmentation_loss
 
@@ -64,9 +65,8 @@ def test_one_step_equals_centralized_split_unet(project_root, tmp_path):
     msd, sites = make_dataset(tmp_path / "data", patients=3)
     train = {"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "batch_size": 2, "val_fraction": 0.34,
              "lr": 0.01, "seed": 5}
-    summary = run_simulation(sites, tmp_path / "ws", job_dir=project_root / "jobs/split_unet",
-                             site_configs=project_root / "site_configs", train=train,
-                             controller={"wire_dtype": "float32"}, progress=None)
+    summary = run_simulation(sites, tmp_path / "ws", training_settings(train, wire_dtype="float32"),
+                             site_configs=project_root / "site_configs", progress=None)
     assert "error" not in summary, summary.get("error")
     assert summary["steps"] == 1
 
@@ -119,14 +119,16 @@ def test_modality_dropout_and_resume_equal_an_uninterrupted_run(project_root, tm
     _, sites = make_dataset(tmp_path / "data", patients=3)
     train = {"size": TINY_SIZE, "network": TINY_NETWORK, "batch_size": 1, "val_fraction": 0.34, "epochs": 2,
              "modality_dropout": 0.5, "seed": 0}
-    run = dict(job_dir=project_root / "jobs/split_unet", site_configs=project_root / "site_configs", progress=None)
+    run = dict(site_configs=project_root / "site_configs", progress=None)
     # Each party's checkpoints lie in its own workspace, whose "persistent" folder outlives the simulator run.
-    checkpoints = {"executor": {"checkpoint_dir": "persistent/checkpoints"}, "persistent": tmp_path / "state",
-                   "controller": {"checkpoint_dir": "persistent/checkpoints", "checkpoint_interval": 2}}
-    whole = run_simulation(sites, tmp_path / "whole", train=train, record_steps=[1, 2, 3, 4], **run)
-    first = run_simulation(sites, tmp_path / "first", train={**train, "epochs": 1}, **run, **checkpoints)
-    checkpoints["controller"]["resume"] = True
-    second = run_simulation(sites, tmp_path / "second", train=train, **run, **checkpoints)
+    checkpoints = {"executor_args": {"checkpoint_dir": "persistent/checkpoints"},
+                   "controller_args": {"checkpoint_dir": "persistent/checkpoints", "checkpoint_interval": 2}}
+    whole = run_simulation(sites, tmp_path / "whole", training_settings(train, record_steps=[1, 2, 3, 4]), **run)
+    first = run_simulation(sites, tmp_path / "first", training_settings({**train, "epochs": 1}, **checkpoints),
+                           persistent=tmp_path / "state", **run)
+    checkpoints["controller_args"]["resume"] = True
+    second = run_simulation(sites, tmp_path / "second", training_settings(train, **checkpoints),
+                            persistent=tmp_path / "state", **run)
     for summary in (whole, first, second):
         assert "error" not in summary, summary.get("error")
     absent = {step: dropped_input(0.5, len(SITES), 0, step) for step in (1, 2, 3, 4)}
@@ -154,9 +156,9 @@ def test_corrupt_file_at_a_site_stops_the_job_naming_site_patient_file(project_r
     shutil.copytree(sites, broken)
     victim = broken / "t1gd" / "images" / "BRATS_003.nii.gz"
     victim.write_bytes(victim.read_bytes()[:200])
-    summary = run_simulation(broken, tmp_path / "ws", job_dir=project_root / "jobs/split_unet",
-                             site_configs=project_root / "site_configs", progress=None,
-                             train={"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1})
+    summary = run_simulation(broken, tmp_path / "ws", training_settings({"size": TINY_SIZE, "network": TINY_NETWORK,
+                                                                       "epochs": 1}),
+                             site_configs=project_root / "site_configs", progress=None)
     error = summary["error"]
     assert "t1gd" in error and "BRATS_003" in error and "BRATS_003.nii.gz" in error
 
@@ -167,7 +169,7 @@ def test_missing_site_data_is_a_clear_error(project_root, tiny_data, tmp_path):
     broken = tmp_path / "sites"
     shutil.copytree(sites, broken)
     shutil.rmtree(broken / "t2w")
-    summary = run_simulation(broken, tmp_path / "ws", job_dir=project_root / "jobs/split_unet",
-                             site_configs=project_root / "site_configs", progress=None,
-                             train={"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1})
+    summary = run_simulation(broken, tmp_path / "ws", training_settings({"size": TINY_SIZE, "network": TINY_NETWORK,
+                                                                       "epochs": 1}),
+                             site_configs=project_root / "site_configs", progress=None)
     assert "t2w" in summary["error"] and "datalist" in summary["error"]

@@ -23,19 +23,18 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
 from nvflare.fuel.flare_api.api_spec import JobTimeout
 
 from split_unet.data import DATALIST, MODALITIES, SERVER_SITE, generate_dataset, partition_dataset
 from split_unet.errors import SplitUNetError
-from split_unet.poc import PROJECT_FILE, PocFederation, run_job
-from split_unet.profiling import step_statistics
 from split_unet.files import load_json, write_json
-from split_unet.simulation import configure_job, run_simulation
+from split_unet.jobs import TrainingJob, export, training_settings
+from split_unet.poc import PocFederation, run_job
+from split_unet.profiling import step_statistics
+from split_unet.simulation import run_simulation
+from split_unet.site_configs import write_site_configs
 
 MODES = ("centralized", "simulator", "poc")
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -110,27 +109,11 @@ def add_copied_site(sites_dir: Path, name: str, source: str) -> Path:
     return folder
 
 
-def write_site_configs(folder: Path, sites: Sequence[str]) -> Path:
-    """``site_configs/``-style settings for these sites and the server (no privacy policy: scope public)."""
-    for participant in (*sites, SERVER_SITE):
-        local = folder / participant / "local"
-        local.mkdir(parents=True, exist_ok=True)
-        (local / "split_unet_site.json").write_text(json.dumps({"data_dir": "${SPLIT_UNET_SITES}/%s" % participant}))
-    return folder
-
-
-def write_base_job(folder: Path, config: BenchConfig, sites: Sequence[str]) -> Path:
-    """``jobs/split_unet`` for these sites, with the configuration's polling interval."""
-    job = configure_job(REPO / "jobs" / "split_unet", folder, config.train(),
-                        {"sites": list(sites), "wire_dtype": config.wire_dtype})
-    meta = json.loads((job / "meta.json").read_text())
-    meta.update(min_clients=len(sites), deploy_map={"app_server": ["server"], "app_site": list(sites)})
-    (job / "meta.json").write_text(json.dumps(meta, indent=2))
-    server_config = job / "app_server" / "config" / "config_fed_server.json"
-    settings = json.loads(server_config.read_text())
-    settings.setdefault("server", {})["task_request_interval"] = config.task_request_interval
-    server_config.write_text(json.dumps(settings, indent=2))
-    return job
+def training_job(config: BenchConfig, sites: Sequence[str]) -> TrainingJob:
+    """The training job of a configuration: these sites, its budget, its polling interval."""
+    return training_settings(config.train(), sites=list(sites), wire_dtype=config.wire_dtype,
+                             task_request_interval=config.task_request_interval,
+                             executor_args={"num_threads": site_threads(config.sites)})
 
 
 @contextlib.contextmanager
@@ -174,31 +157,23 @@ def run_centralized(msd: Path, workspace: Path, config: BenchConfig) -> dict:
     return load_json(workspace / "summary.json")
 
 
-def run_in_simulator(sites_dir: Path, workspace: Path, job: Path, site_configs: Path, config: BenchConfig) -> dict:
-    return run_simulation(sites_dir, workspace, job_dir=job, site_configs=site_configs,
-                          site_threads=site_threads(config.sites), progress=None)
+def run_in_simulator(sites_dir: Path, workspace: Path, job: TrainingJob, site_configs: Path) -> dict:
+    return run_simulation(sites_dir, workspace, job, site_configs=site_configs, progress=None)
 
 
-def run_in_poc(sites_dir: Path, workspace: Path, job: Path, site_configs: Path, config: BenchConfig,
-               sites: Sequence[str], progress: Callable[[str], None]) -> dict:
-    """Prepare and start a POC federation of these sites on a free loopback port, train, download, stop."""
-    project = yaml.safe_load(PROJECT_FILE.read_text())
-    others = [p for p in project["participants"] if p["type"] != "client"]
-    project["participants"] = others[:1] + [{"name": s, "type": "client", "org": f"hospital_{s}"} for s in sites] \
-        + others[1:]
+def run_in_poc(sites_dir: Path, workspace: Path, job: TrainingJob, site_configs: Path, config: BenchConfig,
+               progress: Callable[[str], None]) -> dict:
+    """Prepare and start a POC federation of the job's sites on a free loopback port, train, download, stop."""
     workspace.mkdir(parents=True, exist_ok=True)
-    project_file = workspace / "project.yml"
-    project_file.write_text(yaml.safe_dump(project, sort_keys=False))
     with socket.socket() as probe:  # a free port on loopback for this federation's server
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    federation = PocFederation(workspace / "federation", sites_dir, site_configs, project_file, port=port)
+    federation = PocFederation(workspace / "federation", sites_dir, site_configs, job.sites, port=port)
     report: dict = {}
     with federation:
         federation.prepare()
         federation.start()
-        train_job = configure_job(job, workspace / "job", executor={"num_threads": site_threads(config.sites)})
-        summary = load_json(run_job(federation, "train", train_job, "cli", report, progress,
+        summary = load_json(run_job(federation, "train", export(job, workspace / "job"), "cli", report, progress,
                                        timeout=config.job_timeout) / "summary.json")
     summary["poc_seconds"] = report["seconds"]
     write_json(workspace / "summary.json", summary)
@@ -240,8 +215,8 @@ def bench(out: str | Path, config: BenchConfig, modes: Sequence[str] = MODES, da
     out.mkdir(parents=True, exist_ok=True)
     msd, sites_dir = prepare_data(data_root or out / "data", config, progress)
     sites = site_names(config.sites)
-    site_configs = write_site_configs(out / "site_configs", sites)
-    job = write_base_job(out / "job", config, sites)
+    site_configs = write_site_configs(out / "site_configs", sites, privacy=None)
+    job = training_job(config, sites)
     train_patients = config.patients - round(config.patients * 0.25)
     steps_per_epoch = -(-train_patients // config.batch_size)
     result = {"config": {**asdict(config), "channels": list(config.channels)}, "sites": sites,
@@ -257,9 +232,9 @@ def bench(out: str | Path, config: BenchConfig, modes: Sequence[str] = MODES, da
                 if mode == "centralized":
                     summary = run_centralized(msd, workspace, config)
                 elif mode == "simulator":
-                    summary = run_in_simulator(sites_dir, workspace, job, site_configs, config)
+                    summary = run_in_simulator(sites_dir, workspace, job, site_configs)
                 else:
-                    summary = run_in_poc(sites_dir, workspace, job, site_configs, config, sites, progress)
+                    summary = run_in_poc(sites_dir, workspace, job, site_configs, config, progress)
             except (SplitUNetError, JobTimeout) as error:  # a mode that fails is a result too; go on
                 summary = {"error": f"{type(error).__name__}: {error}"}
             row = describe(mode, summary, config, steps_per_epoch)

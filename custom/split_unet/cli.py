@@ -72,11 +72,9 @@ def cmd_check(args) -> int:
 def cmd_simulate(args) -> int:
     from split_unet.simulation import run_simulation
 
-    controller = {"wire_dtype": args.wire_dtype} if args.wire_dtype else None
-    record_steps = [int(step) for step in args.record_steps.split(",")] if args.record_steps else None
-    summary = run_simulation(args.sites, args.workspace, job_dir=args.job, site_configs=args.site_configs,
-                             train=train_overrides(args), controller=controller, record_steps=record_steps,
-                             privacy_file=args.privacy, scope=args.scope)
+    record_steps = [int(step) for step in args.record_steps.split(",")] if args.record_steps else []
+    summary = run_simulation(args.sites, args.workspace, training_job(args, record_steps=record_steps),
+                             site_configs=args.site_configs, privacy_file=args.privacy)
     if "error" in summary:
         print(f"split learning failed: {summary['error']}", file=sys.stderr)
         return 1
@@ -149,7 +147,7 @@ def cmd_leakage(args) -> int:
 def cmd_report(args) -> int:
     from split_unet.privacy_report import run_sweep
 
-    report = run_sweep(args.sweep, args.sites, args.out, args.job, args.site_configs)
+    report = run_sweep(args.sweep, args.sites, args.out, args.site_configs)
     print((Path(args.out) / "report.md").read_text())
     print(f"recommended: {report['recommended']}")
     return 0
@@ -181,13 +179,13 @@ def cmd_infer(args) -> int:
         federation = PocFederation(args.poc, args.sites, args.site_configs)
         try:
             federation.start()
-            result = infer_in_poc(federation, args.train_job, Path(args.workspace).resolve(), args.job,
-                                  patients=patients, overrides=overrides)
+            result = infer_in_poc(federation, args.train_job, Path(args.workspace).resolve(), patients=patients,
+                                  overrides=overrides)
         finally:
             federation.stop()
     elif args.train_workspace:
-        result = infer_in_simulator(args.train_workspace, args.sites, args.workspace, args.job, args.site_configs,
-                                    patients, overrides=overrides)
+        result = infer_in_simulator(args.train_workspace, args.sites, args.workspace, args.site_configs, patients,
+                                    overrides=overrides)
     else:
         print("error: give --train-workspace (simulator) or --poc and --train-job", file=sys.stderr)
         return 2
@@ -202,14 +200,35 @@ def cmd_infer(args) -> int:
 
 
 def cmd_poc(args) -> int:
+    from split_unet.jobs import PsiJob
     from split_unet.poc import PocFederation, run_pipeline
 
     federation = PocFederation(Path(args.workspace) / "federation", args.sites, args.site_configs, port=args.port)
-    report = run_pipeline(federation, args.workspace, args.job, None if args.psi_job == "none" else args.psi_job,
-                          train_overrides(args), with_code=args.with_code, job_timeout=args.job_timeout)
+    report = run_pipeline(federation, args.workspace, training_job(args, with_code=args.with_code),
+                          None if args.no_psi else PsiJob(with_code=args.with_code), job_timeout=args.job_timeout)
     print(json.dumps({k: report[k] for k in ("seconds", "jobs")}, indent=2))
     print(f"results: {Path(args.workspace).resolve() / 'poc.json'}")
     return 0
+
+
+def cmd_job_export(args) -> int:
+    from split_unet.jobs import PsiJob, export_all
+
+    job = training_job(args, psi_job_id=args.psi_job_id or "", with_code=args.with_code)
+    for folder in export_all(args.out, job, PsiJob(with_code=args.with_code)):
+        print(f"{folder.name}: {folder}  (nvflare job submit -j {folder})")
+    return 0
+
+
+def training_job(args, **settings):
+    """The training job of the command line's training options."""
+    from split_unet.jobs import training_settings
+
+    if getattr(args, "wire_dtype", None):
+        settings["wire_dtype"] = args.wire_dtype
+    if getattr(args, "scope", None):
+        settings["scope"] = args.scope
+    return training_settings(train_overrides(args), **settings)
 
 
 def cmd_table(args) -> int:
@@ -257,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="run the Split-U-Net job in the NVFlare simulator")
     simulate.add_argument("--sites", required=True, help="folder written by `split-unet partition`")
     simulate.add_argument("--workspace", required=True)
-    simulate.add_argument("--job", default="jobs/split_unet")
-    simulate.add_argument("--site-configs", default="site_configs")
+    simulate.add_argument("--site-configs", help="the sites' local settings (default: the package's, "
+                                                 "site_configs/ in the repository)")
     simulate.add_argument("--wire-dtype", choices=("float32", "float16"))
     simulate.add_argument("--privacy", help="a privacy.json installed as every site's local privacy policy "
                                             "(default: the sites' own, site_configs/<site>/local/privacy.json)")
@@ -320,17 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--sweep", required=True, help="sweep file (JSON), e.g. jobs/sweeps/defences.json")
     report.add_argument("--sites", required=True, help="the partitioned data")
     report.add_argument("--out", required=True)
-    report.add_argument("--job", default="jobs/split_unet")
-    report.add_argument("--site-configs", default="site_configs")
+    report.add_argument("--site-configs", help="default: the package's")
     report.set_defaults(func=cmd_report)
 
     poc = commands.add_parser("poc", help="a real NVFlare federation on this machine (POC, loopback only): "
                                           "prepare, start, PSI, train, infer, download, stop")
     poc.add_argument("--sites", required=True, help="folder written by `split-unet partition`")
     poc.add_argument("--workspace", required=True, help="the federation's own folder (POC, HOME, results)")
-    poc.add_argument("--job", default="jobs/split_unet")
-    poc.add_argument("--psi-job", default="jobs/split_unet_psi", help="'none': train on all common patients")
-    poc.add_argument("--site-configs", default="site_configs")
+    poc.add_argument("--no-psi", action="store_true", help="no PSI job: train on all common patients")
+    poc.add_argument("--site-configs", help="default: the package's")
     poc.add_argument("--port", type=int, help="server port (default: the project file's)")
     poc.add_argument("--with-code", action="store_true", help="jobs carry the split_unet package (BYOC)")
     poc.add_argument("--job-timeout", type=float, default=1800, help="seconds to wait for each job (default 1800)")
@@ -345,13 +362,24 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--poc", help="POC: the federation folder of poc/run.sh (WORKSPACE/federation)")
     infer.add_argument("--train-job", help="POC: the training job id")
     infer.add_argument("--patients", help="comma-separated patient ids (default: every patient all sites hold)")
-    infer.add_argument("--job", default="jobs/split_unet", help="the training job folder")
-    infer.add_argument("--site-configs", default="site_configs")
+    infer.add_argument("--site-configs", help="default: the package's")
     add_grid_options(infer)  # default: the training's grid
     infer.add_argument("--min-component-voxels", type=int,
                        help="post-processing: remove connected components smaller than this (grid voxels; default: "
                             "the training's)")
     infer.set_defaults(func=cmd_infer)
+
+    job = commands.add_parser("job", help="NVFlare jobs for a federation (nvflare job submit -j DIR)")
+    job_commands = job.add_subparsers(dest="job_command", required=True)
+    export = job_commands.add_parser("export", help="write the PSI and training jobs to OUT/split_unet_psi and "
+                                                    "OUT/split_unet (the repository's jobs/ holds the defaults)")
+    export.add_argument("--out", required=True)
+    export.add_argument("--scope", help="the privacy scope the training job asks for (meta.json scope)")
+    export.add_argument("--psi-job-id", help="train on the intersection this PSI job found")
+    export.add_argument("--wire-dtype", choices=("float32", "float16"))
+    export.add_argument("--with-code", action="store_true", help="the jobs carry the split_unet package (BYOC)")
+    add_train_options(export)
+    export.set_defaults(func=cmd_job_export)
 
     table = commands.add_parser("table", help="Dice (or --leakage) table of runs: NAME=DIR_OR_FILE ...")
     table.add_argument("runs", nargs="+")

@@ -1,6 +1,6 @@
 """NVFlare POC mode, scripted without a prompt: a real federation of the label holder and four sites.
 
-``PocFederation`` prepares the POC workspace from ``poc/project.yml`` (the server is named ``localhost``, so it
+``PocFederation`` prepares the POC workspace from ``poc_project()`` (the server is named ``localhost``, so it
 listens on 127.0.0.1 only), installs every site's local settings, starts the server and the sites, submits
 jobs (``nvflare job submit`` or the FLARE Session API), waits, downloads results and stops everything it
 started. ``run_pipeline`` is the whole story: PSI, training on the intersection, split inference.
@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -29,13 +30,36 @@ from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
 
 from split_unet.errors import SplitUNetError
 from split_unet.files import load_json, write_json
-from split_unet.inference import (DECODER_FILE, ENCODER_FILE, SEGMENTATIONS, build_inference_job,
-                                  collect_segmentations, trained_config)
+from split_unet.data import MODALITIES
+from split_unet.inference import collect_segmentations, inference_job
+from split_unet.jobs import PsiJob, TrainingJob, export
+from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, SEGMENTATIONS
 from split_unet.protocol.settings import ENV_SITES, SETTINGS_FILE, allow_job_classes
-from split_unet.simulation import configure_job
+from split_unet.site_configs import resolve_site_configs
 
-PROJECT_FILE = Path(__file__).resolve().parents[2] / "poc" / "project.yml"
+POC_PORT = 8002
 JOB_ID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
+
+
+def poc_project(sites: Sequence[str] = MODALITIES, port: int = POC_PORT) -> dict:
+    """The POC project (``nvflare poc prepare -i``): the label holder as NVFlare server and one client per site.
+
+    The server is named ``localhost``, so it listens on 127.0.0.1 only (``nvflare poc prepare -n N`` would make a
+    server that listens on every interface)."""
+    return {
+        "api_version": 3, "name": "split_unet_poc", "description": "Split-U-Net POC federation on loopback",
+        "participants": [
+            {"name": "localhost", "type": "server", "org": "coordinator", "fed_learn_port": port},
+            *({"name": site, "type": "client", "org": f"hospital_{site}"} for site in sites),
+            {"name": "admin@split-unet.org", "type": "admin", "org": "coordinator", "role": "project_admin"},
+        ],
+        "builders": [
+            {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder", "args": {"template_file": "master_template.yml"}},
+            {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
+            {"path": "nvflare.lighter.impl.cert.CertBuilder"},
+            {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
+        ],
+    }
 
 
 class PocError(SplitUNetError):
@@ -49,23 +73,20 @@ class PocFederation:
         workspace: this federation's own folder.
         sites_dir: the partitioned data (``split-unet partition``); replaces ``${SPLIT_UNET_SITES}`` in the
             site settings installed from ``site_configs``.
-        site_configs: ``site_configs/`` (``<site>/local/*``; ``server`` is installed at the NVFlare server).
-        project_file: the POC project file.
-        port: the server's port, if not the project file's (e.g. a free one in tests).
+        site_configs: ``site_configs/`` (``<site>/local/*``; ``server`` is installed at the NVFlare server); default
+            the package's (``site_configs.py``).
+        sites: the federation's sites.
+        port: the server's port (e.g. a free one in tests).
         python: the Python that runs NVFlare and therefore the server and sites (POC puts its folder first on
             their PATH); e.g. an environment without ``split_unet`` to show that jobs carry their code.
     """
 
-    def __init__(self, workspace: str | Path, sites_dir: str | Path, site_configs: str | Path = "site_configs",
-                 project_file: str | Path = PROJECT_FILE, port: int | None = None, python: str = sys.executable):
+    def __init__(self, workspace: str | Path, sites_dir: str | Path, site_configs: str | Path | None = None,
+                 sites: Sequence[str] = MODALITIES, port: int | None = None, python: str = sys.executable):
         self.workspace = Path(workspace).resolve()
         self.sites_dir = Path(sites_dir).resolve()
-        self.site_configs = Path(site_configs).resolve()
-        self.project = yaml.safe_load(Path(project_file).read_text())
-        if port is not None:
-            for participant in self.project["participants"]:
-                if participant["type"] == "server":
-                    participant["fed_learn_port"] = port
+        self.site_configs = resolve_site_configs(site_configs, self.workspace)
+        self.project = poc_project(sites, port or POC_PORT)
         self.python = python
         self.server = next(p["name"] for p in self.project["participants"] if p["type"] == "server")
         if self.server != "localhost":
@@ -260,8 +281,8 @@ def _timed(report: dict, phase: str, started: float, say: Callable[[str], None])
     say(f"{phase}: {report['seconds'][phase]} s")
 
 
-def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, job_dir: str | Path = "jobs/split_unet",
-                 with_code: bool = False, patients: Sequence[str] = (), report: dict | None = None,
+def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, with_code: bool = False,
+                 patients: Sequence[str] = (), report: dict | None = None,
                  progress: Callable[[str], None] | None = print, job_timeout: float = 600,
                  overrides: dict | None = None) -> dict:
     """Segment with the models of a finished POC training job (the federation running); results in ``out``.
@@ -280,25 +301,25 @@ def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, job_di
     installed = federation.site_root(federation.server) / decoder
     installed.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(server_run / "app_server" / DECODER_FILE, installed)
-    job = build_inference_job(job_dir, out / "jobs" / "infer", decoder, f"{train_job_id}/{ENCODER_FILE}",
-                              {**trained_config(load_json(server_run / "summary.json")), **(overrides or {})},
-                              patients, with_code)
-    server_run = run_job(federation, "infer", job, "api", report, say, job_timeout)
+    settings = inference_job(load_json(server_run / "summary.json"), decoder, f"{train_job_id}/{ENCODER_FILE}",
+                             patients, overrides, with_code)
+    server_run = run_job(federation, "infer", export(settings, out / "jobs"), "api", report, say, job_timeout)
     return collect_segmentations(server_run / SEGMENTATIONS, out, f"no inference.json in {server_run}")
 
 
-def run_pipeline(federation: PocFederation, out: str | Path, job_dir: str | Path = "jobs/split_unet",
-                 psi_job: str | Path | None = "jobs/split_unet_psi", train: dict | None = None,
-                 controller: dict | None = None, with_code: bool = False,
-                 progress: Callable[[str], None] | None = print, job_timeout: float = 600) -> dict:
-    """Prepare, start, PSI, train, infer, download, stop; return (and write to ``out/poc.json``) the results.
+def run_pipeline(federation: PocFederation, out: str | Path, training: TrainingJob | None = None,
+                 psi: PsiJob | None = None, progress: Callable[[str], None] | None = print,
+                 job_timeout: float = 600) -> dict:
+    """Prepare, start, PSI (unless ``psi`` is None), train, infer, download, stop; return (and write to
+    ``out/poc.json``) the results.
 
-    ``with_code`` makes every job carry the ``split_unet`` package (for sites that do not install it);
+    The jobs' ``with_code`` makes them carry the ``split_unet`` package (for sites that do not install it);
     ``job_timeout`` bounds each job's wait (seconds).
     Training is submitted with ``nvflare job submit``, PSI and inference through the Session API.
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    training = training or TrainingJob()
     report: dict = {"seconds": {}, "jobs": {}}
     say = progress or (lambda _: None)
     try:
@@ -309,16 +330,14 @@ def run_pipeline(federation: PocFederation, out: str | Path, job_dir: str | Path
         federation.start()
         _timed(report, "start", started, say)
 
-        executor = {}
-        if psi_job is not None:
-            run_job(federation, "psi", configure_job(psi_job, out / "jobs" / "psi", with_code=with_code), "api",
-                    report, say, job_timeout)
-            executor["psi_job_id"] = report["jobs"]["psi"]["id"]
-        job = configure_job(job_dir, out / "jobs" / "train", train, controller, executor, with_code=with_code)
+        if psi is not None:
+            run_job(federation, "psi", export(psi, out / "jobs"), "api", report, say, job_timeout)
+            training = replace(training, psi_job_id=report["jobs"]["psi"]["id"])
+        job = export(training, out / "jobs")
         summary = load_json(run_job(federation, "train", job, "cli", report, say, job_timeout) / "summary.json")
         write_json(out / "summary.json", summary)
         report["train"] = {k: summary.get(k) for k in ("dice", "hd95", "steps", "wall_seconds", "config", "error")}
-        report["infer"] = infer_in_poc(federation, report["jobs"]["train"]["id"], out, job_dir, with_code,
+        report["infer"] = infer_in_poc(federation, report["jobs"]["train"]["id"], out, training.with_code,
                                        report=report, progress=progress, job_timeout=job_timeout)
     finally:
         started = time.perf_counter()

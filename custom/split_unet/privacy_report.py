@@ -39,10 +39,11 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path, job_dir: str | Path,
-              site_configs: str | Path, log: Callable[[str], None] = print) -> dict:
+def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path,
+              site_configs: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Run, attack and report every configuration; returns the report's rows."""
     from split_unet.leakage.evaluate import evaluate_leakage
+    from split_unet.jobs import training_settings
     from split_unet.simulation import run_simulation
 
     sweep = json.loads(Path(sweep_file).read_text())
@@ -62,11 +63,11 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path
             train = {**sweep.get("train", {}), **configuration.get("train", {})}
             if "network" in sweep.get("train", {}) and "network" in configuration.get("train", {}):
                 train["network"] = {**sweep["train"]["network"], **configuration["train"]["network"]}
-            summary = run_simulation(sites_dir, workspace, job_dir=job_dir, site_configs=site_configs, train=train,
-                                     controller=configuration.get("controller"),
-                                     record_steps=sweep.get("record_steps", [-1]),
-                                     site_filters=configuration.get("site_filters"),
-                                     server_filters=configuration.get("server_filters"), progress=None)
+            job = training_settings(train, controller_args=configuration.get("controller", {}),
+                                    record_steps=sweep.get("record_steps", [-1]),
+                                    site_filters=configuration.get("site_filters", []),
+                                    server_filters=configuration.get("server_filters", []))
+            summary = run_simulation(sites_dir, workspace, job, site_configs=site_configs, progress=None)
             if "error" in summary:
                 log(f"    failed: {summary['error']}")
                 rows.append({"name": name, "error": summary["error"], "workspace": str(workspace)})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import re
@@ -12,21 +11,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 
 from split_unet.errors import DataError
-from split_unet.protocol.controller import largest_training_tensor
-from split_unet.protocol.settings import CLASS_ALLOW_LIST, ENV_SITE_CONFIGS, ENV_SITES, RESEARCH_CLASSES
-from split_unet.protocol.wire import TASK_FINISH, TASK_TRAIN, TASK_VALIDATE
 from split_unet.files import load_json, write_json
-from split_unet.training import TrainConfig
+from split_unet.jobs import TrainingJob, export, job_sites
+from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, TENSORBOARD_FOLDER
+from split_unet.protocol.recorder import LeakageRecorder
+from split_unet.protocol.settings import CLASS_ALLOW_LIST, ENV_SITE_CONFIGS, ENV_SITES, RESEARCH_CLASSES
+from split_unet.site_configs import resolve_site_configs
 
-CONTROLLER_PATHS = ("split_unet.protocol.controller.SplitUNetController",
-                    "split_unet.protocol.inference.SplitInferenceController")
-EXECUTOR_PATH = "split_unet.protocol.executor.ModalitySiteExecutor"
-RECORDER_PATH = "split_unet.protocol.recorder.LeakageRecorder"
+RECORDER_PATH = f"{LeakageRecorder.__module__}.{LeakageRecorder.__name__}"
 PRIVACY_FILE = "privacy.json"
 # The server's run is over (its workflow ended, END_RUN sent): from here the simulator only shuts down.
 JOB_END_PATTERN = re.compile(r"ServerRunner - INFO - \[[^]]*\] - Server runner finished")
@@ -34,124 +32,35 @@ STOP_GRACE_SECONDS = 60.0
 PROGRESS_PATTERN = re.compile(r"Split(?:UNet|Inference)Controller - (?:INFO|WARNING|ERROR) - \[[^]]*\] - (.*)")
 
 
-def configure_job(job_dir: str | Path, out_dir: str | Path, train: dict | None = None,
-                  controller: dict | None = None, executor: dict | None = None,
-                  record_steps: list[int] | None = None, with_code: bool = False, scope: str | None = None,
-                  site_filters: list[dict] | None = None, server_filters: list[dict] | None = None) -> Path:
-    """Copy a job folder, overriding the controller's ``train`` settings (``network`` merged key by key),
-    other controller arguments and the site executors' arguments. The original is left as it is.
-
-    ``record_steps`` adds the leakage evaluation: the server's ``LeakageRecorder`` last in its filter
-    chains, and the sites keep encoder snapshots of those steps. ``with_code`` copies this ``split_unet``
-    package into every app's ``custom/`` folder, so the job runs where the package is not installed (NVFlare
-    then treats it as BYOC: the submitter needs the ``byoc`` right, and the site's class allow list is skipped).
-    ``scope`` names the sites' privacy scope the job asks for (``meta.json``). ``site_filters`` (NVFlare
-    component configs) become job filters on the sites' activations, ``server_filters`` on the gradients
-    the server sends; the recorder, if any, comes after them and so records what they let through.
-    """
-    job_dir, out_dir = Path(job_dir), Path(out_dir)
-    if not (job_dir / "meta.json").is_file():
-        raise DataError("not an NVFlare job folder (no meta.json)", field=str(job_dir))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    shutil.copytree(job_dir, out_dir)
-    if scope:
-        meta = json.loads((out_dir / "meta.json").read_text())
-        meta["scope"] = scope
-        (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-    for config_path in out_dir.glob("app_*/config/config_fed_*.json"):
-        config = json.loads(config_path.read_text())
-        if config.get("workflows") and server_filters:
-            _add_filters(config, "task_data_filters", [TASK_TRAIN, TASK_VALIDATE, TASK_FINISH], server_filters)
-        for workflow in config.get("workflows", []):
-            if workflow.get("path") in CONTROLLER_PATHS:
-                _override_controller(workflow.setdefault("args", {}), train or {}, controller or {})
-            if record_steps:
-                bound = largest_training_tensor(TrainConfig.from_dict(workflow.get("args", {}).get("train", {})))
-                _add_recorder(config, record_steps, bound)
-        if config.get("executors") and site_filters:
-            _add_filters(config, "task_result_filters", [TASK_TRAIN, TASK_VALIDATE], site_filters)
-        for entry in config.get("executors", []):
-            if entry.get("executor", {}).get("path") == EXECUTOR_PATH:
-                entry["executor"].setdefault("args", {}).update(executor or {})
-                if record_steps:
-                    entry["executor"]["args"]["snapshot_steps"] = list(record_steps)
-        config_path.write_text(json.dumps(config, indent=2))
-    if with_code:
-        package = Path(__file__).resolve().parent
-        for app in out_dir.glob("app_*"):
-            shutil.copytree(package, app / "custom" / package.name, ignore=shutil.ignore_patterns("__pycache__"))
-    return out_dir
-
-
-def _add_filters(config: dict, chain_key: str, tasks: list[str], filters: list[dict]) -> None:
-    """Append filters to the chain of exactly these tasks (NVFlare allows one chain per task), or add one."""
-    for chain in config.setdefault(chain_key, []):
-        if set(chain.get("tasks", [])) & set(tasks):
-            if sorted(chain["tasks"]) != sorted(tasks):
-                raise DataError(f"{chain_key} chain for {chain['tasks']} overlaps {tasks}", field=chain_key)
-            chain["filters"].extend(filters)
-            return
-    config[chain_key].append({"tasks": list(tasks), "filters": list(filters)})
-
-
-def _add_recorder(server_config: dict, steps: list[int], max_elements: int) -> None:
-    """The recorder last in both chains, so it keeps what the other filters let through."""
-    recorder = {"path": RECORDER_PATH, "args": {"steps": list(steps), "max_elements": max_elements}}
-    _add_filters(server_config, "task_result_filters", [TASK_TRAIN], [recorder])
-    _add_filters(server_config, "task_data_filters", [TASK_TRAIN, TASK_VALIDATE, TASK_FINISH], [recorder])
-
-
-def _override_controller(args: dict, train: dict, controller: dict) -> None:
-    args.update(controller)
-    merged = copy.deepcopy(args.get("train", {}))
-    for key, value in train.items():
-        if key == "network":
-            merged.setdefault("network", {}).update(value)
-        else:
-            merged[key] = value
-    args["train"] = merged
-
-
-def job_clients(job_dir: str | Path) -> list[str]:
-    meta = json.loads((Path(job_dir) / "meta.json").read_text())
-    return [site for app, sites in meta["deploy_map"].items() for site in sites if site != "server"]
-
-
-def run_simulation(sites_dir: str | Path, workspace: str | Path, job_dir: str | Path = "jobs/split_unet",
-                   site_configs: str | Path = "site_configs", train: dict | None = None,
-                   controller: dict | None = None, executor: dict | None = None, site_threads: int | None = None,
-                   record_steps: list[int] | None = None, privacy_file: str | Path | None = None,
-                   scope: str | None = None, site_filters: list[dict] | None = None,
-                   server_filters: list[dict] | None = None, persistent: str | Path | None = None,
+def run_simulation(sites_dir: str | Path, workspace: str | Path, job: TrainingJob | None = None,
+                   site_configs: str | Path | None = None, site_threads: int | None = None,
+                   privacy_file: str | Path | None = None, persistent: str | Path | None = None,
                    progress: Callable[[str], None] | None = print,
                    grace_seconds: float = STOP_GRACE_SECONDS) -> dict:
-    """Run the job on partitioned data; return the summary (also written to ``workspace/summary.json``).
+    """Run a training job (default ``TrainingJob()``) on partitioned data; return the summary (also written to
+    ``workspace/summary.json``).
 
     The simulator runs in a child process whose full output goes to ``workspace/simulator.log``; the
     controller's progress lines are passed to ``progress``. The sites find their data through their site
-    settings, which name ``${SPLIT_UNET_SITES}``. ``controller`` and ``executor`` override the controller's and
-    the site executors' arguments. All sites share this machine in the simulator, so each
-    gets ``site_threads`` torch threads (default: the cores divided among them) instead of all of them.
-    The sites' privacy policy is their own ``site_configs/<site>/local/privacy.json`` (the same at every site, see
-    ``simulation_policy``) unless ``privacy_file`` replaces it; ``scope`` picks one of its scopes (a site that
-    lacks it refuses the job).
+    settings (``site_configs``, default the package's, see ``site_configs.py``), which name ``${SPLIT_UNET_SITES}``.
+    All sites share this machine in the simulator, so each gets ``site_threads`` torch threads (default: the
+    cores divided among them) instead of all of them, unless the job's ``executor_args`` set ``num_threads``.
+    The sites' privacy policy is their own ``<site_configs>/<site>/local/privacy.json`` (the same at every site,
+    see ``simulation_policy``) unless ``privacy_file`` replaces it; the job's ``scope`` picks one of its scopes
+    (a site that lacks it refuses the job).
     ``persistent``: see ``simulate``.
     """
     sites_dir, workspace = Path(sites_dir).resolve(), Path(workspace).resolve()
-    site_configs = Path(site_configs).resolve()
     if not sites_dir.is_dir():
         raise DataError("partitioned data folder not found (run `split-unet partition` first)", field=str(sites_dir))
-    if not site_configs.is_dir():
-        raise DataError("site settings folder not found", field=str(site_configs))
     workspace.mkdir(parents=True, exist_ok=True)
-    clients = job_clients(job_dir)
-    site_threads = site_threads or max(1, (os.cpu_count() or 1) // len(clients))
-    executor = {"num_threads": site_threads, **(executor or {})}
-    job = configure_job(job_dir, workspace / "job", train, controller, executor, record_steps,
-                        scope=scope, site_filters=site_filters, server_filters=server_filters)
-    return_code = simulate(job, workspace, sites_dir, site_configs, progress, privacy_file, persistent=persistent,
-                           grace_seconds=grace_seconds)
+    site_configs = resolve_site_configs(site_configs, workspace)
+    job = job or TrainingJob()
+    threads = site_threads or max(1, (os.cpu_count() or 1) // len(job.sites))
+    job = replace(job, executor_args={"num_threads": threads, **job.executor_args})
+    clients = job.sites
+    return_code = simulate(export(job, workspace / "job"), workspace, sites_dir, site_configs, progress, privacy_file,
+                           persistent=persistent, grace_seconds=grace_seconds)
     log_path = workspace / "simulator.log"
     summary_path = workspace / "simulator" / "server" / "simulate_job" / "summary.json"
     summary = load_json(summary_path) if summary_path.is_file() else {
@@ -177,7 +86,7 @@ def simulate(job: Path, workspace: Path, sites_dir: Path, site_configs: Path,
     server's run has finished, the simulator and every process it started get ``grace_seconds`` to exit and are
     then stopped: a hung site never holds the caller.
     """
-    clients = job_clients(job)
+    clients = job_sites(job)
     sim_root = workspace / "simulator"
     if sim_root.exists():
         shutil.rmtree(sim_root)
@@ -290,9 +199,9 @@ def artefacts(workspace: Path, clients: list[str]) -> dict:
     server_run = sim_root / "server" / "simulate_job"
     found = {
         "summary": str(server_run / "summary.json"),
-        "tensorboard": str(server_run / "tb_events"),
-        "decoder": str(next(iter(sorted(server_run.rglob("split_unet_decoder.pt"))), server_run / "split_unet_decoder.pt")),
-        "encoders": {site: str(sim_root / site / "simulate_job" / "split_unet_encoder.pt") for site in clients},
+        "tensorboard": str(server_run / TENSORBOARD_FOLDER),
+        "decoder": str(next(iter(sorted(server_run.rglob(DECODER_FILE))), server_run / DECODER_FILE)),
+        "encoders": {site: str(sim_root / site / "simulate_job" / ENCODER_FILE) for site in clients},
         "server_log": str(sim_root / "server" / "log.txt"),
         "simulator_log": str(workspace / "simulator.log"),
     }

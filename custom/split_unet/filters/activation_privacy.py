@@ -71,7 +71,8 @@ class ActivationClipNoise(TensorMessageFilter):
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.delta = delta
-        self.levels = None if levels is None else set(levels)
+        self.levels = None if levels is None else sorted(set(levels))
+        self.seed = seed
         self.generator = torch.Generator()
         if seed is None:
             self.generator.seed()

@@ -53,6 +53,7 @@ class GradientProtection(TensorMessageFilter):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
         self.noise_multiplier = noise_multiplier
+        self.seed = seed
         self.generator = torch.Generator()
         if seed is None:
             self.generator.seed()

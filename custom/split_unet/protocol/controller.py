@@ -177,6 +177,8 @@ class SplitUNetController(Controller):
         self.on_site_failure = on_site_failure
         self._lost: dict[str, dict] = {}  # sites lost during the run (policy "continue"): when and why
         self.config = TrainConfig.from_dict(train or {})
+        # As given: NVFlare's Job API writes a component's arguments from its attributes of the same name.
+        self.train = dict(train or {})
         self.wire_dtype = wire_dtype
         self.persistor_id = persistor_id
         self.task_timeout = int(task_timeout)

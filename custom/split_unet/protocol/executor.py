@@ -24,6 +24,7 @@ from split_unet.profiling import cpu_seconds, peak_memory_mb
 from split_unet.training import EncoderParty, TrainConfig, select_device
 
 from .checkpoint import load_checkpoint, save_site_checkpoint, site_checkpoint
+from .names import ENCODER_FILE
 from .paths import inside
 from .psi import intersection_path, read_intersection
 from .settings import load_site_settings
@@ -74,7 +75,7 @@ class ModalitySiteExecutor(Executor):
             (``SplitUNetController(checkpoint_interval=...)``) and resumes from. Empty: no checkpoints.
     """
 
-    def __init__(self, encoder_file: str = "split_unet_encoder.pt", num_threads: int = 0,
+    def __init__(self, encoder_file: str = ENCODER_FILE, num_threads: int = 0,
                  snapshot_steps: Sequence[int] = (), psi_job_id: str = "", encoder_path: str = "",
                  checkpoint_dir: str = ""):
         super().__init__()

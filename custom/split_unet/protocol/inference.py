@@ -28,6 +28,7 @@ from split_unet.training import RegionMetrics, chunks, logits_to_masks
 
 from .checkpoint import load_checkpoint
 from .controller import SplitUNetController
+from .names import SEGMENTATIONS
 from .paths import inside
 from .wire import TASK_INFER
 
@@ -45,9 +46,9 @@ class SplitInferenceController(SplitUNetController):
         output_folder: folder in the server's run folder for ``<patient>.nii.gz`` and ``inference.json``.
     """
 
-    def __init__(self, decoder_path: str, patients: Sequence[str] = (), output_folder: str = "segmentations",
+    def __init__(self, decoder_path: str, patients: Sequence[str] = (), output_folder: str = SEGMENTATIONS,
                  **kwargs):
-        super().__init__(persistor_id="", **kwargs)
+        super().__init__(**{**kwargs, "persistor_id": ""})  # the decoder comes from decoder_path
         self.decoder_path = decoder_path
         # Each becomes a file name "<id>.nii.gz": the id rule keeps it in the output folder.
         self.patients = check_patient_ids(patients, site="server", field="patients", error=ProtocolError)

@@ -31,10 +31,16 @@ CLASS_ALLOW_LIST = [
     "split_unet.protocol.executor.ModalitySiteExecutor",
     "split_unet.protocol.psi.SitePatients",
     "split_unet.protocol.psi.LabelHolderPSIController",
+    # The filters by their package name (as site privacy policies name them) and by their module (as the
+    # Job API writes a job's filters).
     "split_unet.filters.LevelBlocking",
     "split_unet.filters.ActivationClipNoise",
     "split_unet.filters.ActivationQuantization",
     "split_unet.filters.GradientProtection",
+    "split_unet.filters.level_blocking.LevelBlocking",
+    "split_unet.filters.activation_privacy.ActivationClipNoise",
+    "split_unet.filters.quantization.ActivationQuantization",
+    "split_unet.filters.gradient_protection.GradientProtection",
     "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
     "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
 ]

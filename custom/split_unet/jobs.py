@@ -1,0 +1,243 @@
+"""Every NVFlare job of Split-U-Net, built with NVFlare's Job API (``FedJob``) from typed settings.
+
+``TrainingJob`` (split learning, also the benchmark's variants and the leakage evaluation), ``PsiJob`` (patient
+alignment) and ``InferenceJob`` (segmenting with a trained model) each become a ``FedJob``: the server's
+controller and components ``to_server``, each site's executor ``to`` that site, job filters with their
+``FilterType`` and tasks. ``export`` writes the folder ``nvflare job submit -j``, POC and the simulator run
+(``"format_version": 2`` configs, one app per participant). The repository's ``jobs/`` is what
+``split-unet job export`` writes (a test keeps them equal).
+
+A job names classes by path; the sites build them from their installed ``split_unet`` (the path must be on
+their class allow list, ``protocol.settings.CLASS_ALLOW_LIST``) unless the job carries the package
+(``with_code``: NVFlare then treats it as BYOC, the submitter needs the ``byoc`` right and the sites' allow
+lists are skipped).
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nvflare.app_common.psi.file_psi_writer import FilePSIWriter
+from nvflare.app_common.psi.psi_executor import PSIExecutor
+from nvflare.app_opt.psi.dh_psi.dh_psi_task_handler import DhPSITaskHandler
+from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
+from nvflare.job_config.api import FedJob
+from nvflare.job_config.defs import FilterType
+
+from split_unet.data import MODALITIES
+from split_unet.errors import DataError
+from split_unet.protocol.controller import SplitUNetController, largest_training_tensor
+from split_unet.protocol.executor import ModalitySiteExecutor
+from split_unet.protocol.inference import SplitInferenceController
+from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, SEGMENTATIONS, TENSORBOARD_FOLDER
+from split_unet.protocol.psi import PSI_OUTPUT, LabelHolderPSIController, SitePatients
+from split_unet.protocol.recorder import LeakageRecorder
+from split_unet.protocol.wire import TASK_FINISH, TASK_INFER, TASK_INIT, TASK_TRAIN, TASK_VALIDATE
+from split_unet.training import TrainConfig
+
+TRAINING_JOB = "split_unet"
+PSI_JOB = "split_unet_psi"
+PACKAGE = Path(__file__).resolve().parent
+# The sites ask for work every 50 ms instead of NVFlare's 2 s: each training step is one task round.
+TASK_REQUEST_INTERVAL = 0.05
+# Seconds without a site's heartbeat before the server counts it as gone (NVFlare's default is 60): a site busy
+# reading a large batch must not be dropped.
+HEART_BEAT_TIMEOUT = 600
+TRAINING_TASKS = [TASK_INIT, TASK_TRAIN, TASK_VALIDATE, TASK_FINISH]
+# Tasks whose data carries the server's gradients (and validation or finish requests) to the sites.
+GRADIENT_TASKS = [TASK_TRAIN, TASK_VALIDATE, TASK_FINISH]
+# Tasks whose results carry the sites' activations.
+ACTIVATION_TASKS = [TASK_TRAIN, TASK_VALIDATE]
+
+
+@dataclass
+class TrainingJob:
+    """The split-learning job.
+
+    Args:
+        sites: client names in encoder order (site k runs encoder k; the job deploys to exactly these).
+        train: the training budget and network.
+        wire_dtype: dtype of activations and gradients on the wire.
+        controller_args: further ``SplitUNetController`` arguments (checkpoints, resume, ``on_site_failure``,
+            ``task_timeout``, ``num_threads``).
+        executor_args: further ``ModalitySiteExecutor`` arguments (``num_threads``, ``checkpoint_dir``).
+        psi_job_id: the sites train on the intersection this PSI job found (empty: every common patient).
+        record_steps: leakage evaluation: the server's ``LeakageRecorder`` last in its filter chains, and the
+            sites keep encoder snapshots of these training steps (-1: the last). Empty in production.
+        site_filters: NVFlare filter configs (``{"path", "args"}``) on the activations the sites send.
+        server_filters: NVFlare filter configs on the gradients the server sends.
+        scope: the sites' privacy scope the job asks for (``meta.json``).
+        task_request_interval: seconds a site waits before asking again when the server has no task for it.
+        with_code: the job carries the ``split_unet`` package (see the module docstring).
+        name: the job's name (its folder).
+    """
+
+    sites: list[str] = field(default_factory=lambda: list(MODALITIES))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wire_dtype: str = "float16"
+    controller_args: dict = field(default_factory=dict)
+    executor_args: dict = field(default_factory=dict)
+    psi_job_id: str = ""
+    record_steps: list[int] = field(default_factory=list)
+    site_filters: list[dict] = field(default_factory=list)
+    server_filters: list[dict] = field(default_factory=list)
+    scope: str | None = None
+    task_request_interval: float = TASK_REQUEST_INTERVAL
+    with_code: bool = False
+    name: str = TRAINING_JOB
+
+
+@dataclass
+class InferenceJob:
+    """Segmenting with a trained model: the training job's networks, its trained weights.
+
+    Args:
+        training: the training's job settings (its ``train`` gives the networks; filters and recording are
+            not used).
+        decoder_path: the trained decoder at the server, relative to its workspace.
+        encoder_path: each site's trained encoder, relative to the site's workspace (``{site}``: the site name).
+        patients: patients to segment (default: every patient all sites hold).
+    """
+
+    training: TrainingJob
+    decoder_path: str
+    encoder_path: str
+    patients: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PsiJob:
+    """Patient alignment: the patients every site and the label holder hold (DH PSI; no id leaves a party)."""
+
+    sites: list[str] = field(default_factory=lambda: list(MODALITIES))
+    task_request_interval: float = TASK_REQUEST_INTERVAL
+    with_code: bool = False
+    name: str = PSI_JOB
+
+
+def training_settings(train: dict | None = None, **settings) -> TrainingJob:
+    """A ``TrainingJob`` whose ``train`` is ``TrainConfig`` with ``train`` overrides (``network`` merged key by
+    key, as the command-line options give it)."""
+    return TrainingJob(train=train_config(train or {}), **settings)
+
+
+def train_config(overrides: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """``base`` (default ``TrainConfig()``) with these fields replaced; ``network`` merged key by key."""
+    values = (base or TrainConfig()).to_dict()
+    for key, value in overrides.items():
+        values[key] = {**values["network"], **value} if key == "network" else value
+    return TrainConfig.from_dict(values)
+
+
+def build_training(settings: TrainingJob) -> FedJob:
+    job = _new_job(settings.name, settings.sites, settings.scope)
+    job.to_server({"server": _server_params(settings.task_request_interval)})
+    job.to_server(PTFileModelPersistor(global_model_file_name=DECODER_FILE), id="persistor")
+    job.to_server(TBAnalyticsReceiver(tb_folder=TENSORBOARD_FOLDER, events=["analytix_log_stats"]), id="tb_receiver")
+    job.to_server(SplitUNetController(**_controller_args(settings)), id=settings.name)
+    for spec in settings.server_filters:
+        job.to_server(_filter(spec), filter_type=FilterType.TASK_DATA, tasks=GRADIENT_TASKS)
+    if settings.record_steps:
+        recorder = LeakageRecorder(max_elements=largest_training_tensor(settings.train),
+                                   steps=list(settings.record_steps))
+        # Last in both chains, so it keeps what the other filters let through.
+        job.to_server(recorder, filter_type=FilterType.TASK_RESULT, tasks=[TASK_TRAIN])
+        job.to_server(recorder, filter_type=FilterType.TASK_DATA, tasks=GRADIENT_TASKS)
+    executor_args = {"encoder_file": ENCODER_FILE, **settings.executor_args}
+    if settings.psi_job_id:
+        executor_args["psi_job_id"] = settings.psi_job_id
+    if settings.record_steps:
+        executor_args["snapshot_steps"] = list(settings.record_steps)
+    for site in settings.sites:
+        job.to(ModalitySiteExecutor(**executor_args), site, tasks=TRAINING_TASKS)
+        for spec in settings.site_filters:
+            job.to(_filter(spec), site, filter_type=FilterType.TASK_RESULT, tasks=ACTIVATION_TASKS)
+    return job
+
+
+def build_inference(settings: InferenceJob) -> FedJob:
+    training = settings.training
+    job = _new_job(f"{training.name}_infer", training.sites, training.scope)
+    job.to_server({"server": _server_params(training.task_request_interval)})
+    controller_args = {**_controller_args(training), "decoder_path": settings.decoder_path,
+                       "patients": list(settings.patients), "output_folder": SEGMENTATIONS}
+    controller_args.pop("persistor_id")  # the decoder comes from decoder_path, not from a persistor
+    job.to_server(SplitInferenceController(**controller_args), id=training.name)
+    executor_args = {**training.executor_args, "encoder_path": settings.encoder_path}
+    for site in training.sites:
+        job.to(ModalitySiteExecutor(**executor_args), site, tasks=[TASK_INIT, TASK_INFER])
+    return job
+
+
+def build_psi(settings: PsiJob) -> FedJob:
+    job = _new_job(settings.name, settings.sites, None)
+    job.to_server({"server": {"task_request_interval": settings.task_request_interval}})
+    job.to_server(LabelHolderPSIController(), id="psi")
+    for site in settings.sites:
+        job.to(PSIExecutor(psi_algo_id="dh_psi"), site, tasks=["PSI"])
+        job.to(DhPSITaskHandler(local_psi_id="local_psi"), site, id="dh_psi")
+        job.to(SitePatients(psi_writer_id="psi_writer"), site, id="local_psi")
+        job.to(FilePSIWriter(output_path=PSI_OUTPUT), site, id="psi_writer")
+    return job
+
+
+BUILDERS = {TrainingJob: build_training, InferenceJob: build_inference, PsiJob: build_psi}
+
+
+def export(settings: TrainingJob | InferenceJob | PsiJob, job_root: str | Path) -> Path:
+    """Write the job under ``job_root/<job name>`` (replacing an earlier export of it); return that folder."""
+    job = BUILDERS[type(settings)](settings)
+    # The sites' installed split_unet serves the job's classes; with_code adds the whole package below.
+    job.set_app_packages([PACKAGE.name])
+    job_root = Path(job_root).resolve()
+    job.export_job(str(job_root))
+    folder = job_root / job.name
+    with_code = settings.training.with_code if isinstance(settings, InferenceJob) else settings.with_code
+    if with_code:
+        # The whole package, not only the modules the job names: those import the rest.
+        for app in folder.glob("app_*"):
+            shutil.copytree(PACKAGE, app / "custom" / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
+
+
+def export_all(job_root: str | Path, training: TrainingJob | None = None, psi: PsiJob | None = None) -> list[Path]:
+    """The jobs a federation runs in turn: PSI, then training (``split-unet job export``; the repository's
+    ``jobs/`` holds their defaults)."""
+    return [export(psi or PsiJob(), job_root), export(training or TrainingJob(), job_root)]
+
+
+def job_sites(job_dir: str | Path) -> list[str]:
+    """The client sites a job folder deploys to (its ``meta.json``)."""
+    from split_unet.files import load_json
+
+    meta_path = Path(job_dir) / "meta.json"
+    if not meta_path.is_file():
+        raise DataError("not an NVFlare job folder (no meta.json)", field=str(job_dir))
+    deploy_map = load_json(meta_path)["deploy_map"]
+    return [site for sites in deploy_map.values() for site in sites if site != "server"]
+
+
+def _new_job(name: str, sites: list[str], scope: str | None) -> FedJob:
+    return FedJob(name=name, min_clients=len(sites), meta_props={"scope": scope} if scope else None)
+
+
+def _server_params(task_request_interval: float) -> dict:
+    return {"heart_beat_timeout": HEART_BEAT_TIMEOUT, "task_request_interval": task_request_interval}
+
+
+def _controller_args(settings: TrainingJob) -> dict:
+    return {"sites": list(settings.sites), "train": settings.train.to_dict(), "wire_dtype": settings.wire_dtype,
+            "persistor_id": "persistor", **settings.controller_args}
+
+
+def _filter(spec: dict):
+    """An NVFlare filter config ``{"path": "package.module.Class", "args": {...}}`` as the filter object."""
+    try:
+        module, _, name = spec["path"].rpartition(".")
+        return getattr(importlib.import_module(module), name)(**spec.get("args", {}))
+    except (KeyError, ImportError, AttributeError, TypeError, ValueError) as error:
+        raise DataError(f"not a usable filter config: {error}", field=str(spec)) from error

@@ -1,0 +1,90 @@
+"""Every job from one module (NVFlare's Job API): the repository's jobs/ and site_configs/ are what the package
+writes, each job file name is spelled once, and the settings land where the sites and server read them."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from split_unet.jobs import InferenceJob, PsiJob, TrainingJob, export, export_all, job_sites, training_settings
+from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE
+from split_unet.protocol.wire import TASK_INFER, TASK_INIT, TASK_TRAIN
+from split_unet.site_configs import write_site_configs
+
+pytestmark = pytest.mark.unit
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def config(job: Path, app: str) -> dict:
+    return json.loads(next((job / app / "config").glob("config_fed_*.json")).read_text())
+
+
+def test_repository_jobs_are_what_export_writes(project_root, tmp_path):
+    export_all(tmp_path)
+    assert tree(tmp_path) == tree(project_root / "jobs")
+
+
+def test_repository_site_configs_are_what_the_package_writes(project_root, tmp_path):
+    write_site_configs(tmp_path)
+    shipped = {name: content for name, content in tree(project_root / "site_configs").items()
+               if name != "project.yml"}  # the production project file is documentation, not generated
+    assert tree(tmp_path) == shipped
+
+
+def test_each_job_file_name_is_spelled_once_in_the_package(project_root):
+    sources = [p.read_text() for p in (project_root / "custom" / "split_unet").rglob("*.py")]
+    for name in (ENCODER_FILE, DECODER_FILE):
+        assert sum(len(re.findall(re.escape(f'"{name}"'), text)) for text in sources) == 1, name
+
+
+def test_training_job_settings_land_in_the_configs(tmp_path):
+    settings = training_settings({"epochs": 3, "network": {"channels": [4, 8]}}, sites=["flair", "t1w"],
+                                 record_steps=[1, -1], scope="clinical", psi_job_id="psi-1",
+                                 site_filters=[{"path": "split_unet.filters.ActivationQuantization",
+                                                "args": {"codec": "int8", "keep_fraction": 0.5}}],
+                                 server_filters=[{"path": "split_unet.filters.GradientProtection",
+                                                  "args": {"noise_multiplier": 4.0}}])
+    job = export(settings, tmp_path)
+    meta = json.loads((job / "meta.json").read_text())
+    assert meta["scope"] == "clinical" and job_sites(job) == ["flair", "t1w"] and meta["min_clients"] == 2
+    server = config(job, "app_server")
+    train = server["workflows"][0]["args"]["train"]
+    assert train["epochs"] == 3 and train["network"]["channels"] == [4, 8] and train["network"]["fusion"] == "concat"
+    # The gradient filter first, the recorder last: it records what the filters let through.
+    (data_chain,) = server["task_data_filters"]
+    assert [f["path"].rsplit(".", 1)[1] for f in data_chain["filters"]] == ["GradientProtection", "LeakageRecorder"]
+    (result_chain,) = server["task_result_filters"]
+    assert result_chain["tasks"] == [TASK_TRAIN] and result_chain["filters"][0]["args"]["steps"] == [1, -1]
+    site = config(job, "app_t1w")
+    executor = site["executors"][0]["executor"]["args"]
+    assert executor["psi_job_id"] == "psi-1" and executor["snapshot_steps"] == [1, -1]
+    # The Job API writes the arguments that differ from the class's defaults (int8 is the default codec).
+    (site_filter,) = site["task_result_filters"][0]["filters"]
+    assert site_filter["path"].endswith("ActivationQuantization") and site_filter["args"] == {"keep_fraction": 0.5}
+    assert not (job / "app_t1w" / "custom").exists()
+
+
+def test_inference_job_has_no_persistor_and_only_inference_tasks(tmp_path):
+    training = TrainingJob(sites=["flair", "t1w"], with_code=True)
+    job = export(InferenceJob(training, "trained/decoder.pt", "run/{site}.pt", ["BRATS_001"]), tmp_path)
+    server = config(job, "app_server")
+    workflow = server["workflows"][0]
+    assert workflow["path"] == "split_unet.protocol.inference.SplitInferenceController"
+    assert workflow["args"]["decoder_path"] == "trained/decoder.pt" and workflow["args"]["patients"] == ["BRATS_001"]
+    assert server["components"] == []
+    site = config(job, "app_flair")["executors"][0]
+    assert site["tasks"] == [TASK_INIT, TASK_INFER] and site["executor"]["args"]["encoder_path"] == "run/{site}.pt"
+    # with_code: every app carries the package, without caches.
+    for app in ("app_server", "app_flair", "app_t1w"):
+        assert (job / app / "custom" / "split_unet" / "jobs.py").is_file()
+    assert not list(job.rglob("__pycache__"))
+
+
+def test_psi_job_deploys_to_its_sites(tmp_path):
+    job = export(PsiJob(sites=["flair", "t2w"]), tmp_path)
+    assert job_sites(job) == ["flair", "t2w"]
+    assert config(job, "app_flair")["executors"][0]["tasks"] == ["PSI"]
