@@ -34,8 +34,9 @@ from split_unet.ids import check_patient_ids
 from split_unet.networks import build_decoder
 from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb
 from split_unet.reports import make_summary
-from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, dropped_input, epoch_batches,
-                                 logits_to_masks, present_inputs, select_device)
+from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, logits_to_masks, present_inputs,
+                                 select_device)
+from split_unet.training.schedule import Schedule
 
 from .checkpoint import SERVER_CHECKPOINT, load_checkpoint
 from .codecs import CODECS
@@ -283,26 +284,21 @@ class SplitUNetController(Controller):
                               f"{config.epochs} epochs, wire {self.wire_dtype}, device {self.party.device}")
 
         resumed = self._resumed or {"train_step": 0, "epoch": 0, "losses": [], "history": []}
-        history, metrics, train_step = list(resumed["history"]), None, 0
-        train_steps = sum(len(epoch_batches(train_ids, config.batch_size, config.seed, e)) for e in range(config.epochs))
-        for epoch in range(config.epochs):
-            batches = epoch_batches(train_ids, config.batch_size, config.seed, epoch)
-            if epoch < resumed["epoch"]:  # finished before the checkpoint: already in the history
-                train_step += len(batches)
-                continue
+        history, metrics = list(resumed["history"]), None
+        schedule = Schedule(train_ids, config, len(self.sites))
+        train_steps = schedule.total_steps
+        for epoch in range(resumed["epoch"], config.epochs):  # epochs before the checkpoint are in its history
             losses = list(resumed["losses"]) if epoch == resumed["epoch"] else []
-            for index, batch_ids in enumerate(batches):
-                train_step += 1
-                if train_step <= resumed["train_step"]:
-                    continue
+            for step in schedule.steps(epoch, done=resumed["train_step"]):
+                train_step, absent = step.train_step, step.absent
                 step_started = time.perf_counter()
                 self._train_step = train_step
-                absent = dropped_input(config.modality_dropout, len(self.sites), config.seed, train_step)
-                features = self._round(TASK_TRAIN, batch_ids, abort_signal, fl_ctx,
+                features = self._round(TASK_TRAIN, step.patient_ids, abort_signal, fl_ctx,
                                        info={"train_step": train_step, "train_steps": train_steps},
                                        absent=None if absent is None else self.sites[absent])
                 round_done = time.perf_counter()
-                loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids), self._present(absent))
+                loss, gradients = self.party.train_step(features, self.labels.batch(step.patient_ids),
+                                                        self._present(absent))
                 self._decoder_seconds.append(time.perf_counter() - round_done)
                 self._training_peak_mb = peak_memory_mb()  # the peak up to here, before any validation
                 answered = [site for site in self.sites if site in self.reply_info and site not in self._lost]
@@ -319,14 +315,16 @@ class SplitUNetController(Controller):
                 self._track("train/loss", loss, fl_ctx)
                 if self.checkpoint_interval and train_step % self.checkpoint_interval == 0:
                     self._save_checkpoint(train_step, epoch, losses, history, abort_signal, fl_ctx)
-                if (index + 1) % max(1, len(batches) // 4) == 0 and index + 1 < len(batches):
-                    self.log_info(fl_ctx, f"epoch {epoch + 1}/{config.epochs} batch {index + 1}/{len(batches)} "
-                                          f"loss {np.mean(losses):.4f} ({time.perf_counter() - start:.0f} s)")
+                if step.progress_point:
+                    self.log_info(fl_ctx, f"epoch {epoch + 1}/{config.epochs} batch {step.index + 1}/"
+                                          f"{step.batches_in_epoch} loss {np.mean(losses):.4f} "
+                                          f"({time.perf_counter() - start:.0f} s)")
+            train_step = schedule.steps_before(epoch + 1)
             entry = {"epoch": epoch + 1, "step": train_step, "rounds": self._step, "loss": float(np.mean(losses)),
                      "seconds": round(time.perf_counter() - start, 2)}
             self.log_info(fl_ctx, f"epoch {epoch + 1}/{config.epochs} loss {entry['loss']:.4f} "
                                   f"({train_step} steps, {entry['seconds']:.0f} s)")
-            if (epoch + 1) % config.val_interval == 0 or epoch + 1 == config.epochs:
+            if schedule.validates_after(epoch):
                 metrics = entry["validation"] = self._validate(val_ids, abort_signal, fl_ctx)
                 for region, value in metrics["dice"].items():
                     self._track(f"val/dice_{region}", value, fl_ctx)

@@ -23,8 +23,9 @@ from split_unet.reports import make_summary
 
 from .config import TrainConfig
 from .metrics import RegionMetrics, logits_to_masks
-from .objective import chunks, epoch_batches, segmentation_loss, select_device
-from .parties import dropped_input, make_optimizer, present_inputs
+from .objective import chunks, segmentation_loss, select_device
+from .parties import make_optimizer, present_inputs
+from .schedule import Schedule
 
 MODES = ("late", "early", "single")
 
@@ -96,16 +97,16 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
         data.get(patient_id)
 
     start, step, history, metrics, step_seconds, step_cpu = time.perf_counter(), 0, [], None, [], CpuPerStep()
+    schedule = Schedule(train_ids, config, len(in_channels))
     for epoch in range(config.epochs):
         losses = []
-        for batch_ids in epoch_batches(train_ids, config.batch_size, config.seed, epoch):
+        for scheduled in schedule.steps(epoch):
             step_started = time.perf_counter()
-            images, labels = data.batch(batch_ids, image_channels)
+            images, labels = data.batch(scheduled.patient_ids, image_channels)
             model.train()
-            step += 1
+            step = scheduled.train_step
             # The same draw as the split job's; the left-out encoder gets no gradient, so Adam skips it.
-            absent = dropped_input(config.modality_dropout, len(in_channels), config.seed, step)
-            present = present_inputs(absent, len(in_channels))
+            present = present_inputs(scheduled.absent, len(in_channels))
             loss = loss_function(model(images.to(device), present), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -118,7 +119,7 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
                  "seconds": time.perf_counter() - start}
         log(f"[centralized {name}] epoch {epoch + 1}/{config.epochs} loss {entry['loss']:.4f} "
             f"({step} steps, {entry['seconds']:.0f} s)")
-        if (epoch + 1) % config.val_interval == 0 or epoch + 1 == config.epochs:
+        if schedule.validates_after(epoch):
             metrics = evaluate(model, data, val_ids, image_channels, config.val_batch_size, device,
                                config.min_component_voxels)
             entry["validation"] = metrics
