@@ -1,6 +1,7 @@
 """Integration tests through the real NVFlare simulator (subprocess), on tiny phantoms."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +174,18 @@ def test_missing_site_data_is_a_clear_error(project_root, tiny_data, tmp_path):
                                                                        "epochs": 1}),
                              site_configs=project_root / "site_configs", progress=None)
     assert "t2w" in summary["error"] and "datalist" in summary["error"]
+
+
+@pytest.mark.simulator
+def test_tensorboard_logs_against_the_training_step(trained_tiny):
+    """Loss per training step 1..N and validation at step N, as centralized training logs them (not against
+    NVFlare task rounds, which include the init, validation and finish rounds)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, summary = trained_tiny
+    (events_file,) = Path(summary["artefacts"]["tensorboard"]).rglob("events.out.*")
+    events = EventAccumulator(str(events_file.parent))
+    events.Reload()
+    steps = summary["steps"]
+    assert [event.step for event in events.Scalars("train/loss")] == list(range(1, steps + 1))
+    assert [event.step for event in events.Scalars("val/dice_mean")] == [steps]

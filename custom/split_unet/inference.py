@@ -10,7 +10,7 @@ from split_unet.errors import DataError
 from split_unet.files import load_json, write_json
 from split_unet.jobs import InferenceJob, export, training_settings
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, SEGMENTATIONS
-from split_unet.simulation import simulate
+from split_unet.simulation import SIMULATE_JOB, simulate
 from split_unet.site_configs import resolve_site_configs
 from split_unet.training import TrainConfig
 
@@ -63,7 +63,7 @@ def infer_in_simulator(train_workspace: str | Path, sites_dir: str | Path, works
                  workspace / "job")
     return_code = simulate(job, workspace, Path(sites_dir).resolve(), resolve_site_configs(site_configs, workspace),
                            progress, party_files=models)
-    return collect_segmentations(workspace / "simulator" / "server" / "simulate_job" / SEGMENTATIONS, workspace,
+    return collect_segmentations(workspace / "simulator" / "server" / SIMULATE_JOB / SEGMENTATIONS, workspace,
                                  f"the simulator exited with code {return_code}; see {workspace / 'simulator.log'}")
 
 

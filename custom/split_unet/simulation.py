@@ -21,6 +21,7 @@ from split_unet.files import load_json, write_json
 from split_unet.jobs import TrainingJob, export, job_sites
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, TENSORBOARD_FOLDER
 from split_unet.protocol.recorder import LeakageRecorder
+from split_unet.protocol.telemetry import PROGRESS_FILE, read_progress
 from split_unet.protocol.settings import CLASS_ALLOW_LIST, ENV_SITE_CONFIGS, ENV_SITES, RESEARCH_CLASSES
 from split_unet.site_configs import resolve_site_configs
 
@@ -29,7 +30,7 @@ PRIVACY_FILE = "privacy.json"
 # The server's run is over (its workflow ended, END_RUN sent): from here the simulator only shuts down.
 JOB_END_PATTERN = re.compile(r"ServerRunner - INFO - \[[^]]*\] - Server runner finished")
 STOP_GRACE_SECONDS = 60.0
-PROGRESS_PATTERN = re.compile(r"Split(?:UNet|Inference)Controller - (?:INFO|WARNING|ERROR) - \[[^]]*\] - (.*)")
+SIMULATE_JOB = "simulate_job"  # the simulator's name for the job's run folder
 
 
 def run_simulation(sites_dir: str | Path, workspace: str | Path, job: TrainingJob | None = None,
@@ -62,7 +63,7 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job: TrainingJo
     return_code = simulate(export(job, workspace / "job"), workspace, sites_dir, site_configs, progress, privacy_file,
                            persistent=persistent, grace_seconds=grace_seconds)
     log_path = workspace / "simulator.log"
-    summary_path = workspace / "simulator" / "server" / "simulate_job" / "summary.json"
+    summary_path = workspace / "simulator" / "server" / SIMULATE_JOB / "summary.json"
     summary = load_json(summary_path) if summary_path.is_file() else {
         "error": f"the simulator exited with code {return_code} before writing a summary; see {log_path}"}
     summary["artefacts"] = artefacts(workspace, clients)
@@ -106,7 +107,8 @@ def simulate(job: Path, workspace: Path, sites_dir: Path, site_configs: Path,
         # Its own process group, so the simulator's client processes can be stopped with it.
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        return_code = _follow(process, log_path, progress, grace_seconds)
+        return_code = _follow(process, log_path, sim_root / "server" / SIMULATE_JOB / PROGRESS_FILE, progress,
+                              grace_seconds)
     finally:  # interrupted (Ctrl-C, a test timeout) or hung: stop the processes we started, and only those
         if process.poll() is None:
             stop_process_tree(process)
@@ -146,21 +148,28 @@ def _party_local(folder: Path, parties: list[str], party_files: dict[str, dict[s
     return folder
 
 
-def _follow(process: subprocess.Popen, log_path: Path, progress: Callable[[str], None] | None,
-            grace_seconds: float) -> int:
-    """Wait for the simulator, passing on the controller's log lines as they appear; once the server's run has
-    finished, wait at most ``grace_seconds`` more, then stop it and its processes."""
-    ended_at = None
+def _follow(process: subprocess.Popen, log_path: Path, progress_path: Path,
+            progress: Callable[[str], None] | None, grace_seconds: float) -> int:
+    """Wait for the simulator, passing on the controller's progress events (``progress_path``) as they appear;
+    once the server's run has finished, wait at most ``grace_seconds`` more, then stop it and its processes."""
+    ended_at, position = None, 0
+
+    def pass_on_progress() -> None:
+        nonlocal position
+        events, position = read_progress(progress_path, position)
+        for event in events if progress else ():
+            progress(event["message"])
+
     with open(log_path) as log:
         while True:
             line = log.readline()
             if line:
-                if progress and PROGRESS_PATTERN.search(line):
-                    progress(PROGRESS_PATTERN.search(line).group(1).rstrip())
                 if ended_at is None and JOB_END_PATTERN.search(line):
                     ended_at = time.monotonic()
                 continue
+            pass_on_progress()
             if process.poll() is not None:
+                pass_on_progress()
                 return process.returncode
             if ended_at is not None and time.monotonic() - ended_at > grace_seconds:
                 stopped = stop_process_tree(process)
@@ -196,12 +205,12 @@ def stop_process_tree(process: subprocess.Popen, timeout: float = 10) -> list[in
 
 def artefacts(workspace: Path, clients: list[str]) -> dict:
     sim_root = workspace / "simulator"
-    server_run = sim_root / "server" / "simulate_job"
+    server_run = sim_root / "server" / SIMULATE_JOB
     found = {
         "summary": str(server_run / "summary.json"),
         "tensorboard": str(server_run / TENSORBOARD_FOLDER),
         "decoder": str(next(iter(sorted(server_run.rglob(DECODER_FILE))), server_run / DECODER_FILE)),
-        "encoders": {site: str(sim_root / site / "simulate_job" / ENCODER_FILE) for site in clients},
+        "encoders": {site: str(sim_root / site / SIMULATE_JOB / ENCODER_FILE) for site in clients},
         "server_log": str(sim_root / "server" / "log.txt"),
         "simulator_log": str(workspace / "simulator.log"),
     }

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.controller_spec import ClientTask, Task, TaskCompletionStatus
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
-from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
@@ -42,6 +40,7 @@ from .checkpoint import SERVER_CHECKPOINT, load_checkpoint
 from .codecs import CODECS
 from .paths import inside
 from .settings import load_site_settings
+from .telemetry import Telemetry
 from .wire import (KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INIT, TASK_TRAIN, TASK_VALIDATE,
                    TensorMessage, dxo_of, read_activations)
 
@@ -210,6 +209,7 @@ class SplitUNetController(Controller):
         self._train_step = 0  # the training step in progress
         self._last_checkpoint: int | None = None
         self.reply_info: dict[str, dict] = {}
+        self.telemetry = Telemetry(self)
         self._privacy: dict[str, dict] = {}
         self._released: defaultdict[str, Counter] = defaultdict(Counter)  # per site: patient -> protected releases
         self._agreed: list[str] | None = None  # announced to the sites with the next round, then None
@@ -220,6 +220,7 @@ class SplitUNetController(Controller):
             torch.set_num_threads(self.num_threads)
         engine = fl_ctx.get_engine()
         self.run_dir = Path(engine.get_workspace().get_run_dir(fl_ctx.get_job_id()))
+        self.telemetry.start(self.run_dir)
         self.persistor = engine.get_component(self.persistor_id) if self.persistor_id else None
         if self.persistor_id and not isinstance(self.persistor, ModelPersistor):
             self.system_panic(f"component '{self.persistor_id}' is not a ModelPersistor", fl_ctx)
@@ -487,9 +488,21 @@ class SplitUNetController(Controller):
                 "codec": self.wire_dtype, "per_site": per_site}
 
     def _track(self, tag: str, value: float, fl_ctx: FLContext) -> None:
-        """TensorBoard through NVFlare's analytics events (a TBAnalyticsReceiver writes them)."""
-        dxo = create_analytic_dxo(tag, float(value), AnalyticsDataType.SCALAR, global_step=self._step)
-        send_analytic_dxo(self, dxo, fl_ctx)
+        """TensorBoard against the training step (see ``Telemetry``)."""
+        self.telemetry.scalar(tag, value, self._train_step, fl_ctx)
+
+    # Every message logged is also a progress event (see ``Telemetry``).
+    def log_info(self, fl_ctx: FLContext, msg: str, fire_event=False):
+        super().log_info(fl_ctx, msg, fire_event)
+        self.telemetry.progress("info", msg)
+
+    def log_warning(self, fl_ctx: FLContext, msg: str, fire_event=True):
+        super().log_warning(fl_ctx, msg, fire_event)
+        self.telemetry.progress("warning", msg)
+
+    def log_error(self, fl_ctx: FLContext, msg: str, fire_event=True):
+        super().log_error(fl_ctx, msg, fire_event)
+        self.telemetry.progress("error", msg)
 
     def _load_decoder(self, decoder: torch.nn.Module, fl_ctx: FLContext) -> None:
         """Start from the persistor's checkpoint when it has one (e.g. a preloaded decoder)."""
