@@ -15,7 +15,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from split_unet.benchmark import BenchConfig, bench
+from split_unet.launch.benchmark import BenchConfig, bench
 
 BASE = BenchConfig(size=64, patients=24, sites=4, batch_size=2, epochs=2)
 # name: (what changes against the tuned job, config overrides, modes)

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from split_unet.benchmark import BenchConfig, bench  # noqa: E402
+from split_unet.launch.benchmark import BenchConfig, bench  # noqa: E402
 
 BASE = BenchConfig(size=64, patients=24, sites=4, batch_size=2, epochs=1)
 CURVES = {"size": (32, 64, 96), "batch_size": (1, 2, 4), "sites": (2, 4, 8)}

@@ -19,7 +19,7 @@ from split_unet.protocol.executor import ModalitySiteExecutor
 from split_unet.protocol.settings import SETTINGS_FILE
 from split_unet.protocol.wire import ERROR_HEADER, KIND_INIT, TASK_INIT
 from split_unet.jobs import training_settings
-from split_unet.simulation import run_simulation
+from split_unet.launch.simulation import run_simulation
 from split_unet.training import TrainConfig
 
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from split_unet.benchmark import BenchConfig, add_copied_site, bench, bench_table, site_names
+from split_unet.launch.benchmark import BenchConfig, add_copied_site, bench, bench_table, site_names
 from split_unet.data import SiteImages
-from split_unet.missing_modality import evaluate_missing_modalities, missing_modality_table
+from split_unet.studies.missing_modality import evaluate_missing_modalities, missing_modality_table
 from split_unet.profiling import peak_memory_mb, step_statistics
 
 from helpers import TINY_SIZE

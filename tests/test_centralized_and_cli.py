@@ -6,7 +6,7 @@ import pytest
 from helpers import TINY_NETWORK, TINY_SIZE
 
 from split_unet.cli import build_parser, main
-from split_unet.options import train_overrides
+from split_unet.launch.options import train_overrides
 from split_unet.training import TrainConfig
 from split_unet.training.centralized import mode_inputs, train_centralized
 

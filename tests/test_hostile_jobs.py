@@ -40,7 +40,7 @@ from split_unet.protocol.recorder import LeakageRecorder
 from split_unet.protocol.settings import CLASS_ALLOW_LIST, SETTINGS_FILE
 from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_INIT,
                                       TASK_TRAIN, TASK_VALIDATE, TensorMessage)
-from split_unet.simulation import _follow, simulation_policy, stop_process_tree
+from split_unet.launch.simulation import _follow, simulation_policy, stop_process_tree
 from split_unet.training import TrainConfig
 
 pytestmark = pytest.mark.unit
@@ -485,7 +485,7 @@ def test_a_simulator_that_hangs_after_the_job_ended_is_stopped_with_the_processe
             time.sleep(0.1)
         worker = psutil.Process(process.pid).children()[0]
         started = time.monotonic()
-        _follow(process, log, None, grace_seconds=2)
+        _follow(process, log, tmp_path / "progress.jsonl", None, grace_seconds=2)
         assert time.monotonic() - started < 60  # the 2 s grace, then SIGTERM (10 s before SIGKILL)
         assert process.poll() is not None and not worker.is_running()
         assert "stopped it and the processes it started" in log.read_text()

@@ -13,7 +13,7 @@ from helpers import TINY_NETWORK, TINY_SIZE
 
 from split_unet.data import MODALITIES
 from split_unet.jobs import training_settings
-from split_unet.simulation import run_simulation
+from split_unet.launch.simulation import run_simulation
 
 pytestmark = pytest.mark.simulator
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from split_unet.data import REGION_NAMES, label_from_regions, label_to_source, load_label, regions
-from split_unet.inference import infer_in_simulator
+from split_unet.launch.inference import infer_in_simulator
 from split_unet.protocol.names import ENCODER_FILE
 
 

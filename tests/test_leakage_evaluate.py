@@ -8,7 +8,7 @@ from helpers import make_dataset
 
 from split_unet.data import SiteImages, SiteLabels
 from split_unet.errors import DataError
-from split_unet.leakage.evaluate import evaluate_leakage
+from split_unet.studies.leakage import evaluate_leakage
 from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, snapshot_path
 from split_unet.networks import NetworkConfig, build_decoder, build_encoder
 from split_unet.training import DecoderParty, EncoderParty

@@ -16,7 +16,7 @@ import nibabel as nib
 
 from split_unet.data import SERVER_SITE, holdings, partition_dataset
 from split_unet.jobs import PsiJob, training_settings
-from split_unet.poc import PocFederation, run_pipeline
+from split_unet.launch.poc import PocFederation, run_pipeline
 from split_unet.protocol.psi import intersection_path
 
 from helpers import TINY_NETWORK, TINY_SIZE, free_port, make_dataset, processes_mentioning

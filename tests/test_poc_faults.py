@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from split_unet.poc import PocFederation
+from split_unet.launch.poc import PocFederation
 from split_unet.protocol.checkpoint import SERVER_CHECKPOINT, site_checkpoint
 from split_unet.files import load_json
 from split_unet.jobs import export, training_settings
-from split_unet.simulation import run_simulation
+from split_unet.launch.simulation import run_simulation
 
 from helpers import TINY_NETWORK, TINY_SIZE, free_port, make_dataset, processes_mentioning
 

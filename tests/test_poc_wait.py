@@ -5,7 +5,7 @@ from contextlib import contextmanager
 import pytest
 from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
 
-from split_unet.poc import PocError, PocFederation
+from split_unet.launch.poc import PocError, PocFederation
 
 
 class _Session:

@@ -15,7 +15,7 @@ from split_unet.protocol.controller import refuse_blocked_levels
 from split_unet.protocol.executor import check_privacy_scope
 from split_unet.leakage.record import load_record
 from split_unet.jobs import training_settings
-from split_unet.simulation import run_simulation
+from split_unet.launch.simulation import run_simulation
 
 
 def _run(project_root, sites, workspace, train, **settings):

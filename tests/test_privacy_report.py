@@ -4,7 +4,7 @@ import json
 
 from helpers import TINY_NETWORK, TINY_SIZE
 
-from split_unet.privacy_report import pareto_front, run_sweep
+from split_unet.studies.privacy_report import pareto_front, run_sweep
 
 
 def test_pareto_front():

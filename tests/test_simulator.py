@@ -12,7 +12,7 @@ from split_unet.data import find_cases, load_case, split_patients
 from split_unet.leakage.record import load_record, snapshot_path
 from split_unet.networks import NetworkConfig, build_split_unet
 from split_unet.jobs import training_settings
-from split_unet.simulation import run_simulation
+from split_unet.launch.simulation import run_simulation
 from split_unet.training import dropped_input, epoch_batches, make_optimizer, segmentation_loss
 
 from helpers import TINY_NETWORK, TINY_SIZE, make_dataset

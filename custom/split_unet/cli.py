@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from split_unet.errors import SplitUNetError
-from split_unet.options import add_grid_options, add_train_options, train_overrides
+from split_unet.launch.options import add_grid_options, add_train_options, train_overrides
 
 
 def _print_result(name: str, summary: dict) -> None:
@@ -70,7 +70,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from split_unet.simulation import run_simulation
+    from split_unet.launch.simulation import run_simulation
 
     record_steps = [int(step) for step in args.record_steps.split(",")] if args.record_steps else []
     summary = run_simulation(args.sites, args.workspace, training_job(args, record_steps=record_steps),
@@ -102,7 +102,7 @@ def cmd_centralized(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from split_unet.benchmark import BenchConfig, bench, bench_table
+    from split_unet.launch.benchmark import BenchConfig, bench, bench_table
 
     config = BenchConfig(size=args.size, spacing=args.spacing, patients=args.patients, sites=args.n_sites,
                          batch_size=args.batch_size, epochs=args.epochs,
@@ -119,7 +119,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_missing(args) -> int:
-    from split_unet.missing_modality import evaluate_missing_modalities, missing_modality_table
+    from split_unet.studies.missing_modality import evaluate_missing_modalities, missing_modality_table
 
     results = {}
     for entry in args.runs:
@@ -130,7 +130,7 @@ def cmd_missing(args) -> int:
 
 
 def cmd_leakage(args) -> int:
-    from split_unet.leakage.evaluate import evaluate_leakage
+    from split_unet.studies.leakage import evaluate_leakage
 
     steps = [int(step) for step in args.steps.split(",")] if args.steps else None
     for attack in args.attack:
@@ -145,7 +145,7 @@ def cmd_leakage(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from split_unet.privacy_report import run_sweep
+    from split_unet.studies.privacy_report import run_sweep
 
     report = run_sweep(args.sweep, args.sites, args.out, args.site_configs)
     print((Path(args.out) / "report.md").read_text())
@@ -165,13 +165,13 @@ def _named_files(items: list[str], file_name: str) -> dict[str, dict]:
 
 
 def cmd_infer(args) -> int:
-    from split_unet.inference import infer_in_simulator
+    from split_unet.launch.inference import infer_in_simulator
 
     patients = args.patients.split(",") if args.patients else ()
     overrides = {key: getattr(args, key) for key in ("size", "spacing", "min_component_voxels")
                  if getattr(args, key) is not None}
     if args.poc:
-        from split_unet.poc import PocFederation, infer_in_poc
+        from split_unet.launch.poc import PocFederation, infer_in_poc
 
         if not args.train_job:
             print("error: --poc needs --train-job", file=sys.stderr)
@@ -201,7 +201,7 @@ def cmd_infer(args) -> int:
 
 def cmd_poc(args) -> int:
     from split_unet.jobs import PsiJob
-    from split_unet.poc import PocFederation, run_pipeline
+    from split_unet.launch.poc import PocFederation, run_pipeline
 
     federation = PocFederation(Path(args.workspace) / "federation", args.sites, args.site_configs, port=args.port)
     report = run_pipeline(federation, args.workspace, training_job(args, with_code=args.with_code),

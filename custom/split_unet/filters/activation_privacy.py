@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 from nvflare.apis.fl_context import FLContext
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 
+from split_unet.accounting import gaussian_epsilon
 from split_unet.protocol.wire import KIND_ACTIVATIONS, TensorMessage
 
 from .base import TensorMessageFilter
@@ -36,18 +35,6 @@ def clip_per_sample(tensor: torch.Tensor, clip_norm: float) -> torch.Tensor:
     norms = tensor.flatten(1).norm(dim=1).clamp_min(1e-12)
     factors = (clip_norm / norms).clamp(max=1.0)
     return tensor * factors.view(-1, *([1] * (tensor.dim() - 1)))
-
-
-def gaussian_epsilon(noise_multiplier: float, mechanisms: int, delta: float) -> float:
-    """Epsilon of ``mechanisms`` composed Gaussian mechanisms (sensitivity 1, std ``noise_multiplier``);
-    infinite for a release without noise."""
-    if mechanisms == 0:
-        return 0.0
-    if noise_multiplier == 0:
-        return float("inf")
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    rdp = rdp_analysis.compute_rdp(q=1.0, noise_multiplier=noise_multiplier, steps=mechanisms, orders=orders)
-    return float(rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 
 
 class ActivationClipNoise(TensorMessageFilter):

@@ -27,7 +27,7 @@ from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from split_unet.data import DATALIST, MODALITIES, SiteLabels, split_patients
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.files import save_atomically, write_json
-from split_unet.filters.activation_privacy import gaussian_epsilon
+from split_unet.accounting import gaussian_epsilon
 from split_unet.ids import check_patient_ids
 from split_unet.networks import build_decoder
 from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb

@@ -34,7 +34,7 @@ def mode_inputs(mode: str, modality: str | None, encoders: int = len(MODALITIES)
     """(encoder input channels, image channels used) for a centralized mode.
 
     Late fusion with more ``encoders`` than modalities repeats the modalities in order, as the extra sites of a
-    benchmark do (``split_unet.benchmark``); fewer takes the first ones.
+    benchmark do (``split_unet.launch.benchmark``); fewer takes the first ones.
     """
     if mode == "late":
         return (1,) * encoders, [k % len(MODALITIES) for k in range(encoders)]

@@ -29,9 +29,9 @@ from split_unet.data import DATALIST, MODALITIES, SERVER_SITE, generate_dataset,
 from split_unet.errors import SplitUNetError
 from split_unet.files import load_json, write_json
 from split_unet.jobs import TrainingJob, export, training_settings
-from split_unet.poc import PocFederation, run_job
+from split_unet.launch.poc import PocFederation, run_job
 from split_unet.profiling import step_statistics
-from split_unet.simulation import run_simulation
+from split_unet.launch.simulation import run_simulation
 from split_unet.site_configs import write_site_configs
 
 MODES = ("centralized", "simulator", "poc")

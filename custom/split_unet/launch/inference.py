@@ -10,7 +10,7 @@ from split_unet.errors import DataError
 from split_unet.files import load_json, write_json
 from split_unet.jobs import InferenceJob, export, training_settings
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, SEGMENTATIONS
-from split_unet.simulation import SIMULATE_JOB, simulate
+from split_unet.launch.simulation import SIMULATE_JOB, simulate
 from split_unet.site_configs import resolve_site_configs
 from split_unet.training import TrainConfig
 

@@ -26,11 +26,11 @@ from split_unet.networks import ModalityEncoder, NetworkConfig
 from split_unet.files import write_json
 from split_unet.training import select_device
 
-from .attacks import (gradient_label_leakage, learned_inversion, random_mask_like, train_inversion_decoder,
+from split_unet.leakage.attacks import (gradient_label_leakage, learned_inversion, random_mask_like, train_inversion_decoder,
                       unsplit_inversion, whitebox_inversion)
-from .figures import mask_grid, reconstruction_grid
-from .metrics import image_similarity, mask_dice
-from .record import RECORD_FOLDER, RecordedExchange, snapshot_path, step_folder
+from split_unet.leakage.figures import mask_grid, reconstruction_grid
+from split_unet.leakage.metrics import image_similarity, mask_dice
+from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, snapshot_path, step_folder
 
 __all__ = ["ATTACKS", "DEFAULT_ITERATIONS", "LEAKAGE_FILE", "MAX_AUX_IMAGES", "evaluate_leakage"]
 

@@ -42,9 +42,9 @@ def slug(name: str) -> str:
 def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path,
               site_configs: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Run, attack and report every configuration; returns the report's rows."""
-    from split_unet.leakage.evaluate import evaluate_leakage
+    from split_unet.studies.leakage import evaluate_leakage
     from split_unet.jobs import training_settings
-    from split_unet.simulation import run_simulation
+    from split_unet.launch.simulation import run_simulation
 
     sweep = json.loads(Path(sweep_file).read_text())
     configurations = sweep.get("configurations") or []

@@ -13,7 +13,7 @@ import torch
 
 from split_unet.data import SERVER_SITE, SiteImages, SiteLabels, split_patients
 from split_unet.errors import DataError
-from split_unet.inference import read_training_summary, trained_config
+from split_unet.launch.inference import read_training_summary, trained_config
 from split_unet.networks import SplitUNet, build_split_unet
 from split_unet.files import write_json
 from split_unet.training import TrainConfig, dice_without_each_input

@@ -31,7 +31,7 @@ from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
 from split_unet.errors import SplitUNetError
 from split_unet.files import load_json, write_json
 from split_unet.data import MODALITIES
-from split_unet.inference import collect_segmentations, inference_job
+from split_unet.launch.inference import collect_segmentations, inference_job
 from split_unet.jobs import PsiJob, TrainingJob, export
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, SEGMENTATIONS
 from split_unet.protocol.settings import ENV_SITES, SETTINGS_FILE, allow_job_classes

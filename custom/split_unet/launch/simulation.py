@@ -101,7 +101,7 @@ def simulate(job: Path, workspace: Path, sites_dir: Path, site_configs: Path,
     local = _party_local(workspace / "party_local", ["server", *clients], party_files or {})
     env = {**os.environ, ENV_SITES: str(sites_dir), ENV_SITE_CONFIGS: str(site_configs)}
     log_path = workspace / "simulator.log"
-    command = [sys.executable, "-m", "split_unet.simulation", str(job), str(sim_root), ",".join(clients), str(local),
+    command = [sys.executable, "-m", "split_unet.launch.simulation", str(job), str(sim_root), ",".join(clients), str(local),
                str(Path(persistent).resolve()) if persistent else ""]
     with open(log_path, "w") as log:
         # Its own process group, so the simulator's client processes can be stopped with it.
@@ -176,7 +176,7 @@ def _follow(process: subprocess.Popen, log_path: Path, progress_path: Path,
                 note = (f"the server's run ended {grace_seconds:g} s ago but the simulator had not exited: stopped "
                         f"it and the processes it started (PIDs {stopped})")
                 with open(log_path, "a") as out:
-                    out.write(f"split_unet.simulation - WARNING - {note}\n")
+                    out.write(f"split_unet.launch.simulation - WARNING - {note}\n")
                 if progress:
                     progress(note)
                 return process.returncode
@@ -220,7 +220,7 @@ def artefacts(workspace: Path, clients: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """Child-process entry: ``python -m split_unet.simulation JOB SIM_WORKSPACE CLIENTS PARTY_LOCAL PERSISTENT``."""
+    """Child-process entry: ``python -m split_unet.launch.simulation JOB SIM_WORKSPACE CLIENTS PARTY_LOCAL PERSISTENT``."""
     from nvflare.private.fed.app.simulator.simulator_runner import SimulatorRunner
 
     class PartyLocalRunner(SimulatorRunner):
