@@ -69,12 +69,17 @@ def test_training_job_settings_land_in_the_configs(tmp_path):
 
 
 def test_inference_job_has_no_persistor_and_only_inference_tasks(tmp_path):
-    training = TrainingJob(sites=["flair", "t1w"], with_code=True)
+    training = training_settings({"size": 32, "network": {"channels": [4, 8]}}, sites=["flair", "t1w"],
+                                 wire_dtype="float16", with_code=True)
     job = export(InferenceJob(training, "trained/decoder.pt", "run/{site}.pt", ["BRATS_001"]), tmp_path)
     server = config(job, "app_server")
     workflow = server["workflows"][0]
     assert workflow["path"] == "split_unet.protocol.inference.SplitInferenceController"
-    assert workflow["args"]["decoder_path"] == "trained/decoder.pt" and workflow["args"]["patients"] == ["BRATS_001"]
+    args = workflow["args"]
+    assert args["decoder_path"] == "trained/decoder.pt" and args["patients"] == ["BRATS_001"]
+    # The trained networks: the training's settings, not the controller's defaults.
+    assert args["train"] == training.train.to_dict() and args["sites"] == ["flair", "t1w"]
+    assert args["wire_dtype"] == "float16"  # the controller's own default is float32
     assert server["components"] == []
     site = config(job, "app_flair")["executors"][0]
     assert site["tasks"] == [TASK_INIT, TASK_INFER] and site["executor"]["args"]["encoder_path"] == "run/{site}.pt"

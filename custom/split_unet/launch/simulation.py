@@ -162,12 +162,12 @@ def _follow(process: subprocess.Popen, log_path: Path, progress_path: Path,
 
     with open(log_path) as log:
         while True:
+            pass_on_progress()  # first, even while the log is busy: a caller may act on an event at once
             line = log.readline()
             if line:
                 if ended_at is None and JOB_END_PATTERN.search(line):
                     ended_at = time.monotonic()
                 continue
-            pass_on_progress()
             if process.poll() is not None:
                 pass_on_progress()
                 return process.returncode

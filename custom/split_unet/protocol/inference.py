@@ -46,9 +46,11 @@ class SplitInferenceController(SplitUNetController):
         output_folder: folder in the server's run folder for ``<patient>.nii.gz`` and ``inference.json``.
     """
 
+    # ``*args`` too: NVFlare's Job API then writes the training controller's arguments (``train``, ``sites``, ...)
+    # of an exported job as well (it looks into the base class only for a constructor with both).
     def __init__(self, decoder_path: str, patients: Sequence[str] = (), output_folder: str = SEGMENTATIONS,
-                 **kwargs):
-        super().__init__(**{**kwargs, "persistor_id": ""})  # the decoder comes from decoder_path
+                 *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "persistor_id": ""})  # the decoder comes from decoder_path
         self.decoder_path = decoder_path
         # Each becomes a file name "<id>.nii.gz": the id rule keeps it in the output folder.
         self.patients = check_patient_ids(patients, site="server", field="patients", error=ProtocolError)
