@@ -9,15 +9,20 @@ names a step every site holds; a site keeps its last two files for the crash in 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from split_unet.errors import ProtocolError
 from split_unet.files import save_atomically
+from split_unet.training import DecoderParty, TrainConfig
 
 SERVER_CHECKPOINT = "server.pt"
 SITE_CHECKPOINTS_KEPT = 2
+# Settings a resumed run must share with the run that wrote its checkpoint (epochs may grow).
+RESUME_KEYS = ("batch_size", "lr", "seed", "size", "spacing", "val_fraction", "nopeek_weight", "modality_dropout",
+               "network")
 
 
 def site_checkpoint(folder: str | Path, train_step: int) -> Path:
@@ -44,3 +49,36 @@ def load_checkpoint(path: str | Path, *, site: str, field: str) -> dict:
     if not isinstance(state, dict):
         raise ProtocolError(f"{path} holds a {type(state).__name__}, not a dict of weights", site=site, field=field)
     return state
+
+
+class ServerCheckpoint:
+    """The server's resumable state in ``path``: its decoder party (weights, optimiser), torch's RNG and the
+    training progress (step, epoch, the epoch's losses so far, the history), for a run of ``sites`` with
+    ``config``."""
+
+    def __init__(self, path: Path, sites: Sequence[str], config: TrainConfig):
+        self.path, self.sites, self.config = Path(path), list(sites), config
+
+    def save(self, party: DecoderParty, train_step: int, epoch: int, losses: Sequence[float],
+             history: Sequence[dict]) -> Path:
+        state = {**party.state_dict(), "torch_rng": torch.get_rng_state(), "train_step": train_step, "epoch": epoch,
+                 "losses": list(losses), "history": list(history), "sites": self.sites,
+                 "train": self.config.to_dict()}
+        return save_atomically(state, self.path)
+
+    def load(self, party: DecoderParty) -> dict | None:
+        """The saved progress, its decoder party and RNG restored; None if nothing was saved yet. A checkpoint of
+        another run (other sites, or a setting in ``RESUME_KEYS`` changed) is refused before anything is
+        restored."""
+        if not self.path.is_file():
+            return None
+        state = load_checkpoint(self.path, site="server", field="checkpoint_dir")
+        saved, current = state["train"], self.config.to_dict()
+        changed = [key for key in RESUME_KEYS if saved[key] != current[key]]
+        if state["sites"] != self.sites:
+            changed.append("sites")
+        if changed:
+            raise ProtocolError(f"the checkpoint's run differs in {changed}", site="server", field=str(self.path))
+        party.load_state_dict(state)
+        torch.set_rng_state(state["torch_rng"])
+        return state

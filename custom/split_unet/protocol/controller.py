@@ -26,7 +26,7 @@ from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
 from split_unet.data import DATALIST, MODALITIES, SiteLabels, split_patients
 from split_unet.errors import ProtocolError, SplitUNetError
-from split_unet.files import save_atomically, write_json
+from split_unet.files import write_json
 from split_unet.accounting import gaussian_epsilon
 from split_unet.ids import check_patient_ids
 from split_unet.networks import build_decoder
@@ -36,7 +36,7 @@ from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunk
                                  select_device)
 from split_unet.training.schedule import Schedule
 
-from .checkpoint import SERVER_CHECKPOINT, load_checkpoint
+from .checkpoint import SERVER_CHECKPOINT, ServerCheckpoint
 from .codecs import CODECS
 from .paths import inside
 from .settings import load_site_settings
@@ -159,10 +159,6 @@ class SplitUNetController(Controller):
         resume: start from the checkpoint in ``checkpoint_dir`` (if there is one): the same run continues, and
             ``train.epochs`` may be raised to train on.
     """
-
-    # Settings a resumed run must share with the run that wrote its checkpoint (epochs may grow).
-    RESUME_KEYS = ("batch_size", "lr", "seed", "size", "spacing", "val_fraction", "nopeek_weight",
-                   "modality_dropout", "network")
 
     def __init__(self, sites: Sequence[str] = MODALITIES, train: dict | None = None, wire_dtype: str = "float32",
                  persistor_id: str = "persistor", task_timeout: int = 600, summary_file: str = "summary.json",
@@ -522,28 +518,19 @@ class SplitUNetController(Controller):
         """A round without a batch delivers the sites' gradients of ``train_step``; each saves its checkpoint,
         then the server saves its own: its file always names a step that every site has saved."""
         self._round(TASK_TRAIN, [], abort_signal, fl_ctx, info={"checkpoint": train_step})
-        state = {**self.party.state_dict(), "torch_rng": torch.get_rng_state(), "train_step": train_step,
-                 "epoch": epoch, "losses": list(losses), "history": list(history), "sites": self.sites,
-                 "train": self.config.to_dict()}
+        path = self._checkpoint(fl_ctx).save(self.party, train_step, epoch, losses, history)
         self._last_checkpoint = train_step
-        self.log_info(fl_ctx, f"checkpoint of step {train_step} saved to "
-                              f"{save_atomically(state, self._checkpoint_path(fl_ctx))}")
+        self.log_info(fl_ctx, f"checkpoint of step {train_step} saved to {path}")
 
     def _load_checkpoint(self, fl_ctx: FLContext) -> dict | None:
-        """The server's checkpoint, restored into the decoder party and torch's RNG; None if there is none yet."""
-        path = self._checkpoint_path(fl_ctx)
-        if not path.is_file():
-            self.log_info(fl_ctx, f"no checkpoint at {path}: starting afresh")
-            return None
-        state = load_checkpoint(path, site="server", field="checkpoint_dir")
-        saved, current = state["train"], self.config.to_dict()
-        if changed := [key for key in self.RESUME_KEYS if saved[key] != current[key]] + \
-                (["sites"] if state["sites"] != self.sites else []):
-            raise ProtocolError(f"the checkpoint's run differs in {changed}", site="server", field=str(path))
-        self.party.load_state_dict(state)
-        torch.set_rng_state(state["torch_rng"])
-        self.log_info(fl_ctx, f"resuming after training step {state['train_step']} from {path}")
+        checkpoint = self._checkpoint(fl_ctx)
+        state = checkpoint.load(self.party)
+        self.log_info(fl_ctx, f"no checkpoint at {checkpoint.path}: starting afresh" if state is None else
+                      f"resuming after training step {state['train_step']} from {checkpoint.path}")
         return state
+
+    def _checkpoint(self, fl_ctx: FLContext) -> ServerCheckpoint:
+        return ServerCheckpoint(self._checkpoint_path(fl_ctx), self.sites, self.config)
 
     def _save_decoder(self, fl_ctx: FLContext) -> None:
         if self.persistor is None:
