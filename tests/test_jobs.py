@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from split_unet.jobs import InferenceJob, PsiJob, TrainingJob, export, export_all, job_sites, training_settings
+from split_unet.jobs import InferenceJob, PsiJob, export, export_all, job_sites, training_settings
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE
 from split_unet.protocol.wire import TASK_INFER, TASK_INIT, TASK_TRAIN
 from split_unet.site_configs import write_site_configs

@@ -13,6 +13,7 @@ from split_unet.leakage.record import load_record, snapshot_path
 from split_unet.networks import NetworkConfig, build_split_unet
 from split_unet.jobs import training_settings
 from split_unet.launch.simulation import run_simulation
+from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE
 from split_unet.training import dropped_input, epoch_batches, make_optimizer, segmentation_loss
 
 from helpers import TINY_NETWORK, TINY_SIZE, make_dataset
@@ -39,9 +40,9 @@ def test_training_runs_and_loss_falls(trained_tiny):
     assert summary["memory_mb"]["server"] > 100
     artefacts = summary["artefacts"]
     for site in SITES:
-        assert (workspace / "simulator" / site / "simulate_job" / "split_unet_encoder.pt").is_file()
+        assert (workspace / "simulator" / site / "simulate_job" / ENCODER_FILE).is_file()
     assert list((workspace / "simulator" / "server" / "simulate_job" / "tb_events").rglob("events.out.*"))
-    assert artefacts["decoder"].endswith("split_unet_decoder.pt")
+    assert artefacts["decoder"].endswith(DECODER_FILE)
 
     # The leakage record: what the server received and sent at steps 1 and 9, and the sites' snapshots.
     record = load_record(artefacts["leakage_record"])
@@ -97,18 +98,18 @@ def test_one_step_equals_centralized_split_unet(project_root, tmp_path):
             total += parameter.numel()
 
     for k, site in enumerate(SITES):
-        saved = torch.load(sim / site / "simulate_job" / "split_unet_encoder.pt", weights_only=True)["encoder"]
+        saved = torch.load(sim / site / "simulate_job" / ENCODER_FILE, weights_only=True)["encoder"]
         compare(reference.encoders[k], saved, site)
-    decoder_file = next(sim.joinpath("server").rglob("split_unet_decoder.pt"))
+    decoder_file = next(sim.joinpath("server").rglob(DECODER_FILE))
     compare(reference.decoder, torch.load(decoder_file, weights_only=True)["model"], "decoder")
     assert compared >= 0.9 * total, f"only {compared} of {total} weights had a gradient >= 1e-7"
 
 
 def _final_weights(workspace):
     sim = workspace / "simulator"
-    weights = {site: torch.load(sim / site / "simulate_job" / "split_unet_encoder.pt", weights_only=False)["encoder"]
+    weights = {site: torch.load(sim / site / "simulate_job" / ENCODER_FILE, weights_only=False)["encoder"]
                for site in SITES}
-    weights["decoder"] = torch.load(next(sim.joinpath("server").rglob("split_unet_decoder.pt")),
+    weights["decoder"] = torch.load(next(sim.joinpath("server").rglob(DECODER_FILE)),
                                     weights_only=False)["model"]
     return weights
 

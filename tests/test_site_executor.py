@@ -10,6 +10,7 @@ from nvflare.apis.signal import Signal
 
 from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, TASK_FINISH, TASK_INIT, TASK_TRAIN,
                                       TASK_VALIDATE, TensorMessage)
+from split_unet.protocol.names import ENCODER_FILE
 from split_unet.training import TrainConfig
 
 
@@ -23,7 +24,7 @@ def test_train_step_then_gradient_updates_the_encoder_and_saves_it(site, tmp_pat
     reply = send_task(executor, fl_ctx, TASK_FINISH, 2, [], gradients, tensor_step=1)
     assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK
     assert any(not torch.equal(a, b) for a, b in zip(before, executor.party.encoder.parameters()))
-    saved = torch.load(tmp_path / "job1" / "split_unet_encoder.pt", weights_only=False)
+    saved = torch.load(tmp_path / "job1" / ENCODER_FILE, weights_only=False)
     assert saved["modality"] == "flair" and saved["step"] == 2
 
 

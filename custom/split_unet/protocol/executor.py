@@ -70,7 +70,7 @@ class ModalitySiteExecutor(Executor):
             its encoder weights in its own run folder (``encoder_snapshots/``). Empty in production.
         psi_job_id: the id of a PSI job this site ran (``jobs/split_unet_psi``): use only the patients of its
             intersection. Empty: every patient the site holds.
-        encoder_path: a trained encoder to start from (inference), e.g. ``<training job id>/split_unet_encoder.pt``.
+        encoder_path: a trained encoder to start from (inference), e.g. ``<training job id>/`` and ``names.ENCODER_FILE``.
         checkpoint_dir: folder of this site's training checkpoints, which the server asks for
             (``SplitUNetController(checkpoint_interval=...)``) and resumes from. Empty: no checkpoints.
     """
