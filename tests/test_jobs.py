@@ -93,3 +93,16 @@ def test_psi_job_deploys_to_its_sites(tmp_path):
     job = export(PsiJob(sites=["flair", "t2w"]), tmp_path)
     assert job_sites(job) == ["flair", "t2w"]
     assert config(job, "app_flair")["executors"][0]["tasks"] == ["PSI"]
+
+
+def test_job_export_command_writes_the_options_into_the_jobs(tmp_path):
+    from split_unet.cli import main
+
+    assert main(["job", "export", "--out", str(tmp_path), "--scope", "clinical", "--levels", "1,2",
+                 "--psi-job-id", "psi-7", "--epochs", "3"]) == 0
+    job = tmp_path / "split_unet"
+    assert json.loads((job / "meta.json").read_text())["scope"] == "clinical"
+    train = config(job, "app_server")["workflows"][0]["args"]["train"]
+    assert train["epochs"] == 3 and train["network"]["levels"] == [1, 2]
+    assert config(job, "app_t2w")["executors"][0]["executor"]["args"]["psi_job_id"] == "psi-7"
+    assert job_sites(tmp_path / "split_unet_psi") == ["flair", "t1w", "t1gd", "t2w"]
