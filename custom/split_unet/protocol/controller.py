@@ -32,7 +32,7 @@ from split_unet.files import save_atomically, write_json
 from split_unet.filters.activation_privacy import gaussian_epsilon
 from split_unet.ids import check_patient_ids
 from split_unet.networks import build_decoder
-from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb
+from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb, resident_memory_mb, save_profile, start_profile
 from split_unet.reports import make_summary
 from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, dropped_input, epoch_batches,
                                  logits_to_masks, present_inputs, select_device)
@@ -202,6 +202,7 @@ class SplitUNetController(Controller):
         self._train_rounds = 0  # rounds of the training task (one per step, plus checkpoint rounds)
         self._step_seconds: list[float] = []  # per training step: the round trip and the decoder's step
         self._decoder_seconds: list[float] = []  # per training step: the decoder's step alone
+        self._resident_mb: list[float] = []  # per training step: the server's resident memory after it
         self._training_peak_mb: float | None = None
         self._cpu: defaultdict[str, CpuPerStep] = defaultdict(CpuPerStep)  # the server and each site process
         self._train_step = 0  # the training step in progress
@@ -215,6 +216,7 @@ class SplitUNetController(Controller):
     def start_controller(self, fl_ctx: FLContext) -> None:
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
+        start_profile()
         engine = fl_ctx.get_engine()
         self.run_dir = Path(engine.get_workspace().get_run_dir(fl_ctx.get_job_id()))
         self.persistor = engine.get_component(self.persistor_id) if self.persistor_id else None
@@ -237,6 +239,7 @@ class SplitUNetController(Controller):
                 self._checkpoint_path(fl_ctx)
             self.summary_path = summary_path
             self.run_workflow(abort_signal, fl_ctx)
+            save_profile("server")
         except SplitUNetError as error:
             self._fail(str(error), fl_ctx)
         except Exception as error:  # any failure ends the job with its reason instead of hanging
@@ -303,6 +306,7 @@ class SplitUNetController(Controller):
                 loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids), self._present(absent))
                 self._decoder_seconds.append(time.perf_counter() - round_done)
                 self._training_peak_mb = peak_memory_mb()  # the peak up to here, before any validation
+                self._resident_mb.append(resident_memory_mb())
                 answered = [site for site in self.sites if site in self.reply_info and site not in self._lost]
                 self._cpu["server"].mark(cpu_seconds())
                 for site in answered:  # each site reports its process's CPU time with its answer
@@ -340,6 +344,7 @@ class SplitUNetController(Controller):
             bytes_per_step=self._bytes_per_step(), privacy=self._privacy, history=history, lost_sites=self._lost,
             timing={"step_seconds": [round(s, 4) for s in self._step_seconds],
                     "decoder_seconds": [round(s, 4) for s in self._decoder_seconds],
+                    "server_resident_mb": self._resident_mb,
                     "round_trips_per_step": self._train_rounds / max(1, len(self._step_seconds)),
                     "cpu_seconds_per_step": self._cpu_per_step()},
             memory_mb={"server": peak_memory_mb(), "server_training_steps": self._training_peak_mb,

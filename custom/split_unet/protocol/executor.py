@@ -20,7 +20,7 @@ from split_unet.files import save_atomically
 from split_unet.ids import check_patient_ids
 from split_unet.leakage.record import snapshot_path
 from split_unet.networks import build_encoder
-from split_unet.profiling import cpu_seconds, peak_memory_mb
+from split_unet.profiling import cpu_seconds, peak_memory_mb, save_profile, start_profile
 from split_unet.training import EncoderParty, TrainConfig, select_device
 
 from .checkpoint import load_checkpoint, save_site_checkpoint, site_checkpoint
@@ -113,6 +113,7 @@ class ModalitySiteExecutor(Executor):
         config = TrainConfig.from_dict(request["train"])
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
+        start_profile()
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
         settings = load_site_settings(site, root)
         check_psi_policy(settings, self.psi_job_id, site)
@@ -176,6 +177,7 @@ class ModalitySiteExecutor(Executor):
         if task_name == TASK_FINISH:
             self._save_encoder(fl_ctx)
             echoed["peak_memory_mb"] = peak_memory_mb()
+            save_profile(site)
         if task_name == TASK_INFER:
             echoed["geometry"] = {}
             for pid in request.patient_ids:
