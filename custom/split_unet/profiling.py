@@ -34,6 +34,18 @@ def cpu_seconds() -> float:
     return round(usage.ru_utime + usage.ru_stime, 2)
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) of another process so far, from ``/proc/<pid>/stat``; None where unreadable.
+
+    A job process reads its parent's with it: in POC the parent relays every message of the job (NVFlare's
+    server or client process), and its CPU is part of what the federation costs."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)  # utime, stime
+
+
 class CpuPerStep:
     """CPU seconds per step of one process, from the end of its first step to the end of its last (start-up,
     imports and the first step's allocations left out). ``mark`` takes ``cpu_seconds()`` at each step's end."""

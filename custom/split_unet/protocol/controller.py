@@ -8,6 +8,7 @@ steps. The learning itself is ``DecoderParty``; this class moves messages, check
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -32,7 +33,8 @@ from split_unet.files import save_atomically, write_json
 from split_unet.filters.activation_privacy import gaussian_epsilon
 from split_unet.ids import check_patient_ids
 from split_unet.networks import build_decoder
-from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb, resident_memory_mb, save_profile, start_profile
+from split_unet.profiling import (CpuPerStep, cpu_seconds, peak_memory_mb, process_cpu_seconds, resident_memory_mb,
+                                  save_profile, start_profile)
 from split_unet.reports import make_summary
 from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, dropped_input, epoch_batches,
                                  logits_to_masks, present_inputs, select_device)
@@ -47,7 +49,7 @@ from .wire import (KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_
 
 # Bounds on what a site reports about its own process: beyond them a number is not a measurement
 # (1e9 CPU seconds are 31 years, 1e9 MB a petabyte).
-REPORT_BOUNDS = {"cpu_seconds": 1e9, "peak_memory_mb": 1e9}
+REPORT_BOUNDS = {"cpu_seconds": 1e9, "peak_memory_mb": 1e9, "parent_cpu_seconds": 1e9, "parent_pid": 2**31}
 # The server recomputes a site's epsilon with the site filter's own function and compares: the same code gives
 # the same float; the tolerance only leaves room for another machine's floating-point library.
 EPSILON_RELATIVE_TOLERANCE = 1e-6
@@ -308,10 +310,7 @@ class SplitUNetController(Controller):
                 self._training_peak_mb = peak_memory_mb()  # the peak up to here, before any validation
                 self._resident_mb.append(resident_memory_mb())
                 answered = [site for site in self.sites if site in self.reply_info and site not in self._lost]
-                self._cpu["server"].mark(cpu_seconds())
-                for site in answered:  # each site reports its process's CPU time with its answer
-                    if isinstance(seconds := self.reply_info[site].get("cpu_seconds"), (int, float)):
-                        self._cpu[site].mark(seconds)
+                self._mark_cpu(answered)
                 self._gradients = dict(zip(self.sites, gradients))
                 del features, gradients  # this step's inputs and their gradients: not kept through the next round
                 self._gradient_step = self._step
@@ -474,6 +473,21 @@ class SplitUNetController(Controller):
     # Helpers ------------------------------------------------------------------------------------------------------
     def _expected_shapes(self, batch: int) -> dict[int, tuple[int, ...]]:
         return activation_shapes(self.config, batch)
+
+    def _mark_cpu(self, answered: list[str]) -> None:
+        """CPU time so far of the server, of each site's process (its answer reports it) and of the processes that
+        relay their messages (each process's parent; in POC NVFlare's server and client processes), each once."""
+        self._cpu["server"].mark(cpu_seconds())
+        parents = {os.getppid(): process_cpu_seconds(os.getppid())}
+        for site in answered:
+            report = self.reply_info[site]
+            if "cpu_seconds" in report:
+                self._cpu[site].mark(report["cpu_seconds"])
+            if "parent_cpu_seconds" in report and "parent_pid" in report:
+                parents[int(report["parent_pid"])] = report["parent_cpu_seconds"]
+        for pid, seconds in parents.items():
+            if seconds is not None and pid != os.getpid():
+                self._cpu[f"relay {pid}"].mark(seconds)
 
     def _cpu_per_step(self) -> dict:
         """CPU seconds per training step of the server and of each site process (``CpuPerStep``), and their total."""
