@@ -37,7 +37,8 @@ STAGES = {
                                                 ("nvflare/app_common/np/", "")],
     "NVFlare receive callback (formats the whole payload into a debug f-string)": [
         ("nvflare/fuel/f3/cellnet/cell.py", "Adapter.call")],
-    "NVFlare streaming, cellnet, sockets": [("nvflare/fuel/f3/", "")],
+    # asyncio: NVFlare's socket driver runs its connections on an asyncio loop (nothing else here uses asyncio).
+    "NVFlare streaming, cellnet, sockets": [("nvflare/fuel/f3/", ""), ("asyncio/", "")],
     "NVFlare task polling, events, bookkeeping": [("nvflare/", "")],
     "split_unet (other)": [("split_unet/", "")],
 }

@@ -60,7 +60,8 @@ def _encode_arrays(tensor: torch.Tensor, codec: str, keep_fraction: float) -> tu
         scales = np.where(peaks > 0, peaks / 127.0, 1.0).astype(np.float32)
         header["scale"] = scales.reshape(-1).tolist()
         return {"": np.clip(np.rint(values / scales), -127, 127).astype(np.int8)}, header
-    peak = float(tensor.abs().max()) if values.size else 0.0
+    # max|x| from one min/max pass: no temporary |x| tensor as large as the input
+    peak = max(-float((bounds := torch.aminmax(tensor)).min), float(bounds.max)) if values.size else 0.0
     header["scale"] = peak if peak > 0 and math.isfinite(peak) else 1.0
     if codec == "float16":  # scaled straight into the float16 result: no float32 intermediate
         return {"": torch.div(tensor, header["scale"], out=torch.empty_like(tensor, dtype=torch.float16)).numpy()}, \
