@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import sys
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def step_statistics(seconds: Sequence[float], warmup: int = 1) -> dict:
 # Opt-in CPU profile of a federation's processes: a folder in this variable makes the server's controller and
 # every site's executor profile their process (all threads, CPU time per thread) and write it there at the end.
 PROFILE_ENV = "SPLIT_UNET_PROFILE"
+PROFILE_FRAMES = 12  # frames kept per traced allocation: enough to reach the caller in NVFlare or split_unet
 
 
 def resident_memory_mb() -> float:
@@ -103,12 +105,15 @@ def start_profile() -> bool:
     if not yappi.is_running():
         yappi.set_clock_type("cpu")
         yappi.start(builtins=True, profile_threads=True)
+    if not tracemalloc.is_tracing():  # what is still allocated at the end: what a run accumulates
+        tracemalloc.start(PROFILE_FRAMES)
     return True
 
 
 def save_profile(name: str) -> Path | None:
     """Write this process's profile as ``<SPLIT_UNET_PROFILE>/<name>-<pid>.pstat`` (readable with ``pstats``),
-    with the process's CPU seconds and peak memory beside it; None when profiling is off."""
+    with the process's CPU seconds and peak memory beside it (``.json``) and its largest live Python allocations
+    (``.memory.txt``, tracemalloc); None when profiling is off."""
     folder = os.environ.get(PROFILE_ENV)
     if not folder:
         return None
@@ -124,4 +129,10 @@ def save_profile(name: str) -> Path | None:
         "name": name, "pid": os.getpid(), "cpu_seconds": cpu_seconds(), "peak_memory_mb": peak_memory_mb(),
         "threads": [{"name": t.name, "cpu_seconds": round(t.ttot, 3)} for t in yappi.get_thread_stats()]}))
     yappi.clear_stats()
+    if tracemalloc.is_tracing():
+        live = tracemalloc.take_snapshot().statistics("traceback")
+        path.with_suffix(".memory.txt").write_text("\n\n".join(
+            f"{stat.size / 2**20:.1f} MiB in {stat.count} blocks\n" + "\n".join(stat.traceback.format())
+            for stat in live[:20]))
+        tracemalloc.stop()
     return path
