@@ -27,6 +27,7 @@ from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
+from split_unet.allocator import release_large_blocks
 from split_unet.data import DATALIST, MODALITIES, SiteLabels, split_patients
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.files import save_atomically, write_json
@@ -219,6 +220,7 @@ class SplitUNetController(Controller):
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         start_profile()
+        release_large_blocks()  # the resident memory stays flat across steps (see split_unet.allocator)
         engine = fl_ctx.get_engine()
         self.run_dir = Path(engine.get_workspace().get_run_dir(fl_ctx.get_job_id()))
         self.persistor = engine.get_component(self.persistor_id) if self.persistor_id else None

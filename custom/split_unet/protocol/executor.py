@@ -15,6 +15,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.private.privacy_manager import PrivacyService
 
+from split_unet.allocator import release_large_blocks
 from split_unet.data import SiteImages
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.files import save_atomically
@@ -115,6 +116,7 @@ class ModalitySiteExecutor(Executor):
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         start_profile()
+        release_large_blocks()  # the resident memory stays flat across steps (see split_unet.allocator)
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
         settings = load_site_settings(site, root)
         check_psi_policy(settings, self.psi_job_id, site)
