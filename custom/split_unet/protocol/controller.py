@@ -7,6 +7,7 @@ steps. The learning itself is ``DecoderParty``; this class moves messages, check
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -288,6 +289,8 @@ class SplitUNetController(Controller):
                               f"{config.epochs} epochs, wire {self.wire_dtype}, device {self.party.device}")
 
         resumed = self._resumed or {"train_step": 0, "epoch": 0, "losses": [], "history": []}
+        gc.collect()
+        gc.freeze()  # what set-up made lives for the run: the full collection of every step need not scan it again
         history, metrics, train_step = list(resumed["history"]), None, 0
         train_steps = sum(len(epoch_batches(train_ids, config.batch_size, config.seed, e)) for e in range(config.epochs))
         for epoch in range(config.epochs):
@@ -310,6 +313,10 @@ class SplitUNetController(Controller):
                 loss, gradients = self.party.train_step(features, self.labels.batch(batch_ids), self._present(absent))
                 self._decoder_seconds.append(time.perf_counter() - round_done)
                 self._training_peak_mb = peak_memory_mb()  # the peak up to here, before any validation
+                # NVFlare's message objects form reference cycles that hold each step's payload buffers until a full
+                # collection; collected every step the server stays flat (measured: docs/performance/wire.md). With
+                # the set-up frozen above, a collection costs ~2 ms instead of ~170 ms.
+                gc.collect()
                 self._resident_mb.append(resident_memory_mb())
                 answered = [site for site in self.sites if site in self.reply_info and site not in self._lost]
                 self._mark_cpu(answered)
