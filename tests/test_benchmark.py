@@ -53,6 +53,11 @@ def test_bench_runs_centralized_and_simulator(tmp_path):
     assert simulator["round_trips_per_step"] == 1
     assert 1.0 <= simulator["bytes_vs_float16"] <= 1.01
     assert simulator["peak_memory_mb"]["server"] > 100 and simulator["peak_memory_mb"]["site"] > 100
+    extra = simulator["federation_cpu_seconds_per_step"]
+    assert extra == round(simulator["cpu_seconds_per_step"] - central["cpu_seconds_per_step"], 4)
+    if extra > 0:
+        assert simulator["mb_per_federation_cpu_second"] == round(simulator["bytes_per_step"] / 1e6 / extra, 1)
+    assert len(simulator["server_resident_mb"]) == 3  # one per training step
     assert "| simulator |" in bench_table(results)
 
 

@@ -239,7 +239,8 @@ def test_a_new_batch_while_activations_await_their_gradient_changes_nothing(site
 
 def _topk_message(shape: list[int]):
     """A tiny top-k gradient message whose header declares ``shape``."""
-    return DXO(KIND_ACTIVATIONS, data={"0": np.ones(1, np.float16), "0:indices": np.zeros(1, np.int32)},
+    return DXO(KIND_ACTIVATIONS,
+               data={"0": np.ones(1, np.float16).tobytes(), "0:indices": np.zeros(1, np.int32).tobytes()},
                meta={"step": 1, "patient_ids": ["BRATS_001"], "info": {"train_step": 1, "train_steps": 1},
                      "encodings": {"0": {"codec": "topk", "shape": shape, "scale": 1.0}}}).to_shareable()
 

@@ -1,5 +1,7 @@
 """Region metrics and the checks of the wire format."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from nvflare.apis.dxo import DXO
 from nvflare.apis.shareable import Shareable
 
 from split_unet.errors import ProtocolError
+from split_unet.protocol.codecs import CODECS, DTYPES
 from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage, check_features, dxo_of,
                                       error_reply)
 from split_unet.training import RegionMetrics, epoch_batches, logits_to_masks
@@ -93,7 +96,7 @@ def test_epoch_batches_are_seeded_and_cover_every_patient():
 
 
 def _activations(**meta):
-    data = {"0": np.zeros((1, 4, 8, 8, 8), np.float32)}
+    data = {"0": np.zeros((1, 4, 8, 8, 8), np.float32).tobytes()}
     encoding = {"codec": "float32", "shape": [1, 4, 8, 8, 8], "scale": 1.0}
     defaults = {"step": 1, "patient_ids": ["P1"], "encodings": {"0": encoding}}
     return DXO(KIND_ACTIVATIONS, data=data, meta={**defaults, **meta}).to_shareable()
@@ -120,7 +123,9 @@ def test_site_error_text_reaches_the_server():
         dxo_of(error_reply("disk full"), KIND_ACTIVATIONS, site="t1w")
 
 
-@pytest.mark.parametrize("bad", [np.full((1, 4, 8, 8, 8), np.inf, np.float32), np.zeros((1, 4, 8, 8, 8), np.int64),
+@pytest.mark.parametrize("bad", [np.full((1, 4, 8, 8, 8), np.inf, np.float32).tobytes(),
+                                 np.zeros((1, 4, 8, 8, 8), np.int64).tobytes(),
+                                 np.zeros((1, 4, 8, 8, 8), np.float32),  # an array: the wire carries raw bytes
                                  [[0.0]]])
 def test_non_finite_or_non_float_tensors_are_refused(bad):
     encoding = {"codec": "float32", "shape": [1, 4, 8, 8, 8], "scale": 1.0}
@@ -160,3 +165,40 @@ def test_topk_keeps_the_largest_entries_and_their_positions():
     shareable, n_bytes = TensorMessage(KIND_ACTIVATIONS, 1, [], {0: tensor}).to_shareable("topk", keep_fraction=0.02)
     decoded = TensorMessage.from_shareable(shareable, KIND_ACTIVATIONS, site="s").tensors[0]
     assert torch.allclose(decoded, tensor, rtol=1e-3) and n_bytes == 3 * (2 + 4)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_tensors_travel_as_raw_bytes_of_the_codecs_dtype(codec):
+    """No numpy array in the DXO (NVFlare's FOBS would send it through its download service): contiguous bytes,
+    exactly as many as the codec's dtype needs for the declared shape."""
+    tensor = torch.randn(2, 4, 8, 8, 8)
+    message = TensorMessage(KIND_ACTIVATIONS, 1, ["P1"], {0: tensor})
+    shareable, n_bytes = message.to_shareable(codec, keep_fraction=0.25)
+    data = shareable["DXO"]["data"]
+    assert all(type(value) is bytes for value in data.values())
+    kept = math.ceil(0.25 * tensor.numel())
+    expected = kept * (2 + 4) if codec == "topk" else tensor.numel() * DTYPES[codec].itemsize
+    assert n_bytes == sum(len(value) for value in data.values()) == expected
+    received = TensorMessage.from_shareable(shareable, KIND_ACTIVATIONS, site="flair")
+    assert received.wire_bytes == n_bytes and received.tensors[0].shape == tensor.shape
+
+
+@pytest.mark.parametrize("codec", ["float32", "float16", "topk"])
+def test_one_non_finite_value_anywhere_is_refused(codec):
+    """The finiteness check looks at the minimum and maximum of the decoded tensor: one NaN or Inf at any position,
+    the first, the last or in between, makes the message invalid."""
+    shape = [2, 4, 9, 9, 9]  # an odd size: the last values fall outside any vector width
+    for position in (0, 1, 4095, math.prod(shape) - 1):
+        for bad in (np.nan, np.inf, -np.inf):
+            dtype = DTYPES[codec]
+            values = np.zeros(math.prod(shape), dtype)
+            data = {}
+            if codec == "topk":
+                values, indices = np.zeros(position + 1, dtype), np.arange(position + 1, dtype=np.int32)
+                data["0:indices"] = indices.tobytes()
+            values[-1 if codec == "topk" else position] = bad
+            data["0"] = values.tobytes()
+            payload = DXO(KIND_ACTIVATIONS, data=data, meta={"step": 1, "patient_ids": [], "encodings": {
+                "0": {"codec": codec, "shape": shape, "scale": 1.0}}}).to_shareable()
+            with pytest.raises(ProtocolError, match=r"activations\[0\].*NaN/Inf"):
+                TensorMessage.from_shareable(payload, KIND_ACTIVATIONS, site="flair")

@@ -17,14 +17,16 @@ from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 
 from split_unet.errors import ProtocolError
-from split_unet.protocol.codecs import CODECS
+from split_unet.protocol.codecs import CODECS, DTYPES, INDICES_DTYPE, INDICES_SUFFIX
 from split_unet.protocol.wire import (ERROR_HEADER, KIND_ACTIVATIONS, KIND_GRADIENTS, TASK_TRAIN, TensorMessage,
                                       error_reply, read_activations)
 
 CASES = 300
 NOT_AN_INT = [None, True, False, "1", 1.5, float("nan"), [], {}, [1]]
 BAD_KEYS = ["-1", "a", "\u00b2", "0:foo", "00", "1.5", " 1", "1 ", 7, "0:", "1:indices:indices", "9999999"]
-BAD_DTYPES = [np.int64, np.float64, np.bool_, np.complex64, object, ">f4", np.uint8, np.int32]
+# Values re-encoded in another dtype: a byte count that no longer matches the declared shape (the dtypes of the
+# same size as the codec's are left out: their bytes would be valid values of the codec's dtype).
+BAD_DTYPES = [np.int64, np.float64, np.bool_, np.complex64, np.float32, np.float16, np.uint8, np.int32]
 
 
 def _valid(kind: str, step: int, patient_ids: list[str], shapes: dict[int, tuple], codec: str,
@@ -43,9 +45,21 @@ def _is_level(key: object) -> bool:
     return isinstance(key, str) and key.isascii() and key.isdigit()
 
 
-def _numeric(array: object) -> bool:
-    """Still an array an earlier mutation left numeric (later mutations edit its values)."""
-    return isinstance(array, np.ndarray) and array.dtype.kind in "iuf" and array.size > 0
+def _dtype(raw: dict, key: str) -> np.dtype:
+    """The wire dtype of a data key (its level's codec is intact: tensor mutations come before header ones)."""
+    level, _, suffix = key.partition(":")
+    return INDICES_DTYPE if suffix else DTYPES[raw["meta"]["encodings"][level]["codec"]]
+
+
+def _numeric(raw: dict, key: str) -> bool:
+    """Still whole values of its codec's dtype that an earlier mutation left in place (later ones edit them)."""
+    value = raw["data"].get(key)
+    return isinstance(value, bytes) and len(value) > 0 and len(value) % _dtype(raw, key).itemsize == 0
+
+
+def _values(raw: dict, key: str) -> np.ndarray:
+    """A writable copy of a data key's values; store it back with ``raw["data"][key] = values.tobytes()``."""
+    return np.frombuffer(raw["data"][key], _dtype(raw, key)).copy()
 
 
 def _mutate_meta(raw: dict, rng: random.Random, valid_step: int) -> str:
@@ -68,7 +82,7 @@ def _mutate_header(raw: dict, rng: random.Random) -> str:
     level = _level(raw, rng)
     header = raw["meta"]["encodings"].setdefault(level, {"codec": "float32", "shape": [1], "scale": 1.0})
     choice = rng.choice(["codec", "shape", "huge", "scale", "overflow", "missing"])
-    if choice == "overflow" and not _numeric(raw["data"][level]):
+    if choice == "overflow" and not _numeric(raw, level):
         choice = "codec"
     if choice == "codec":
         header["codec"] = rng.choice(["bf8", None, 3, ["float32"], "FLOAT32"])
@@ -82,7 +96,9 @@ def _mutate_header(raw: dict, rng: random.Random) -> str:
         header["scale"] = [bad] * len(header["scale"]) if isinstance(header["scale"], list) else bad
     elif choice == "overflow":  # finite values, finite scale, but their product overflows float32
         header["scale"] = [1e38] * len(header["scale"]) if isinstance(header["scale"], list) else 1e38
-        raw["data"][level].flat[0] = 100
+        values = _values(raw, level)
+        values[0] = 100
+        raw["data"][level] = values.tobytes()
     else:
         del raw["meta"]["encodings"][level]
     return f"{choice}[{level}]"
@@ -94,34 +110,40 @@ def _mutate_data(raw: dict, rng: random.Random) -> str:
     choice = rng.choice(["key", "not_array", "dtype", "nonfinite", "array_shape", "drop", "extra", "indices"])
     if choice == "nonfinite" and codec == "int8":
         choice = "dtype"  # int8 cannot hold NaN
-    if choice == "indices" and (codec != "topk" or not _numeric(data.get(f"{level}:indices"))):
+    if choice == "indices" and (codec != "topk" or not _numeric(raw, f"{level}{INDICES_SUFFIX}")):
         choice = "array_shape"
-    if choice in ("dtype", "nonfinite", "array_shape") and not _numeric(data[level]):
+    if choice in ("dtype", "nonfinite", "array_shape") and not _numeric(raw, level):
         choice = "key"
     if choice == "key":
         data[rng.choice(BAD_KEYS)] = data[level]
     elif choice == "not_array":
-        data[level] = rng.choice([[[0.0]], "x", None, 3.0, torch.zeros(2), {"a": 1}])
+        data[level] = rng.choice([[[0.0]], "x", None, 3.0, torch.zeros(2), {"a": 1}, np.zeros(2, np.float16)])
     elif choice == "dtype":
-        with np.errstate(invalid="ignore"):  # NaN cast to an integer type
-            data[level] = data[level].astype(rng.choice(BAD_DTYPES))
+        itemsize = _dtype(raw, level).itemsize
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN cast to an integer type
+            data[level] = _values(raw, level).astype(
+                rng.choice([d for d in BAD_DTYPES if np.dtype(d).itemsize != itemsize])).tobytes()
     elif choice == "nonfinite":
-        data[level].flat[rng.randrange(data[level].size)] = rng.choice([np.nan, np.inf, -np.inf])
+        values = _values(raw, level)
+        values[rng.randrange(values.size)] = rng.choice([np.nan, np.inf, -np.inf])
+        data[level] = values.tobytes()
     elif choice == "array_shape":
-        data[level] = data[level][..., :1] if data[level].shape[-1] > 1 else np.concatenate([data[level]] * 2, -1)
+        values = _values(raw, level)
+        data[level] = (values[: values.size // 2] if values.size > 1 else np.concatenate([values] * 2)).tobytes()
     elif choice == "drop":
         for key in [k for k in data if isinstance(k, str) and k.split(":")[0] == level]:
             del data[key]
     elif choice == "extra":
-        data["7"] = data[level].copy()
+        data["7"] = data[level]
         raw["meta"]["encodings"]["7"] = copy.deepcopy(raw["meta"]["encodings"].get(level))
-        if f"{level}:indices" in data:
-            data["7:indices"] = data[f"{level}:indices"].copy()
+        if f"{level}{INDICES_SUFFIX}" in data:
+            data[f"7{INDICES_SUFFIX}"] = data[f"{level}{INDICES_SUFFIX}"]
     else:
-        indices = data[f"{level}:indices"]
+        key = f"{level}{INDICES_SUFFIX}"
+        indices = _values(raw, key)
         numel = int(np.prod(raw["meta"]["encodings"][level]["shape"]))  # intact: topk checked above
-        data[f"{level}:indices"] = rng.choice([indices + numel, indices - numel, indices.astype(np.float32),
-                                               indices[:-1], indices.reshape(1, -1)])
+        data[key] = rng.choice([(indices + numel).tobytes(), (indices - numel).tobytes(),
+                                indices.astype(np.int64).tobytes(), indices[:-1].tobytes(), data[key] + b"\0"])
     return f"{choice}[{level}]"
 
 
@@ -211,7 +233,7 @@ def test_site_refuses_every_hostile_gradient_and_keeps_its_encoder(site):  # noq
 
 def test_declared_shape_beyond_the_limit_is_refused_before_decoding():
     indices = np.array([0], np.int32)
-    payload = DXO(KIND_GRADIENTS, data={"0": np.ones(1, np.float16), "0:indices": indices},
+    payload = DXO(KIND_GRADIENTS, data={"0": np.ones(1, np.float16).tobytes(), "0:indices": indices.tobytes()},
                   meta={"step": 1, "patient_ids": [], "encodings": {"0": {"codec": "topk", "shape": [2**30],
                                                                           "scale": 1.0}}}).to_shareable()
     with pytest.raises(ProtocolError, match=r"field 'split_unet.gradients\[0\].shape'.*more than the limit"):

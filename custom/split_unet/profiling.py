@@ -1,9 +1,13 @@
-"""Figures a benchmark needs from inside a process: its peak memory and step-time statistics."""
+"""Figures a benchmark needs from inside a process: its peak memory, step-time statistics and (opt-in) a CPU
+profile of all its threads."""
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import sys
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +33,18 @@ def cpu_seconds() -> float:
     """CPU time (user + system) this process has used so far, all its threads."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return round(usage.ru_utime + usage.ru_stime, 2)
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) of another process so far, from ``/proc/<pid>/stat``; None where unreadable.
+
+    A job process reads its parent's with it: in POC the parent relays every message of the job (NVFlare's
+    server or client process), and its CPU is part of what the federation costs."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)  # utime, stime
 
 
 class CpuPerStep:
@@ -57,3 +73,66 @@ def step_statistics(seconds: Sequence[float], warmup: int = 1) -> dict:
         return {"steps": 0}
     return {"steps": int(kept.size), "median": float(np.median(kept)), "p10": float(np.percentile(kept, 10)),
             "p90": float(np.percentile(kept, 90)), "mean": float(kept.mean())}
+
+
+# Opt-in CPU profile of a federation's processes: a folder in this variable makes the server's controller and
+# every site's executor profile their process (all threads, CPU time per thread) and write it there at the end.
+PROFILE_ENV = "SPLIT_UNET_PROFILE"
+PROFILE_FRAMES = 12  # frames kept per traced allocation: enough to reach the caller in NVFlare or split_unet
+
+
+def resident_memory_mb() -> float:
+    """Current resident memory of this process in MiB (``VmRSS``; 0 where ``/proc`` is missing)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def start_profile() -> bool:
+    """Start profiling this process if ``SPLIT_UNET_PROFILE`` names a folder; True if it runs.
+
+    yappi (a development dependency) because it measures CPU time per thread, including threads that NVFlare
+    started before this call; cProfile sees only the thread that enables it and py-spy counted threads blocked
+    in ``Condition.wait`` as running in this container.
+    """
+    if not os.environ.get(PROFILE_ENV):
+        return False
+    import yappi
+
+    if not yappi.is_running():
+        yappi.set_clock_type("cpu")
+        yappi.start(builtins=True, profile_threads=True)
+    if not tracemalloc.is_tracing():  # what is still allocated at the end: what a run accumulates
+        tracemalloc.start(PROFILE_FRAMES)
+    return True
+
+
+def save_profile(name: str) -> Path | None:
+    """Write this process's profile as ``<SPLIT_UNET_PROFILE>/<name>-<pid>.pstat`` (readable with ``pstats``),
+    with the process's CPU seconds and peak memory beside it (``.json``) and its largest live Python allocations
+    (``.memory.txt``, tracemalloc); None when profiling is off."""
+    folder = os.environ.get(PROFILE_ENV)
+    if not folder:
+        return None
+    import yappi
+
+    if not yappi.is_running():
+        return None
+    yappi.stop()
+    path = Path(folder) / f"{name}-{os.getpid()}.pstat"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    yappi.get_func_stats().save(str(path), type="pstat")
+    path.with_suffix(".json").write_text(json.dumps({
+        "name": name, "pid": os.getpid(), "cpu_seconds": cpu_seconds(), "peak_memory_mb": peak_memory_mb(),
+        "threads": [{"name": t.name, "cpu_seconds": round(t.ttot, 3)} for t in yappi.get_thread_stats()]}))
+    yappi.clear_stats()
+    if tracemalloc.is_tracing():
+        live = tracemalloc.take_snapshot().statistics("traceback")
+        path.with_suffix(".memory.txt").write_text("\n\n".join(
+            f"{stat.size / 2**20:.1f} MiB in {stat.count} blocks\n" + "\n".join(stat.traceback.format())
+            for stat in live[:20]))
+        tracemalloc.stop()
+    return path

@@ -202,8 +202,21 @@ def describe(mode: str, summary: dict, config: BenchConfig, steps_per_epoch: int
                                "site": max(v or 0 for v in summary["memory_mb"]["sites"].values())},
                cpu_seconds=round(summary["cpu_seconds"]["server"]
                                  + sum(v or 0 for v in summary["cpu_seconds"]["sites"].values()), 2))
+    row["bytes_per_step"] = summary["bytes_per_step"]["total"]
+    row["cpu_seconds_per_step_by_process"] = summary["timing"]["cpu_seconds_per_step"]
+    row["server_resident_mb"] = summary["timing"].get("server_resident_mb")
     row["bytes_vs_float16"] = round(max(row["bytes_per_step_per_site"].values()) / config.float16_bytes(), 3)
     return row
+
+
+def federation_figures(row: dict, centralized: dict) -> dict:
+    """What the federation costs beyond the same arithmetic centralized: CPU seconds per step of all its processes
+    (server, sites and, where they report them, the NVFlare processes relaying their messages) minus centralized's,
+    and the tensor megabytes per step it moves per such CPU second."""
+    extra = round(row["cpu_seconds_per_step"] - centralized["cpu_seconds_per_step"], 4)
+    megabytes = row["bytes_per_step"] / 1e6
+    return {"federation_cpu_seconds_per_step": extra,
+            "mb_per_federation_cpu_second": round(megabytes / extra, 1) if extra > 0 else None}
 
 
 def bench(out: str | Path, config: BenchConfig, modes: Sequence[str] = MODES, data_root: str | Path | None = None,
@@ -248,6 +261,8 @@ def bench(out: str | Path, config: BenchConfig, modes: Sequence[str] = MODES, da
                 row["ratio_to_centralized"] = round(row["step_seconds"]["median"]
                                                     / reference["step_seconds"]["median"], 3)
                 row["epoch_ratio_to_centralized"] = round(row["epoch_seconds"] / reference["epoch_seconds"], 3)
+                if row is not reference:
+                    row.update(federation_figures(row, reference))
     write_json(out / "bench.json", result)
     return result
 
@@ -255,11 +270,12 @@ def bench(out: str | Path, config: BenchConfig, modes: Sequence[str] = MODES, da
 def bench_table(results: dict) -> str:
     """Markdown table of one ``bench.json``."""
     lines = ["| mode | s/step median (p10-p90) | s/epoch | x centralized (step / epoch) | MB/step/site to server "
-             "/ to site | x float16 | round trips/step | peak MB server / site | CPU s/step (all processes) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "/ to site | x float16 | round trips/step | peak MB server / site | CPU s/step (all processes) | federation CPU "
+             "s/step | MB per federation CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, row in results["modes"].items():
         if "error" in row:
-            lines.append(f"| {mode} | error: {row['error']} ||||||||")
+            lines.append(f"| {mode} | error: {row['error']} ||||||||||")
             continue
         stats = row["step_seconds"]
         ratio = (f"{row['ratio_to_centralized']:.2f} / {row['epoch_ratio_to_centralized']:.2f}"
@@ -274,5 +290,6 @@ def bench_table(results: dict) -> str:
             peak = f"{memory['server']:.0f} / {memory['site']:.0f}"
         lines.append(f"| {mode} | {stats['median']:.3f} ({stats['p10']:.3f}-{stats['p90']:.3f}) | "
                      f"{row['epoch_seconds']:.1f} | {ratio} | {traffic} | {overhead} | {trips} | {peak} | "
-                     f"{row['cpu_seconds_per_step']:.2f} |")
+                     f"{row['cpu_seconds_per_step']:.2f} | {row.get('federation_cpu_seconds_per_step', '-')} | "
+                     f"{row.get('mb_per_federation_cpu_second') or '-'} |")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Tensor codecs of the wire format: how one level's tensor becomes numpy arrays and back.
+"""Tensor codecs of the wire format: how one level's tensor becomes raw bytes and back.
 
 - ``float32``: exact.
 - ``float16``: ``x / max|x|`` in float16, so tensors far smaller than float16's smallest normal number
@@ -8,8 +8,12 @@
 - ``topk``: only the ``keep_fraction`` largest-magnitude entries, as float16 values plus int32 flat
   indices; the rest decode as 0.
 
-NVFlare serialises numpy arrays natively, so no decomposer has to be registered at either end. Conversions
-to and from float16 run in torch, whose vectorised casts are several times faster than numpy's.
+Each array travels as the contiguous little-endian bytes of the codec's dtype (``DTYPES``); the header
+(in the DXO meta) carries codec, shape and scale. Raw bytes, not numpy arrays: NVFlare 2.9's FOBS sends a
+numpy array through its download service (``np.save`` per array and a pull of 2 MB chunks per message), and
+bytes are carried in the message itself (measured in ``docs/performance/wire.md``). The receiver checks
+every byte count against the declared shape before it allocates anything. Conversions to and from float16
+run in torch, whose vectorised casts are several times faster than numpy's.
 """
 
 from __future__ import annotations
@@ -30,10 +34,19 @@ INDICES_SUFFIX = ":indices"
 MAX_ELEMENTS = 2**28
 MAX_DIMS = 8  # a U-Net level is (batch, channels, *spatial) with at most 3 spatial axes
 MAX_SCALE = float(np.finfo(np.float32).max)  # also refuses NaN and ints too large for a float
+# The dtype of each codec's values on the wire (little-endian); top-k adds int32 indices.
+DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1"), "topk": np.dtype("<f2")}
+INDICES_DTYPE = np.dtype("<i4")
 
 
-def encode(tensor: torch.Tensor, codec: str, keep_fraction: float = 0.1) -> tuple[dict[str, np.ndarray], dict]:
-    """Tensor -> ({"": main array, ":indices": ...}, header with codec, scale and shape)."""
+def encode(tensor: torch.Tensor, codec: str, keep_fraction: float = 0.1) -> tuple[dict[str, bytes], dict]:
+    """Tensor -> ({"": main bytes, ":indices": ...}, header with codec, scale and shape)."""
+    arrays, header = _encode_arrays(tensor, codec, keep_fraction)
+    return {suffix: array.astype(DTYPES[codec] if not suffix else INDICES_DTYPE, copy=False).tobytes()
+            for suffix, array in arrays.items()}, header
+
+
+def _encode_arrays(tensor: torch.Tensor, codec: str, keep_fraction: float) -> tuple[dict[str, np.ndarray], dict]:
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
     tensor = tensor.detach().to("cpu", torch.float32)
@@ -47,7 +60,8 @@ def encode(tensor: torch.Tensor, codec: str, keep_fraction: float = 0.1) -> tupl
         scales = np.where(peaks > 0, peaks / 127.0, 1.0).astype(np.float32)
         header["scale"] = scales.reshape(-1).tolist()
         return {"": np.clip(np.rint(values / scales), -127, 127).astype(np.int8)}, header
-    peak = float(tensor.abs().max()) if values.size else 0.0
+    # max|x| from one min/max pass: no temporary |x| tensor as large as the input
+    peak = max(-float((bounds := torch.aminmax(tensor)).min), float(bounds.max)) if values.size else 0.0
     header["scale"] = peak if peak > 0 and math.isfinite(peak) else 1.0
     if codec == "float16":  # scaled straight into the float16 result: no float32 intermediate
         return {"": torch.div(tensor, header["scale"], out=torch.empty_like(tensor, dtype=torch.float16)).numpy()}, \
@@ -61,8 +75,9 @@ def encode(tensor: torch.Tensor, codec: str, keep_fraction: float = 0.1) -> tupl
 
 def decode(arrays: Mapping[str, object], header: object, *, site: str | None, field_name: str,
            max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
-    """Checked inverse of ``encode``: refuses unknown codecs, wrong dtypes or shapes, a declared shape of more
-    than ``max_elements`` elements, bad scales, NaN and Inf (also after scaling, which can overflow)."""
+    """Checked inverse of ``encode``: refuses unknown codecs, byte counts that do not match the declared shape,
+    a declared shape of more than ``max_elements`` elements, bad scales, NaN and Inf (also after scaling, which
+    can overflow)."""
     def fail(message: str, suffix: str = "") -> ProtocolError:
         return ProtocolError(message, site=site, field=field_name + suffix)
 
@@ -80,48 +95,56 @@ def decode(arrays: Mapping[str, object], header: object, *, site: str | None, fi
     if max(shape, default=0) > max(max_elements, 1):
         raise fail(f"declared shape {str(shape)[:80]} has a dimension of more than the limit of {max_elements}",
                    ".shape")
-    array = arrays.get("")
-    if not isinstance(array, np.ndarray):
-        raise fail(f"expected a numpy array, got {type(array).__name__}")
-    expected_dtypes = {"float32": (np.float32, np.float16), "float16": (np.float16,), "int8": (np.int8,),
-                       "topk": (np.float16,)}[codec]
-    if array.dtype not in expected_dtypes:
-        raise fail(f"expected {'/'.join(np.dtype(d).name for d in expected_dtypes)} for {codec}, got {array.dtype}")
-    # int8 has one scale per channel, the other codecs one number.
+    # Scales before any value is read: int8 has one per channel, the other codecs one number.
     scales = scale if codec == "int8" and isinstance(scale, list) else [scale]
     if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s <= MAX_SCALE for s in scales):
         raise fail(f"invalid scale {scale!r}", ".scale")
-    with np.errstate(over="ignore"):  # an overflow is refused just below
+    if codec == "int8" and (len(shape) < 2 or len(scales) != shape[1]):
+        raise fail(f"int8 needs one scale per channel, got {len(scales)}", ".scale")
+    count = None if codec == "topk" else numel  # top-k: as many values as indices, at most the shape's size
+    array = _received_array(arrays.get(""), DTYPES[codec], count, fail)
+    with warnings.catch_warnings(), np.errstate(over="ignore"):  # an overflow is refused just below
+        warnings.simplefilter("ignore", UserWarning)  # a received buffer is read-only; it is only read
         tensor = _dense(codec, array, arrays, shape, scales, fail)
-    if not torch.isfinite(tensor).all():  # one check of the decoded tensor; the cause only on failure
+    # One pass over the decoded tensor: min and max are NaN if any entry is, and infinite if any entry is (an
+    # entry itself or an overflow of its scaling); the cause is looked up only on failure.
+    low, high = torch.aminmax(tensor) if tensor.numel() else (torch.zeros(()), torch.zeros(()))
+    if not (torch.isfinite(low) and torch.isfinite(high)):
         if bad := int((~np.isfinite(array.astype(np.float32))).sum()):
             raise fail(f"contains {bad} NaN/Inf values")
         raise fail(f"scale {scale!r} overflows float32", ".scale")
     return tensor
 
 
+def _received_array(value: object, dtype: np.dtype, count: int | None, fail: Callable[..., ProtocolError],
+                    suffix: str = "", counted: str = "the declared shape") -> np.ndarray:
+    """A read-only view of received bytes as the ``count`` values of ``dtype`` that ``counted`` asks for (any whole
+    number of values when ``count`` is None); the byte count is checked before anything is read or allocated."""
+    if not isinstance(value, (bytes, bytearray)):
+        raise fail(f"expected the bytes of {dtype.name} values, got {type(value).__name__}", suffix)
+    if count is None and len(value) % dtype.itemsize:
+        raise fail(f"{len(value)} bytes are not whole {dtype.name} values", suffix)
+    if count is not None and len(value) != count * dtype.itemsize:
+        raise fail(f"{len(value)} bytes, not the {count} {dtype.name} values of {counted}", suffix)
+    return np.frombuffer(value, dtype)
+
+
 def _dense(codec: str, array: np.ndarray, arrays: Mapping[str, object], shape: list[int], scales: list,
            fail: Callable[..., ProtocolError]) -> torch.Tensor:
-    """The decoded float32 tensor of a header already checked by ``decode``."""
+    """The decoded float32 tensor of a header and byte count already checked by ``decode``."""
     numel = math.prod(shape)
     if codec == "topk":
-        indices = arrays.get(INDICES_SUFFIX)
-        if not isinstance(indices, np.ndarray) or indices.dtype not in (np.int32, np.int64) or \
-                indices.shape != array.shape or array.ndim != 1:
-            raise fail("top-k needs int32 indices matching its values", INDICES_SUFFIX)
+        if array.size > numel:
+            raise fail(f"top-k sends {array.size} values for a shape of {numel} elements")
+        indices = _received_array(arrays.get(INDICES_SUFFIX), INDICES_DTYPE, array.size, fail, INDICES_SUFFIX,
+                                  "the top-k values")
         if indices.size and (indices.min() < 0 or indices.max() >= numel):
             raise fail("top-k index out of range", INDICES_SUFFIX)
         dense = np.zeros(numel, np.float32)
         dense[indices] = array.astype(np.float32) * np.float32(scales[0])
         return torch.from_numpy(dense.reshape(shape))
-    if list(array.shape) != shape:
-        raise fail(f"array shape {list(array.shape)} != declared shape {shape}")
-    with warnings.catch_warnings():  # a received array may be read-only; it is only read, never written
-        warnings.simplefilter("ignore", UserWarning)
-        received = torch.from_numpy(array)
+    received = torch.from_numpy(array).reshape(shape)
     if codec == "int8":
-        if len(shape) < 2 or len(scales) != shape[1]:
-            raise fail(f"int8 needs one scale per channel, got {len(scales)}", ".scale")
         view = [1] * len(shape)
         view[1] = shape[1]
         return received.to(torch.float32).mul_(torch.tensor(scales, dtype=torch.float32).reshape(view))
@@ -130,5 +153,5 @@ def _dense(codec: str, array: np.ndarray, arrays: Mapping[str, object], shape: l
     return received.to(torch.float32).mul_(float(scales[0]))  # the converted copy, scaled in place
 
 
-def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
-    return sum(a.nbytes for a in arrays.values())
+def nbytes(values: Mapping[str, bytes]) -> int:
+    return sum(len(v) for v in values.values())

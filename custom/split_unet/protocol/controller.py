@@ -7,7 +7,9 @@ steps. The learning itself is ``DecoderParty``; this class moves messages, check
 
 from __future__ import annotations
 
+import gc
 import math
+import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -24,13 +26,15 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
+from split_unet.allocator import release_large_blocks
 from split_unet.data import DATALIST, MODALITIES, SiteLabels, split_patients
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.files import write_json
 from split_unet.accounting import gaussian_epsilon
 from split_unet.ids import check_patient_ids
 from split_unet.networks import build_decoder
-from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb
+from split_unet.profiling import (CpuPerStep, cpu_seconds, peak_memory_mb, process_cpu_seconds, resident_memory_mb,
+                                  save_profile, start_profile)
 from split_unet.reports import make_summary
 from split_unet.training import (DecoderParty, RegionMetrics, TrainConfig, chunks, logits_to_masks, present_inputs,
                                  select_device)
@@ -47,7 +51,7 @@ from .wire import (KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_
 
 # Bounds on what a site reports about its own process: beyond them a number is not a measurement
 # (1e9 CPU seconds are 31 years, 1e9 MB a petabyte).
-REPORT_BOUNDS = {"cpu_seconds": 1e9, "peak_memory_mb": 1e9}
+REPORT_BOUNDS = {"cpu_seconds": 1e9, "peak_memory_mb": 1e9, "parent_cpu_seconds": 1e9, "parent_pid": 2**31}
 # The server recomputes a site's epsilon with the site filter's own function and compares: the same code gives
 # the same float; the tolerance only leaves room for another machine's floating-point library.
 EPSILON_RELATIVE_TOLERANCE = 1e-6
@@ -200,6 +204,7 @@ class SplitUNetController(Controller):
         self._train_rounds = 0  # rounds of the training task (one per step, plus checkpoint rounds)
         self._step_seconds: list[float] = []  # per training step: the round trip and the decoder's step
         self._decoder_seconds: list[float] = []  # per training step: the decoder's step alone
+        self._resident_mb: list[float] = []  # per training step: the server's resident memory after it
         self._training_peak_mb: float | None = None
         self._cpu: defaultdict[str, CpuPerStep] = defaultdict(CpuPerStep)  # the server and each site process
         self._train_step = 0  # the training step in progress
@@ -214,6 +219,8 @@ class SplitUNetController(Controller):
     def start_controller(self, fl_ctx: FLContext) -> None:
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
+        start_profile()
+        release_large_blocks()  # the resident memory stays flat across steps (see split_unet.allocator)
         engine = fl_ctx.get_engine()
         self.run_dir = Path(engine.get_workspace().get_run_dir(fl_ctx.get_job_id()))
         self.telemetry.start(self.run_dir)
@@ -237,6 +244,7 @@ class SplitUNetController(Controller):
                 self._checkpoint_path(fl_ctx)
             self.summary_path = summary_path
             self.run_workflow(abort_signal, fl_ctx)
+            save_profile("server")
         except SplitUNetError as error:
             self._fail(str(error), fl_ctx)
         except Exception as error:  # any failure ends the job with its reason instead of hanging
@@ -281,6 +289,8 @@ class SplitUNetController(Controller):
                               f"{config.epochs} epochs, wire {self.wire_dtype}, device {self.party.device}")
 
         resumed = self._resumed or {"train_step": 0, "epoch": 0, "losses": [], "history": []}
+        gc.collect()
+        gc.freeze()  # what set-up made lives for the run: the full collection of every step need not scan it again
         history, metrics = list(resumed["history"]), None
         schedule = Schedule(train_ids, config, len(self.sites))
         train_steps = schedule.total_steps
@@ -298,11 +308,13 @@ class SplitUNetController(Controller):
                                                         self._present(absent))
                 self._decoder_seconds.append(time.perf_counter() - round_done)
                 self._training_peak_mb = peak_memory_mb()  # the peak up to here, before any validation
+                # NVFlare's message objects form reference cycles that hold each step's payload buffers until a full
+                # collection; collected every step the server stays flat (measured: docs/performance/wire.md). With
+                # the set-up frozen above, a collection costs ~2 ms instead of ~170 ms.
+                gc.collect()
+                self._resident_mb.append(resident_memory_mb())
                 answered = [site for site in self.sites if site in self.reply_info and site not in self._lost]
-                self._cpu["server"].mark(cpu_seconds())
-                for site in answered:  # each site reports its process's CPU time with its answer
-                    if isinstance(seconds := self.reply_info[site].get("cpu_seconds"), (int, float)):
-                        self._cpu[site].mark(seconds)
+                self._mark_cpu(answered)
                 self._gradients = dict(zip(self.sites, gradients))
                 del features, gradients  # this step's inputs and their gradients: not kept through the next round
                 self._gradient_step = self._step
@@ -337,6 +349,7 @@ class SplitUNetController(Controller):
             bytes_per_step=self._bytes_per_step(), privacy=self._privacy, history=history, lost_sites=self._lost,
             timing={"step_seconds": [round(s, 4) for s in self._step_seconds],
                     "decoder_seconds": [round(s, 4) for s in self._decoder_seconds],
+                    "server_resident_mb": self._resident_mb,
                     "round_trips_per_step": self._train_rounds / max(1, len(self._step_seconds)),
                     "cpu_seconds_per_step": self._cpu_per_step()},
             memory_mb={"server": peak_memory_mb(), "server_training_steps": self._training_peak_mb,
@@ -466,6 +479,21 @@ class SplitUNetController(Controller):
     # Helpers ------------------------------------------------------------------------------------------------------
     def _expected_shapes(self, batch: int) -> dict[int, tuple[int, ...]]:
         return activation_shapes(self.config, batch)
+
+    def _mark_cpu(self, answered: list[str]) -> None:
+        """CPU time so far of the server, of each site's process (its answer reports it) and of the processes that
+        relay their messages (each process's parent; in POC NVFlare's server and client processes), each once."""
+        self._cpu["server"].mark(cpu_seconds())
+        parents = {os.getppid(): process_cpu_seconds(os.getppid())}
+        for site in answered:
+            report = self.reply_info[site]
+            if "cpu_seconds" in report:
+                self._cpu[site].mark(report["cpu_seconds"])
+            if "parent_cpu_seconds" in report and "parent_pid" in report:
+                parents[int(report["parent_pid"])] = report["parent_cpu_seconds"]
+        for pid, seconds in parents.items():
+            if seconds is not None and pid != os.getpid():
+                self._cpu[f"relay {pid}"].mark(seconds)
 
     def _cpu_per_step(self) -> dict:
         """CPU seconds per training step of the server and of each site process (``CpuPerStep``), and their total."""

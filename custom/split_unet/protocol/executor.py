@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,13 +15,14 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.private.privacy_manager import PrivacyService
 
+from split_unet.allocator import release_large_blocks
 from split_unet.data import SiteImages
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.files import save_atomically
 from split_unet.ids import check_patient_ids
 from split_unet.leakage.record import snapshot_path
 from split_unet.networks import build_encoder
-from split_unet.profiling import cpu_seconds, peak_memory_mb
+from split_unet.profiling import cpu_seconds, peak_memory_mb, process_cpu_seconds, save_profile, start_profile
 from split_unet.training import EncoderParty, TrainConfig, select_device
 
 from .checkpoint import load_checkpoint, save_site_checkpoint, site_checkpoint
@@ -114,6 +116,8 @@ class ModalitySiteExecutor(Executor):
         config = TrainConfig.from_dict(request["train"])
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
+        start_profile()
+        release_large_blocks()  # the resident memory stays flat across steps (see split_unet.allocator)
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
         settings = load_site_settings(site, root)
         check_psi_policy(settings, self.psi_job_id, site)
@@ -174,9 +178,12 @@ class ModalitySiteExecutor(Executor):
             features = self.party.infer(self.images.batch(request.patient_ids))
         echoed = {k: v for k, v in request.info.items() if k in ("train_step", "train_steps")}
         echoed["cpu_seconds"] = cpu_seconds()  # the server's benchmark figures: CPU per step, peak memory
+        if (parent_seconds := process_cpu_seconds(os.getppid())) is not None:  # the process relaying our messages
+            echoed.update(parent_pid=os.getppid(), parent_cpu_seconds=parent_seconds)
         if task_name == TASK_FINISH:
             self._save_encoder(fl_ctx)
             echoed["peak_memory_mb"] = peak_memory_mb()
+            save_profile(site)
         if task_name == TASK_INFER:
             echoed["geometry"] = {}
             for pid in request.patient_ids:
