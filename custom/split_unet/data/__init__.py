@@ -20,6 +20,7 @@ from split_unet.data.readers import (
     load_label,
     read_label,
     read_volume,
+    write_nifti,
 )
 from split_unet.data.regions import CONVENTIONS, MODALITIES, REGION_NAMES, label_from_regions, nest_regions, regions
 from split_unet.data.site_data import SiteImages, SiteLabels, split_patients
@@ -54,4 +55,5 @@ __all__ = [
     "read_volume",
     "regions",
     "split_patients",
+    "write_nifti",
 ]

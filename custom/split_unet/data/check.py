@@ -94,7 +94,8 @@ def check_sites(sites_dir: str | Path, size: int = 64, spacing: float | None = N
         for patient in volumes.patient_ids:
             try:
                 affine, shape = volumes.geometry(patient)  # loads and checks the volume as training would
-                data, image = read_volume(ImageRef(volumes.path(patient)), site=name, patient=patient)
+                data, image = read_volume(ImageRef(volumes.path(patient)), site=name, patient=patient,
+                                          grid_size=size)
             except DataError as error:
                 problems.append(Problem(name, patient, error.field, error.detail))
                 continue

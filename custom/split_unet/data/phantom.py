@@ -14,7 +14,6 @@ import os
 import warnings
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import Resample, Resize, SpatialPad
@@ -23,6 +22,7 @@ from scipy.ndimage import distance_transform_edt, gaussian_filter, zoom
 from scipy.spatial.transform import Rotation
 from scipy.special import expit
 
+from split_unet.data.readers import write_nifti
 from split_unet.data.regions import MODALITIES
 from split_unet.errors import SplitUNetError
 from split_unet.files import write_atomically
@@ -218,7 +218,7 @@ def generate_dataset(out_dir: str | os.PathLike, n_patients: int, size: int = 64
         name = f"BRATS_{index + 1:03d}.nii.gz"
         image, label = generate_patient(index, size, seed)
         for data, folder in ((image, "imagesTr"), (label, "labelsTr")):
-            _save_nifti(data, affine, out / folder / name)
+            write_nifti(data, affine, out / folder / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
         if progress:
             print(f"phantom {index + 1}/{n_patients}", flush=True)
@@ -260,15 +260,6 @@ def _to_release_grid(volume: np.ndarray, spacing: float, order: int) -> np.ndarr
         target.append(slice(max(-start, 0), max(-start, 0) + min(have, want)))
     out[tuple(target)] = resampled[tuple(source)]
     return out
-
-
-def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    nifti = nib.Nifti1Image(data, affine)
-    nifti.header.set_xyzt_units("mm", "sec")
-    nifti.set_qform(affine, code=1)
-    nifti.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nifti, path)
 
 
 def generate_release(out_dir: str | os.PathLike, release: str, n_patients: int, seed: int = 0,
@@ -314,10 +305,10 @@ def generate_release(out_dir: str | os.PathLike, release: str, n_patients: int, 
         if release == "msd":
             name = f"BRATS_{index + 1:03d}.nii.gz"
             images, labels = ("imagesTr", "labelsTr") if labelled else ("imagesTs", None)
-            _save_nifti(image.astype(np.float32), affine, out / images / name)
+            write_nifti(image.astype(np.float32), affine, out / images / name)
             (out / images / f"._{name}").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble")
             if labels:
-                _save_nifti(label, affine, out / labels / name)
+                write_nifti(label, affine, out / labels / name)
                 training.append({"image": f"./{images}/{name}", "label": f"./{labels}/{name}"})
             else:
                 test.append(f"./{images}/{name}")
@@ -327,10 +318,10 @@ def generate_release(out_dir: str | os.PathLike, release: str, n_patients: int, 
         stored = np.rint(image[::-1, ::-1]).astype(np.int16)  # LPS voxel order
         for channel, suffix in enumerate(suffixes):
             path = out / pid / f"{pid}{separator}{suffix}.nii.gz"
-            _save_nifti(np.ascontiguousarray(stored[..., channel]), affine, path)
+            write_nifti(np.ascontiguousarray(stored[..., channel]), affine, path)
         if labelled:
             seg = np.ascontiguousarray(_MSD_TO[release][label][::-1, ::-1])
-            _save_nifti(seg, affine, out / pid / f"{pid}{separator}seg.nii.gz")
+            write_nifti(seg, affine, out / pid / f"{pid}{separator}seg.nii.gz")
     if release == "msd":
         description = {
             "name": "BRATS", "tensorImageSize": "4D",

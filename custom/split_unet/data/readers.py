@@ -30,7 +30,7 @@ from split_unet.data.regions import CONVENTIONS, MODALITIES, regions
 from split_unet.errors import DataError
 
 __all__ = ["ImageRef", "Case", "find_cases", "check_header", "max_source_voxels", "read_volume", "read_label",
-           "load_image", "load_label", "load_case", "label_to_source", "grid_spacing"]
+           "load_image", "load_label", "load_case", "label_to_source", "grid_spacing", "write_nifti"]
 
 # BraTS file layouts: (name separator, file suffix -> modality name, label convention). BraTS 2021:
 # <id>/<id>_{flair,t1,t1ce,t2,seg}.nii.gz; BraTS 2023+: <id>/<id>-{t2f,t1n,t1c,t2w,seg}.nii.gz (ET moved to 3).
@@ -341,6 +341,18 @@ def load_image(ref: ImageRef, size: int, spacing: float | None = None, *, site: 
     # site's volumes must equal load_case's bit for bit wherever each of them runs.
     normalize = NormalizeIntensity(subtrahend=[brain.mean()], divisor=[brain.std()], nonzero=True, channel_wise=True)
     return convert_to_numpy(normalize(volume), dtype=np.float32)
+
+
+def write_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """``data`` as a NIfTI file with ``affine`` as both its qform and sform (scanner space, mm)."""
+    path = Path(path)
+    nifti = nib.Nifti1Image(data, affine)
+    nifti.header.set_xyzt_units("mm", "sec")
+    nifti.set_qform(affine, code=1)
+    nifti.set_sform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nifti, path)
+    return path
 
 
 def load_label(path: str | Path, size: int, convention: str, spacing: float | None = None, *,

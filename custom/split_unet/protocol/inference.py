@@ -20,7 +20,7 @@ import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 
-from split_unet.data import CONVENTIONS, label_from_regions, label_to_source, read_label, regions
+from split_unet.data import CONVENTIONS, label_from_regions, label_to_source, read_label, regions, write_nifti
 from split_unet.errors import ProtocolError
 from split_unet.files import write_json
 from split_unet.ids import check_patient_ids
@@ -74,14 +74,12 @@ class SplitInferenceController(SplitUNetController):
                 affine, shape = self._geometry(pid)
                 label = label_to_source(label_from_regions(mask.numpy(), convention), affine, shape,
                                         self.config.spacing)
-                image = nib.Nifti1Image(label, affine)
-                image.set_qform(affine, code=1)
-                image.set_sform(affine, code=1)
-                nib.save(image, out / f"{pid}.nii.gz")
+                write_nifti(label, affine, out / f"{pid}.nii.gz")
                 results[pid] = {"segmentation": f"{pid}.nii.gz"}
                 if self.labels is not None and pid in self.labels.patient_ids:
                     # The file as written against the source label, both in source space (voxel sizes in mm).
-                    truth, _ = read_label(self.labels.path(pid), convention, site="server", patient=pid)
+                    truth, _ = read_label(self.labels.path(pid), convention, site="server", patient=pid,
+                                          grid_size=self.config.size)
                     if truth.shape != label.shape:
                         raise ProtocolError(f"label shape {truth.shape} differs from the sites' {shape}", site="server",
                                             patient=pid, field=str(self.labels.path(pid)))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, compute_hausdorff_distance
+from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.transforms import RemoveSmallObjects
 from scipy.ndimage import binary_dilation, generate_binary_structure, label
 
@@ -70,10 +70,9 @@ def lesion_wise(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = 
         ``{"dice", "hd95", "tp", "fn", "fp"}``: the scores and the counts of scored lesions found and missed and
         of false lesions.
     """
-    truth_cc, _ = label(truth, _CONNECTED)
     pred_cc, n_pred = label(pred, _CONNECTED)
     merged, n_lesions = label(binary_dilation(truth, _DILATION, iterations=dilation), _CONNECTED)
-    merged[truth_cc == 0] = 0
+    merged[~truth] = 0
     voxel_mm3 = float(np.prod(spacing))
     dice, hd95, matched, found, missed = [], [], set(), 0, 0
     for lesion_id in range(1, n_lesions + 1):
@@ -97,14 +96,13 @@ def lesion_wise(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = 
 class RegionMetrics:
     """Accumulates per-region Dice and HD95 over batches, global and lesion-wise; ``aggregate()`` sums up.
 
-    Global Dice: MONAI ``DiceMetric(include_background=True)``; a region empty in both prediction and truth
+    Global Dice: MONAI ``compute_dice(include_background=True)``; a region empty in both prediction and truth
     counts as 1. Global HD95: MONAI ``compute_hausdorff_distance(percentile=95)`` in mm (each case's grid
     spacing); as in the BraTS evaluation a miss or a false alarm scores 374 mm (MONAI would return NaN and
     silently drop the worst cases from the mean) and empty-vs-empty 0. Lesion-wise: :func:`lesion_wise`.
     """
 
     def __init__(self) -> None:
-        self._dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
         self._cases: list[dict] = []
 
     def update(self, masks: torch.Tensor, target: torch.Tensor,
@@ -115,7 +113,7 @@ class RegionMetrics:
             Per case ``{"dice", "hd95", "lesion_dice", "lesion_hd95", "lesions"}``, each keyed by region.
         """
         masks, target = masks.detach().float().cpu(), target.detach().float().cpu()
-        dice = self._dice(masks, target)
+        dice = compute_dice(masks, target, include_background=True, ignore_empty=False)
         cases = []
         for index, (pred, truth) in enumerate(zip(masks.numpy().astype(bool), target.numpy().astype(bool))):
             voxel = tuple(spacing[index]) if spacing is not None else (1.0, 1.0, 1.0)
