@@ -125,9 +125,9 @@ def training_settings(train: dict | None = None, **settings) -> TrainingJob:
     return TrainingJob(train=train_config(train or {}), **settings)
 
 
-def train_config(overrides: dict, base: TrainConfig | None = None) -> TrainConfig:
-    """``base`` (default ``TrainConfig()``) with these fields replaced; ``network`` merged key by key."""
-    values = (base or TrainConfig()).to_dict()
+def train_config(overrides: dict) -> TrainConfig:
+    """``TrainConfig()`` with these fields replaced; ``network`` merged key by key."""
+    values = TrainConfig().to_dict()
     for key, value in overrides.items():
         values[key] = {**values["network"], **value} if key == "network" else value
     return TrainConfig.from_dict(values)

@@ -12,7 +12,6 @@ All NVFlare commands run with ``HOME`` and ``NVFLARE_POC_WORKSPACE`` inside the 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -117,9 +116,9 @@ class PocFederation:
             shutil.copy2(path, local / path.name)
         settings_path = local / SETTINGS_FILE
         if settings_path.is_file():
-            settings = json.loads(settings_path.read_text())
+            settings = load_json(settings_path)
             settings["data_dir"] = settings["data_dir"].replace("${%s}" % ENV_SITES, str(self.sites_dir))
-            settings_path.write_text(json.dumps(settings, indent=2))
+            write_json(settings_path, settings)
         allow_job_classes(local)
 
     def start(self, timeout: float = 180) -> None:

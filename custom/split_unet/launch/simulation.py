@@ -19,14 +19,14 @@ import psutil
 from split_unet.errors import DataError
 from split_unet.files import load_json, write_json
 from split_unet.jobs import TrainingJob, export, job_sites
+from split_unet.leakage.record import RECORD_FOLDER
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, TENSORBOARD_FOLDER
 from split_unet.protocol.recorder import LeakageRecorder
 from split_unet.protocol.telemetry import PROGRESS_FILE, read_progress
 from split_unet.protocol.settings import CLASS_ALLOW_LIST, ENV_SITE_CONFIGS, ENV_SITES, RESEARCH_CLASSES
-from split_unet.site_configs import resolve_site_configs
+from split_unet.site_configs import PRIVACY_FILE, resolve_site_configs
 
 RECORDER_PATH = f"{LeakageRecorder.__module__}.{LeakageRecorder.__name__}"
-PRIVACY_FILE = "privacy.json"
 # The server's run is over (its workflow ended, END_RUN sent): from here the simulator only shuts down.
 JOB_END_PATTERN = re.compile(r"ServerRunner - INFO - \[[^]]*\] - Server runner finished")
 STOP_GRACE_SECONDS = 60.0
@@ -214,8 +214,8 @@ def artefacts(workspace: Path, clients: list[str]) -> dict:
         "server_log": str(sim_root / "server" / "log.txt"),
         "simulator_log": str(workspace / "simulator.log"),
     }
-    if (server_run / "leakage_record").is_dir():  # only with --record-steps
-        found["leakage_record"] = str(server_run / "leakage_record")
+    if (server_run / RECORD_FOLDER).is_dir():  # only with --record-steps
+        found["leakage_record"] = str(server_run / RECORD_FOLDER)
     return found
 
 

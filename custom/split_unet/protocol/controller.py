@@ -414,12 +414,12 @@ class SplitUNetController(Controller):
                 continue
             ids = requested[site]
             message = read_activations(replies[site], site=site, step=self._step, patient_ids=ids,
-                                       expected=self._expected_shapes(len(ids)) if ids else {})
+                                       expected=activation_shapes(self.config, len(ids)) if ids else {})
             self.reply_info[site] = check_site_report(message.info, site)
             if any(key.startswith("dp_") for key in message.info):  # a site's ActivationClipNoise reports its budget
-                released = self._released[site]
+                released, levels = self._released[site], protected_levels(message.info, list(message.tensors), site)
                 for pid in message.patient_ids:
-                    released[pid] += protected_levels(message.info, list(message.tensors), site)
+                    released[pid] += levels
                 self._privacy[site] = check_privacy_report(message.info, site, max(released.values(), default=0))
             if task_name == TASK_TRAIN:
                 self._bytes[site]["to_server"] += message.wire_bytes
@@ -477,9 +477,6 @@ class SplitUNetController(Controller):
         return metrics.aggregate()
 
     # Helpers ------------------------------------------------------------------------------------------------------
-    def _expected_shapes(self, batch: int) -> dict[int, tuple[int, ...]]:
-        return activation_shapes(self.config, batch)
-
     def _mark_cpu(self, answered: list[str]) -> None:
         """CPU time so far of the server, of each site's process (its answer reports it) and of the processes that
         relay their messages (each process's parent; in POC NVFlare's server and client processes), each once."""
