@@ -7,6 +7,19 @@ from dataclasses import asdict, dataclass, field, fields
 from split_unet.networks import NetworkConfig
 
 
+PATCH_SAMPLING = ("uniform", "label")
+
+
+def _shape_setting(name: str, value: object) -> int | tuple[int, int, int]:
+    """A cube side (int) or three sides (a JSON list), each a positive integer."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if (isinstance(value, (list, tuple)) and len(value) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)):
+        return tuple(value)
+    raise ValueError(f"{name} must be a positive integer or three of them, got {value!r}")
+
+
 @dataclass
 class TrainConfig:
     """One training budget. ``split-unet centralized`` and the NVFlare job read the same fields."""
@@ -18,8 +31,26 @@ class TrainConfig:
     val_interval: int = 2
     val_batch_size: int = 2  # as large as the training batch: validation must not raise the server's peak memory
     seed: int = 0
-    size: int = 64
+    # The common voxel grid every party brings its volumes onto: a cube side, or three sides (e.g. BraTS's
+    # 240 x 240 x 155 at 1 mm). Whole-volume training trains on it; patch training cuts patches from it.
+    size: int | tuple[int, int, int] = 64
     spacing: float | None = None
+    # Patch training (None: whole volumes). Each step the server draws one patch per patient and sends its corner;
+    # every site cuts the same patch. "uniform" sampling is content-independent; "label" centres a share
+    # (``patch_positive_fraction``) of the patches on tumour voxels and so tells the sites roughly where it is.
+    patch_size: int | tuple[int, int, int] | None = None
+    patch_sampling: str = "uniform"
+    patch_positive_fraction: float = 0.5
+    # Augmentation drawn from seeds the server sends: spatial (flips, 90-degree rotations, small affine) the same at
+    # every site and on the label; intensity (scale, shift, noise, gamma) at each site on its own.
+    augment: bool = False
+    # Sliding-window validation and inference (patch training): windows per round trip and their overlap.
+    sw_batch_size: int = 2
+    sw_overlap: float = 0.5
+    # Preprocessed volumes a party keeps in memory (0: all of them).
+    cache_cases: int = 0
+    # Mixed precision (autocast) where the device is CUDA.
+    amp: bool = True
     device: str | None = None
     nopeek_weight: float = 0.0  # sites' NoPeek distance-correlation penalty (0 = off)
     modality_dropout: float = 0.0  # probability that one site, drawn per step, is left out of a training step
@@ -35,13 +66,44 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.network, dict):
             self.network = NetworkConfig.from_dict(self.network)
+        self.size = _shape_setting("size", self.size)
+        if self.patch_size is not None:
+            self.patch_size = _shape_setting("patch_size", self.patch_size)
+        if self.patch_sampling not in PATCH_SAMPLING:
+            raise ValueError(f"patch_sampling must be one of {PATCH_SAMPLING}, got {self.patch_sampling!r}")
+        if not 0.0 <= self.patch_positive_fraction <= 1.0:
+            raise ValueError(f"patch_positive_fraction must be in [0, 1], got {self.patch_positive_fraction}")
+        if not 0.0 <= self.sw_overlap < 1.0:
+            raise ValueError(f"sw_overlap must be in [0, 1), got {self.sw_overlap}")
+        if self.sw_batch_size < 1 or self.cache_cases < 0:
+            raise ValueError("sw_batch_size must be at least 1 and cache_cases at least 0")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
         if not 1 <= self.micro_batches <= self.batch_size:
             raise ValueError(f"micro_batches must be in [1, batch_size={self.batch_size}], got {self.micro_batches}")
 
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """The common grid's three sides (voxels)."""
+        return (self.size,) * 3 if isinstance(self.size, int) else self.size
+
+    @property
+    def patch_shape(self) -> tuple[int, int, int] | None:
+        """The training patch's three sides, or None for whole-volume training."""
+        if self.patch_size is None:
+            return None
+        return (self.patch_size,) * 3 if isinstance(self.patch_size, int) else self.patch_size
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """The spatial shape a network input has in training: the patch, or the whole grid."""
+        return self.patch_shape or self.grid_shape
+
     def to_dict(self) -> dict:
         values = asdict(self)
+        for key in ("size", "patch_size"):
+            if isinstance(values[key], tuple):
+                values[key] = list(values[key])
         values["network"] = self.network.to_dict()
         return values
 
