@@ -9,10 +9,9 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import TINY_NETWORK, TINY_SIZE, StandInEngine, make_dataset
+from helpers import TINY_NETWORK, TINY_SIZE, make_dataset, party_context
 from nvflare.apis.dxo import DXO
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
-from nvflare.apis.fl_context import FLContext
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
 
 from split_unet.protocol.executor import ModalitySiteExecutor
@@ -67,10 +66,7 @@ def site(tiny_data, tmp_path):
     _, sites = tiny_data
     (tmp_path / "local").mkdir()
     (tmp_path / "local" / SETTINGS_FILE).write_text(json.dumps({"modality": "flair", "data_dir": str(sites / "flair")}))
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "flair", private=False, sticky=False)
-    fl_ctx.set_prop(ReservedKey.ENGINE, StandInEngine(tmp_path), private=True, sticky=False)
-    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=False)
+    fl_ctx = party_context(tmp_path)
     executor = ModalitySiteExecutor()
     config = TrainConfig(size=TINY_SIZE, network=TINY_NETWORK)
     request = DXO(KIND_INIT, data={"train": config.to_dict(), "site_index": 0, "wire_dtype": "float32"})

@@ -4,7 +4,8 @@ and process lookups for the federation tests."""
 import socket
 from pathlib import Path
 
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 
 from split_unet.data import generate_dataset, partition_dataset
@@ -45,6 +46,16 @@ class StandInEngine:
 
     def fire_event(self, event_type, fl_ctx):
         """log_error fires an event; nobody listens here."""
+
+
+def party_context(root: Path, identity: str = "flair") -> FLContext:
+    """A real FLContext of one party (a site or the server) in job ``job1``, around a stand-in engine whose
+    workspace is ``root``."""
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, identity, private=False, sticky=False)
+    fl_ctx.set_prop(ReservedKey.ENGINE, StandInEngine(root), private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=False)
+    return fl_ctx
 
 
 def send_task(executor, fl_ctx, task, step, patient_ids, gradients=None, tensor_step=None, info=None):

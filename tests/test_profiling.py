@@ -1,6 +1,5 @@
 """The process readings the benchmark and the federation's summary take: CPU seconds and memory."""
 
-import os
 import resource
 import subprocess
 import sys
