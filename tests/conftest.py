@@ -5,11 +5,10 @@ Layers, chosen with ``-m``: ``poc`` (a real NVFlare federation on loopback, mark
 (everything else: plain PyTorch/numpy pieces, seconds each)."""
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
-from helpers import TINY_NETWORK, TINY_SIZE, make_dataset, party_context
+from helpers import TINY_NETWORK, TINY_SIZE, make_dataset, party_context, time_limit
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
@@ -47,17 +46,9 @@ def trained_tiny(tiny_data, tmp_path_factory, project_root) -> tuple[Path, dict]
 
 @pytest.fixture
 def hard_limit(request):
-    """End a test after its module's ``HARD_LIMIT_S`` seconds (SIGALRM), so a hung federation never hangs CI;
-    the test's own ``finally`` then stops what it started."""
-    limit = request.module.HARD_LIMIT_S
-
-    def expire(*_):
-        raise TimeoutError(f"{request.node.name} exceeded {limit} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(limit)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    """End a test after its module's ``HARD_LIMIT_S`` seconds (``helpers.time_limit``)."""
+    with time_limit(request.module.HARD_LIMIT_S, request.node.name):
+        yield
 
 
 @pytest.fixture()

@@ -1,7 +1,9 @@
 """Helpers shared by the tests: tiny phantom data sets, a small network, a stand-in NVFlare engine for one party,
 and process lookups for the federation tests."""
 
+import signal
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
@@ -86,3 +88,18 @@ def processes_mentioning(text: str) -> list[int]:
         except OSError:
             pass
     return found
+
+
+@contextmanager
+def time_limit(seconds: int, what: str):
+    """Raise TimeoutError in ``what`` after ``seconds`` (SIGALRM), so a hung federation never hangs CI; the
+    caller's own ``finally`` then stops what it started."""
+    def expire(*_):
+        raise TimeoutError(f"{what} exceeded {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
