@@ -3,6 +3,9 @@ and process lookups for the federation tests."""
 
 import signal
 import socket
+import subprocess
+import sys
+import sysconfig
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,6 +74,19 @@ def error_of(reply):
     """The error message of a refused task."""
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
     return reply.get_header(ERROR_HEADER)
+
+
+def bare_python(folder: Path) -> str:
+    """The python of a new venv in ``folder`` that sees this environment's packages through a plain ``.pth``
+    line: they are importable, but the ``.pth`` files inside their folder (the editable ``split_unet`` install)
+    are not run, so ``split_unet`` is not (until installed into the venv). No downloads."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
+    python = folder / "bin" / "python"
+    site_packages = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   check=True, capture_output=True, text=True).stdout.strip()
+    ours = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    Path(site_packages, "parent_env.pth").write_text("".join(f"{path}\n" for path in ours))
+    return str(python)
 
 
 def free_port() -> int:

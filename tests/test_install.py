@@ -5,11 +5,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import sysconfig
-from pathlib import Path
 
 import pytest
+
+from helpers import bare_python
 
 pytestmark = pytest.mark.simulator
 INSTALL_FILES = ("custom", "setup.cfg", "pyproject.toml", "README.md")
@@ -20,17 +19,11 @@ def test_installed_package_runs_synth_partition_simulate_from_an_empty_folder(pr
     for name in INSTALL_FILES:  # a copy: building writes into the source tree
         copy = shutil.copytree if (project_root / name).is_dir() else shutil.copy
         copy(project_root / name, source / name)
-    # A fresh venv whose dependencies (torch, NVFlare, MONAI, pip, setuptools) are this environment's, through a
-    # path file: no downloads. A plain path line, not ``site.addsitedir``, so that this environment's own path
-    # files (an editable split_unet among them) are not read: only the wheel built from the copy is split_unet.
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    venv_site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                    capture_output=True, text=True, check=True).stdout.strip())
-    dependencies = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
-    (venv_site / "dependencies.pth").write_text("".join(f"{path}\n" for path in dependencies))
+    # A fresh venv whose dependencies (torch, NVFlare, MONAI, pip, setuptools) are this environment's: no
+    # downloads; only the wheel built from the copy is split_unet there.
+    python = bare_python(venv)
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
                     str(source)], check=True, timeout=300, env=env)
     empty.mkdir()
 
@@ -38,9 +31,9 @@ def test_installed_package_runs_synth_partition_simulate_from_an_empty_folder(pr
         return subprocess.run([str(venv / "bin" / "split-unet"), *args], cwd=empty, env=env, capture_output=True,
                               text=True, timeout=900)
 
-    where = subprocess.run([str(python), "-c", "import split_unet; print(split_unet.__file__)"], cwd=empty, env=env,
+    where = subprocess.run([python, "-c", "import split_unet; print(split_unet.__file__)"], cwd=empty, env=env,
                            capture_output=True, text=True, check=True)
-    assert where.stdout.startswith(str(venv_site / "split_unet")), where.stdout
+    assert where.stdout.startswith(str(venv)), where.stdout
     for args in (("synth", "--out", "msd", "--patients", "4", "--size", "16"),
                  ("partition", "--data", "msd", "--out", "sites"),
                  ("simulate", "--sites", "sites", "--workspace", "ws", "--size", "16", "--channels", "4,8",
