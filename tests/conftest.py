@@ -5,14 +5,12 @@ Layers, chosen with ``-m``: ``poc`` (a real NVFlare federation on loopback, mark
 (everything else: plain PyTorch/numpy pieces, seconds each)."""
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
-from helpers import TINY_NETWORK, TINY_SIZE, StandInEngine, make_dataset
+from helpers import TINY_NETWORK, TINY_SIZE, make_dataset, party_context, time_limit
 from nvflare.apis.dxo import DXO
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
-from nvflare.apis.fl_context import FLContext
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
 
 from split_unet.protocol.executor import ModalitySiteExecutor
@@ -48,17 +46,9 @@ def trained_tiny(tiny_data, tmp_path_factory, project_root) -> tuple[Path, dict]
 
 @pytest.fixture
 def hard_limit(request):
-    """End a test after its module's ``HARD_LIMIT_S`` seconds (SIGALRM), so a hung federation never hangs CI;
-    the test's own ``finally`` then stops what it started."""
-    limit = request.module.HARD_LIMIT_S
-
-    def expire(*_):
-        raise TimeoutError(f"{request.node.name} exceeded {limit} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(limit)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    """End a test after its module's ``HARD_LIMIT_S`` seconds (``helpers.time_limit``)."""
+    with time_limit(request.module.HARD_LIMIT_S, request.node.name):
+        yield
 
 
 @pytest.fixture()
@@ -67,10 +57,7 @@ def site(tiny_data, tmp_path):
     _, sites = tiny_data
     (tmp_path / "local").mkdir()
     (tmp_path / "local" / SETTINGS_FILE).write_text(json.dumps({"modality": "flair", "data_dir": str(sites / "flair")}))
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "flair", private=False, sticky=False)
-    fl_ctx.set_prop(ReservedKey.ENGINE, StandInEngine(tmp_path), private=True, sticky=False)
-    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=False)
+    fl_ctx = party_context(tmp_path)
     executor = ModalitySiteExecutor()
     config = TrainConfig(size=TINY_SIZE, network=TINY_NETWORK)
     request = DXO(KIND_INIT, data={"train": config.to_dict(), "site_index": 0, "wire_dtype": "float32"})

@@ -1,10 +1,16 @@
 """Helpers shared by the tests: tiny phantom data sets, a small network, a stand-in NVFlare engine for one party,
 and process lookups for the federation tests."""
 
+import signal
 import socket
+import subprocess
+import sys
+import sysconfig
+from contextlib import contextmanager
 from pathlib import Path
 
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 
 from split_unet.data import generate_dataset, partition_dataset
@@ -47,6 +53,16 @@ class StandInEngine:
         """log_error fires an event; nobody listens here."""
 
 
+def party_context(root: Path, identity: str = "flair") -> FLContext:
+    """A real FLContext of one party (a site or the server) in job ``job1``, around a stand-in engine whose
+    workspace is ``root``."""
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, identity, private=False, sticky=False)
+    fl_ctx.set_prop(ReservedKey.ENGINE, StandInEngine(root), private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=False)
+    return fl_ctx
+
+
 def send_task(executor, fl_ctx, task, step, patient_ids, gradients=None, tensor_step=None, info=None):
     """The executor's reply to a task carrying ``gradients`` (float32 on the wire), ``info`` and the next batch."""
     message = TensorMessage(KIND_GRADIENTS, step, patient_ids, gradients or {}, tensor_step=tensor_step,
@@ -58,6 +74,19 @@ def error_of(reply):
     """The error message of a refused task."""
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
     return reply.get_header(ERROR_HEADER)
+
+
+def bare_python(folder: Path) -> str:
+    """The python of a new venv in ``folder`` that sees this environment's packages through a plain ``.pth``
+    line: they are importable, but the ``.pth`` files inside their folder (the editable ``split_unet`` install)
+    are not run, so ``split_unet`` is not (until installed into the venv). No downloads."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
+    python = folder / "bin" / "python"
+    site_packages = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   check=True, capture_output=True, text=True).stdout.strip()
+    ours = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    Path(site_packages, "parent_env.pth").write_text("".join(f"{path}\n" for path in ours))
+    return str(python)
 
 
 def free_port() -> int:
@@ -75,3 +104,18 @@ def processes_mentioning(text: str) -> list[int]:
         except OSError:
             pass
     return found
+
+
+@contextmanager
+def time_limit(seconds: int, what: str):
+    """Raise TimeoutError in ``what`` after ``seconds`` (SIGALRM), so a hung federation never hangs CI; the
+    caller's own ``finally`` then stops what it started."""
+    def expire(*_):
+        raise TimeoutError(f"{what} exceeded {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
