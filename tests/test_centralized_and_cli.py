@@ -98,3 +98,15 @@ def test_patch_batch_cuts_the_corners_the_server_draws(tiny_data):
         case = data.get(patient)
         np.testing.assert_array_equal(images[k].numpy(), cut_patch(case["image"], corners[k], (16, 8, 32))[[2, 0]])
         np.testing.assert_array_equal(labels[k].numpy(), cut_patch(case["label"], corners[k], (16, 8, 32)))
+
+
+def test_centralized_command_takes_patch_options():
+    args = build_parser().parse_args(["centralized", "--data", "d", "--out", "o", "--patch-size", "96,96,64",
+                                      "--patch-sampling", "label", "--augment", "--sw-overlap", "0.25", "--no-amp"])
+    config = TrainConfig.from_dict(train_overrides(args))
+    assert config.patch_shape == (96, 96, 64) and config.patch_sampling == "label" and config.augment
+    assert config.sw_overlap == 0.25 and not config.amp and config.sw_batch_size == TrainConfig().sw_batch_size
+    plain = build_parser().parse_args(["centralized", "--data", "d", "--out", "o"])
+    assert TrainConfig.from_dict(train_overrides(plain)) == TrainConfig()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["centralized", "--data", "d", "--out", "o", "--patch-size", "96,96"])
