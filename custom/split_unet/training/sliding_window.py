@@ -1,8 +1,9 @@
 """Sliding-window inference where the party that blends (the server) holds no image.
 
 MONAI's ``sliding_window_inference`` chooses the windows, their Gaussian weights and the blending; it runs here on
-a placeholder of the grid's shape that costs no memory (a zero-stride view) and, with ``with_coord=True``, hands
-each batch of windows' coordinates to a predictor that asks the sites for those windows. The sites cut them
+a placeholder of the grid's shape that holds no data (a zero-stride view of one zero; MONAI copies only a batch of
+windows out of it, and pads it, at the grid's size, only where the grid is smaller than a window) and, with
+``with_coord=True``, hands each batch of windows' coordinates to a predictor that asks the sites for those windows. The sites cut them
 with ``patches.cut_patch``, whose zeros outside the grid equal MONAI's constant-0 padding, so the result equals
 MONAI's on the images themselves.
 """
