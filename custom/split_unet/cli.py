@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from split_unet.errors import SplitUNetError
-from split_unet.launch.options import add_grid_options, add_train_options, train_overrides
+from split_unet.launch.options import add_grid_options, add_patch_options, add_train_options, train_overrides
 
 
 def _print_result(name: str, summary: dict) -> None:
@@ -295,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     centralized.add_argument("--encoders", type=int, default=4,
                              help="late fusion: encoders, the modalities repeated beyond four (benchmarks)")
     add_train_options(centralized)
+    add_patch_options(centralized)
     centralized.set_defaults(func=cmd_centralized)
 
     bench = commands.add_parser("bench", help="seconds per step, bytes, round trips and peak memory: centralized "
