@@ -1,10 +1,12 @@
-"""Site init time and memory for 50, 200 and 1,251 BraTS-2021-style cases, and memory with a bounded volume cache.
+"""Site and server init time and memory for 50, 200 and 1,251 BraTS-2021-style cases, and memory with a bounded
+volume cache.
 
-One real-geometry file (int16, 240 x 240 x 155, 1 mm, LPS-style affine, from ``split-unet synth --release
-brats2021``) hard-linked under every case name, so 1,251 cases take the disk of one. Each measurement runs in a
-fresh process (its peak memory is its own):
+One real-geometry case (int16 T1, uint8 labels, 240 x 240 x 155, 1 mm, LPS-style affine, from ``split-unet synth
+--release brats2021``) hard-linked under every case name, so 1,251 cases take the disk of one. Each measurement
+runs in a fresh process (its peak memory is its own):
 
-- init: ``SiteImages(...)`` and ``check()`` (headers only) for N cases;
+- init: ``SiteImages(...)`` (a modality site) or ``SiteLabels(...)`` (the server) and ``check()`` (headers only)
+  for N cases;
 - cache: N cases loaded one after another (as steps would) with ``cache_cases`` C, on the grid 240 x 240 x 155 at
   1 mm: resident memory at the end and the peak.
 
@@ -23,27 +25,36 @@ import os
 import time
 from pathlib import Path
 
-from split_unet.data import DATALIST, RELEASE_SHAPE, generate_release
+from split_unet.data import DATALIST, RELEASE_SHAPE, SERVER_SITE, generate_release
 
-MODALITY = "t1w"
+# Party -> (file suffix, datalist entries besides "site" and "patients").
+PARTIES = {"t1w": ("t1", {"modality": "t1w"}), SERVER_SITE: ("seg", {"convention": "brats"})}
 
 
-def build_site(root: Path, cases: int) -> Path:
-    """A site folder of ``cases`` BraTS 2021 cases, every file a hard link of one phantom's T1 volume."""
+def build_site(root: Path, cases: int, party: str) -> Path:
+    """A party's folder of ``cases`` BraTS 2021 cases, every file a hard link of one phantom's file."""
     source = root / "source"
     if not source.is_dir():
         generate_release(source, "brats2021", n_patients=1)
-    (volume,) = source.glob("*/*_t1.nii.gz")
-    site = root / f"{cases}_cases" / MODALITY
-    (site / "images").mkdir(parents=True, exist_ok=True)
+    suffix, entries = PARTIES[party]
+    (volume,) = source.glob(f"*/*_{suffix}.nii.gz")
+    site = root / f"{cases}_cases" / party
+    (site / "files").mkdir(parents=True, exist_ok=True)
     patients = {}
     for index in range(cases):
         pid = f"BraTS2021_{index:05d}"
-        patients[pid] = f"images/{pid}_t1.nii.gz"
+        patients[pid] = f"files/{pid}_{suffix}.nii.gz"
         if not (site / patients[pid]).exists():
             os.link(volume, site / patients[pid])
-    (site / DATALIST).write_text(json.dumps({"site": MODALITY, "modality": MODALITY, "patients": patients}))
+    (site / DATALIST).write_text(json.dumps({"site": party, **entries, "patients": patients}))
     return site
+
+
+def _party(site: str, cache_cases: int = 0):
+    from split_unet.data import SiteImages, SiteLabels
+
+    kind = SiteLabels if Path(site).name == SERVER_SITE else SiteImages
+    return kind(site, RELEASE_SHAPE, 1.0, cache_cases=cache_cases)
 
 
 def _rss_mb() -> float:
@@ -53,32 +64,30 @@ def _rss_mb() -> float:
 
 
 def measure_init(site: str) -> dict:
-    from split_unet.data import SiteImages
     from split_unet.profiling import peak_memory_mb
 
     before = _rss_mb()
     start = time.perf_counter()
-    images = SiteImages(site, RELEASE_SHAPE, 1.0)
-    images.check()
+    party = _party(site)
+    party.check()
     seconds = time.perf_counter() - start
-    return {"cases": len(images), "init_seconds": round(seconds, 2), "rss_before_mb": before,
+    return {"party": party.site, "cases": len(party), "init_seconds": round(seconds, 2), "rss_before_mb": before,
             "rss_after_mb": _rss_mb(), "peak_mb": peak_memory_mb()}
 
 
 def measure_cache(site: str, loads: int, cache_cases: int) -> dict:
-    from split_unet.data import SiteImages
     from split_unet.profiling import peak_memory_mb
 
-    images = SiteImages(site, RELEASE_SHAPE, 1.0, cache_cases=cache_cases)
-    images.check()
+    party = _party(site, cache_cases)
+    party.check()
     before = _rss_mb()
     start = time.perf_counter()
-    for pid in images.patient_ids[:loads]:
-        images.batch([pid])
+    for pid in party.patient_ids[:loads]:
+        party.batch([pid])
     seconds = time.perf_counter() - start
-    return {"cases": len(images), "loaded": loads, "cache_cases": cache_cases, "cached": len(images.cached_ids()),
-            "seconds_per_load": round(seconds / loads, 2), "rss_before_mb": before, "rss_after_mb": _rss_mb(),
-            "peak_mb": peak_memory_mb()}
+    return {"party": party.site, "cases": len(party), "loaded": loads, "cache_cases": cache_cases,
+            "cached": len(party.cached_ids()), "seconds_per_load": round(seconds / loads, 2), "rss_before_mb": before,
+            "rss_after_mb": _rss_mb(), "peak_mb": peak_memory_mb()}
 
 
 def in_fresh_process(function, *args) -> dict:
@@ -96,15 +105,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.cases.split(",")]
     loads = [int(n) for n in args.loads.split(",")]
-    sites = {n: build_site(args.root, n) for n in sorted({*counts, max(loads)})}
     results: dict = {"grid": list(RELEASE_SHAPE), "spacing": 1.0, "init": [], "cache": []}
-    for n in counts:
-        results["init"].append(in_fresh_process(measure_init, str(sites[n])))
-        print("init", results["init"][-1], flush=True)
-    cache_site = str(sites[max(sites)])
-    for cache_cases, n in [*((args.cache_cases, n) for n in loads), (0, max(loads))]:
-        results["cache"].append(in_fresh_process(measure_cache, cache_site, n, cache_cases))
-        print("cache", results["cache"][-1], flush=True)
+    for party in PARTIES:
+        sites = {n: build_site(args.root, n, party) for n in sorted({*counts, max(loads)})}
+        for n in counts:
+            results["init"].append(in_fresh_process(measure_init, str(sites[n])))
+            print("init", results["init"][-1], flush=True)
+        for cache_cases, n in [*((args.cache_cases, n) for n in loads), (0, max(loads))]:
+            results["cache"].append(in_fresh_process(measure_cache, str(sites[max(sites)]), n, cache_cases))
+            print("cache", results["cache"][-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written {args.out}")

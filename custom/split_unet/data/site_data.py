@@ -119,7 +119,8 @@ class _SiteVolumes(ABC):
         """Start loading these patients into the cache on a background thread (one at a time, in order), e.g. the
         next step's batch while this step runs; a :meth:`batch` that needs one of them waits for it instead of
         loading it again, and raises its DataError if it failed. Patients already cached or on their way are
-        skipped; an unknown patient is an error before anything starts."""
+        skipped; an unknown patient is an error before anything starts. With a bounded cache, prefetched volumes
+        evict the least recently used: ``cache_cases`` of at least two batches keeps the current one."""
         paths = {patient_id: self.path(patient_id) for patient_id in patient_ids}
         with self._lock:
             if self._loader is None:
