@@ -31,8 +31,8 @@ from split_unet.data.regions import CONVENTIONS, MODALITIES, regions
 from split_unet.errors import DataError
 
 __all__ = ["ImageRef", "Case", "GridSize", "find_cases", "check_header", "grid_shape", "max_source_voxels",
-           "read_header", "read_volume", "read_label", "load_image", "load_label", "load_case", "label_to_source", "grid_spacing",
-           "write_nifti"]
+           "read_header", "read_volume", "read_label", "load_image", "load_label", "load_case", "label_to_source",
+           "grid_spacing", "write_nifti"]
 
 #: The common grid's size: a cube side, or three sides (voxels).
 GridSize = int | Sequence[int]
@@ -317,7 +317,8 @@ def _to_grid(data: np.ndarray, image: nib.Nifti1Image, size: GridSize, spacing: 
     try:
         return _grid_transform(size, spacing, mode)(volume)
     except Exception as err:  # MONAI wraps any failure of a transform in a RuntimeError
-        raise DataError(f"cannot bring the volume onto the {'x'.join(map(str, grid_shape(size)))} grid ({type(err).__name__}: {str(err)[:200]})",
+        grid = "x".join(map(str, grid_shape(size)))
+        raise DataError(f"cannot bring the volume onto the {grid} grid ({type(err).__name__}: {str(err)[:200]})",
                         site=site, patient=patient, field=str(image.get_filename())) from err
 
 
