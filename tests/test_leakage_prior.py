@@ -54,6 +54,18 @@ def test_a_reconstruction_equal_to_the_atlas_knows_nothing_beyond_the_prior(coho
     assert scores["residual_nmi"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_a_reconstruction_unrelated_to_the_patient_has_no_patient_specific_content(cohort):
+    """Noise, or the atlas's negative, shares nothing with the patient beyond the anatomy: residual SSIM ~0.
+
+    Subtracting the atlas from both would leave -atlas in both residuals and score such a guess high.
+    """
+    truth, region, atlas = cohort
+    noise = np.random.default_rng(5).standard_normal(truth.shape)
+    for guess in (noise, -np.broadcast_to(atlas[None], truth.shape) + 0.01 * noise):
+        scores = prior_relative_similarity(guess, truth, atlas, region)
+        assert abs(scores["residual_ssim"]) < 0.05 and scores["residual_nmi"] < 1.05
+
+
 def test_the_truth_scores_the_maximum(cohort):
     truth, region, atlas = cohort
     scores = prior_relative_similarity(truth, truth, atlas, region)

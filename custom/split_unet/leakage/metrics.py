@@ -17,14 +17,15 @@ import torch
 from scipy import ndimage
 from skimage.metrics import normalized_mutual_information, peak_signal_noise_ratio, structural_similarity
 
-__all__ = ["image_similarity", "mask_dice", "orient_sign", "prior_relative_similarity", "robust_unit_range",
-           "tumour_surroundings"]
+__all__ = ["image_similarity", "mask_dice", "orient_sign", "prior_relative_similarity", "residual_from",
+           "robust_unit_range", "tumour_surroundings"]
 
 NMI_BINS = 64
 METRICS = ("ssim", "psnr", "nmi")
 # Voxels the tumour region grows by: the oedema's rim and the tissue it displaces belong to what a
 # reconstruction should not reveal (3 voxels: 3 mm at 1 mm, a tenth of a 32^3 phantom's tumour radius or more).
 TUMOUR_MARGIN = 3
+RESIDUAL_RELATIVE_PRECISION = 1e-9  # float64 least squares is exact to ~1e-13 of the volume's scale
 
 
 def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -98,6 +99,22 @@ def tumour_surroundings(whole_tumour: torch.Tensor | np.ndarray, margin: int = T
                      for m in masks])
 
 
+def residual_from(volume: np.ndarray, atlas: np.ndarray) -> np.ndarray:
+    """What of ``volume`` the atlas does not explain: the least-squares residual of ``volume`` on (atlas, 1).
+
+    Fitting the atlas's scale and offset, rather than subtracting it, makes the residual independent of the
+    arbitrary intensity scale and keeps the atlas out of both residuals: ``volume - atlas`` would leave
+    ``-atlas`` in the residual of any reconstruction that lacks the anatomy, and that shared term alone would
+    make it look like the truth's residual.
+    """
+    design = np.stack([atlas.ravel(), np.ones(atlas.size)], axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, volume.ravel(), rcond=None)
+    residual = volume - (design @ coefficients).reshape(volume.shape)
+    # What the atlas explains up to rounding has no residual (the unit range would blow rounding up to [0, 1]).
+    scale = np.abs(volume).max()
+    return residual if np.abs(residual).max() > RESIDUAL_RELATIVE_PRECISION * scale else np.zeros_like(volume)
+
+
 def prior_relative_similarity(reconstruction: torch.Tensor | np.ndarray, truth: torch.Tensor | np.ndarray,
                               atlas: torch.Tensor | np.ndarray, region: torch.Tensor | np.ndarray | None = None,
                               sign_invariant: bool = False) -> dict[str, float]:
@@ -114,9 +131,10 @@ def prior_relative_similarity(reconstruction: torch.Tensor | np.ndarray, truth: 
     Returns:
         ``ssim``, ``psnr``, ``nmi`` of the reconstruction; ``prior_<m>`` of the atlas scored the same way
         against each patient; ``excess_<m>`` = attack - prior. ``residual_ssim`` / ``residual_nmi``: the
-        similarity of (reconstruction - atlas) to (truth - atlas), each on its robust unit range first so
-        that the arbitrary intensity scale cancels: near 0 SSIM (NMI 1, its floor) when the reconstruction
-        holds nothing the atlas does not, 1 (2) for the truth itself. With ``region``: ``tumour_<m>``,
+        similarity of the reconstruction's and the truth's residuals from the atlas (``residual_from``):
+        near 0 SSIM (NMI 1, its floor) when the reconstruction
+        holds nothing the atlas does not (the atlas itself, or anything unrelated to the patient), 1 (2)
+        for the truth itself. With ``region``: ``tumour_<m>``,
         ``prior_tumour_<m>`` and ``excess_tumour_<m>`` for SSIM and NMI within it.
     """
     recon, true = _numpy(reconstruction).astype(np.float64), _numpy(truth).astype(np.float64)
@@ -127,10 +145,8 @@ def prior_relative_similarity(reconstruction: torch.Tensor | np.ndarray, truth: 
     for name, value in image_similarity(prior, true).items():
         scores[f"prior_{name}"] = value
         scores[f"excess_{name}"] = scores[name] - value
-    unit_atlas = robust_unit_range(prior[0, 0])
-    residuals = [(robust_unit_range(r) - unit_atlas, robust_unit_range(t) - unit_atlas)
-                 for r, t in zip(recon[:, 0], true[:, 0])]
-    residual = image_similarity(np.stack([r for r, _ in residuals])[:, None], np.stack([t for _, t in residuals])[:, None])
+    residual = image_similarity(np.stack([residual_from(r, prior[0, 0]) for r in recon[:, 0]])[:, None],
+                                np.stack([residual_from(t, prior[0, 0]) for t in true[:, 0]])[:, None])
     scores.update(residual_ssim=residual["ssim"], residual_nmi=residual["nmi"])
     if region is not None:
         masks = _numpy(region).astype(bool).reshape(true[:, 0].shape)
