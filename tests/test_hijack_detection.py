@@ -3,6 +3,7 @@ and a feature-space hijacking server's (``studies.hijacking``), through the NVFl
 
 import json
 import math
+from unittest.mock import MagicMock
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from helpers import StandInEngine
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.server_engine_spec import ServerEngineSpec
 from nvflare.apis.shareable import make_reply
 
 from split_unet.errors import ProtocolError
@@ -99,6 +101,28 @@ def test_a_hijacking_gradient_is_refused_with_site_and_step_and_so_is_everything
     # A server caught once is not trusted again in this run, even with an honest-looking gradient.
     with pytest.raises(ProtocolError, match="refused since the alarm at step 3"):
         detector.process(_gradient_task(honest, step=4), _ctx(tmp_path))
+
+
+def _server_ctx(tmp_path, peer_site):
+    fl_ctx = _ctx(tmp_path, site="simulator_server")
+    server_engine = MagicMock(spec=ServerEngineSpec)
+    server_engine.get_workspace.return_value = StandInEngine(tmp_path).get_workspace()
+    fl_ctx.set_prop(ReservedKey.ENGINE, server_engine, private=True, sticky=False)
+    peer = FLContext()
+    peer.set_prop(ReservedKey.IDENTITY_NAME, peer_site, private=False, sticky=False)
+    fl_ctx.set_peer_context(peer)
+    return fl_ctx
+
+
+def test_in_the_simulator_the_alarm_names_the_receiving_site(honest, hijacking, tmp_path):
+    """NVFlare's simulator runs the sites' policy in the server process, one filter for every site: the alarm
+    names the task's peer, and one site's alarm does not refuse another's gradients."""
+    detector = GradientAnomalyDetector()
+    with pytest.raises(ProtocolError, match="site 't2w'"):
+        detector.process(_gradient_task(hijacking), _server_ctx(tmp_path, "t2w"))
+    assert json.loads((tmp_path / "job1" / f"t2w_{ALARM_FILE}").read_text())["site"] == "t2w"
+    task = _gradient_task(honest)
+    assert detector.process(task, _server_ctx(tmp_path, "flair")) is task
 
 
 def test_other_payloads_pass(tmp_path):

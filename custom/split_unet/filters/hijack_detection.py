@@ -28,6 +28,7 @@ using it with another decoder.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import torch
 from nvflare.apis.dxo import DXO
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.server_engine_spec import ServerEngineSpec
 from nvflare.apis.shareable import Shareable
 
 from split_unet.errors import ProtocolError
@@ -99,11 +101,22 @@ class HijackMonitor:
         return statistics
 
 
+def _receiving_site(fl_ctx: FLContext) -> str | None:
+    """The site the gradient is for. At a site that is the site itself; NVFlare 2.9's simulator, however, runs
+    the sites' privacy policy in the server process, on the way out (measured: the alarm came from
+    ``simulator_server`` with the task's peer ``flair``), so there it is the task's peer."""
+    if isinstance(fl_ctx.get_engine(), ServerEngineSpec):
+        peer = fl_ctx.get_peer_context()
+        return peer.get_identity_name() if peer is not None else None
+    return fl_ctx.get_identity_name()
+
+
 class GradientAnomalyDetector(DXOFilter):
     """Site-side ``task_data_filter`` (privacy policy or job) on the tasks that carry gradients: train,
     validate, finish. It changes nothing; on an alarm it refuses the task (NVFlare answers the server with
     ``TASK_DATA_FILTER_ERROR``, the site's log names the site, step and statistic) and records the alarm in the
-    site's run folder (``hijack_alarm.json``); every later gradient of the run is refused too.
+    site's run folder (``hijack_alarm.json``; ``<site>_hijack_alarm.json`` in the server's where the simulator
+    runs the policy); every later gradient of the run is refused too.
 
     Args:
         threshold: alarm when ``spatial_mean_ratio`` of a received gradient exceeds it.
@@ -111,26 +124,33 @@ class GradientAnomalyDetector(DXOFilter):
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD):
         super().__init__(supported_data_kinds=[KIND_GRADIENTS], data_kinds_to_filter=[KIND_GRADIENTS])
-        self.monitor = HijackMonitor(threshold)
+        HijackMonitor(threshold)  # refuses a bad threshold when the policy is loaded, not at the first task
+        self.threshold = threshold
+        # One monitor per receiving site: one at a site, every site's where the simulator runs the policy
+        # in the server process (tasks of different sites there run on different threads).
+        self.monitors: dict[str | None, HijackMonitor] = {}
+        self._lock = threading.Lock()
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
-        site = fl_ctx.get_identity_name()
-        self.monitor.site = site
+        site = _receiving_site(fl_ctx)
         message = TensorMessage.from_shareable(dxo.to_shareable(), KIND_GRADIENTS, site=site)
         if not message.tensors:
             return None
+        with self._lock:
+            monitor = self.monitors.setdefault(site, HijackMonitor(self.threshold, site))
         try:
-            self.monitor.observe(message.tensors, message.tensor_step)
+            monitor.observe(message.tensors, message.tensor_step)
         except HijackAlarm as alarm:
             self.log_error(fl_ctx, str(alarm))
-            self._record(alarm, fl_ctx)
+            self._record(alarm, monitor, fl_ctx)
             raise
         return None
 
-    def _record(self, alarm: HijackAlarm, fl_ctx: FLContext) -> None:
+    def _record(self, alarm: HijackAlarm, monitor: HijackMonitor, fl_ctx: FLContext) -> None:
         engine = fl_ctx.get_engine()
         if engine is None or not fl_ctx.get_job_id():
             return
         run_dir = Path(engine.get_workspace().get_run_dir(fl_ctx.get_job_id()))
-        write_json(run_dir / ALARM_FILE, {"site": alarm.site, "message": alarm.detail, "first_alarm": self.monitor.alarm,
-                                          "refused": alarm.statistics})
+        name = ALARM_FILE if not isinstance(engine, ServerEngineSpec) else f"{alarm.site}_{ALARM_FILE}"
+        write_json(run_dir / name, {"site": alarm.site, "message": alarm.detail, "first_alarm": monitor.alarm,
+                                    "refused": alarm.statistics})
