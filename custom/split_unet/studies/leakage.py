@@ -211,8 +211,9 @@ def _score_reconstruction(context: _Context, attack: str, exchange: RecordedExch
 def _score_labels(context: _Context, exchange: RecordedExchange) -> tuple[dict, tuple]:
     """(result entry, figure row) of the gradient label attack on one exchange, at every level received.
 
-    The entry's top-level scores are those of the level whose estimate matches WT best (the site reads
-    every level it receives); ``per_level`` keeps each level's.
+    The entry's top-level scores are those of the level whose estimate matches WT best: the site reads every
+    level it receives, and choosing by the truth makes this an upper bound of what it can tell. ``per_level``
+    keeps each level's.
     """
     if not exchange.gradients:
         raise DataError(f"no gradients recorded at step {exchange.step}", site=exchange.site)
