@@ -1,8 +1,8 @@
 """Privacy defences as NVFlare filters (job filters and site privacy policies)."""
 
 from .activation_privacy import ActivationClipNoise, clip_per_sample, gaussian_epsilon
-from .hijack_detection import GradientAnomalyDetector
 from .gradient_protection import GradientProtection, maxnorm_noise, relative_noise
+from .hijack_detection import GradientAnomalyDetector
 from .level_blocking import BLOCKED_LEVELS_KEY, LevelBlocking
 from .quantization import ActivationQuantization
 

@@ -18,7 +18,7 @@ the channel's ``N`` voxels, averaged over samples, channels and levels: 0 for an
 for noise independent across voxels (e.g. the server's ``GradientProtection`` noise: a chi-square mean of
 1 per channel), and hundreds for the hijacking gradients measured in the study (from step 1). The
 threshold (default 10) sits far above the noise's (a mean of B x C chi-square(1) variables exceeding 10 has
-probability below 1e-8 for B x C >= 4) and far below the attack's.
+probability below 1e-7 for B x C >= 4) and far below the attack's.
 
 Limits: an attacker who knows this check can project the spatial mean out of its gradient; the study did
 not measure such an adaptive attack. The check is tied to decoders that normalise first (as every
