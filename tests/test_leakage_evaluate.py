@@ -56,9 +56,13 @@ def recorded(tmp_path_factory):
 def test_evaluate_writes_results_and_figures_for_every_attack(recorded, tmp_path):
     workspace, data = recorded
     labels = evaluate_leakage(workspace, data, "labels", out_dir=tmp_path)
-    assert set(labels) == set(SITES) and set(labels["flair"]) == {"1", "2"}
+    assert set(labels) == set(SITES) and set(labels["flair"]) == {"1", "2"}  # every recorded step by default
     entry = labels["flair"]["1"]
-    assert entry["levels"] == [0, 2] and entry["level"] == 0 and entry["patients"] == 2
+    assert entry["levels"] == [0, 2] and entry["patients"] == 2
+    # Every level received is attacked; the entry's scores are the level that leaks most.
+    assert set(entry["per_level"]) == {"0", "2"}
+    assert entry["dice_wt"] == max(scores["dice_wt"] for scores in entry["per_level"].values())
+    assert entry["dice_wt"] == entry["per_level"][str(entry["level"])]["dice_wt"]
     assert entry["dice_wt"] > entry["random_dice_wt"]
 
     for attack in ("whitebox", "unsplit", "learned"):
@@ -66,6 +70,10 @@ def test_evaluate_writes_results_and_figures_for_every_attack(recorded, tmp_path
         entry = results["t1gd"]["2"]
         assert entry["patients"] == 1 and entry["levels"] == [0, 2] and entry["iterations"] == 2
         assert set(entry) >= {"ssim", "psnr", "nmi"} and -1 <= entry["ssim"] <= 1
+        # Scored next to the atlas of the two patients the server never saw.
+        assert entry["prior_patients"] == 2 and -1 <= entry["prior_ssim"] <= 1
+        assert entry["excess_ssim"] == pytest.approx(entry["ssim"] - entry["prior_ssim"])
+        assert {"residual_ssim", "residual_nmi", "tumour_ssim", "excess_tumour_ssim"} <= set(entry)
 
     saved = json.loads((tmp_path / "leakage.json").read_text())
     assert set(saved["attacks"]) == {"labels", "whitebox", "unsplit", "learned"}

@@ -16,7 +16,7 @@ def test_sweep_trains_attacks_and_reports(project_root, tiny_data, trained_tiny,
     _, sites = tiny_data
     reference_workspace, _ = trained_tiny
     sweep = {
-        "attacks": ["whitebox", "labels"], "record_steps": [-1], "attack_iterations": {"whitebox": 5},
+        "attacks": ["whitebox", "labels"], "record_steps": [1, -1], "attack_iterations": {"whitebox": 5},
         "train": {"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "val_fraction": 0.5},
         "configurations": [
             {"name": "undefended", "workspace": str(reference_workspace), "reference": True},
@@ -34,7 +34,13 @@ def test_sweep_trains_attacks_and_reports(project_root, tiny_data, trained_tiny,
     undefended, defended = rows["undefended"], rows["int8 + gradient noise"]
     assert defended["bytes_per_step"] < undefended["bytes_per_step"]
     for row in rows.values():
-        assert 0 <= row["whitebox"]["max"] <= 1 and 0 <= row["labels"]["mean"] <= 1
+        excess = row["images"]["excess_ssim"]
+        assert -1 <= excess["value"] <= 1 and excess["attack"] == "whitebox" and excess["step"] >= 1
+        assert excess["value"] == excess["ssim"] - excess["prior_ssim"]
+        assert 0 <= row["labels"]["mean"] <= row["labels"]["max"] <= 1
+    # Both recorded steps were attacked in the trained configuration.
+    leakage = json.loads((tmp_path / "report" / "runs" / "int8_gradient_noise" / "leakage.json").read_text())
+    assert all(len(steps) == 2 for steps in leakage["attacks"]["whitebox"].values())
     out = tmp_path / "report"
     assert (out / "privacy_utility.png").is_file() and "## Recommendation" in (out / "report.md").read_text()
     assert json.loads((out / "report.json").read_text())["frontier"]

@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     leakage.add_argument("--sites", required=True, help="the partitioned data the run used (true images)")
     leakage.add_argument("--attack", nargs="+", choices=("whitebox", "unsplit", "learned", "labels"),
                          default=["whitebox", "unsplit", "learned", "labels"])
-    leakage.add_argument("--steps", help="recorded training steps to attack (default: first and last recorded)")
+    leakage.add_argument("--steps", help="recorded training steps to attack (default: every recorded step)")
     leakage.add_argument("--patients", type=int, default=2, help="patients attacked per recorded batch")
     leakage.add_argument("--iterations", type=int, help="optimisation budget per attack")
     leakage.add_argument("--seed", type=int, default=0)

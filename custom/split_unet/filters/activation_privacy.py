@@ -4,8 +4,8 @@ Each patient's activation is clipped per level to an L2 norm of at most ``clip_n
 of standard deviation ``noise_multiplier * clip_norm`` is added to every element: one Gaussian mechanism
 per level and release. Batches are a shuffled partition of the patients, not Poisson samples, so no
 privacy amplification by subsampling is claimed: a patient's privacy loss is the composition of the
-releases of its own activations (every training epoch, every validation), which Opacus' RDP accountant
-computes with sample rate 1. The budget goes to the site's run folder (``privacy_budget.json``, and TensorBoard
+releases of its own activations (every training epoch, every validation), computed exactly as Gaussian DP
+(``accounting.gaussian_epsilon``). The budget goes to the site's run folder (``privacy_budget.json``, and TensorBoard
 ``privacy/epsilon`` against the training step there) and, in the reply's ``info`` with the parameters it follows
 from, to the server, which recomputes it.
 

@@ -3,17 +3,29 @@
 SSIM and PSNR follow the settings that match MONAI's ``SSIMMetric`` / ``PSNRMetric`` (scikit-image is
 much faster on the CPU): ``structural_similarity(..., data_range=1, gaussian_weights=True, sigma=1.5,
 use_sample_covariance=False)``; scikit-image's default settings give different values.
+
+A similarity alone does not say what an attack learnt: every patient shares one anatomy, so the mean of
+other patients' images (an atlas, no activations at all) already scores well. ``prior_relative_similarity``
+scores a reconstruction next to that population prior, as the excess over it, on the residual from the
+atlas (patient-specific content) and inside the tumour and its surroundings.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import ndimage
 from skimage.metrics import normalized_mutual_information, peak_signal_noise_ratio, structural_similarity
 
-__all__ = ["image_similarity", "mask_dice", "robust_unit_range"]
+__all__ = ["image_similarity", "mask_dice", "orient_sign", "prior_relative_similarity", "residual_from",
+           "robust_unit_range", "tumour_surroundings"]
 
 NMI_BINS = 64
+METRICS = ("ssim", "psnr", "nmi")
+# Voxels the tumour region grows by: the oedema's rim and the tissue it displaces belong to what a
+# reconstruction should not reveal (3 voxels: 3 mm at 1 mm, a tenth of a 32^3 phantom's tumour radius or more).
+TUMOUR_MARGIN = 3
+RESIDUAL_RELATIVE_PRECISION = 1e-9  # float64 least squares is exact to ~1e-13 of the volume's scale
 
 
 def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -51,16 +63,102 @@ def image_similarity(reconstruction: torch.Tensor | np.ndarray, truth: torch.Ten
     if recon.shape != true.shape:
         raise ValueError(f"reconstruction {recon.shape} and truth {true.shape} differ in shape")
     masks = [None] * len(true) if mask is None else _numpy(mask).astype(bool).reshape(true.shape)
-    scores = {"ssim": [], "psnr": [], "nmi": []}
+    if sign_invariant:
+        recon = orient_sign(recon[:, None], true[:, None], mask)[:, 0]
+    scores = {name: [] for name in METRICS}
     for r, t, m in zip(recon, true, masks):
-        t = robust_unit_range(t, m)
-        candidates = [robust_unit_range(c, m) for c in ((r, -r) if sign_invariant else (r,))]
-        ssim, r = max(((_ssim(c, t, m), c) for c in candidates), key=lambda pair: pair[0])
+        t, r = robust_unit_range(t, m), robust_unit_range(r, m)
         region = slice(None) if m is None else m
-        scores["ssim"].append(ssim)
+        scores["ssim"].append(_ssim(r, t, m))
         scores["psnr"].append(peak_signal_noise_ratio(t[region], r[region], data_range=1.0))
         scores["nmi"].append(normalized_mutual_information(t[region], r[region], bins=NMI_BINS))
     return {name: float(np.mean(values)) for name, values in scores.items()}
+
+
+def orient_sign(reconstruction: torch.Tensor | np.ndarray, truth: torch.Tensor | np.ndarray,
+                mask: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+    """(B, 1, *S) reconstruction with each sample negated where its negative has the higher SSIM to ``truth``.
+
+    For attacks that cannot tell the contrast's sign (UnSplit): the evaluation gives them the better one.
+    """
+    recon, true = _numpy(reconstruction).astype(np.float64), _numpy(truth)
+    masks = [None] * len(true) if mask is None else _numpy(mask).astype(bool).reshape(true[:, 0].shape)
+    out = recon.copy()
+    for index, (r, t, m) in enumerate(zip(recon[:, 0], true[:, 0], masks)):
+        t = robust_unit_range(t, m)
+        if _ssim(robust_unit_range(-r, m), t, m) > _ssim(robust_unit_range(r, m), t, m):
+            out[index, 0] = -r
+    return out
+
+
+def tumour_surroundings(whole_tumour: torch.Tensor | np.ndarray, margin: int = TUMOUR_MARGIN) -> np.ndarray:
+    """(B, *S) bool: each sample's whole-tumour mask grown by ``margin`` voxels (face-connected steps)."""
+    masks = _numpy(whole_tumour).astype(bool)
+    structure = ndimage.generate_binary_structure(masks.ndim - 1, 1)
+    return np.stack([ndimage.binary_dilation(m, structure, iterations=margin) if margin > 0 and m.any() else m
+                     for m in masks])
+
+
+def residual_from(volume: np.ndarray, atlas: np.ndarray) -> np.ndarray:
+    """What of ``volume`` the atlas does not explain: the least-squares residual of ``volume`` on (atlas, 1).
+
+    Fitting the atlas's scale and offset, rather than subtracting it, makes the residual independent of the
+    arbitrary intensity scale and keeps the atlas out of both residuals: ``volume - atlas`` would leave
+    ``-atlas`` in the residual of any reconstruction that lacks the anatomy, and that shared term alone would
+    make it look like the truth's residual.
+    """
+    design = np.stack([atlas.ravel(), np.ones(atlas.size)], axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, volume.ravel(), rcond=None)
+    residual = volume - (design @ coefficients).reshape(volume.shape)
+    # What the atlas explains up to rounding has no residual (the unit range would blow rounding up to [0, 1]).
+    scale = np.abs(volume).max()
+    return residual if np.abs(residual).max() > RESIDUAL_RELATIVE_PRECISION * scale else np.zeros_like(volume)
+
+
+def prior_relative_similarity(reconstruction: torch.Tensor | np.ndarray, truth: torch.Tensor | np.ndarray,
+                              atlas: torch.Tensor | np.ndarray, region: torch.Tensor | np.ndarray | None = None,
+                              sign_invariant: bool = False) -> dict[str, float]:
+    """A reconstruction's similarity to the truth next to the population prior's, and what only it knows.
+
+    Args:
+        reconstruction, truth: (B, 1, *S).
+        atlas: (1, *S) or (1, 1, *S): the mean image of auxiliary patients of the same modality, the best
+            guess without any activation.
+        region: optional (B, *S) bool, the tumour and its surroundings (``tumour_surroundings``); samples
+            whose region is empty are left out of the region's scores.
+        sign_invariant: as in ``image_similarity`` (the sign is chosen once, against the whole image).
+
+    Returns:
+        ``ssim``, ``psnr``, ``nmi`` of the reconstruction; ``prior_<m>`` of the atlas scored the same way
+        against each patient; ``excess_<m>`` = attack - prior. ``residual_ssim`` / ``residual_nmi``: the
+        similarity of the reconstruction's and the truth's residuals from the atlas (``residual_from``):
+        near 0 SSIM (NMI 1, its floor) when the reconstruction
+        holds nothing the atlas does not (the atlas itself, or anything unrelated to the patient), 1 (2)
+        for the truth itself. With ``region``: ``tumour_<m>``,
+        ``prior_tumour_<m>`` and ``excess_tumour_<m>`` for SSIM and NMI within it.
+    """
+    recon, true = _numpy(reconstruction).astype(np.float64), _numpy(truth).astype(np.float64)
+    if sign_invariant:
+        recon = orient_sign(recon, true)
+    prior = np.broadcast_to(_numpy(atlas).astype(np.float64).reshape(1, 1, *true.shape[2:]), true.shape)
+    scores = image_similarity(recon, true)
+    for name, value in image_similarity(prior, true).items():
+        scores[f"prior_{name}"] = value
+        scores[f"excess_{name}"] = scores[name] - value
+    residual = image_similarity(np.stack([residual_from(r, prior[0, 0]) for r in recon[:, 0]])[:, None],
+                                np.stack([residual_from(t, prior[0, 0]) for t in true[:, 0]])[:, None])
+    scores.update(residual_ssim=residual["ssim"], residual_nmi=residual["nmi"])
+    if region is not None:
+        masks = _numpy(region).astype(bool).reshape(true[:, 0].shape)
+        kept = masks.reshape(len(masks), -1).any(axis=1)
+        if kept.any():
+            attack = image_similarity(recon[kept], true[kept], masks[kept])
+            baseline = image_similarity(prior[kept], true[kept], masks[kept])
+            for name in ("ssim", "nmi"):
+                scores[f"tumour_{name}"] = attack[name]
+                scores[f"prior_tumour_{name}"] = baseline[name]
+                scores[f"excess_tumour_{name}"] = attack[name] - baseline[name]
+    return scores
 
 
 def _ssim(reconstruction: np.ndarray, truth: np.ndarray, mask: np.ndarray | None) -> float:

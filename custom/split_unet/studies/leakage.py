@@ -9,6 +9,11 @@ Inputs, as ``split-unet simulate`` leaves them::
 and the partitioned data folder (``<data_dir>/<site>/`` images, ``<data_dir>/server/`` labels), from
 which the true images and labels are joined by patient id. Results are merged into
 ``leakage.json`` and drawn in ``leakage_<attack>.png``.
+
+Every reconstruction is scored next to the population prior: the atlas (mean image) of the auxiliary
+patients of the same modality, the patients the server never saw from that site (the learned attack's
+training data), scored against each attacked patient the same way, with no activations at all
+(``leakage.metrics.prior_relative_similarity``).
 """
 
 from __future__ import annotations
@@ -29,12 +34,16 @@ from split_unet.training import select_device
 from split_unet.leakage.attacks import (gradient_label_leakage, learned_inversion, random_mask_like, train_inversion_decoder,
                       unsplit_inversion, whitebox_inversion)
 from split_unet.leakage.figures import mask_grid, reconstruction_grid
-from split_unet.leakage.metrics import image_similarity, mask_dice
+from split_unet.leakage.metrics import mask_dice, prior_relative_similarity, tumour_surroundings
 from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, snapshot_path, step_folder
 
-__all__ = ["ATTACKS", "DEFAULT_ITERATIONS", "LEAKAGE_FILE", "MAX_AUX_IMAGES", "evaluate_leakage"]
+__all__ = ["ATTACKS", "DEFAULT_ITERATIONS", "LEAKAGE_FILE", "MAX_AUX_IMAGES", "RECONSTRUCTIONS", "evaluate_leakage",
+           "is_complete", "worst_case"]
 
 ATTACKS = ("whitebox", "unsplit", "learned", "labels")
+# What the worst case of the image attacks is taken on: the excess over the prior, the patient-specific
+# content (residual from the atlas) and the tumour region's excess, each maximised on its own.
+IMAGE_LEAKAGE = ("excess_ssim", "residual_ssim", "excess_tumour_ssim")
 # Sized so that one attack on 4 sites x 2 steps x 2 patients of 64^3 (default network) takes about 5 minutes
 # on 2 shared CPU cores: measured ~0.9 s per encoder forward/backward of 2 patients (white-box), ~1.6 s per
 # UnSplit step, ~0.7 s per inversion-decoder step. Such budgets under-estimate leakage (UnSplit and the
@@ -109,6 +118,7 @@ class _Context:
         self.device = select_device()
         self._images: dict[str, SiteImages] = {}
         self._labels: SiteLabels | None = None
+        self._atlases: dict[str, torch.Tensor] = {}
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -126,6 +136,25 @@ class _Context:
 
     def true_images(self, site: str, patient_ids: Sequence[str]) -> torch.Tensor:
         return torch.from_numpy(self.images(site).batch(patient_ids))
+
+    def whole_tumour(self, patient_ids: Sequence[str]) -> torch.Tensor:
+        """(B, *S) bool WT masks."""
+        return torch.from_numpy(self.labels().batch(patient_ids)[:, 0] > 0)
+
+    def auxiliary_patients(self, site: str) -> list[str]:
+        """Up to ``MAX_AUX_IMAGES`` of the site's patients whose activations the server never saw."""
+        seen = _recorded_patients(self.record_dir, site)
+        held_out = [pid for pid in self.images(site).patient_ids if pid not in seen][:MAX_AUX_IMAGES]
+        if not held_out:
+            raise DataError("no patients outside the recorded batches for the prior and the inversion decoder",
+                            site=site)
+        return held_out
+
+    def atlas(self, site: str) -> torch.Tensor:
+        """(1, *S): the mean image of the site's auxiliary patients, the population prior of its modality."""
+        if site not in self._atlases:
+            self._atlases[site] = self.true_images(site, self.auxiliary_patients(site)).mean(dim=0)
+        return self._atlases[site]
 
 
 Reconstruct = Callable[[_Context, RecordedExchange], torch.Tensor]
@@ -147,12 +176,9 @@ def _unsplit(context: _Context, exchange: RecordedExchange) -> torch.Tensor:
 
 def _learned(context: _Context, exchange: RecordedExchange) -> torch.Tensor:
     site = exchange.site
-    seen = _recorded_patients(context.record_dir, site)
-    held_out = [pid for pid in context.images(site).patient_ids if pid not in seen][:MAX_AUX_IMAGES]
-    if not held_out:
-        raise DataError("no patients outside the recorded batches to train the inversion decoder on", site=site)
     encoder = _load_snapshot_encoder(context.workspace, site, exchange.step, context.device)
-    decoder = train_inversion_decoder(encoder, context.true_images(site, held_out), sorted(exchange.activations),
+    decoder = train_inversion_decoder(encoder, context.true_images(site, context.auxiliary_patients(site)),
+                                      sorted(exchange.activations),
                                       iterations=context.iterations, seed=context.seed)
     return learned_inversion(decoder, exchange.activations)
 
@@ -173,27 +199,38 @@ def _score_reconstruction(context: _Context, attack: str, exchange: RecordedExch
     """(result entry, figure row) of one reconstruction attack on one exchange."""
     reconstruction = RECONSTRUCTIONS[attack](context, exchange).cpu()
     truth = context.true_images(exchange.site, exchange.patient_ids)
+    region = tumour_surroundings(context.whole_tumour(exchange.patient_ids))
     entry = {"levels": sorted(exchange.activations), "patients": len(exchange.patient_ids),
-             "iterations": context.iterations,
-             **image_similarity(reconstruction, truth, sign_invariant=attack == "unsplit")}
+             "iterations": context.iterations, "prior_patients": len(context.auxiliary_patients(exchange.site)),
+             **prior_relative_similarity(reconstruction, truth, context.atlas(exchange.site), region,
+                                         sign_invariant=attack == "unsplit")}
     row = (f"{exchange.site} step {exchange.step}", truth[0, 0].numpy(), reconstruction[0, 0].numpy())
     return entry, row
 
 
 def _score_labels(context: _Context, exchange: RecordedExchange) -> tuple[dict, tuple]:
-    """(result entry, figure row) of the gradient label attack on one exchange."""
+    """(result entry, figure row) of the gradient label attack on one exchange, at every level received.
+
+    The entry's top-level scores are those of the level whose estimate matches WT best: the site reads every
+    level it receives, and choosing by the truth makes this an upper bound of what it can tell. ``per_level``
+    keeps each level's.
+    """
     if not exchange.gradients:
         raise DataError(f"no gradients recorded at step {exchange.step}", site=exchange.site)
-    level = min(exchange.gradients)
-    estimate = gradient_label_leakage(exchange.gradients, context.image_shape, level)
-    chance = random_mask_like(estimate, context.seed)
     regions = torch.from_numpy(context.labels().batch(exchange.patient_ids)) > 0  # (B, 3, *S): WT, TC, ET
+    per_level, estimates = {}, {}
+    for level in sorted(exchange.gradients):
+        estimate = gradient_label_leakage(exchange.gradients, context.image_shape, level)
+        chance = random_mask_like(estimate, context.seed)
+        scores = {"mask_fraction": float(estimate.float().mean())}
+        for index, region in enumerate(REGIONS):
+            scores[f"dice_{region}"] = mask_dice(estimate, regions[:, index])
+            scores[f"random_dice_{region}"] = mask_dice(chance, regions[:, index])
+        per_level[str(level)], estimates[level] = scores, estimate
+    level = max(estimates, key=lambda lv: per_level[str(lv)]["dice_wt"])
     entry = {"levels": sorted(exchange.gradients), "level": level, "patients": len(exchange.patient_ids),
-             "mask_fraction": float(estimate.float().mean())}
-    for index, region in enumerate(REGIONS):
-        entry[f"dice_{region}"] = mask_dice(estimate, regions[:, index])
-        entry[f"random_dice_{region}"] = mask_dice(chance, regions[:, index])
-    row = (f"{exchange.site} step {exchange.step}", regions[0, 0].numpy(), estimate[0].numpy())
+             **per_level[str(level)], "per_level": per_level}
+    row = (f"{exchange.site} step {exchange.step} level {level}", regions[0, 0].numpy(), estimates[level][0].numpy())
     return entry, row
 
 
@@ -218,7 +255,7 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
         attack: ``"whitebox"`` (site's encoder weights, upper bound), ``"unsplit"`` (architecture only),
             ``"learned"`` (decoder trained on held-out patients of the site through its encoder) or
             ``"labels"`` (tumour mask from the gradients the site received).
-        steps: recorded steps to attack (default: the first and the last recorded).
+        steps: recorded steps to attack (default: every recorded step; an attacker takes the best).
         max_patients: patients per batch to attack (the first ones of each recorded batch).
         seed: seed of every attack.
         iterations: optimisation budget (default ``DEFAULT_ITERATIONS[attack]``; unused for labels).
@@ -226,9 +263,12 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
 
     Returns:
         ``{site: {step: entry}}`` for this attack, as merged into ``leakage.json`` under ``attacks.<attack>``.
-        An entry holds ``levels``, ``patients`` and either ``ssim``, ``psnr``, ``nmi`` (reconstructions;
-        UnSplit scored sign-invariantly) or ``dice_<region>`` and ``random_dice_<region>`` for WT, TC, ET
-        (labels).
+        An entry holds ``levels``, ``patients`` and either, for reconstructions (UnSplit scored
+        sign-invariantly), ``ssim``, ``psnr``, ``nmi`` with the prior's (``prior_<m>``, ``excess_<m>``), the
+        residual's (``residual_ssim``, ``residual_nmi``) and the tumour region's (``tumour_<m>``,
+        ``prior_tumour_<m>``, ``excess_tumour_<m>``), see ``prior_relative_similarity``, and
+        ``prior_patients``; or, for labels, ``dice_<region>`` and ``random_dice_<region>`` for WT, TC, ET
+        of the level that leaks most (``level``) and the same for every level received (``per_level``).
 
     Raises:
         ValueError: an unknown attack or a step that was not recorded.
@@ -240,7 +280,7 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
     out_dir = Path(out_dir) if out_dir is not None else workspace
     context = _Context(workspace, Path(data_dir), seed, iterations or DEFAULT_ITERATIONS.get(attack, 0))
     recorded = _recorded_steps(context.record_dir)
-    steps = sorted({recorded[0], recorded[-1]}) if steps is None else sorted(set(steps))
+    steps = recorded if steps is None else sorted(set(steps))
     missing = sorted(set(steps) - set(recorded))
     if missing:
         raise ValueError(f"steps {missing} were not recorded; recorded: {recorded[0]}..{recorded[-1]}")
@@ -264,3 +304,37 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
     else:
         reconstruction_grid(rows, figure)
     return results
+
+
+def is_complete(attack: str, per_site: dict) -> bool:
+    """Whether ``leakage.json``'s entries of ``attack`` hold what ``worst_case`` reads (older files did not score
+    the prior nor every level)."""
+    wanted = "per_level" if attack == "labels" else "excess_ssim"
+    return bool(per_site) and all(wanted in entry for steps in per_site.values() for entry in steps.values())
+
+
+def worst_case(attacks: dict) -> dict:
+    """The worst recorded step and the strongest attack, per site, from ``leakage.json``'s ``attacks``.
+
+    Returns:
+        ``{"images": {site: {metric: {"value", "attack", "step"}}}`` for each of ``IMAGE_LEAKAGE``, maximised
+        over the reconstruction attacks and steps separately (with ``ssim`` and ``prior_ssim`` where
+        ``excess_ssim`` peaks), and ``{"labels": {site: {"dice_wt", "random_dice_wt", "step", "level"}}}`` at
+        the step whose best level matches WT most. Sites or attacks not in ``attacks`` are absent.
+    """
+    images: dict[str, dict] = {}
+    for attack in RECONSTRUCTIONS:
+        for site, steps in attacks.get(attack, {}).items():
+            worst = images.setdefault(site, {})
+            for step, entry in steps.items():
+                for metric in IMAGE_LEAKAGE:
+                    if metric in entry and entry[metric] > worst.get(metric, {}).get("value", float("-inf")):
+                        worst[metric] = {"value": entry[metric], "attack": attack, "step": int(step)}
+                        if metric == "excess_ssim":
+                            worst[metric].update(ssim=entry["ssim"], prior_ssim=entry["prior_ssim"])
+    labels = {}
+    for site, steps in attacks.get("labels", {}).items():
+        step, entry = max(steps.items(), key=lambda item: item[1]["dice_wt"])
+        labels[site] = {"dice_wt": entry["dice_wt"], "random_dice_wt": entry["random_dice_wt"], "step": int(step),
+                        "level": entry["level"]}
+    return {"images": images, "labels": labels}

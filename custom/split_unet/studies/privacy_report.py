@@ -4,7 +4,7 @@ A sweep file (JSON) lists configurations; each may override the training (``trai
 sent or the NoPeek weight), the controller (``controller``, e.g. the wire codec), and add job filters on
 the sites' activations (``site_filters``) or on the server's gradients (``server_filters``)::
 
-    {"attacks": ["whitebox", "labels"], "record_steps": [-1],  # steps the recorder keeps (-1: last)
+    {"attacks": ["whitebox", "labels"], "record_steps": [1, 96, -1],  # steps the recorder keeps (-1: last)
      "train": {"epochs": 8},
      "configurations": [
         {"name": "undefended"},
@@ -12,7 +12,9 @@ the sites' activations (``site_filters``) or on the server's gradients (``server
         {"name": "gradient noise x1", "server_filters": [
             {"path": "split_unet.filters.GradientProtection", "args": {"mode": "noise", "noise_multiplier": 1.0}}]}]}
 
-The reference (undefended) configuration is the one marked ``"reference": true``, else the first. A
+Every attack runs at every recorded step; a configuration's leakage is its worst step against its strongest
+attack, measured against the population prior (``studies.leakage.worst_case``). The reference (undefended)
+configuration is the one marked ``"reference": true``, else the first. A
 configuration may name a finished ``split-unet simulate --record-steps`` workspace instead of training.
 Finished runs and attacks are reused, so an interrupted sweep resumes where it stopped.
 """
@@ -30,7 +32,14 @@ import numpy as np
 from split_unet.errors import DataError
 from split_unet.files import load_json, write_json
 
-TARGET_SSIM = 0.3
+# The targets are stated against the population prior (``leakage.metrics.prior_relative_similarity``), at
+# the worst recorded step and against the strongest attack (``studies.leakage.worst_case``).
+# Excess SSIM over the atlas: 0.05 is the spread of the atlas's own SSIM between patients on the 64^3
+# phantom (0.32-0.36, issue 14), so a smaller excess is within what picking another atlas would change.
+TARGET_EXCESS_SSIM = 0.05
+# SSIM of the residual from the atlas (patient-specific content; the atlas itself scores 0): provisional,
+# to be set from the residual SSIM of another patient's image once the sweep measures it.
+TARGET_RESIDUAL_SSIM = 0.1
 TARGET_LABEL_FRACTION = 0.5
 TARGET_DICE_COST = 0.03
 
@@ -42,7 +51,7 @@ def slug(name: str) -> str:
 def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path,
               site_configs: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Run, attack and report every configuration; returns the report's rows."""
-    from split_unet.studies.leakage import evaluate_leakage
+    from split_unet.studies.leakage import evaluate_leakage, is_complete
     from split_unet.jobs import training_settings
     from split_unet.launch.simulation import run_simulation
 
@@ -51,6 +60,7 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path
     if not configurations:
         raise DataError("the sweep lists no configurations", field=f"{sweep_file}:configurations")
     attacks = sweep.get("attacks", ["whitebox", "labels"])
+    record_steps = sweep.get("record_steps", [1, -1])
     out_dir = Path(out_dir)
     rows = []
     for index, configuration in enumerate(configurations):
@@ -64,7 +74,7 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path
             if "network" in sweep.get("train", {}) and "network" in configuration.get("train", {}):
                 train["network"] = {**sweep["train"]["network"], **configuration["train"]["network"]}
             job = training_settings(train, controller_args=configuration.get("controller", {}),
-                                    record_steps=sweep.get("record_steps", [-1]),
+                                    record_steps=record_steps,
                                     site_filters=configuration.get("site_filters", []),
                                     server_filters=configuration.get("server_filters", []))
             summary = run_simulation(sites_dir, workspace, job, site_configs=site_configs, progress=None)
@@ -76,7 +86,7 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path
         leakage_path = workspace / "leakage.json"
         done = json.loads(leakage_path.read_text()).get("attacks", {}) if leakage_path.is_file() else {}
         for attack in attacks:
-            if attack not in done:
+            if not is_complete(attack, done.get(attack, {})):
                 log(f"[{index + 1}/{len(configurations)}] attack {attack}: {name}")
                 evaluate_leakage(workspace, sites_dir, attack, iterations=sweep.get("attack_iterations", {}).get(attack))
         rows.append({**_row(name, configuration, summary, json.loads(leakage_path.read_text())),
@@ -90,21 +100,40 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path
     return report
 
 
-def _last_step_values(per_site: dict, metric: str) -> dict[str, float]:
-    """{site: metric at the site's last recorded step}."""
-    return {site: steps[max(steps, key=int)][metric] for site, steps in per_site.items() if steps}
-
-
 def _row(name: str, configuration: dict, summary: dict, leakage: dict) -> dict:
-    attacks = leakage.get("attacks", {})
+    """One configuration's utility and worst-case leakage: ``images`` (the maxima over sites of
+    ``worst_case``'s image metrics, with the site, attack and step they come from) and ``labels`` (WT Dice at
+    each site's worst step, ``max`` and ``mean`` over sites)."""
+    from split_unet.studies.leakage import worst_case
+
+    worst = worst_case(leakage.get("attacks", {}))
     row = {"name": name, "configuration": configuration, "dice": summary["dice"]["mean"],
            "dice_regions": summary["dice"], "bytes_per_step": summary.get("bytes_per_step", {}).get("total"),
            "epsilon": max((p["epsilon"] for p in summary.get("privacy", {}).values()), default=None)}
-    for attack, per_site in attacks.items():
-        metric = "dice_wt" if attack == "labels" else "ssim"
-        values = _last_step_values(per_site, metric)
-        row[attack] = {"per_site": values, "max": max(values.values()), "mean": float(np.mean(list(values.values())))}
+    if worst["images"]:
+        row["images"] = {}
+        for metric in ("excess_ssim", "residual_ssim", "excess_tumour_ssim"):
+            site, peak = max(((site, metrics[metric]) for site, metrics in worst["images"].items() if metric in metrics),
+                             key=lambda item: item[1]["value"], default=(None, None))
+            if peak is not None:
+                row["images"][metric] = {**peak, "site": site}
+    if worst["labels"]:
+        values = {site: entry["dice_wt"] for site, entry in worst["labels"].items()}
+        row["labels"] = {"per_site": worst["labels"], "max": max(values.values()),
+                         "mean": float(np.mean(list(values.values())))}
     return row
+
+
+def _excess(row: dict) -> float:
+    return row["images"]["excess_ssim"]["value"]
+
+
+def _residual(row: dict) -> float:
+    return row["images"].get("residual_ssim", {}).get("value", float("nan"))
+
+
+def _images_private(row: dict) -> bool:
+    return _excess(row) <= TARGET_EXCESS_SSIM and _residual(row) <= TARGET_RESIDUAL_SSIM
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -118,40 +147,43 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def recommend(rows: list[dict]) -> tuple[dict | None, str]:
-    """The best-Dice configuration meeting the targets against the first (undefended) row, and why."""
-    valid = [r for r in rows if "error" not in r and "whitebox" in r]
+    """The best-Dice configuration meeting the targets against the reference (undefended) row, and why."""
+    valid = [r for r in rows if "error" not in r and "images" in r]
     if not valid:
-        return None, "no configuration finished with a white-box attack"
+        return None, "no configuration finished with an image attack"
     reference = next((r for r in valid if r["configuration"].get("reference")), valid[0])
     label_limit = TARGET_LABEL_FRACTION * reference["labels"]["mean"] if "labels" in reference else None
-    meeting = [r for r in valid if r is not reference and r["whitebox"]["max"] <= TARGET_SSIM
+    meeting = [r for r in valid if r is not reference and _images_private(r)
                and (label_limit is None or r.get("labels", {}).get("mean", 1.0) <= label_limit)
                and r["dice"] >= reference["dice"] - TARGET_DICE_COST]
     if meeting:
         best = max(meeting, key=lambda r: r["dice"])
-        return best, (f"'{best['name']}' meets every target: white-box SSIM at most {best['whitebox']['max']:.2f} "
-                      f"(target {TARGET_SSIM}), label-leakage Dice {best.get('labels', {}).get('mean', float('nan')):.2f} "
-                      f"(target at most {label_limit:.2f}), mean Dice {best['dice']:.3f} vs {reference['dice']:.3f} "
-                      f"undefended.")
+        return best, (f"'{best['name']}' meets every target at its worst step against its strongest attack: SSIM "
+                      f"{_excess(best):+.2f} over the prior (target at most {TARGET_EXCESS_SSIM}), residual SSIM "
+                      f"{_residual(best):.2f} (target at most {TARGET_RESIDUAL_SSIM}), label-leakage Dice "
+                      f"{best.get('labels', {}).get('mean', float('nan')):.2f} (target at most {label_limit:.2f}), "
+                      f"mean Dice {best['dice']:.3f} vs {reference['dice']:.3f} undefended.")
     return None, "no configuration meets all targets. " + frontier_summary(valid, reference, label_limit)
 
 
 def frontier_summary(valid: list[dict], reference: dict, label_limit: float | None) -> str:
     """What the measured configurations do allow, target by target."""
-    parts = [f"Targets: white-box SSIM <= {TARGET_SSIM} for every modality, label-leakage Dice <= "
-             f"{TARGET_LABEL_FRACTION} x undefended, mean Dice cost <= {TARGET_DICE_COST} "
+    parts = [f"Targets, at the worst recorded step against the strongest attack: SSIM at most {TARGET_EXCESS_SSIM} "
+             f"over the population prior and residual SSIM at most {TARGET_RESIDUAL_SSIM} for every modality, "
+             f"label-leakage Dice <= {TARGET_LABEL_FRACTION} x undefended, mean Dice cost <= {TARGET_DICE_COST} "
              f"(undefended: mean Dice {reference['dice']:.3f}, label Dice {reference.get('labels', {}).get('mean', float('nan')):.2f})."]
-    private = [r for r in valid if r["whitebox"]["max"] <= TARGET_SSIM]
+    private = [r for r in valid if _images_private(r)]
     if private:
         best = max(private, key=lambda r: r["dice"])
-        parts.append(f"White-box SSIM <= {TARGET_SSIM} at the least cost: '{best['name']}', mean Dice {best['dice']:.3f} "
+        parts.append(f"The image targets at the least cost: '{best['name']}', mean Dice {best['dice']:.3f} "
                      f"(cost {reference['dice'] - best['dice']:.3f}).")
     else:
-        parts.append(f"No configuration brings white-box SSIM to {TARGET_SSIM} or below.")
+        parts.append("No configuration meets the image targets.")
     cheap = [r for r in valid if r["dice"] >= reference["dice"] - TARGET_DICE_COST]
     if cheap:
-        best = min(cheap, key=lambda r: r["whitebox"]["max"])
-        parts.append(f"Within the Dice budget the lowest white-box SSIM is {best['whitebox']['max']:.2f} ('{best['name']}').")
+        best = min(cheap, key=_excess)
+        parts.append(f"Within the Dice budget the lowest excess SSIM over the prior is {_excess(best):+.2f} "
+                     f"(residual SSIM {_residual(best):.2f}, '{best['name']}').")
     if label_limit is not None:
         def label_safe(rows: list[dict]) -> list[dict]:
             return [r for r in rows if r.get("labels", {}).get("mean", 1.0) <= label_limit]
@@ -176,8 +208,8 @@ def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dic
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    valid = [r for r in rows if "error" not in r and "whitebox" in r]
-    points = [(r["dice"], r["whitebox"]["max"]) for r in valid]
+    valid = [r for r in rows if "error" not in r and "images" in r]
+    points = [(r["dice"], _excess(r)) for r in valid]
     front = pareto_front(points)
     figure, axis = plt.subplots(figsize=(7, 5))
     for r, (dice, leak) in zip(valid, points):
@@ -186,9 +218,9 @@ def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dic
     if front:
         axis.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, label="frontier")
         axis.legend()
-    axis.axhline(TARGET_SSIM, color="grey", lw=0.8)
+    axis.axhline(TARGET_EXCESS_SSIM, color="grey", lw=0.8)
     axis.set_xlabel("mean Dice (WT, TC, ET)")
-    axis.set_ylabel("white-box reconstruction SSIM (worst modality)")
+    axis.set_ylabel("reconstruction SSIM over the prior (worst modality, step, attack)")
     axis.set_title("Split-U-Net privacy-utility trade-off (64^3 phantom)")
     figure.tight_layout()
     figure.savefig(out_dir / "privacy_utility.png", dpi=120)
@@ -196,18 +228,31 @@ def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dic
 
     best, verdict = recommend(rows)
     lines = ["# Privacy-utility report", "", f"Sweep: `{sweep_file}`", "", "![privacy-utility](privacy_utility.png)", "",
-             "| configuration | mean Dice | white-box SSIM (max / mean over sites) | label Dice WT (mean) | "
-             "epsilon | bytes/step | frontier |", "|---|---|---|---|---|---|---|"]
-    for i, r in enumerate(rows):
+             "Leakage is each configuration's worst recorded step against its strongest attack (site, attack and "
+             "step in brackets): reconstruction SSIM and the population prior's (the atlas of auxiliary patients, "
+             "no activations), the residual from the atlas (patient-specific content; the atlas scores 0) and the "
+             "excess inside the tumour and its surroundings.", "",
+             "| configuration | mean Dice | SSIM (prior) | excess SSIM | residual SSIM | excess SSIM tumour | "
+             "label Dice WT (mean / max) | epsilon | bytes/step | frontier |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def where(peak: dict) -> str:
+        return f" ({peak['site']}, {peak['attack']}, step {peak['step']})"
+
+    for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 8)
             continue
-        wb = r.get("whitebox", {})
-        lb = r.get("labels", {})
+        images, lb = r.get("images", {}), r.get("labels", {})
+        excess = images.get("excess_ssim")
+        cells = [f"{excess['ssim']:.2f} ({excess['prior_ssim']:.2f})" if excess else "-",
+                 f"{excess['value']:+.2f}{where(excess)}" if excess else "-"]
+        cells += [f"{images[m]['value']:.2f}{where(images[m])}" if m in images else "-"
+                  for m in ("residual_ssim", "excess_tumour_ssim")]
+        cells.append(f"{lb['mean']:.2f} / {lb['max']:.2f}" if lb else "-")
         on_front = "yes" if r in valid and valid.index(r) in front else ""
         eps = f"{r['epsilon']:.3g}" if r.get("epsilon") is not None else "-"
-        lines.append(f"| {r['name']} | {r['dice']:.3f} | {wb.get('max', float('nan')):.2f} / {wb.get('mean', float('nan')):.2f} "
-                     f"| {lb.get('mean', float('nan')):.2f} | {eps} | {r.get('bytes_per_step') or 0:,} | {on_front} |")
+        lines.append(f"| {r['name']} | {r['dice']:.3f} | " + " | ".join(cells)
+                     + f" | {eps} | {r.get('bytes_per_step') or 0:,} | {on_front} |")
     lines += ["", "## Recommendation", "", verdict, ""]
     (out_dir / "report.md").write_text("\n".join(lines))
     report = {"rows": rows, "frontier": [valid[i]["name"] for i in front],
