@@ -57,6 +57,7 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
 def test_cli_leakage_table(tmp_path, capsys):
     document = {"attacks": {
         "whitebox": {"flair": {"1": {"ssim": 0.99}, "192": {"ssim": 0.95}}},
+        "learned": {"flair": {"1": {"ssim": 0.61, "excess_ssim": 0.27}}},
         "labels": {"flair": {"1": {"dice_wt": 0.6, "random_dice_wt": 0.05}}},
     }}
     (tmp_path / "leakage.json").write_text(json.dumps(document))
@@ -64,6 +65,7 @@ def test_cli_leakage_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| all levels | whitebox | ssim | 0.99 -> 0.95 |" in out
     assert "| all levels | labels | dice_wt | 0.60 (0.05) |" in out
+    assert "| all levels | learned | ssim | 0.61 (+0.27) |" in out  # the excess over the population prior
 
 
 @pytest.mark.parametrize("command", [["simulate", "--sites", "s", "--workspace", "w"], ["centralized", "--data", "d",

@@ -47,8 +47,9 @@ LEAKAGE_METRICS = {"whitebox": "ssim", "unsplit": "ssim", "learned": "ssim", "la
 def leakage_table(runs: dict[str, dict]) -> str:
     """Markdown table of ``leakage.json`` documents, one per run name (e.g. the levels a run sent).
 
-    One row per run and attack; one column per site with ``first -> last`` recorded step: SSIM for the
-    image reconstructions, Dice against WT for the label attack (random mask of the same size in brackets).
+    One row per run and attack; one column per site with every recorded step in order: SSIM for the image
+    reconstructions (its excess over the population prior, the atlas of unseen patients, in brackets where the
+    study measured it), Dice against WT for the label attack (random mask of the same size in brackets).
     """
     sites = sorted({site for doc in runs.values() for attack in doc.get("attacks", {}).values() for site in attack})
     lines = ["| run | attack | metric | " + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 3)]
@@ -58,7 +59,8 @@ def leakage_table(runs: dict[str, dict]) -> str:
             cells = []
             for site in sites:
                 entries = [per_site[site][step] for step in sorted(per_site.get(site, {}), key=int)]
-                values = [f"{e[metric]:.2f}" + (f" ({e['random_' + metric]:.2f})" if attack == "labels" else "")
+                values = [f"{e[metric]:.2f}" + (f" ({e['random_' + metric]:.2f})" if attack == "labels" else
+                                                f" ({e['excess_' + metric]:+.2f})" if "excess_" + metric in e else "")
                           for e in entries]
                 cells.append(" -> ".join(values) or "-")
             lines.append(f"| {name} | {attack} | {metric} | " + " | ".join(cells) + " |")
