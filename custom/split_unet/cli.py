@@ -214,21 +214,21 @@ def cmd_poc(args) -> int:
 def cmd_job_export(args) -> int:
     from split_unet.jobs import PsiJob, export_all
 
-    job = training_job(args, psi_job_id=args.psi_job_id or "", with_code=args.with_code)
+    job = training_job(args, psi_job_id=args.psi_job_id or "", with_code=args.with_code, native=args.native)
     for folder in export_all(args.out, job, PsiJob(with_code=args.with_code)):
         print(f"{folder.name}: {folder}  (nvflare job submit -j {folder})")
     return 0
 
 
-def training_job(args, **settings):
-    """The training job of the command line's training options."""
-    from split_unet.jobs import training_settings
+def training_job(args, native: bool = False, **settings):
+    """The training job of the command line's training options (on the native job's defaults with ``native``)."""
+    from split_unet.jobs import native_settings, training_settings
 
     if getattr(args, "wire_dtype", None):
         settings["wire_dtype"] = args.wire_dtype
     if getattr(args, "scope", None):
         settings["scope"] = args.scope
-    return training_settings(train_overrides(args), **settings)
+    return (native_settings if native else training_settings)(train_overrides(args), **settings)
 
 
 def cmd_table(args) -> int:
@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--psi-job-id", help="train on the intersection this PSI job found")
     export.add_argument("--wire-dtype", choices=("float32", "float16"))
     export.add_argument("--with-code", action="store_true", help="the jobs carry the split_unet package (BYOC)")
+    export.add_argument("--native", action="store_true",
+                        help="the native job (OUT/split_unet_native): 240x240x155 at 1 mm, 128^3 patches, "
+                             "augmentation, sliding windows, a GPU-sized network")
     add_train_options(export)
     export.set_defaults(func=cmd_job_export)
 

@@ -9,7 +9,9 @@ def train_overrides(args: argparse.Namespace) -> dict:
     """Only the options the user gave; the job config (or TrainConfig) supplies the rest."""
     train = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "size", "spacing",
                                                  "val_interval", "val_fraction", "device", "modality_dropout",
-                                                 "micro_batches", "decoder_checkpointing", "min_component_voxels")
+                                                 "micro_batches", "decoder_checkpointing", "min_component_voxels",
+                                                 "patch_size", "patch_sampling", "augment", "sw_batch_size",
+                                                 "sw_overlap", "cache_cases")
              if getattr(args, key, None) is not None}
     network = {}
     if getattr(args, "channels", None):
@@ -43,6 +45,19 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="the server's decoder runs each batch in this many parts (less memory, same step)")
     group.add_argument("--decoder-checkpointing", action="store_true", default=None,
                        help="the decoder recomputes activations in its backward pass (less server memory)")
+    group.add_argument("--patch-size", type=int,
+                       help="train on patches of this edge (voxels) drawn by the server, validate by sliding window "
+                            "(default: whole volumes)")
+    group.add_argument("--patch-sampling", choices=("uniform", "label"),
+                       help="uniform (default; the sites learn nothing of the tumour) or label (a share of the patches "
+                            "centred on tumour: tells the sites roughly where it is)")
+    group.add_argument("--augment", action="store_true", default=None,
+                       help="spatial augmentation (same at every site and on the label) and each site's own "
+                            "intensity augmentation")
+    group.add_argument("--sw-batch-size", type=int, help="sliding windows per round trip (patch training)")
+    group.add_argument("--sw-overlap", type=float, help="sliding-window overlap in [0, 1) (default 0.5)")
+    group.add_argument("--cache-cases", type=int,
+                       help="preprocessed volumes each party keeps in memory (default 0: all)")
     group.add_argument("--min-component-voxels", type=int,
                        help="post-processing: remove connected components smaller than this (grid voxels) from "
                             "every segmentation (default 0: none)")
