@@ -27,7 +27,7 @@ from split_unet.data import MODALITIES, split_patients
 from split_unet.files import write_json
 from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb, process_cpu_seconds, resident_memory_mb
 from split_unet.reports import make_summary
-from split_unet.training import RegionMetrics, chunks, logits_to_masks
+from split_unet.training import RegionMetrics, chunks, gpu_peak_mb, logits_to_masks
 from split_unet.training.schedule import Schedule, Step
 
 from .checkpoint import SERVER_CHECKPOINT, ServerCheckpoint
@@ -209,7 +209,10 @@ class SplitUNetController(SplitWorkflow):
                     "cpu_seconds_per_step": self._cpu_per_step()},
             memory_mb={"server": peak_memory_mb(), "server_training_steps": self._training_peak_mb,
                        "sites": {site: self.rounds.reply_info.get(site, {}).get("peak_memory_mb")
-                                 for site in self.sites}},
+                                 for site in self.sites},
+                       "gpu": gpu_peak_mb(self.party.device),
+                       "sites_gpu": {site: self.rounds.reply_info.get(site, {}).get("gpu_peak_mb")
+                                     for site in self.sites}},
             cpu_seconds={"server": cpu_seconds(),
                          "sites": {site: self.rounds.reply_info.get(site, {}).get("cpu_seconds")
                                    for site in self.sites}},

@@ -24,7 +24,7 @@ from split_unet.ids import check_patient_ids
 from split_unet.leakage.record import snapshot_path
 from split_unet.networks import build_encoder
 from split_unet.profiling import cpu_seconds, peak_memory_mb, process_cpu_seconds, save_profile, start_profile
-from split_unet.training import EncoderParty, TrainConfig, select_device
+from split_unet.training import EncoderParty, TrainConfig, gpu_peak_mb, select_device
 from split_unet.training.augment import intensity_augment, intensity_seed
 from split_unet.training.patches import check_patch_starts, cut_patch
 from split_unet.training.schedule import PatchBatch
@@ -193,6 +193,8 @@ class ModalitySiteExecutor(Executor):
         if task_name == TASK_FINISH:
             self._save_encoder(fl_ctx)
             echoed["peak_memory_mb"] = peak_memory_mb()
+            if (gpu := gpu_peak_mb(self.party.device)) is not None:
+                echoed["gpu_peak_mb"] = gpu
             save_profile(site)
         if task_name == TASK_INFER:
             echoed["geometry"] = {}

@@ -25,6 +25,13 @@ def select_device(preferred: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def gpu_peak_mb(device: torch.device) -> float | None:
+    """Peak GPU memory (MiB) torch allocated on ``device`` so far; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
 def epoch_batches(patient_ids: Sequence[str], batch_size: int, seed: int, epoch: int) -> list[list[str]]:
     """The training batches of one epoch: a seeded shuffle, the last batch possibly smaller.
 
