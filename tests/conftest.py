@@ -4,11 +4,10 @@ Layers, chosen with ``-m``: ``poc`` (a real NVFlare federation on loopback, mark
 (runs the NVFlare simulator: marked per test, or implied by the shared trained federation) and ``unit``
 (everything else: plain PyTorch/numpy pieces, seconds each)."""
 
-import signal
 from pathlib import Path
 
 import pytest
-from helpers import TINY_NETWORK, TINY_SIZE, init_site, make_dataset
+from helpers import TINY_NETWORK, TINY_SIZE, init_site, make_dataset, time_limit
 
 from split_unet.jobs import training_settings
 from split_unet.launch.simulation import run_simulation
@@ -40,17 +39,9 @@ def trained_tiny(tiny_data, tmp_path_factory, project_root) -> tuple[Path, dict]
 
 @pytest.fixture
 def hard_limit(request):
-    """End a test after its module's ``HARD_LIMIT_S`` seconds (SIGALRM), so a hung federation never hangs CI;
-    the test's own ``finally`` then stops what it started."""
-    limit = request.module.HARD_LIMIT_S
-
-    def expire(*_):
-        raise TimeoutError(f"{request.node.name} exceeded {limit} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(limit)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    """End a test after its module's ``HARD_LIMIT_S`` seconds (``helpers.time_limit``)."""
+    with time_limit(request.module.HARD_LIMIT_S, request.node.name):
+        yield
 
 
 @pytest.fixture()

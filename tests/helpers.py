@@ -2,7 +2,12 @@
 and process lookups for the federation tests."""
 
 import json
+import signal
 import socket
+import subprocess
+import sys
+import sysconfig
+from contextlib import contextmanager
 from pathlib import Path
 
 from nvflare.apis.dxo import DXO
@@ -53,16 +58,23 @@ class StandInEngine:
         """log_error fires an event; nobody listens here."""
 
 
+def party_context(root: Path, identity: str = "flair") -> FLContext:
+    """A real FLContext of one party (a site or the server) in job ``job1``, around a stand-in engine whose
+    workspace is ``root``."""
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, identity, private=False, sticky=False)
+    fl_ctx.set_prop(ReservedKey.ENGINE, StandInEngine(root), private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=False)
+    return fl_ctx
+
+
 def init_site(sites: Path, workspace: Path, config: TrainConfig) -> tuple[ModalitySiteExecutor, FLContext]:
     """(executor, fl_ctx) of the 'flair' site of ``sites``, initialised for ``config``, its settings in the
     ``local/`` folder of its own ``workspace``."""
     (workspace / "local").mkdir(parents=True)
     (workspace / "local" / SETTINGS_FILE).write_text(json.dumps({"modality": "flair",
                                                                  "data_dir": str(sites / "flair")}))
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "flair", private=False, sticky=False)
-    fl_ctx.set_prop(ReservedKey.ENGINE, StandInEngine(workspace), private=True, sticky=False)
-    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=False)
+    fl_ctx = party_context(workspace)
     executor = ModalitySiteExecutor()
     request = DXO(KIND_INIT, data={"train": config.to_dict(), "site_index": 0, "wire_dtype": "float32"})
     reply = executor.execute(TASK_INIT, request.to_shareable(), fl_ctx, Signal())
@@ -83,6 +95,19 @@ def error_of(reply):
     return reply.get_header(ERROR_HEADER)
 
 
+def bare_python(folder: Path) -> str:
+    """The python of a new venv in ``folder`` that sees this environment's packages through a plain ``.pth``
+    line: they are importable, but the ``.pth`` files inside their folder (the editable ``split_unet`` install)
+    are not run, so ``split_unet`` is not (until installed into the venv). No downloads."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
+    python = folder / "bin" / "python"
+    site_packages = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   check=True, capture_output=True, text=True).stdout.strip()
+    ours = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    Path(site_packages, "parent_env.pth").write_text("".join(f"{path}\n" for path in ours))
+    return str(python)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -98,3 +123,18 @@ def processes_mentioning(text: str) -> list[int]:
         except OSError:
             pass
     return found
+
+
+@contextmanager
+def time_limit(seconds: int, what: str):
+    """Raise TimeoutError in ``what`` after ``seconds`` (SIGALRM), so a hung federation never hangs CI; the
+    caller's own ``finally`` then stops what it started."""
+    def expire(*_):
+        raise TimeoutError(f"{what} exceeded {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -2,13 +2,15 @@
 
 import json
 
+import numpy as np
 import pytest
 from helpers import TINY_NETWORK, TINY_SIZE
 
 from split_unet.cli import build_parser, main
 from split_unet.launch.options import train_overrides
 from split_unet.training import TrainConfig
-from split_unet.training.centralized import mode_inputs, train_centralized
+from split_unet.training.centralized import CaseCache, mode_inputs, train_centralized
+from split_unet.training.patches import cut_patch, sample_patch_starts
 
 
 @pytest.mark.parametrize("mode,modality,channels", [("late", None, (1, 1, 1, 1)), ("early", None, (4,)),
@@ -72,3 +74,39 @@ def test_spacing_wherever_size_is_accepted(command):
     assert (args.size, args.spacing) == (128, 1.875)
     if command[0] in ("simulate", "centralized"):
         assert train_overrides(args)["spacing"] == 1.875
+
+
+def test_centralized_patch_training_with_augmentation_and_sliding_window_validation(tiny_data, tmp_path):
+    msd, _ = tiny_data
+    config = TrainConfig(epochs=1, batch_size=3, size=TINY_SIZE, patch_size=16, patch_sampling="label",
+                         augment=True, sw_batch_size=3, network=TINY_NETWORK)
+    summary = train_centralized(msd, tmp_path, mode="late", config=config, log=lambda _: None)
+    assert summary["steps"] == 2  # 6 training patients in batches of 3
+    assert set(summary["dice"]) == {"WT", "TC", "ET", "mean"} and set(summary["hd95"]) == {"WT", "TC", "ET"}
+    assert all(0.0 <= value <= 1.0 for value in summary["dice"].values())
+    assert summary["config"]["patch_size"] == 16
+
+
+def test_patch_batch_cuts_the_corners_the_server_draws(tiny_data):
+    msd, _ = tiny_data
+    data = CaseCache(msd, TINY_SIZE, None)
+    patients = sorted(data.cases)[:2]
+    config = TrainConfig(size=TINY_SIZE, patch_size=(16, 8, 32), seed=5)
+    images, labels = data.patch_batch(patients, [2, 0], config, train_step=4)
+    corners = sample_patch_starts(config.grid_shape, (16, 8, 32), 5, 4, 2)
+    for k, patient in enumerate(patients):
+        case = data.get(patient)
+        np.testing.assert_array_equal(images[k].numpy(), cut_patch(case["image"], corners[k], (16, 8, 32))[[2, 0]])
+        np.testing.assert_array_equal(labels[k].numpy(), cut_patch(case["label"], corners[k], (16, 8, 32)))
+
+
+def test_centralized_command_takes_patch_options():
+    args = build_parser().parse_args(["centralized", "--data", "d", "--out", "o", "--patch-size", "96,96,64",
+                                      "--patch-sampling", "label", "--augment", "--sw-overlap", "0.25", "--no-amp"])
+    config = TrainConfig.from_dict(train_overrides(args))
+    assert config.patch_shape == (96, 96, 64) and config.patch_sampling == "label" and config.augment
+    assert config.sw_overlap == 0.25 and not config.amp and config.sw_batch_size == TrainConfig().sw_batch_size
+    plain = build_parser().parse_args(["centralized", "--data", "d", "--out", "o"])
+    assert TrainConfig.from_dict(train_overrides(plain)) == TrainConfig()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["centralized", "--data", "d", "--out", "o", "--patch-size", "96,96"])

@@ -102,6 +102,23 @@ def test_filters_pass_what_they_do_not_understand(payload, make_filter):
     assert result is payload and repr(dict(result)) == before
 
 
+def test_filters_that_change_a_message_are_recorded_in_its_filter_history():
+    # A site's chain: level blocking, then clipping and noise; the server's gradient protection on the way back.
+    message = _activations({0: torch.ones(2, 4, 8, 8, 8), 1: torch.ones(2, 8, 4, 4, 4)})
+    for filter_ in (LevelBlocking([0]), ActivationClipNoise(seed=0)):
+        message = filter_.process(message, _ctx())
+    assert from_shareable(message).get_filter_history() == ["LevelBlocking", "ActivationClipNoise"]
+    assert sorted(_decode(message).tensors) == [1]
+    gradients = GradientProtection(seed=0).process(_activations({1: torch.ones(2, 8, 4, 4, 4)}, kind=KIND_GRADIENTS),
+                                                   _ctx())
+    assert from_shareable(gradients).get_filter_history() == ["GradientProtection"]
+    info = LevelBlocking([0]).process(DXO(KIND_SITE_INFO, data={"patient_ids": ["P1"]}).to_shareable(), _ctx())
+    assert from_shareable(info).get_filter_history() == ["LevelBlocking"]
+    # A filter that leaves the message as it is does not claim it.
+    untouched = LevelBlocking([0]).process(_activations({1: torch.ones(2, 8, 4, 4, 4)}), _ctx())
+    assert from_shareable(untouched).get_filter_history() is None
+
+
 def test_distance_correlation_separates_dependence_from_independence():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 1, generator=g)

@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from helpers import TINY_NETWORK, TINY_SIZE, StandInEngine, error_of, send_task
+from helpers import TINY_NETWORK, TINY_SIZE, error_of, party_context, send_task
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -51,19 +51,11 @@ TRAIN = TrainConfig(size=TINY_SIZE, network=TINY_NETWORK)
 
 
 # Harness: a site or the server with a real FLContext around a stand-in engine and workspace -------------------------
-def _context(root: Path, identity: str = "flair") -> FLContext:
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, identity, private=False, sticky=False)
-    fl_ctx.set_prop(ReservedKey.ENGINE, StandInEngine(root), private=True, sticky=False)
-    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=False)
-    return fl_ctx
-
-
 def _site_workspace(root: Path, sites: Path, **settings) -> FLContext:
     (root / "local").mkdir(parents=True, exist_ok=True)
     (root / "local" / SETTINGS_FILE).write_text(json.dumps({"modality": "flair", "data_dir": str(sites / "flair"),
                                                              **settings}))
-    return _context(root)
+    return party_context(root)
 
 
 def _init(executor: ModalitySiteExecutor, fl_ctx: FLContext, **extra):
@@ -119,7 +111,7 @@ def test_a_pickle_as_decoder_path_runs_no_code_at_the_server(tmp_path):
     _pickle_bomb(tmp_path / "server" / "trained" / "decoder.pt", marker, "model")
     controller = SplitInferenceController(decoder_path="trained/decoder.pt", train=TRAIN.to_dict())
     with pytest.raises(ProtocolError, match="site 'server', field 'decoder_path'.*Weights only load failed"):
-        controller.load_decoder(build_decoder(TRAIN.network, 4, 0), _context(tmp_path / "server", "server"))
+        controller.load_decoder(build_decoder(TRAIN.network, 4, 0), party_context(tmp_path / "server", "server"))
     assert not marker.exists()
 
 
@@ -143,7 +135,7 @@ def test_a_site_refuses_a_job_path_outside_its_workspace_before_reading_data(tin
 
 
 def test_the_server_refuses_job_paths_outside_its_run_folder_and_workspace(tmp_path):
-    fl_ctx = _context(tmp_path / "server", "server")
+    fl_ctx = party_context(tmp_path / "server", "server")
     controller = SplitUNetController(train=TRAIN.to_dict(), checkpoint_dir=str(tmp_path / "elsewhere"))
     with pytest.raises(ProtocolError, match="site 'server', field 'checkpoint_dir'.*absolute paths and '..' are refused"):
         controller._checkpoint_path(fl_ctx)
@@ -255,7 +247,7 @@ def test_the_leakage_recorder_applies_the_controller_bound_before_decoding(tmp_p
     bound = max(math.prod(s) for s in activation_shapes(TRAIN, TRAIN.batch_size).values())
     recorder = LeakageRecorder(max_elements=bound, steps=[1])
     shareable = _topk_message([1, 4, 512, 512, 256])  # 2^28 elements: 1 GiB once decoded
-    fl_ctx, peer = _context(tmp_path / "server", "server"), FLContext()
+    fl_ctx, peer = party_context(tmp_path / "server", "server"), FLContext()
     peer.set_prop(ReservedKey.IDENTITY_NAME, "flair", private=False, sticky=False)
     fl_ctx.set_prop(FLContextKey.PEER_CONTEXT, peer, private=True, sticky=False)
     tracemalloc.start()

@@ -15,7 +15,7 @@ from split_unet.data import find_cases, load_case, load_label, split_patients
 from split_unet.jobs import training_settings
 from split_unet.launch.inference import infer_in_simulator
 from split_unet.launch.simulation import run_simulation
-from split_unet.networks import NetworkConfig, build_split_unet
+from split_unet.networks import build_split_unet
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE
 from split_unet.training import TrainConfig, logits_to_masks, make_optimizer, segmentation_loss
 from split_unet.training.augment import intensity_augment, intensity_seed

@@ -8,8 +8,6 @@ Bounded: a hard alarm ends the test, and the federation is stopped in every case
 import pytest
 import json
 import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import nibabel as nib
@@ -19,22 +17,11 @@ from split_unet.jobs import PsiJob, training_settings
 from split_unet.launch.poc import PocFederation, run_pipeline
 from split_unet.protocol.psi import intersection_path
 
-from helpers import TINY_NETWORK, TINY_SIZE, free_port, make_dataset, processes_mentioning
+from helpers import TINY_NETWORK, TINY_SIZE, bare_python, free_port, make_dataset, processes_mentioning
 
 pytestmark = pytest.mark.poc
 HARD_LIMIT_S = 900  # about 3 min on an idle 2-core machine; generous for a loaded one
 SITES = ["flair", "t1w", "t1gd", "t2w"]
-
-
-def bare_python(folder: Path) -> str:
-    """A venv whose site-packages path is this environment's, added by a plain ``.pth`` line: the packages are
-    importable, but the ``.pth`` files inside that folder (the editable ``split_unet`` install) are not run."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
-    python = folder / "bin" / "python"
-    site_packages = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                   check=True, capture_output=True, text=True).stdout.strip()
-    Path(site_packages, "parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    return str(python)
 
 
 def test_poc_federation_psi_train_infer(project_root, tmp_path, hard_limit):

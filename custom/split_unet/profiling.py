@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 
 def peak_memory_mb() -> float:
     """Peak resident memory of this process in MiB.
 
+    psutil reports no peak resident memory on Linux or macOS (only Windows' ``peak_wset``), hence by hand:
     Linux: ``VmHWM`` of ``/proc/self/status``, because ``ru_maxrss`` survives ``exec`` there and a process
     started by a larger one would report its parent's peak. Elsewhere ``ru_maxrss`` (bytes on macOS).
     """
@@ -31,20 +33,24 @@ def peak_memory_mb() -> float:
 
 def cpu_seconds() -> float:
     """CPU time (user + system) this process has used so far, all its threads."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return round(usage.ru_utime + usage.ru_stime, 2)
+    return process_cpu_seconds(os.getpid())
 
 
 def process_cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system) of another process so far, from ``/proc/<pid>/stat``; None where unreadable.
+    """CPU time (user + system) of a process so far; None where it is gone or not ours to read.
 
     A job process reads its parent's with it: in POC the parent relays every message of the job (NVFlare's
     server or client process), and its CPU is part of what the federation costs."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:  # NoSuchProcess, AccessDenied, ZombieProcess
         return None
-    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)  # utime, stime
+    return round(times.user + times.system, 2)
+
+
+def resident_memory_mb() -> float:
+    """Current resident memory of this process in MiB."""
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
 
 
 class CpuPerStep:
@@ -79,16 +85,6 @@ def step_statistics(seconds: Sequence[float], warmup: int = 1) -> dict:
 # every site's executor profile their process (all threads, CPU time per thread) and write it there at the end.
 PROFILE_ENV = "SPLIT_UNET_PROFILE"
 PROFILE_FRAMES = 12  # frames kept per traced allocation: enough to reach the caller in NVFlare or split_unet
-
-
-def resident_memory_mb() -> float:
-    """Current resident memory of this process in MiB (``VmRSS``; 0 where ``/proc`` is missing)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
 
 
 def start_profile() -> bool:

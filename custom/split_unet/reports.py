@@ -1,6 +1,9 @@
-"""Results as JSON a script can read and tables a person can read."""
+"""Results as JSON a script can read, tables and figures a person can read."""
 
 from __future__ import annotations
+
+import numpy as np
+from monai.transforms import ScaleIntensityRangePercentiles
 
 from split_unet.data import REGION_NAMES
 
@@ -60,3 +63,46 @@ def leakage_table(runs: dict[str, dict]) -> str:
                 cells.append(" -> ".join(values) or "-")
             lines.append(f"| {name} | {attack} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: Overlay colours (RGB); a voxel takes the colour of the innermost region that holds it (ET in TC in WT).
+REGION_COLOURS = {"WT": (0, 200, 0), "TC": (230, 40, 40), "ET": (255, 220, 0)}
+OVERLAY_ALPHA = 0.5  # over an image; without one the colours are opaque
+
+
+def overlay_figure(truth: np.ndarray, prediction: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+    """Two panels side by side, truth | prediction, of one slice: region masks in colour over the image in grey.
+
+    Args:
+        truth, prediction: region masks ``(3, H, W)`` in ``REGION_NAMES`` order (bool or 0/1), e.g. the middle
+            axial slice ``masks[:, :, :, masks.shape[-1] // 2]`` of a ``(3, X, Y, Z)`` volume.
+        image: the slice ``(H, W)`` under the masks, scaled by its 1st and 99th percentiles; None (the server,
+            which holds no image): black, and opaque colours.
+    Returns:
+        ``(H, 2 W + 1, 3)`` uint8 RGB, a grey column between the panels; rows follow the first array axis.
+
+    By hand because MONAI's ``blend_images`` takes its colours from matplotlib, which a site or server install
+    does not have; the image's scaling is MONAI's.
+    """
+    truth, prediction = np.asarray(truth, dtype=bool), np.asarray(prediction, dtype=bool)
+    if truth.shape != prediction.shape or truth.ndim != 3 or truth.shape[0] != len(REGION_NAMES):
+        raise ValueError(f"truth and prediction must be ({len(REGION_NAMES)}, H, W) region masks, got "
+                         f"{truth.shape} and {prediction.shape}")
+    alpha = OVERLAY_ALPHA
+    if image is None:
+        grey, alpha = np.zeros(truth.shape[1:]), 1.0
+    elif np.shape(image) != truth.shape[1:]:
+        raise ValueError(f"image {np.shape(image)} and masks {truth.shape[1:]} differ in size")
+    else:
+        grey = np.asarray(ScaleIntensityRangePercentiles(1, 99, 0.0, 1.0, clip=True)(np.asarray(image)[None]))[0]
+    panels = []
+    for masks in (truth, prediction):
+        panel = np.repeat(grey[..., None] * 255.0, 3, axis=-1)
+        colour = np.zeros_like(panel)
+        for name, mask in zip(REGION_NAMES, masks):
+            colour[mask] = REGION_COLOURS[name]
+        inside = masks.any(axis=0)
+        panel[inside] = (1 - alpha) * panel[inside] + alpha * colour[inside]
+        panels.append(panel)
+    separator = np.full((truth.shape[1], 1, 3), 128.0)
+    return np.concatenate([panels[0], separator, panels[1]], axis=1).round().astype(np.uint8)

@@ -5,8 +5,9 @@ of standard deviation ``noise_multiplier * clip_norm`` is added to every element
 per level and release. Batches are a shuffled partition of the patients, not Poisson samples, so no
 privacy amplification by subsampling is claimed: a patient's privacy loss is the composition of the
 releases of its own activations (every training epoch, every validation), which Opacus' RDP accountant
-computes with sample rate 1. The budget goes to the site's run folder (``privacy_budget.json``) and, in
-the reply's ``info`` with the parameters it follows from, to the server, which recomputes it.
+computes with sample rate 1. The budget goes to the site's run folder (``privacy_budget.json``, and TensorBoard
+``privacy/epsilon`` against the training step there) and, in the reply's ``info`` with the parameters it follows
+from, to the server, which recomputes it.
 
 The encoder's backward pass treats the clipping factor as a constant (the gradient arrives for the
 noised activations); this is the usual approximation for output perturbation in split learning.
@@ -23,11 +24,13 @@ import torch
 from nvflare.apis.fl_context import FLContext
 
 from split_unet.accounting import gaussian_epsilon
+from split_unet.protocol.telemetry import SiteTelemetry
 from split_unet.protocol.wire import KIND_ACTIVATIONS, TensorMessage
 
 from .base import TensorMessageFilter
 
 BUDGET_FILE = "privacy_budget.json"
+EPSILON_TAG = "privacy/epsilon"
 
 
 def clip_per_sample(tensor: torch.Tensor, clip_norm: float) -> torch.Tensor:
@@ -66,6 +69,7 @@ class ActivationClipNoise(TensorMessageFilter):
         else:
             self.generator.manual_seed(seed)
         self.releases: Counter[str] = Counter()  # patient id -> Gaussian mechanisms applied to its data
+        self.telemetry: SiteTelemetry | None = None
 
     def protect(self, tensors: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Clip and noise the protected levels; ``(B, C_l, *S_l)`` in and out."""
@@ -104,4 +108,17 @@ class ActivationClipNoise(TensorMessageFilter):
                 "epsilon": epsilon, "delta": self.delta, "clip_norm": self.clip_norm,
                 "noise_multiplier": self.noise_multiplier, "max_releases_per_patient": max(self.releases.values()),
                 "patients": len(self.releases)}, indent=2))
+            self._log_epsilon(run_dir, epsilon, message.info.get("train_step"))
         return message
+
+    def _log_epsilon(self, run_dir: Path, epsilon: float, train_step: object) -> None:
+        """TensorBoard's epsilon at the training step a training answer carries (the executor echoes the
+        server's); validation releases show in the next training step's value and in the budget file. The
+        filter writes it, not the executor: a site's privacy policy adds the filter without the job knowing."""
+        if not isinstance(train_step, int) or isinstance(train_step, bool) or train_step < 0:
+            return
+        if self.telemetry is None or self.telemetry.run_dir != run_dir:
+            if self.telemetry is not None:
+                self.telemetry.close()
+            self.telemetry = SiteTelemetry(run_dir)
+        self.telemetry.scalar(EPSILON_TAG, epsilon, train_step)

@@ -1,43 +1,41 @@
-"""What every Split-U-Net filter shares: it touches only the payloads it understands.
+"""What every Split-U-Net filter shares: NVFlare's ``DXOFilter``, on the payloads it understands only.
 
 A site privacy policy runs its filters on every task of every job, so a filter must pass anything that
 is not a Split-U-Net tensor message of its kind through untouched: NVFlare's own messages, other jobs'
-payloads, plain replies and error replies.
+payloads, plain replies and error replies. ``DXOFilter.process`` does that (no DXO, a return code other
+than OK, empty data or another data kind: the payload passes as it came) and records the name of every
+filter that changed a DXO in the DXO's filter history (``meta["filter_history"]``) and the job's audit log.
 """
 
 from __future__ import annotations
 
-from nvflare.apis.dxo import from_shareable
-from nvflare.apis.filter import Filter
+from nvflare.apis.dxo import DXO
+from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from split_unet.protocol.wire import TensorMessage
 
 
-class TensorMessageFilter(Filter):
+class TensorMessageFilter(DXOFilter):
     """Filter base: ``transform`` sees decoded messages of ``kinds`` only; everything else passes as is."""
 
     kinds: tuple[str, ...] = ()
 
     keep_fraction = 0.1
 
-    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        try:
-            dxo = from_shareable(shareable)
-        except Exception:  # not a DXO: not ours
-            return shareable
-        if dxo.data_kind not in self.kinds:
-            return shareable
-        message = TensorMessage.from_shareable(shareable, dxo.data_kind, site=fl_ctx.get_identity_name())
+    def __init__(self):
+        super().__init__(supported_data_kinds=list(self.kinds), data_kinds_to_filter=None)
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
+        message = TensorMessage.from_shareable(dxo.to_shareable(), dxo.data_kind, site=fl_ctx.get_identity_name())
         transformed = self.transform(message, fl_ctx)
         if transformed is None:
-            return shareable
+            return None
         # Re-encode with the codec the message arrived in unless the filter chooses one; NVFlare's headers
-        # (return code, task id, peer properties) stay as they were.
-        codec = self.output_codec(dxo.meta.get("encodings", {}))
-        transformed.to_dxo(codec, self.keep_fraction)[0].update_shareable(shareable)
-        return shareable
+        # (return code, task id, peer properties) stay as they were, and DXOFilter carries the filter history
+        # of the incoming DXO over to this new one.
+        return transformed.to_dxo(self.output_codec(dxo.meta.get("encodings", {})), self.keep_fraction)[0]
 
     def output_codec(self, encodings: dict) -> str:
         """The codec the message arrived in (float32 when it had no tensors)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nvflare.apis.dxo import from_shareable
+from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
@@ -28,22 +28,17 @@ class LevelBlocking(TensorMessageFilter):
         blocked_levels: U-Net levels (0 = full resolution) this site never sends.
     """
 
-    kinds = (KIND_ACTIVATIONS,)
+    kinds = (KIND_ACTIVATIONS, KIND_SITE_INFO)
 
     def __init__(self, blocked_levels: Sequence[int] = (0,)):
         super().__init__()
         self.blocked_levels = sorted(set(int(level) for level in blocked_levels))
 
-    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        try:
-            dxo = from_shareable(shareable)
-        except Exception:  # not a DXO: not ours
-            return shareable
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         if dxo.data_kind == KIND_SITE_INFO:
             dxo.data[BLOCKED_LEVELS_KEY] = sorted(set(dxo.data.get(BLOCKED_LEVELS_KEY, [])) | set(self.blocked_levels))
-            dxo.update_shareable(shareable)
-            return shareable
-        return super().process(shareable, fl_ctx)
+            return dxo
+        return super().process_dxo(dxo, shareable, fl_ctx)
 
     def transform(self, message: TensorMessage, fl_ctx: FLContext) -> TensorMessage | None:
         if not set(message.tensors) & set(self.blocked_levels):

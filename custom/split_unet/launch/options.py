@@ -10,8 +10,8 @@ def train_overrides(args: argparse.Namespace) -> dict:
     train = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "size", "spacing",
                                                  "val_interval", "val_fraction", "device", "modality_dropout",
                                                  "micro_batches", "decoder_checkpointing", "min_component_voxels",
-                                                 "patch_size", "patch_sampling", "augment", "sw_batch_size",
-                                                 "sw_overlap", "cache_cases")
+                                                 "patch_size", "patch_sampling", "patch_positive_fraction", "augment",
+                                                 "sw_batch_size", "sw_overlap", "amp", "cache_cases")
              if getattr(args, key, None) is not None}
     network = {}
     if getattr(args, "channels", None):
@@ -45,22 +45,10 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="the server's decoder runs each batch in this many parts (less memory, same step)")
     group.add_argument("--decoder-checkpointing", action="store_true", default=None,
                        help="the decoder recomputes activations in its backward pass (less server memory)")
-    group.add_argument("--patch-size", type=int,
-                       help="train on patches of this edge (voxels) drawn by the server, validate by sliding window "
-                            "(default: whole volumes)")
-    group.add_argument("--patch-sampling", choices=("uniform", "label"),
-                       help="uniform (default; the sites learn nothing of the tumour) or label (a share of the patches "
-                            "centred on tumour: tells the sites roughly where it is)")
-    group.add_argument("--augment", action="store_true", default=None,
-                       help="spatial augmentation (same at every site and on the label) and each site's own "
-                            "intensity augmentation")
-    group.add_argument("--sw-batch-size", type=int, help="sliding windows per round trip (patch training)")
-    group.add_argument("--sw-overlap", type=float, help="sliding-window overlap in [0, 1) (default 0.5)")
-    group.add_argument("--cache-cases", type=int,
-                       help="preprocessed volumes each party keeps in memory (default 0: all)")
     group.add_argument("--min-component-voxels", type=int,
                        help="post-processing: remove connected components smaller than this (grid voxels) from "
                             "every segmentation (default 0: none)")
+    add_patch_options(parser)
 
 
 def add_grid_options(parser, size_default: int | None = None) -> None:
@@ -68,3 +56,29 @@ def add_grid_options(parser, size_default: int | None = None) -> None:
     parser.add_argument("--size", type=int, default=size_default, help="volume edge after crop/pad (voxels)")
     parser.add_argument("--spacing", type=float, help="isotropic spacing (mm) to resample to before the crop/pad "
                                                       "(default: none, the source voxels; 1 mm for BraTS)")
+
+
+def shape_option(text: str) -> int | list[int]:
+    """``N`` (a cube side) or ``X,Y,Z`` (three sides), as ``TrainConfig`` takes them."""
+    sides = [int(side) for side in text.split(",")]
+    if len(sides) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected N or X,Y,Z, got {text!r}")
+    return sides[0] if len(sides) == 1 else sides
+
+
+def add_patch_options(parser: argparse.ArgumentParser) -> None:
+    """Patch training, augmentation, sliding-window validation and mixed precision (defaults: TrainConfig)."""
+    group = parser.add_argument_group("patches, augmentation and sliding window (default: whole volumes)")
+    group.add_argument("--patch-size", type=shape_option, help="train on patches of N^3 or X,Y,Z voxels; validate "
+                                                               "with a sliding window of that size")
+    group.add_argument("--patch-sampling", choices=("uniform", "label"),
+                       help="uniform (default; the corners tell the sites nothing) or label (a share of the patches "
+                            "centred on tumour: the sites learn roughly where it is)")
+    group.add_argument("--patch-positive-fraction", type=float, help="label sampling: share centred on tumour")
+    group.add_argument("--augment", action="store_true", default=None,
+                       help="spatial (flips, 90-degree rotations, small affine) and intensity augmentation")
+    group.add_argument("--sw-batch-size", type=int, help="sliding-window windows per batch (round trip)")
+    group.add_argument("--sw-overlap", type=float, help="sliding-window overlap in [0, 1)")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="mixed precision on CUDA (default on; no effect on the CPU)")
+    group.add_argument("--cache-cases", type=int, help="preprocessed volumes each party keeps in memory (default 0: all)")

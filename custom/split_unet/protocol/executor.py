@@ -148,7 +148,7 @@ class ModalitySiteExecutor(Executor):
             encoder.load_state_dict(load_checkpoint(encoder_path, site=site, field="encoder_path")["encoder"])
             self.log_info(fl_ctx, f"encoder loaded from {encoder_path}")
         self.party = EncoderParty(encoder, config.lr, select_device(config.device), site=site,
-                                  nopeek_weight=config.nopeek_weight, seed=config.seed)
+                                  nopeek_weight=config.nopeek_weight, seed=config.seed, amp=config.amp)
         self.config = config
         self.wire_dtype = request["wire_dtype"]
         self.run_config = {"train": config.to_dict(), "site_index": int(request["site_index"]),

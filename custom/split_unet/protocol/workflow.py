@@ -113,7 +113,7 @@ class SplitWorkflow(Controller):
         decoder = build_decoder(config.network, len(self.sites), config.seed)
         self.load_decoder(decoder, fl_ctx)
         self.party = DecoderParty(decoder, config.lr, select_device(config.device), config.micro_batches,
-                                  config.decoder_checkpointing)
+                                  config.decoder_checkpointing, amp=config.amp)
         self.ready(fl_ctx)
         request = {"train": config.to_dict(), "wire_dtype": self.wire_dtype, "resume_step": resume_step}
         site_ids = self.rounds.initialize(request, abort_signal, fl_ctx)

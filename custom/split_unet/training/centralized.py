@@ -21,11 +21,14 @@ from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb
 from split_unet.files import write_json
 from split_unet.reports import make_summary
 
+from .augment import augment_image, intensity_seed, spatial_augment
 from .config import TrainConfig
 from .metrics import RegionMetrics, logits_to_masks
-from .objective import chunks, segmentation_loss, select_device
+from .objective import autocast, chunks, grad_scaler, segmentation_loss, select_device
 from .parties import make_optimizer, present_inputs
+from .patches import cut_patch, sample_patch_starts, step_seeds
 from .schedule import Schedule
+from .sliding_window import sliding_window_logits
 
 MODES = ("late", "early", "single")
 
@@ -70,6 +73,29 @@ class CaseCache:
         labels = np.stack([item["label"] for item in items])
         return torch.from_numpy(images), torch.from_numpy(labels)
 
+    def patch_batch(self, patient_ids: list[str], image_channels: list[int], config: TrainConfig,
+                    train_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training patches of step ``train_step``: the corners the split job's server draws, cut and
+        (``config.augment``) augmented as its sites and server do. Input channel j gets the intensity
+        augmentation of site j (late fusion: encoder j; early fusion: the site of modality j)."""
+        items = [self.get(pid) for pid in patient_ids]
+        patch = config.patch_shape
+        tumour = [item["label"][0] for item in items] if config.patch_sampling == "label" else None  # WT masks
+        corners = sample_patch_starts(config.grid_shape, patch, config.seed, train_step, len(items), labels=tumour,
+                                      positive_fraction=config.patch_positive_fraction)
+        spatial = step_seeds(config.seed, train_step, len(items))
+        images, labels = [], []
+        for k, (item, corner) in enumerate(zip(items, corners)):
+            image = cut_patch(item["image"], corner, patch)[image_channels]
+            label = cut_patch(item["label"], corner, patch)
+            if config.augment:
+                image = augment_image(image, spatial[k], [intensity_seed(config.seed, j, train_step, k)
+                                                          for j in range(len(image))])
+                label = spatial_augment(label, spatial[k], "nearest")
+            images.append(image)
+            labels.append(label)
+        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
+
 
 def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "late", modality: str | None = None,
                       config: TrainConfig | None = None, log: Callable[[str], None] = print,
@@ -89,10 +115,13 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
     train_ids, val_ids = split_patients(sorted(data.cases), config.val_fraction, config.seed)
     model = build_split_unet(config.network, in_channels, config.seed).to(device)
     optimizer = make_optimizer(model.parameters(), config.lr)
+    scaler = grad_scaler(device, config.amp)
     loss_function = segmentation_loss()
     writer = SummaryWriter(log_dir=str(out_dir / "tb_events"))
     name = mode if mode != "single" else f"single:{modality}"
-    log(f"[centralized {name}] {len(train_ids)} training / {len(val_ids)} validation patients on {device}")
+    patches = "whole volumes" if config.patch_shape is None else "patches " + "x".join(map(str, config.patch_shape))
+    log(f"[centralized {name}] {len(train_ids)} training / {len(val_ids)} validation patients on {device}, "
+        f"{patches}")
     for patient_id in train_ids + val_ids:  # load (and check) every case before training, as the sites do
         data.get(patient_id)
 
@@ -102,15 +131,21 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
         losses = []
         for scheduled in schedule.steps(epoch):
             step_started = time.perf_counter()
-            images, labels = data.batch(scheduled.patient_ids, image_channels)
-            model.train()
             step = scheduled.train_step
+            if config.patch_shape is None:
+                images, labels = data.batch(scheduled.patient_ids, image_channels)
+            else:
+                images, labels = data.patch_batch(scheduled.patient_ids, image_channels, config, step)
+            model.train()
             # The same draw as the split job's; the left-out encoder gets no gradient, so Adam skips it.
             present = present_inputs(scheduled.absent, len(in_channels))
-            loss = loss_function(model(images.to(device), present), labels.to(device))
+            with autocast(device, config.amp):
+                logits = model(images.to(device), present)
+            loss = loss_function(logits.float(), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             losses.append(float(loss.detach()))
             step_seconds.append(time.perf_counter() - step_started)
             step_cpu.mark(cpu_seconds())
@@ -120,8 +155,7 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
         log(f"[centralized {name}] epoch {epoch + 1}/{config.epochs} loss {entry['loss']:.4f} "
             f"({step} steps, {entry['seconds']:.0f} s)")
         if schedule.validates_after(epoch):
-            metrics = evaluate(model, data, val_ids, image_channels, config.val_batch_size, device,
-                               config.min_component_voxels)
+            metrics = evaluate(model, data, val_ids, image_channels, config, device)
             entry["validation"] = metrics
             for region, value in metrics["dice"].items():
                 writer.add_scalar(f"val/dice_{region}", value, step)
@@ -144,11 +178,31 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: CaseCache, patient_ids: list[str], image_channels: list[int],
-             batch_size: int, device: torch.device, min_component_voxels: int = 0) -> dict:
+             config: TrainConfig, device: torch.device) -> dict:
+    """Validation metrics: whole volumes, or (patch training) MONAI's Gaussian sliding window of patches."""
     model.eval()
     metrics = RegionMetrics()
-    for batch_ids in chunks(patient_ids, batch_size):
+    for batch_ids in chunks(patient_ids, config.val_batch_size):
         images, labels = data.batch(batch_ids, image_channels)
-        metrics.update(logits_to_masks(model(images.to(device)), min_component_voxels=min_component_voxels), labels,
+        if config.patch_shape is None:
+            with autocast(device, config.amp):
+                logits = model(images.to(device))
+        else:
+            logits = window_logits(model, images.numpy(), config, device)
+        metrics.update(logits_to_masks(logits.float(), min_component_voxels=config.min_component_voxels), labels,
                        [data.grid_spacing(pid) for pid in batch_ids])
     return metrics.aggregate()
+
+
+def window_logits(model: torch.nn.Module, images: np.ndarray, config: TrainConfig,
+                  device: torch.device) -> torch.Tensor:
+    """(B, C, *grid) images -> (B, out, *grid) logits of windows of the patch size, as the split job's server
+    blends the windows its sites encode."""
+    def predict(corners, rows=None):
+        rows = rows or [0] * len(corners)
+        windows = np.stack([cut_patch(images[row], corner, config.patch_shape) for corner, row in zip(corners, rows)])
+        with autocast(device, config.amp):
+            return model(torch.from_numpy(windows).to(device))
+
+    return sliding_window_logits(images.shape[2:], config.patch_shape, predict, config.sw_batch_size,
+                                 config.sw_overlap, batch=len(images), device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
@@ -30,6 +31,19 @@ def gpu_peak_mb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+def amp_active(device: torch.device, enabled: bool) -> bool:
+    """Mixed precision runs on CUDA only: on the CPU float16 is slow and would change the numbers."""
+    return enabled and device.type == "cuda"
+
+
+def autocast(device: torch.device, enabled: bool) -> AbstractContextManager:
+    """float16 autocast on ``device`` where ``amp_active``; otherwise nothing changes (CPU numbers bit for bit)."""
+    return torch.autocast("cuda", dtype=torch.float16) if amp_active(device, enabled) else nullcontext()
+
+
+def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """The loss scaling float16 gradients need against underflow; a pass-through where ``amp_active`` is false."""
+    return torch.amp.GradScaler("cuda", enabled=amp_active(device, enabled))
 
 
 def epoch_batches(patient_ids: Sequence[str], batch_size: int, seed: int, epoch: int) -> list[list[str]]:

@@ -4,6 +4,12 @@
 activations comes back, finishes that backward pass and steps its optimiser. ``DecoderParty`` lives
 at the label holder: it fuses the sites' activations, decodes, computes the loss, steps the decoder and
 returns the gradient of each site's activations.
+
+With ``amp`` on a CUDA device each party runs its network under float16 autocast and scales its own loss
+(``torch.amp.GradScaler``): the decoder scales the loss and unscales the gradients it returns; a site scales the
+gradient it receives before its float16 backward pass. What leaves a party is float32 either way. A step whose
+gradients overflow is skipped by every scaler downstream of the overflow (non-finite gradients propagate).
+On the CPU nothing changes.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from split_unet.errors import ProtocolError
 from split_unet.networks import FusionDecoder, ModalityEncoder
 
 from .nopeek import spatial_nopeek_loss
-from .objective import segmentation_loss
+from .objective import autocast, grad_scaler, segmentation_loss
 
 Features = dict[int, torch.Tensor]
 
@@ -49,10 +55,12 @@ class EncoderParty:
     """A site's encoder, its optimiser and the activations waiting for their gradient."""
 
     def __init__(self, encoder: ModalityEncoder, lr: float, device: torch.device, site: str | None = None,
-                 nopeek_weight: float = 0.0, seed: int = 0):
+                 nopeek_weight: float = 0.0, seed: int = 0, amp: bool = False):
         self.encoder = encoder.to(device)
         self.optimizer = make_optimizer(self.encoder.parameters(), lr)
         self.device = device
+        self.amp = amp
+        self.scaler = grad_scaler(device, amp)
         self.site = site
         self.nopeek_weight = nopeek_weight
         self._generator = torch.Generator().manual_seed(seed)
@@ -75,9 +83,10 @@ class EncoderParty:
                                 site=self.site, field="gradient")
         self.encoder.train()
         inputs = torch.as_tensor(images, device=self.device)
-        features = self.encoder(inputs)
+        with autocast(self.device, self.amp):
+            features = self.encoder(inputs)
         self._pending, self._pending_images = features, inputs
-        return {level: t.detach().cpu() for level, t in features.items()}
+        return {level: t.detach().float().cpu() for level, t in features.items()}
 
     def state_dict(self) -> dict:
         """What a resumed site needs: weights, optimiser and NoPeek generator (no activations may be pending)."""
@@ -85,18 +94,21 @@ class EncoderParty:
             raise ProtocolError("cannot checkpoint while activations await their gradient", site=self.site,
                                 field="checkpoint")
         return {"encoder": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self._generator.get_state()}
+                "generator": self._generator.get_state(), **_scaler_state(self.scaler)}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.encoder.load_state_dict(state["encoder"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._generator.set_state(state["generator"])
+        _load_scaler_state(self.scaler, state)
 
     @torch.no_grad()
     def infer(self, images: np.ndarray | torch.Tensor) -> Features:
         """Evaluation-mode features, no graph kept."""
         self.encoder.eval()
-        return {level: t.cpu() for level, t in self.encoder(torch.as_tensor(images, device=self.device)).items()}
+        with autocast(self.device, self.amp):
+            features = self.encoder(torch.as_tensor(images, device=self.device))
+        return {level: t.float().cpu() for level, t in features.items()}
 
     def backward(self, gradients: Mapping[int, torch.Tensor]) -> None:
         """Finish the backward pass of the pending activations and take one optimiser step."""
@@ -107,19 +119,21 @@ class EncoderParty:
                                 f"{sorted(self._pending)}", site=self.site, field="gradient")
         tensors, grads = [], []
         for level, activation in self._pending.items():
-            grad = torch.as_tensor(gradients[level], device=self.device, dtype=activation.dtype)
+            grad = torch.as_tensor(gradients[level], device=self.device, dtype=torch.float32)
             if grad.shape != activation.shape:
                 raise ProtocolError(f"gradient shape {tuple(grad.shape)} != activation shape "
                                     f"{tuple(activation.shape)}", site=self.site, field=f"gradient[{level}]")
             tensors.append(activation)
-            grads.append(grad)
+            grads.append(self.scaler.scale(grad).to(activation.dtype))
         if self.nopeek_weight > 0:  # the site's own privacy term joins the server's gradient
-            tensors.append(self.nopeek_weight * spatial_nopeek_loss(self._pending_images, self._pending,
+            features = {level: t.float() for level, t in self._pending.items()}
+            tensors.append(self.nopeek_weight * spatial_nopeek_loss(self._pending_images, features,
                                                                     generator=self._generator))
-            grads.append(torch.ones((), device=self.device))
+            grads.append(self.scaler.scale(torch.ones((), device=self.device)))
         self.optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(tensors, grads)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # unscales; skips the step if the gradients overflowed
+        self.scaler.update()
         self._pending = self._pending_images = None
 
 
@@ -127,13 +141,15 @@ class DecoderParty:
     """The label holder's decoder, its optimiser and the loss."""
 
     def __init__(self, decoder: FusionDecoder, lr: float, device: torch.device, micro_batches: int = 1,
-                 checkpointing: bool = False):
+                 checkpointing: bool = False, amp: bool = False):
         self.decoder = decoder.to(device)
         self.decoder.checkpointing = checkpointing
         self.optimizer = make_optimizer(self.decoder.parameters(), lr)
         self.loss_function = segmentation_loss()
         self.device = device
         self.micro_batches = micro_batches
+        self.amp = amp
+        self.scaler = grad_scaler(device, amp)
 
     def train_step(self, features: Sequence[Mapping[int, torch.Tensor]], target: np.ndarray | torch.Tensor,
                    present: Sequence[bool] | None = None) -> tuple[float, list[Features]]:
@@ -147,8 +163,9 @@ class DecoderParty:
         the batch, so the accumulated gradients are those of the whole batch (Dice per patient and voxel-mean
         cross-entropy are means over patients; instance norm works per patient) at a fraction of the memory.
         """
+        # Leaves of the party's own (detach): the caller's tensors must not collect gradients across steps.
         inputs = [
-            {level: torch.as_tensor(t, device=self.device, dtype=torch.float32).requires_grad_()
+            {level: torch.as_tensor(t, device=self.device, dtype=torch.float32).detach().requires_grad_()
              for level, t in site_features.items()}
             for site_features in features
         ]
@@ -158,20 +175,30 @@ class DecoderParty:
         total = 0.0
         for part in torch.arange(len(target)).tensor_split(self.micro_batches):
             rows = slice(int(part[0]), int(part[-1]) + 1)
-            logits = self.decoder([{level: t[rows] for level, t in site.items()} for site in inputs], present)
-            loss = self.loss_function(logits, target[rows]) * (len(part) / len(target))
-            loss.backward()  # frees this part's graph; the gradients add up in the leaves
+            with autocast(self.device, self.amp):
+                logits = self.decoder([{level: t[rows] for level, t in site.items()} for site in inputs], present)
+            loss = self.loss_function(logits.float(), target[rows]) * (len(part) / len(target))
+            self.scaler.scale(loss).backward()  # frees this part's graph; the gradients add up in the leaves
             total += float(loss.detach())
-        self.optimizer.step()
-        gradients = [{level: t.grad.detach().cpu() for level, t in site_inputs.items()} for site_inputs in inputs]
+        scale = self.scaler.get_scale()  # 1.0 without AMP (x / 1.0 == x exactly)
+        gradients = [{level: (t.grad.detach() / scale).cpu() for level, t in site_inputs.items()}
+                     for site_inputs in inputs]
+        if self.scaler.is_enabled() and not all(torch.isfinite(g).all() for site in gradients for g in site.values()):
+            # The scaled loss overflowed: the decoder skips this step, and the sites get zeros instead of
+            # non-finite gradients (a site without AMP has no scaler to skip them).
+            gradients = [{level: torch.zeros_like(g) for level, g in site.items()} for site in gradients]
+        self.scaler.step(self.optimizer)  # unscales; skips the step if the gradients overflowed
+        self.scaler.update()
         return total, gradients
 
     def state_dict(self) -> dict:
-        return {"decoder": self.decoder.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"decoder": self.decoder.state_dict(), "optimizer": self.optimizer.state_dict(),
+                **_scaler_state(self.scaler)}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.decoder.load_state_dict(state["decoder"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _load_scaler_state(self.scaler, state)
 
     @torch.no_grad()
     def predict(self, features: Sequence[Mapping[int, torch.Tensor]],
@@ -180,4 +207,15 @@ class DecoderParty:
         self.decoder.eval()
         inputs = [{level: torch.as_tensor(t, device=self.device, dtype=torch.float32) for level, t in f.items()}
                   for f in features]
-        return self.decoder(inputs, present)
+        with autocast(self.device, self.amp):
+            return self.decoder(inputs, present).float()
+
+
+def _scaler_state(scaler: torch.amp.GradScaler) -> dict:
+    """The loss scale a resumed party continues from; nothing without AMP (checkpoints stay as they were)."""
+    return {"scaler": scaler.state_dict()} if scaler.is_enabled() else {}
+
+
+def _load_scaler_state(scaler: torch.amp.GradScaler, state: Mapping) -> None:
+    if scaler.is_enabled() and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])

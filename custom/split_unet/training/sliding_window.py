@@ -1,0 +1,51 @@
+"""Sliding-window inference where the party that blends (the server) holds no image.
+
+MONAI's ``sliding_window_inference`` chooses the windows, their Gaussian weights and the blending; it runs here on
+a placeholder of the grid's shape that holds no data (a zero-stride view of one zero; MONAI copies only a batch of
+windows out of it, and pads it, at the grid's size, only where the grid is smaller than a window) and, with
+``with_coord=True``, hands each batch of windows' coordinates to a predictor that asks the sites for those windows. The sites cut them
+with ``patches.cut_patch``, whose zeros outside the grid equal MONAI's constant-0 padding, so the result equals
+MONAI's on the images themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.inferers import sliding_window_inference
+
+from .patches import Corner
+
+
+def _pad_before(grid_shape: Sequence[int], roi: Sequence[int]) -> list[int]:
+    """The padding MONAI puts before each axis when the grid is smaller than the window (half, rounded down)."""
+    return [max(r - g, 0) // 2 for g, r in zip(grid_shape, roi)]
+
+
+def sliding_window_logits(grid_shape: tuple[int, int, int], roi: tuple[int, int, int],
+                          predict: Callable[..., torch.Tensor], sw_batch_size: int, overlap: float,
+                          batch: int = 1, *, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Blended logits (batch, out_channels, *grid_shape) of MONAI's Gaussian sliding window over the grid.
+
+    ``predict(corners)`` receives the windows of one MONAI batch (at most ``sw_batch_size``) as corners in the
+    grid's frame (negative, or reaching beyond the grid, where the grid is smaller than ``roi``) and returns their
+    logits (len(corners), out_channels, *roi). With ``batch`` > 1 patients MONAI's batches may mix patients:
+    ``predict(corners, rows=rows)`` is then called, ``rows[i]`` being the patient of window i.
+
+    ``device``: where the blending runs and the result lies (the logits are moved there as float32).
+    """
+    pad_before = _pad_before(grid_shape, roi)
+    placeholder = torch.zeros((), device=device).expand(batch, 1, *grid_shape)
+
+    def windows(_: torch.Tensor, window_slices: list[list[slice]]) -> torch.Tensor:
+        # window_slices[i]: [patient slice, channel slice, *spatial slices in the padded frame]
+        corners: list[Corner] = [tuple(s.start - p for s, p in zip(slices[2:], pad_before)) for slices in window_slices]
+        if batch == 1:
+            logits = predict(corners)
+        else:
+            logits = predict(corners, rows=[slices[0].start for slices in window_slices])
+        return logits.to(device=device, dtype=torch.float32)
+
+    return sliding_window_inference(placeholder, roi, sw_batch_size, windows, overlap, mode="gaussian",
+                                    with_coord=True)

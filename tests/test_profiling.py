@@ -1,0 +1,50 @@
+"""The process readings the benchmark and the federation's summary take: CPU seconds and memory."""
+
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from split_unet.profiling import cpu_seconds, peak_memory_mb, process_cpu_seconds, resident_memory_mb
+
+pytestmark = pytest.mark.unit
+
+
+def test_own_cpu_seconds_agree_with_getrusage_and_grow_with_work():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    before = cpu_seconds()
+    # Both read the kernel's counters of this process; rounding to 0.01 s and the instants apart allow 0.05 s.
+    assert before == pytest.approx(usage.ru_utime + usage.ru_stime, abs=0.05)
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    assert cpu_seconds() >= before + 0.25
+
+
+def test_another_process_cpu_seconds_and_none_once_it_is_gone():
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.5\n"
+                             "while time.process_time() < end: pass\nimport sys; sys.stdin.read()"],
+                            stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120  # generous: the interpreter's start on a loaded machine
+        while (process_cpu_seconds(busy.pid) or 0) < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process_cpu_seconds(busy.pid) >= 0.5
+    finally:
+        busy.communicate(b"")
+    assert process_cpu_seconds(busy.pid) is None
+
+
+def test_resident_memory_follows_an_allocation_and_the_peak_keeps_it():
+    before = resident_memory_mb()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, written, so resident
+    during = resident_memory_mb()
+    assert during - before == pytest.approx(64, abs=8)  # allocator and page-table overhead: a few MiB
+    # The peak (VmHWM) and psutil's resident size (statm) come from two kernel readings whose counters are
+    # batched per CPU: they may differ by a few pages, hence 1 MiB.
+    assert peak_memory_mb() >= during - 1
+    del block
+    assert peak_memory_mb() >= during - 1
