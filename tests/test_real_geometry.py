@@ -11,6 +11,7 @@ from split_unet.cli import main
 from split_unet.data import (
     RELEASE_SHAPE,
     REGION_NAMES,
+    ImageRef,
     SiteImages,
     SiteLabels,
     find_cases,
@@ -19,6 +20,7 @@ from split_unet.data import (
     label_to_source,
     partition_dataset,
     read_label,
+    read_volume,
     regions,
 )
 
@@ -96,3 +98,26 @@ def test_check_reports_what_the_grid_keeps(release, tmp_path, capsys):
                  "--json", str(tmp_path / "large.json")]) == 0
     large = json.loads((tmp_path / "large.json").read_text())["coverage"]
     assert large["t1gd"]["share"] == large["server"]["share"] == 1.0 and "warning" not in capsys.readouterr().out
+
+
+def test_the_release_trains_at_1mm_on_its_own_grid(release):
+    """Native resolution: the grid is the release's own 240 x 240 x 155 at 1 mm, given as three sides."""
+    folders, case = release
+    images = SiteImages(folders["t1gd"], RELEASE_SHAPE, 1.0, cache_cases=1)
+    labels = SiteLabels(folders["server"], list(RELEASE_SHAPE), 1.0, cache_cases=1)
+    images.check()
+    labels.check()
+    image = images.volume(case.patient_id)
+    assert image.shape == (1, *RELEASE_SHAPE) and image.dtype == np.float32
+    # The whole brain is on the grid: as many non-zero voxels as in the source file, none on the x and y faces.
+    # (The phantom's brain, MNI152's ~153 mm before each patient's scaling, may reach the first and last of the
+    # 155 slices: the phantom cuts it there, not the grid.)
+    brain = image[0] != 0
+    source, _ = read_volume(ImageRef(images.path(case.patient_id)))
+    assert brain.sum() == np.count_nonzero(source) > 0.1 * brain.size
+    for axis in range(2):
+        assert not brain.take([0, -1], axis=axis).any()
+    masks = labels.volume(case.patient_id)
+    assert masks.shape == (3, *RELEASE_SHAPE) and masks.dtype == np.uint8
+    assert all(masks[region].any() for region in range(len(REGION_NAMES)))
+    assert brain[masks[0] == 1].all()  # the tumour lies in the brain

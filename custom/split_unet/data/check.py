@@ -20,7 +20,7 @@ import numpy as np
 from split_unet.errors import DataError
 
 from .partition import DATALIST, SERVER_SITE
-from .readers import ImageRef, label_to_source, read_volume
+from .readers import GridSize, ImageRef, grid_shape, label_to_source, read_volume
 from .site_data import SiteImages, SiteLabels
 
 AFFINE_TOLERANCE_MM = 1e-3
@@ -54,22 +54,23 @@ class Coverage:
 class FieldOfView:
     """Which source voxels the common grid keeps, per source geometry (computed once per affine and shape)."""
 
-    def __init__(self, size: int, spacing: float | None):
-        self.size, self.spacing = size, spacing
+    def __init__(self, size: GridSize, spacing: float | None):
+        self.shape, self.spacing = grid_shape(size), spacing
         self._masks: dict[tuple, np.ndarray] = {}
 
     def coverage(self, data: np.ndarray, affine: np.ndarray) -> Coverage:
         key = (np.round(affine, 6).tobytes(), data.shape)
         if key not in self._masks:
-            everything = np.ones((self.size,) * 3, np.uint8)  # the whole grid, mapped back to the source's voxels
+            everything = np.ones(self.shape, np.uint8)  # the whole grid, mapped back to the source's voxels
             self._masks[key] = label_to_source(everything, affine, data.shape, self.spacing).astype(bool)
         interest = data != 0
         return Coverage(int(np.count_nonzero(interest & self._masks[key])), int(np.count_nonzero(interest)))
 
 
-def check_sites(sites_dir: str | Path, size: int = 64, spacing: float | None = None,
+def check_sites(sites_dir: str | Path, size: GridSize = 64, spacing: float | None = None,
                 sites: Sequence[str] | None = None) -> tuple[dict[str, int], list[Problem], dict[str, Coverage]]:
-    """Check the site folders of ``sites_dir`` (or just ``sites``; ``server`` holds the labels).
+    """Check the site folders of ``sites_dir`` (or just ``sites``; ``server`` holds the labels) for the grid
+    ``size`` (a cube side or three sides) and ``spacing``.
 
     Returns ``({site: volumes that loaded}, problems, {site: coverage})``; no exception for bad data, every
     problem is listed. Coverage counts brain voxels at a site, label voxels at the server.
@@ -86,14 +87,15 @@ def check_sites(sites_dir: str | Path, size: int = 64, spacing: float | None = N
     for name in names:
         try:
             kind = SiteLabels if name == SERVER_SITE else SiteImages
-            volumes = kind(sites_dir / name, size, spacing, site=name)
+            volumes = kind(sites_dir / name, size, spacing, site=name, cache_cases=1)  # one volume at a time
         except DataError as error:
             problems.append(Problem(name, error.patient, error.field, error.detail))
             continue
         loaded[name], coverage[name] = 0, Coverage()
         for patient in volumes.patient_ids:
             try:
-                affine, shape = volumes.geometry(patient)  # loads and checks the volume as training would
+                affine, shape = volumes.geometry(patient)  # the header, checked as training checks it
+                volumes.volume(patient)  # read and preprocessed as training would
                 data, image = read_volume(ImageRef(volumes.path(patient)), site=name, patient=patient,
                                           grid_size=size)
             except DataError as error:

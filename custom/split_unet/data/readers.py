@@ -2,7 +2,8 @@
 
 Spatial preprocessing depends only on each file's affine and shape, never on its content, so the
 server (which holds only labels) and every site (one modality each) land on the same voxel grid:
-channel first, RAS orientation, optional resampling to an isotropic spacing, centre crop/pad to a cube.
+channel first, RAS orientation, optional resampling to an isotropic spacing, centre crop/pad to the grid's shape
+(a cube, or three sides such as BraTS's 240 x 240 x 155).
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ from monai.utils import convert_to_numpy
 from split_unet.data.regions import CONVENTIONS, MODALITIES, regions
 from split_unet.errors import DataError
 
-__all__ = ["ImageRef", "Case", "find_cases", "check_header", "max_source_voxels", "read_volume", "read_label",
-           "load_image", "load_label", "load_case", "label_to_source", "grid_spacing", "write_nifti"]
+__all__ = ["ImageRef", "Case", "GridSize", "find_cases", "check_header", "grid_shape", "max_source_voxels",
+           "read_header", "read_volume", "read_label", "load_image", "load_label", "load_case", "label_to_source",
+           "grid_spacing", "write_nifti"]
+
+#: The common grid's size: a cube side, or three sides (voxels).
+GridSize = int | Sequence[int]
 
 # BraTS file layouts: (name separator, file suffix -> modality name, label convention). BraTS 2021:
 # <id>/<id>_{flair,t1,t1ce,t2,seg}.nii.gz; BraTS 2023+: <id>/<id>-{t2f,t1n,t1c,t2w,seg}.nii.gz (ET moved to 3).
@@ -167,9 +172,19 @@ MAX_HEAD_VOXELS = 256**3
 DEFLATE_MAX_RATIO = 1032
 
 
-def max_source_voxels(grid_size: int | None = None) -> int:
-    """The most voxels a source volume may have for a job whose grid is ``grid_size``^3 (None: no job)."""
-    return max(MAX_HEAD_VOXELS, 8 * (grid_size or 0) ** 3)
+def grid_shape(size: GridSize) -> tuple[int, int, int]:
+    """The grid's three sides: ``size`` repeated for a cube side, else the three sides given (each >= 1)."""
+    shape = (size,) * 3 if isinstance(size, (int, np.integer)) else tuple(size)
+    if len(shape) != 3 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0
+                                  for n in shape):
+        raise ValueError(f"a grid size is a positive integer or three of them, got {size!r}")
+    return tuple(int(n) for n in shape)
+
+
+def max_source_voxels(grid_size: GridSize | None = None) -> int:
+    """The most voxels a source volume may have for a job whose grid is ``grid_size`` (None: no job)."""
+    grid_voxels = 0 if grid_size is None else int(np.prod(grid_shape(grid_size), dtype=np.int64))
+    return max(MAX_HEAD_VOXELS, 8 * grid_voxels)
 
 
 def check_header(image: nib.Nifti1Image, path: Path, channel: int | None, max_voxels: int, *,
@@ -207,17 +222,13 @@ def check_header(image: nib.Nifti1Image, path: Path, channel: int | None, max_vo
         raise fail("affine must be finite and invertible")
 
 
-def read_volume(ref: ImageRef, *, site: str | None = None, patient: str | None = None,
-                grid_size: int | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Raw data of one volume, as stored (scaled by the header), and its NIfTI image (for the geometry).
-
-    The header is checked first (``check_header``, at most ``max_source_voxels(grid_size)`` voxels).
-
-    Returns:
-        ``(data, image)``: float32 array of the file's 3D shape ``(X, Y, Z)`` and the nibabel image.
+def read_header(ref: ImageRef, *, site: str | None = None, patient: str | None = None,
+                grid_size: GridSize | None = None) -> nib.Nifti1Image:
+    """The NIfTI image of one volume with its header checked (``check_header``, at most
+    ``max_source_voxels(grid_size)`` voxels); no data is read.
 
     Raises:
-        DataError: missing or unreadable file, a refused header, channel out of range, NaN/Inf values.
+        DataError: missing file, an unreadable or refused header.
     """
     path = Path(ref.path)
     if not path.is_file():
@@ -225,10 +236,31 @@ def read_volume(ref: ImageRef, *, site: str | None = None, patient: str | None =
     try:
         image = nib.load(path)  # the header only: nibabel reads data on demand
         check_header(image, path, ref.channel, max_source_voxels(grid_size), site=site, patient=patient)
-        proxy = image.dataobj if ref.channel is None else image.dataobj[..., ref.channel]
-        data = np.array(proxy, dtype=np.float32)  # a writable copy: torch refuses read-only arrays
     except DataError:
         raise
+    except Exception as err:  # nibabel, gzip and zlib raise a dozen exception types for damaged files
+        raise DataError(f"cannot read NIfTI ({type(err).__name__}: {err})", site=site, patient=patient,
+                        field=str(path)) from err
+    return image
+
+
+def read_volume(ref: ImageRef, *, site: str | None = None, patient: str | None = None,
+                grid_size: GridSize | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Raw data of one volume, as stored (scaled by the header), and its NIfTI image (for the geometry).
+
+    The header is checked first (:func:`read_header`).
+
+    Returns:
+        ``(data, image)``: float32 array of the file's 3D shape ``(X, Y, Z)`` and the nibabel image.
+
+    Raises:
+        DataError: missing or unreadable file, a refused header, channel out of range, NaN/Inf values.
+    """
+    image = read_header(ref, site=site, patient=patient, grid_size=grid_size)
+    path = Path(ref.path)
+    try:
+        proxy = image.dataobj if ref.channel is None else image.dataobj[..., ref.channel]
+        data = np.array(proxy, dtype=np.float32)  # a writable copy: torch refuses read-only arrays
     except Exception as err:  # nibabel, gzip and zlib raise a dozen exception types for damaged files
         raise DataError(f"cannot read NIfTI ({type(err).__name__}: {err})", site=site, patient=patient,
                         field=str(path)) from err
@@ -238,7 +270,7 @@ def read_volume(ref: ImageRef, *, site: str | None = None, patient: str | None =
 
 
 def read_label(path: str | Path, convention: str, *, site: str | None = None, patient: str | None = None,
-               grid_size: int | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
+               grid_size: GridSize | None = None) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A label volume as uint8 ``(X, Y, Z)``, checked against the convention's label values.
 
     Raises:
@@ -256,13 +288,13 @@ def read_label(path: str | Path, convention: str, *, site: str | None = None, pa
     return data.astype(np.uint8), image
 
 
-def _grid_transform(size: int, spacing: float | None, mode: str) -> Compose:
+def _grid_transform(size: GridSize, spacing: float | None, mode: str) -> Compose:
     """Content-independent geometry of a channel-first volume: RAS, optional isotropic ``spacing``, crop/pad to
-    ``size``^3."""
+    the grid's shape."""
     geometry = [Orientation(axcodes="RAS", labels=None)]
     if spacing is not None:
         geometry.append(Spacing(pixdim=spacing, mode=mode, padding_mode="zeros", dtype=np.float32))
-    geometry.append(ResizeWithPadOrCrop((size,) * 3))
+    geometry.append(ResizeWithPadOrCrop(grid_shape(size)))
     return Compose(geometry)
 
 
@@ -277,15 +309,16 @@ def _channel_first(data: np.ndarray | torch.Tensor, affine: np.ndarray) -> MetaT
     return MetaTensor(torch.as_tensor(data)[None], affine=torch.as_tensor(affine, dtype=torch.float64))
 
 
-def _to_grid(data: np.ndarray, image: nib.Nifti1Image, size: int, spacing: float | None, mode: str, *,
+def _to_grid(data: np.ndarray, image: nib.Nifti1Image, size: GridSize, spacing: float | None, mode: str, *,
              site: str | None = None, patient: str | None = None) -> MetaTensor:
-    """``data`` on the common grid: ``(1, size, size, size)`` float32 tensor; a DataError naming the file if
+    """``data`` on the common grid: ``(1, *grid_shape(size))`` float32 tensor; a DataError naming the file if
     MONAI cannot transform it."""
     volume = _channel_first(torch.from_numpy(data), image.affine)
     try:
         return _grid_transform(size, spacing, mode)(volume)
     except Exception as err:  # MONAI wraps any failure of a transform in a RuntimeError
-        raise DataError(f"cannot bring the volume onto the {size}^3 grid ({type(err).__name__}: {str(err)[:200]})",
+        grid = "x".join(map(str, grid_shape(size)))
+        raise DataError(f"cannot bring the volume onto the {grid} grid ({type(err).__name__}: {str(err)[:200]})",
                         site=site, patient=patient, field=str(image.get_filename())) from err
 
 
@@ -307,26 +340,28 @@ def label_to_source(label: np.ndarray, affine: np.ndarray, shape: Sequence[int],
     a site) can undo it without the image.
 
     Args:
-        label: ``(size, size, size)`` label map on the common grid.
+        label: ``(X, Y, Z)`` label map on the common grid (its shape is the grid's).
         affine, shape: the source volume's affine (4x4) and 3D shape.
         spacing: the ``spacing`` the grid was made with.
 
     Returns:
         ``uint8`` label map of shape ``shape`` (nearest neighbour; zero where the grid cropped the source).
     """
-    transform = _grid_transform(label.shape[0], spacing, mode="nearest")
+    if label.ndim != 3:
+        raise ValueError(f"expected a 3D label map on the grid, got shape {label.shape}")
+    transform = _grid_transform(label.shape, spacing, mode="nearest")
     reference = transform(_channel_first(torch.zeros(tuple(shape)), affine))
     grid = MetaTensor(torch.as_tensor(label[None], dtype=torch.float32), affine=reference.affine,
                       applied_operations=reference.applied_operations)
     return np.rint(convert_to_numpy(transform.inverse(grid))[0]).astype(np.uint8)
 
 
-def load_image(ref: ImageRef, size: int, spacing: float | None = None, *, site: str | None = None,
+def load_image(ref: ImageRef, size: GridSize, spacing: float | None = None, *, site: str | None = None,
                patient: str | None = None) -> np.ndarray:
     """One modality on the common grid, z-scored over its nonzero (brain) voxels.
 
     Returns:
-        float32 array of shape ``(1, size, size, size)``.
+        float32 array of shape ``(1, *grid_shape(size))``.
 
     Raises:
         DataError: see :func:`read_volume`.
@@ -355,12 +390,12 @@ def write_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def load_label(path: str | Path, size: int, convention: str, spacing: float | None = None, *,
-               site: str | None = None, patient: str | None = None) -> np.ndarray:
+def load_label(path: str | Path, size: GridSize, convention: str, spacing: float | None = None, *,
+               site: str | None = None, patient: str | None = None, dtype: type = np.float32) -> np.ndarray:
     """Region masks (WT, TC, ET) of a label file on the common grid (nearest-neighbour resampling).
 
     Returns:
-        float32 array of shape ``(3, size, size, size)`` with values 0 and 1.
+        array of ``dtype`` (uint8 keeps a cached label small) and shape ``(3, *grid_shape(size))``, values 0 and 1.
 
     Raises:
         DataError: see :func:`read_label`.
@@ -368,14 +403,15 @@ def load_label(path: str | Path, size: int, convention: str, spacing: float | No
     data, image = read_label(path, convention, site=site, patient=patient, grid_size=size)
     label = convert_to_numpy(_to_grid(data.astype(np.float32), image, size, spacing, mode="nearest", site=site,
                                       patient=patient)[0])
-    return regions(np.rint(label).astype(np.uint8), convention).astype(np.float32)
+    return regions(np.rint(label).astype(np.uint8), convention).astype(dtype, copy=False)
 
 
-def load_case(case: Case, size: int, spacing: float | None = None) -> dict[str, np.ndarray]:
+def load_case(case: Case, size: GridSize, spacing: float | None = None) -> dict[str, np.ndarray]:
     """All modalities and the label of one case, as the sites and the server would load them.
 
     Returns:
-        ``{"image": float32 (4, size, size, size) in MODALITIES order, "label": float32 (3, size, size, size)}``;
+        ``{"image": float32 (4, *grid) in MODALITIES order, "label": float32 (3, *grid)}`` (grid:
+        ``grid_shape(size)``);
         ``"label"`` is left out when the case has none.
 
     Raises:
