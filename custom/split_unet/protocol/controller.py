@@ -186,11 +186,15 @@ class SplitUNetController(SplitWorkflow):
 
     def _validate(self, val_ids: list[str], abort_signal: Signal, fl_ctx: FLContext) -> dict:
         metrics = RegionMetrics()
-        for batch_ids in chunks(val_ids, self.config.val_batch_size):
+        for index, batch_ids in enumerate(chunks(val_ids, self.config.val_batch_size)):
             logits = self.segment(TASK_VALIDATE, batch_ids, abort_signal, fl_ctx)
-            metrics.update(logits_to_masks(logits, min_component_voxels=self.config.min_component_voxels),
-                           torch.as_tensor(self.labels.batch(batch_ids)),
-                           [self.labels.grid_spacing(pid) for pid in batch_ids])
+            masks = logits_to_masks(logits, min_component_voxels=self.config.min_component_voxels)
+            truth = torch.as_tensor(self.labels.batch(batch_ids))
+            metrics.update(masks, truth, [self.labels.grid_spacing(pid) for pid in batch_ids])
+            if index == 0:  # the first validation patient's middle axial slice (the server holds no image)
+                middle = truth.shape[-1] // 2
+                self.telemetry.overlay("val/segmentation", truth[0, ..., middle].numpy(),
+                                       masks[0, ..., middle].cpu().numpy(), self._train_step, fl_ctx)
         return metrics.aggregate()
 
     # Records ------------------------------------------------------------------------------------------------------

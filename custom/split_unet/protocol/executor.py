@@ -34,6 +34,7 @@ from .names import ENCODER_FILE
 from .paths import inside
 from .psi import intersection_path, read_intersection
 from .settings import load_site_settings
+from .telemetry import SiteTelemetry
 from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INFER, TASK_INIT,
                    TASK_TRAIN, TASK_VALIDATE, TensorMessage, dxo_of, error_reply, selected_step)
 
@@ -92,6 +93,7 @@ class ModalitySiteExecutor(Executor):
         self.encoder_path = encoder_path
         self.checkpoint_dir = checkpoint_dir
         self.party: EncoderParty | None = None
+        self.site_telemetry: SiteTelemetry | None = None
         self.config: TrainConfig | None = None
         self.images: SiteImages | None = None
         self.wire_dtype = "float32"
@@ -147,6 +149,10 @@ class ModalitySiteExecutor(Executor):
         if encoder_path is not None:
             encoder.load_state_dict(load_checkpoint(encoder_path, site=site, field="encoder_path")["encoder"])
             self.log_info(fl_ctx, f"encoder loaded from {encoder_path}")
+        if self.site_telemetry is not None:
+            self.site_telemetry.close()
+        # The site's own figures (its NoPeek term) in its own run folder: nothing of them leaves the site.
+        self.site_telemetry = SiteTelemetry(self._run_dir(fl_ctx)) if config.nopeek_weight > 0 else None
         self.party = EncoderParty(encoder, config.lr, select_device(config.device), site=site,
                                   nopeek_weight=config.nopeek_weight, seed=config.seed, amp=config.amp)
         self.config = config
@@ -174,6 +180,9 @@ class ModalitySiteExecutor(Executor):
         if request.tensors:
             self.party.backward(request.tensors)
             self.pending_step = None
+            train_step = request.info.get("gradient_train_step")
+            if self.site_telemetry is not None and isinstance(train_step, int) and not isinstance(train_step, bool):
+                self.site_telemetry.scalar("site/nopeek_loss", self.party.last_nopeek_loss, train_step)
         self.agreed, self.last_step = agreed, request.step
         if "checkpoint" in request.info:
             self._save_checkpoint(request.info["checkpoint"], fl_ctx, site)
@@ -192,6 +201,8 @@ class ModalitySiteExecutor(Executor):
             echoed.update(parent_pid=os.getppid(), parent_cpu_seconds=parent_seconds)
         if task_name == TASK_FINISH:
             self._save_encoder(fl_ctx)
+            if self.site_telemetry is not None:
+                self.site_telemetry.close()
             echoed["peak_memory_mb"] = peak_memory_mb()
             if (gpu := gpu_peak_mb(self.party.device)) is not None:
                 echoed["gpu_peak_mb"] = gpu
