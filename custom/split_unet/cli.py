@@ -51,7 +51,8 @@ def cmd_check(args) -> int:
         kind = "label" if site == "server" else "brain"
         overall[kind].add(coverage[site])
         print(f"{site:>8}: {count} volumes read; the grid keeps {100 * coverage[site].share:.1f} % of {kind} voxels")
-    grid = f"--size {args.size}" + (f" --spacing {args.spacing}" if args.spacing else " without --spacing")
+    size = ",".join(map(str, args.size)) if isinstance(args.size, list) else args.size
+    grid = f"--size {size}" + (f" --spacing {args.spacing}" if args.spacing else " without --spacing")
     for kind, total in overall.items():
         if total.total:
             print(f"{'overall':>8}: the grid ({grid}) keeps {100 * total.share:.1f} % of {kind} voxels")
@@ -301,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "vs simulator vs POC on phantom data")
     bench.add_argument("--out", required=True)
     bench.add_argument("--modes", default="centralized,simulator,poc")
-    add_grid_options(bench, size_default=64)
+    bench.add_argument("--size", type=int, default=64, help="phantom and grid edge (voxels): whole volumes")
+    bench.add_argument("--spacing", type=float, help="isotropic spacing (mm) to resample to before the crop/pad")
     bench.add_argument("--patients", type=int, default=24, help="phantom patients (a quarter validates)")
     bench.add_argument("--n-sites", type=int, default=4, help="sites; beyond 4, copies of the modalities")
     bench.add_argument("--batch-size", type=int, default=2)

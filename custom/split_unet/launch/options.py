@@ -53,7 +53,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def add_grid_options(parser, size_default: int | None = None) -> None:
     """``--size`` and ``--spacing``: the common voxel grid (README, "Your own data", on how to choose them)."""
-    parser.add_argument("--size", type=int, default=size_default, help="volume edge after crop/pad (voxels)")
+    parser.add_argument("--size", type=shape_option, default=size_default,
+                        help="the common grid after crop/pad: N (a cube) or X,Y,Z voxels, e.g. 240,240,155")
     parser.add_argument("--spacing", type=float, help="isotropic spacing (mm) to resample to before the crop/pad "
                                                       "(default: none, the source voxels; 1 mm for BraTS)")
 
