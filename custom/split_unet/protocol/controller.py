@@ -99,18 +99,21 @@ class SplitUNetController(SplitWorkflow):
             decoder.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
             self.log_info(fl_ctx, f"decoder initialised from the persistor ({len(weights)} tensors)")
 
-    def ready(self, fl_ctx: FLContext) -> None:
-        if self.resume:
-            state = self.checkpoint.load(self.party)
-            self.log_info(fl_ctx, f"no checkpoint at {self.checkpoint.path}: starting afresh" if state is None else
-                          f"resuming after training step {state['train_step']} from {self.checkpoint.path}")
-            self._resumed = state
+    def ready(self, fl_ctx: FLContext) -> int | None:
+        if not self.resume:
+            return None
+        self._resumed = self.checkpoint.load(self.party)
+        if self._resumed is None:
+            self.log_info(fl_ctx, f"no checkpoint at {self.checkpoint.path}: starting afresh")
+            return None
+        self.log_info(fl_ctx, f"resuming after training step {self._resumed['train_step']} from "
+                              f"{self.checkpoint.path}")
+        return self._resumed["train_step"]
 
     # The workflow -------------------------------------------------------------------------------------------------
     def run_workflow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         config, start = self.config, time.perf_counter()
-        # The sites resume from the step the server's checkpoint names (read in ``ready``, before they are asked).
-        common = self.setup(abort_signal, fl_ctx, resume_step=self._resume_step)
+        common = self.setup(abort_signal, fl_ctx)
         train_ids, val_ids = split_patients(common, config.val_fraction, config.seed)
         self.log_info(fl_ctx, f"{len(train_ids)} training / {len(val_ids)} validation patients, "
                               f"{config.epochs} epochs, wire {self.wire_dtype}, device {self.party.device}"
@@ -146,10 +149,6 @@ class SplitUNetController(SplitWorkflow):
         self._save_decoder(fl_ctx)
         self._write_summary(metrics, history, schedule.total_steps, len(train_ids), len(val_ids),
                             time.perf_counter() - start, fl_ctx)
-
-    @property
-    def _resume_step(self) -> int | None:
-        return self._resumed["train_step"] if self._resumed else None
 
     def _train_step_of(self, step: Step, schedule: Schedule, abort_signal: Signal, fl_ctx: FLContext) -> float:
         """One training step: the sites' activations of the batch, the decoder's step, the gradients held for the

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from nvflare.apis.dxo import DXO
+from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -101,6 +102,10 @@ class ModalitySiteExecutor(Executor):
         self.pending_step: int | None = None
         self.run_config: dict = {}
         self.agreed: set[str] | None = None  # the patients every party holds, once the server announced them
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.END_RUN and self.images is not None:
+            self.images.close()  # the prefetch thread ends with the run (inference has no finish task)
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         site = fl_ctx.get_identity_name()
@@ -200,6 +205,7 @@ class ModalitySiteExecutor(Executor):
         if (parent_seconds := process_cpu_seconds(os.getppid())) is not None:  # the process relaying our messages
             echoed.update(parent_pid=os.getppid(), parent_cpu_seconds=parent_seconds)
         if task_name == TASK_FINISH:
+            self.images.close()
             self._save_encoder(fl_ctx)
             if self.site_telemetry is not None:
                 self.site_telemetry.close()

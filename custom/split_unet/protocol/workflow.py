@@ -93,6 +93,9 @@ class SplitWorkflow(Controller):
         except Exception as error:  # any failure ends the job with its reason instead of hanging
             self.log_exception(fl_ctx, "split learning failed")
             self._fail(f"{type(error).__name__}: {error}", fl_ctx)
+        finally:
+            if self.labels is not None:
+                self.labels.close()  # the prefetch thread ends with the workflow
 
     def check_paths(self, fl_ctx: FLContext) -> None:
         """Refuse (``ProtocolError``) any further path the job names outside the server's workspace."""
@@ -101,8 +104,7 @@ class SplitWorkflow(Controller):
         raise NotImplementedError
 
     # Set-up -------------------------------------------------------------------------------------------------------
-    def setup(self, abort_signal: Signal, fl_ctx: FLContext, labels_required: bool = True,
-              resume_step: int | None = None) -> list[str]:
+    def setup(self, abort_signal: Signal, fl_ctx: FLContext, labels_required: bool = True) -> list[str]:
         """Labels, decoder and sites ready; returns the patients every site (and, if required, the server) holds."""
         config = self.config
         settings = load_site_settings("server", fl_ctx.get_engine().get_workspace().get_root_dir())
@@ -114,8 +116,7 @@ class SplitWorkflow(Controller):
         self.load_decoder(decoder, fl_ctx)
         self.party = DecoderParty(decoder, config.lr, select_device(config.device), config.micro_batches,
                                   config.decoder_checkpointing, amp=config.amp)
-        self.ready(fl_ctx)
-        request = {"train": config.to_dict(), "wire_dtype": self.wire_dtype, "resume_step": resume_step}
+        request = {"train": config.to_dict(), "wire_dtype": self.wire_dtype, "resume_step": self.ready(fl_ctx)}
         site_ids = self.rounds.initialize(request, abort_signal, fl_ctx)
         common = set.intersection(*(set(ids) for ids in site_ids.values()))
         if labels_required:
@@ -132,8 +133,10 @@ class SplitWorkflow(Controller):
     def load_decoder(self, decoder: torch.nn.Module, fl_ctx: FLContext) -> None:
         """Start the decoder from trained weights, if the workflow has any (default: as initialised)."""
 
-    def ready(self, fl_ctx: FLContext) -> None:
-        """The decoder party exists; the sites are not yet asked (e.g. to restore a checkpoint)."""
+    def ready(self, fl_ctx: FLContext) -> int | None:
+        """The decoder party exists and the sites are not yet asked: restore what the run resumes from, and return
+        the training step the sites resume from (None: a fresh start)."""
+        return None
 
     # Segmentation -------------------------------------------------------------------------------------------------
     def segment(self, task_name: str, patient_ids: list[str], abort_signal: Signal, fl_ctx: FLContext) -> torch.Tensor:
