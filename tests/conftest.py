@@ -4,18 +4,11 @@ Layers, chosen with ``-m``: ``poc`` (a real NVFlare federation on loopback, mark
 (runs the NVFlare simulator: marked per test, or implied by the shared trained federation) and ``unit``
 (everything else: plain PyTorch/numpy pieces, seconds each)."""
 
-import json
 from pathlib import Path
 
 import pytest
-from helpers import TINY_NETWORK, TINY_SIZE, make_dataset, party_context, time_limit
-from nvflare.apis.dxo import DXO
-from nvflare.apis.fl_constant import ReturnCode
-from nvflare.apis.signal import Signal
+from helpers import TINY_NETWORK, TINY_SIZE, init_site, make_dataset, time_limit
 
-from split_unet.protocol.executor import ModalitySiteExecutor
-from split_unet.protocol.settings import SETTINGS_FILE
-from split_unet.protocol.wire import ERROR_HEADER, KIND_INIT, TASK_INIT
 from split_unet.jobs import training_settings
 from split_unet.launch.simulation import run_simulation
 from split_unet.training import TrainConfig
@@ -54,16 +47,7 @@ def hard_limit(request):
 @pytest.fixture()
 def site(tiny_data, tmp_path):
     """(executor, fl_ctx) of the 'flair' site, its settings in its own local/ folder."""
-    _, sites = tiny_data
-    (tmp_path / "local").mkdir()
-    (tmp_path / "local" / SETTINGS_FILE).write_text(json.dumps({"modality": "flair", "data_dir": str(sites / "flair")}))
-    fl_ctx = party_context(tmp_path)
-    executor = ModalitySiteExecutor()
-    config = TrainConfig(size=TINY_SIZE, network=TINY_NETWORK)
-    request = DXO(KIND_INIT, data={"train": config.to_dict(), "site_index": 0, "wire_dtype": "float32"})
-    reply = executor.execute(TASK_INIT, request.to_shareable(), fl_ctx, Signal())
-    assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK, reply.get_header(ERROR_HEADER)
-    return executor, fl_ctx
+    return init_site(tiny_data[1], tmp_path, TrainConfig(size=TINY_SIZE, network=TINY_NETWORK))
 
 
 def pytest_collection_modifyitems(items):

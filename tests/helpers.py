@@ -1,6 +1,7 @@
 """Helpers shared by the tests: tiny phantom data sets, a small network, a stand-in NVFlare engine for one party,
 and process lookups for the federation tests."""
 
+import json
 import signal
 import socket
 import subprocess
@@ -9,12 +10,16 @@ import sysconfig
 from contextlib import contextmanager
 from pathlib import Path
 
+from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 
 from split_unet.data import generate_dataset, partition_dataset
-from split_unet.protocol.wire import ERROR_HEADER, KIND_GRADIENTS, TensorMessage
+from split_unet.protocol.executor import ModalitySiteExecutor
+from split_unet.protocol.settings import SETTINGS_FILE
+from split_unet.protocol.wire import ERROR_HEADER, KIND_GRADIENTS, KIND_INIT, TASK_INIT, TensorMessage
+from split_unet.training import TrainConfig
 
 TINY_SIZE = 32
 TINY_NETWORK = {"channels": [4, 8, 16], "strides": [2, 2]}
@@ -61,6 +66,20 @@ def party_context(root: Path, identity: str = "flair") -> FLContext:
     fl_ctx.set_prop(ReservedKey.ENGINE, StandInEngine(root), private=True, sticky=False)
     fl_ctx.set_prop(ReservedKey.RUN_NUM, "job1", private=False, sticky=False)
     return fl_ctx
+
+
+def init_site(sites: Path, workspace: Path, config: TrainConfig) -> tuple[ModalitySiteExecutor, FLContext]:
+    """(executor, fl_ctx) of the 'flair' site of ``sites``, initialised for ``config``, its settings in the
+    ``local/`` folder of its own ``workspace``."""
+    (workspace / "local").mkdir(parents=True)
+    (workspace / "local" / SETTINGS_FILE).write_text(json.dumps({"modality": "flair",
+                                                                 "data_dir": str(sites / "flair")}))
+    fl_ctx = party_context(workspace)
+    executor = ModalitySiteExecutor()
+    request = DXO(KIND_INIT, data={"train": config.to_dict(), "site_index": 0, "wire_dtype": "float32"})
+    reply = executor.execute(TASK_INIT, request.to_shareable(), fl_ctx, Signal())
+    assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK, reply.get_header(ERROR_HEADER)
+    return executor, fl_ctx
 
 
 def send_task(executor, fl_ctx, task, step, patient_ids, gradients=None, tensor_step=None, info=None):

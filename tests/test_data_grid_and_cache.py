@@ -226,6 +226,25 @@ def test_prefetch_then_batch_loads_each_case_once(tmp_path, reads, monkeypatch):
     assert reads == {"P0": 1, "P2": 1, "P3": 1} and "P1" not in site.cached_ids()  # the refusal started nothing
 
 
+def test_close_ends_the_prefetch_thread_and_drops_queued_loads(tmp_path, reads, monkeypatch):
+    files = _images(tmp_path, 3)
+    site = SiteImages(_site(tmp_path / "t1w", files), 16)
+    real = site_data.load_image
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(site_data, "load_image", slow)
+    reads.clear()
+    site.prefetch(["P0", "P1", "P2"])
+    site.close()  # waits for the load under way, drops the rest
+    assert not any(t.name.startswith("prefetch-t1w") for t in threading.enumerate())
+    assert reads.get("P2", 0) == 0
+    site.batch(["P2"])  # a dropped prefetch is loaded by the batch itself
+    assert reads["P2"] == 1
+
+
 def _truncated(path):
     """A gzip NIfTI cut in its data: the header is intact (and claims no more than gzip could hold)."""
     content = path.read_bytes()

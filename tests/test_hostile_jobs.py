@@ -33,7 +33,8 @@ from split_unet.data.check import check_sites
 from split_unet.errors import DataError, ProtocolError
 from split_unet.filters import ActivationClipNoise
 from split_unet.networks import build_decoder
-from split_unet.protocol.controller import SplitUNetController, activation_shapes
+from split_unet.protocol.controller import SplitUNetController
+from split_unet.protocol.rounds import activation_shapes
 from split_unet.protocol.executor import ModalitySiteExecutor, check_privacy_scope
 from split_unet.protocol.inference import SplitInferenceController
 from split_unet.protocol.recorder import LeakageRecorder
@@ -110,7 +111,7 @@ def test_a_pickle_as_decoder_path_runs_no_code_at_the_server(tmp_path):
     _pickle_bomb(tmp_path / "server" / "trained" / "decoder.pt", marker, "model")
     controller = SplitInferenceController(decoder_path="trained/decoder.pt", train=TRAIN.to_dict())
     with pytest.raises(ProtocolError, match="site 'server', field 'decoder_path'.*Weights only load failed"):
-        controller._load_decoder(build_decoder(TRAIN.network, 4, 0), party_context(tmp_path / "server", "server"))
+        controller.load_decoder(build_decoder(TRAIN.network, 4, 0), party_context(tmp_path / "server", "server"))
     assert not marker.exists()
 
 
@@ -184,9 +185,9 @@ def _init_reply(info: dict):
                                                 (["../../x"], "patient id '../../x'"), (["a", "a"], "repeat")])
 def test_the_server_refuses_init_replies_with_bad_patient_ids(patient_ids, shown):
     controller = SplitUNetController(sites=["flair"], train=TRAIN.to_dict())
-    controller._broadcast = lambda *args: {"flair": _init_reply({"patient_ids": patient_ids, "modality": "flair"})}
+    controller.rounds.broadcast = lambda *args: {"flair": _init_reply({"patient_ids": patient_ids, "modality": "flair"})}
     with pytest.raises(ProtocolError, match=f"site 'flair', field 'patient_ids'.*{re.escape(shown)}"):
-        controller._initialize_sites(Signal(), FLContext())
+        controller.rounds.initialize({}, Signal(), FLContext())
 
 
 def test_a_message_naming_an_escaping_patient_is_refused():
@@ -264,10 +265,10 @@ def test_the_leakage_recorder_applies_the_controller_bound_before_decoding(tmp_p
 def _server_round(info: dict, controller: SplitUNetController | None = None, patient: str = "P1"):
     controller = controller or SplitUNetController(sites=["flair"], train=TRAIN.to_dict())
     tensors = {level: torch.zeros(shape) for level, shape in activation_shapes(TRAIN, 1).items()}
-    step = controller._step + 1
+    step = controller.rounds.step + 1
     reply = TensorMessage(KIND_ACTIVATIONS, step, [patient], tensors, info=info).to_shareable("float32")[0]
-    controller._broadcast = lambda *args: {"flair": reply}
-    controller._round(TASK_VALIDATE, [patient], Signal(), FLContext())
+    controller.rounds.broadcast = lambda *args: {"flair": reply}
+    controller.rounds.exchange(TASK_VALIDATE, [patient], Signal(), FLContext())
     return controller
 
 
@@ -297,8 +298,8 @@ def test_the_server_keeps_the_epsilon_it_recomputed_from_an_honest_filter():
     for round_ in (1, 2):
         info, noise = _honest_privacy_info(releases=round_)
         _server_round(info, controller)
-    assert controller._privacy["flair"]["epsilon"] == pytest.approx(noise.epsilon(), rel=1e-12)
-    assert controller._privacy["flair"]["releases_per_patient"] == 2 * len(activation_shapes(TRAIN, 1))
+    assert controller.rounds.privacy["flair"]["epsilon"] == pytest.approx(noise.epsilon(), rel=1e-12)
+    assert controller.rounds.privacy["flair"]["releases_per_patient"] == 2 * len(activation_shapes(TRAIN, 1))
 
 
 # Row 5: NIfTI headers are checked before any data is read ------------------------------------------------------------

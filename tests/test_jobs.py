@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from split_unet.jobs import InferenceJob, PsiJob, export, export_all, job_sites, training_settings
+from split_unet.jobs import InferenceJob, PsiJob, export, export_repository_jobs, job_sites, training_settings
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE
 from split_unet.protocol.wire import TASK_INFER, TASK_INIT, TASK_TRAIN
 from split_unet.site_configs import write_site_configs
@@ -24,7 +24,7 @@ def config(job: Path, app: str) -> dict:
 
 
 def test_repository_jobs_are_what_export_writes(project_root, tmp_path):
-    export_all(tmp_path)
+    export_repository_jobs(tmp_path)
     assert tree(tmp_path) == tree(project_root / "jobs")
 
 

@@ -11,7 +11,7 @@ from nvflare.private.privacy_manager import PrivacyManager, PrivacyService, Scop
 
 from split_unet.data import MODALITIES
 from split_unet.errors import ProtocolError
-from split_unet.protocol.controller import refuse_blocked_levels
+from split_unet.protocol.rounds import refuse_blocked_levels
 from split_unet.protocol.executor import check_privacy_scope
 from split_unet.leakage.record import load_record
 from split_unet.jobs import training_settings

@@ -25,7 +25,9 @@ def test_own_cpu_seconds_agree_with_getrusage_and_grow_with_work():
 
 
 def test_another_process_cpu_seconds_and_none_once_it_is_gone():
-    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.5\n"
+    # Busy for 0.6 s of CPU by its own clock; /proc counts in ticks of 10 ms and the reading is rounded to 0.01 s,
+    # so at least 0.5 s is certain to show (0.5 s exactly was read as 0.49 once).
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.6\n"
                              "while time.process_time() < end: pass\nimport sys; sys.stdin.read()"],
                             stdin=subprocess.PIPE)
     try:

@@ -13,10 +13,11 @@ from split_unet.filters import ActivationClipNoise, gaussian_epsilon
 from split_unet.filters.activation_privacy import EPSILON_TAG
 from split_unet.protocol.names import TENSORBOARD_FOLDER
 from split_unet.protocol.telemetry import PROGRESS_FILE, SiteTelemetry, Telemetry, read_progress
-from split_unet.protocol.wire import KIND_ACTIVATIONS, TensorMessage
+from split_unet.protocol.wire import KIND_ACTIVATIONS, TASK_TRAIN, TensorMessage
 from split_unet.reports import REGION_COLOURS, overlay_figure
+from split_unet.training import TrainConfig
 
-from helpers import party_context
+from helpers import TINY_NETWORK, TINY_SIZE, init_site, party_context, send_task
 
 pytestmark = pytest.mark.unit
 
@@ -131,3 +132,17 @@ def test_the_noise_filter_logs_its_epsilon_at_the_training_steps_of_training_ans
     assert [e.step for e in scalars] == [1, 2]
     assert [e.value for e in scalars] == pytest.approx([epsilons[1], epsilons[2]], rel=1e-6)
     assert epsilons[2] == pytest.approx(gaussian_epsilon(1.0, 3, noise.delta))
+
+
+def test_a_site_logs_its_nopeek_term_at_the_training_step_of_each_gradient(tiny_data, tmp_path):
+    executor, fl_ctx = init_site(tiny_data[1], tmp_path, TrainConfig(size=TINY_SIZE, network=TINY_NETWORK,
+                                                                     nopeek_weight=0.1))
+    reply = send_task(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"], info={"train_step": 1, "train_steps": 2})
+    features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
+    gradients = {level: torch.ones_like(t) for level, t in features.items()}
+    send_task(executor, fl_ctx, TASK_TRAIN, 2, [], gradients, tensor_step=1, info={"gradient_train_step": 1})
+    executor.site_telemetry.close()
+    events = EventAccumulator(str(tmp_path / "job1" / TENSORBOARD_FOLDER))
+    events.Reload()
+    (point,) = events.Scalars("site/nopeek_loss")
+    assert point.step == 1 and point.value == pytest.approx(executor.party.last_nopeek_loss) and point.value > 0

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from split_unet.errors import SplitUNetError
-from split_unet.launch.options import add_grid_options, add_patch_options, add_train_options, train_overrides
+from split_unet.launch.options import add_grid_options, add_train_options, train_overrides
 
 
 def _print_result(name: str, summary: dict) -> None:
@@ -51,7 +51,8 @@ def cmd_check(args) -> int:
         kind = "label" if site == "server" else "brain"
         overall[kind].add(coverage[site])
         print(f"{site:>8}: {count} volumes read; the grid keeps {100 * coverage[site].share:.1f} % of {kind} voxels")
-    grid = f"--size {args.size}" + (f" --spacing {args.spacing}" if args.spacing else " without --spacing")
+    size = ",".join(map(str, args.size)) if isinstance(args.size, list) else args.size
+    grid = f"--size {size}" + (f" --spacing {args.spacing}" if args.spacing else " without --spacing")
     for kind, total in overall.items():
         if total.total:
             print(f"{'overall':>8}: the grid ({grid}) keeps {100 * total.share:.1f} % of {kind} voxels")
@@ -214,21 +215,21 @@ def cmd_poc(args) -> int:
 def cmd_job_export(args) -> int:
     from split_unet.jobs import PsiJob, export_all
 
-    job = training_job(args, psi_job_id=args.psi_job_id or "", with_code=args.with_code)
+    job = training_job(args, psi_job_id=args.psi_job_id or "", with_code=args.with_code, native=args.native)
     for folder in export_all(args.out, job, PsiJob(with_code=args.with_code)):
         print(f"{folder.name}: {folder}  (nvflare job submit -j {folder})")
     return 0
 
 
-def training_job(args, **settings):
-    """The training job of the command line's training options."""
-    from split_unet.jobs import training_settings
+def training_job(args, native: bool = False, **settings):
+    """The training job of the command line's training options (on the native job's defaults with ``native``)."""
+    from split_unet.jobs import native_settings, training_settings
 
     if getattr(args, "wire_dtype", None):
         settings["wire_dtype"] = args.wire_dtype
     if getattr(args, "scope", None):
         settings["scope"] = args.scope
-    return training_settings(train_overrides(args), **settings)
+    return (native_settings if native else training_settings)(train_overrides(args), **settings)
 
 
 def cmd_table(args) -> int:
@@ -295,14 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     centralized.add_argument("--encoders", type=int, default=4,
                              help="late fusion: encoders, the modalities repeated beyond four (benchmarks)")
     add_train_options(centralized)
-    add_patch_options(centralized)
     centralized.set_defaults(func=cmd_centralized)
 
     bench = commands.add_parser("bench", help="seconds per step, bytes, round trips and peak memory: centralized "
                                               "vs simulator vs POC on phantom data")
     bench.add_argument("--out", required=True)
     bench.add_argument("--modes", default="centralized,simulator,poc")
-    add_grid_options(bench, size_default=64)
+    bench.add_argument("--size", type=int, default=64, help="phantom and grid edge (voxels): whole volumes")
+    bench.add_argument("--spacing", type=float, help="isotropic spacing (mm) to resample to before the crop/pad")
     bench.add_argument("--patients", type=int, default=24, help="phantom patients (a quarter validates)")
     bench.add_argument("--n-sites", type=int, default=4, help="sites; beyond 4, copies of the modalities")
     bench.add_argument("--batch-size", type=int, default=2)
@@ -379,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--psi-job-id", help="train on the intersection this PSI job found")
     export.add_argument("--wire-dtype", choices=("float32", "float16"))
     export.add_argument("--with-code", action="store_true", help="the jobs carry the split_unet package (BYOC)")
+    export.add_argument("--native", action="store_true",
+                        help="the native job (OUT/split_unet_native): 240x240x155 at 1 mm, 128^3 patches, "
+                             "augmentation, sliding windows, a GPU-sized network")
     add_train_options(export)
     export.set_defaults(func=cmd_job_export)
 

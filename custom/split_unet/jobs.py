@@ -30,7 +30,8 @@ from nvflare.job_config.defs import FilterType
 
 from split_unet.data import MODALITIES
 from split_unet.errors import DataError
-from split_unet.protocol.controller import SplitUNetController, largest_training_tensor
+from split_unet.protocol.controller import SplitUNetController
+from split_unet.protocol.rounds import largest_training_tensor
 from split_unet.protocol.executor import ModalitySiteExecutor
 from split_unet.protocol.inference import SplitInferenceController
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, SEGMENTATIONS, TENSORBOARD_FOLDER
@@ -40,7 +41,15 @@ from split_unet.protocol.wire import TASK_FINISH, TASK_INFER, TASK_INIT, TASK_TR
 from split_unet.training import TrainConfig
 
 TRAINING_JOB = "split_unet"
+NATIVE_JOB = "split_unet_native"
 PSI_JOB = "split_unet_psi"
+# The native job (``split-unet job export --native``): MSD Task01 or BraTS at their own geometry (240 x 240 x 155
+# at 1 mm), trained on 128^3 patches with augmentation and segmented by sliding window, with a network sized for a
+# GPU (wider channels, two residual units per level), as nnU-Net and MONAI's BraTS bundles train.
+NATIVE_TRAIN = {"size": [240, 240, 155], "spacing": 1.0, "patch_size": 128, "augment": True, "epochs": 100,
+                "batch_size": 2, "val_batch_size": 1, "val_interval": 10, "val_fraction": 0.2, "lr": 1e-3,
+                "sw_batch_size": 4, "cache_cases": 64,
+                "network": {"channels": [32, 64, 128, 256], "strides": [2, 2, 2], "num_res_units": 2}}
 PACKAGE = Path(__file__).resolve().parent
 # The sites ask for work every 50 ms instead of NVFlare's 2 s: each training step is one task round.
 TASK_REQUEST_INTERVAL = 0.05
@@ -50,6 +59,8 @@ HEART_BEAT_TIMEOUT = 600
 TRAINING_TASKS = [TASK_INIT, TASK_TRAIN, TASK_VALIDATE, TASK_FINISH]
 # Tasks whose data carries the server's gradients (and validation or finish requests) to the sites.
 GRADIENT_TASKS = [TASK_TRAIN, TASK_VALIDATE, TASK_FINISH]
+# Controller arguments of a training job that its inference job keeps.
+INFERENCE_SHARED_ARGS = ("sites", "train", "wire_dtype", "task_timeout", "on_site_failure", "num_threads")
 # Tasks whose results carry the sites' activations.
 ACTIVATION_TASKS = [TASK_TRAIN, TASK_VALIDATE]
 
@@ -125,10 +136,15 @@ def training_settings(train: dict | None = None, **settings) -> TrainingJob:
     return TrainingJob(train=train_config(train or {}), **settings)
 
 
-def train_config(overrides: dict) -> TrainConfig:
-    """``TrainConfig()`` with these fields replaced; ``network`` merged key by key."""
+def native_settings(train: dict | None = None, **settings) -> TrainingJob:
+    """The native job (``NATIVE_TRAIN``) with ``train`` overrides, as ``training_settings``."""
+    return TrainingJob(train=train_config(train or {}, NATIVE_TRAIN), **{"name": NATIVE_JOB, **settings})
+
+
+def train_config(overrides: dict, base: dict | None = None) -> TrainConfig:
+    """``TrainConfig()`` (with ``base`` applied first) with these fields replaced; ``network`` merged key by key."""
     values = TrainConfig().to_dict()
-    for key, value in overrides.items():
+    for key, value in [*(base or {}).items(), *overrides.items()]:
         values[key] = {**values["network"], **value} if key == "network" else value
     return TrainConfig.from_dict(values)
 
@@ -163,9 +179,11 @@ def build_inference(settings: InferenceJob) -> FedJob:
     training = settings.training
     job = _new_job(f"{training.name}_infer", training.sites, training.scope)
     job.to_server({"server": _server_params(training.task_request_interval)})
-    controller_args = {**_controller_args(training), "decoder_path": settings.decoder_path,
-                       "patients": list(settings.patients), "output_folder": SEGMENTATIONS}
-    controller_args.pop("persistor_id")  # the decoder comes from decoder_path, not from a persistor
+    # The training's settings the inference workflow shares (not its persistor or checkpoints: the decoder comes
+    # from decoder_path).
+    shared = {key: value for key, value in _controller_args(training).items() if key in INFERENCE_SHARED_ARGS}
+    controller_args = {**shared, "decoder_path": settings.decoder_path, "patients": list(settings.patients),
+                       "output_folder": SEGMENTATIONS}
     job.to_server(SplitInferenceController(**controller_args), id=training.name)
     executor_args = {**training.executor_args, "encoder_path": settings.encoder_path}
     for site in training.sites:
@@ -208,6 +226,11 @@ def export_all(job_root: str | Path, training: TrainingJob | None = None, psi: P
     """The jobs a federation runs in turn: PSI, then training (``split-unet job export``; the repository's
     ``jobs/`` holds their defaults)."""
     return [export(psi or PsiJob(), job_root), export(training or TrainingJob(), job_root)]
+
+
+def export_repository_jobs(job_root: str | Path) -> list[Path]:
+    """The repository's ``jobs/``: the default PSI and training jobs and the native job."""
+    return [*export_all(job_root), export(native_settings(), job_root)]
 
 
 def job_sites(job_dir: str | Path) -> list[str]:

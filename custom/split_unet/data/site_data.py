@@ -129,6 +129,16 @@ class _SiteVolumes(ABC):
                 if patient_id not in self._cache and patient_id not in self._pending:
                     self._pending[patient_id] = self._loader.submit(self._prefetched, patient_id, path)
 
+    def close(self) -> None:
+        """Stop the prefetch thread (loads not yet started are dropped); the cache stays usable."""
+        with self._lock:
+            loader, self._loader = self._loader, None
+            for future in self._pending.values():
+                future.cancel()
+            self._pending.clear()  # a later batch loads what was dropped itself
+        if loader is not None:
+            loader.shutdown(wait=True, cancel_futures=True)
+
     def cached_ids(self) -> list[str]:
         """Patients whose volumes are in the cache now, least recently used first."""
         with self._lock:

@@ -11,7 +11,7 @@ def train_overrides(args: argparse.Namespace) -> dict:
                                                  "val_interval", "val_fraction", "device", "modality_dropout",
                                                  "micro_batches", "decoder_checkpointing", "min_component_voxels",
                                                  "patch_size", "patch_sampling", "patch_positive_fraction", "augment",
-                                                 "sw_batch_size", "sw_overlap", "amp")
+                                                 "sw_batch_size", "sw_overlap", "amp", "cache_cases")
              if getattr(args, key, None) is not None}
     network = {}
     if getattr(args, "channels", None):
@@ -48,11 +48,13 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-component-voxels", type=int,
                        help="post-processing: remove connected components smaller than this (grid voxels) from "
                             "every segmentation (default 0: none)")
+    add_patch_options(parser)
 
 
 def add_grid_options(parser, size_default: int | None = None) -> None:
     """``--size`` and ``--spacing``: the common voxel grid (README, "Your own data", on how to choose them)."""
-    parser.add_argument("--size", type=int, default=size_default, help="volume edge after crop/pad (voxels)")
+    parser.add_argument("--size", type=shape_option, default=size_default,
+                        help="the common grid after crop/pad: N (a cube) or X,Y,Z voxels, e.g. 240,240,155")
     parser.add_argument("--spacing", type=float, help="isotropic spacing (mm) to resample to before the crop/pad "
                                                       "(default: none, the source voxels; 1 mm for BraTS)")
 
@@ -80,3 +82,4 @@ def add_patch_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sw-overlap", type=float, help="sliding-window overlap in [0, 1)")
     group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                        help="mixed precision on CUDA (default on; no effect on the CPU)")
+    group.add_argument("--cache-cases", type=int, help="preprocessed volumes each party keeps in memory (default 0: all)")

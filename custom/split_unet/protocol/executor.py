@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from nvflare.apis.dxo import DXO
+from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -23,13 +25,17 @@ from split_unet.ids import check_patient_ids
 from split_unet.leakage.record import snapshot_path
 from split_unet.networks import build_encoder
 from split_unet.profiling import cpu_seconds, peak_memory_mb, process_cpu_seconds, save_profile, start_profile
-from split_unet.training import EncoderParty, TrainConfig, select_device
+from split_unet.training import EncoderParty, TrainConfig, gpu_peak_mb, select_device
+from split_unet.training.augment import intensity_augment, intensity_seed
+from split_unet.training.patches import check_patch_starts, cut_patch
+from split_unet.training.schedule import PatchBatch
 
 from .checkpoint import load_checkpoint, save_site_checkpoint, site_checkpoint
 from .names import ENCODER_FILE
 from .paths import inside
 from .psi import intersection_path, read_intersection
 from .settings import load_site_settings
+from .telemetry import SiteTelemetry
 from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INFER, TASK_INIT,
                    TASK_TRAIN, TASK_VALIDATE, TensorMessage, dxo_of, error_reply, selected_step)
 
@@ -88,12 +94,18 @@ class ModalitySiteExecutor(Executor):
         self.encoder_path = encoder_path
         self.checkpoint_dir = checkpoint_dir
         self.party: EncoderParty | None = None
+        self.site_telemetry: SiteTelemetry | None = None
+        self.config: TrainConfig | None = None
         self.images: SiteImages | None = None
         self.wire_dtype = "float32"
         self.last_step = -1
         self.pending_step: int | None = None
         self.run_config: dict = {}
         self.agreed: set[str] | None = None  # the patients every party holds, once the server announced them
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.END_RUN and self.images is not None:
+            self.images.close()  # the prefetch thread ends with the run (inference has no finish task)
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         site = fl_ctx.get_identity_name()
@@ -128,7 +140,8 @@ class ModalitySiteExecutor(Executor):
             self._checkpoint_folder(root, site)
         if self.psi_job_id:
             intersection_path(root, self.psi_job_id, site)
-        self.images = SiteImages(settings["data_dir"], config.size, config.spacing, site=site)
+        self.images = SiteImages(settings["data_dir"], config.size, config.spacing, site=site,
+                                 cache_cases=config.cache_cases)
         if self.psi_job_id:
             self.images.keep(read_intersection(root, self.psi_job_id, site))
         if "modality" in settings and settings["modality"] != self.images.modality:
@@ -141,8 +154,13 @@ class ModalitySiteExecutor(Executor):
         if encoder_path is not None:
             encoder.load_state_dict(load_checkpoint(encoder_path, site=site, field="encoder_path")["encoder"])
             self.log_info(fl_ctx, f"encoder loaded from {encoder_path}")
+        if self.site_telemetry is not None:
+            self.site_telemetry.close()
+        # The site's own figures (its NoPeek term) in its own run folder: nothing of them leaves the site.
+        self.site_telemetry = SiteTelemetry(self._run_dir(fl_ctx)) if config.nopeek_weight > 0 else None
         self.party = EncoderParty(encoder, config.lr, select_device(config.device), site=site,
-                                  nopeek_weight=config.nopeek_weight, seed=config.seed)
+                                  nopeek_weight=config.nopeek_weight, seed=config.seed, amp=config.amp)
+        self.config = config
         self.wire_dtype = request["wire_dtype"]
         self.run_config = {"train": config.to_dict(), "site_index": int(request["site_index"]),
                            "modality": self.images.modality}
@@ -160,11 +178,16 @@ class ModalitySiteExecutor(Executor):
                                                max_elements=self.party.largest_pending)
         self._check_order(task_name, request, fl_ctx, site)
         agreed = self._check_patients(task_name, request, site)
+        inputs = self._inputs_of(task_name, request, site)
+        prefetch = self._check_prefetch(request, agreed, site)
         # Every check above comes before the site changes: a refused message leaves it as it was, so the
         # server's correct retry is accepted. ``backward`` refuses mismatched gradients before it steps.
         if request.tensors:
             self.party.backward(request.tensors)
             self.pending_step = None
+            train_step = request.info.get("gradient_train_step")
+            if self.site_telemetry is not None and isinstance(train_step, int) and not isinstance(train_step, bool):
+                self.site_telemetry.scalar("site/nopeek_loss", self.party.last_nopeek_loss, train_step)
         self.agreed, self.last_step = agreed, request.step
         if "checkpoint" in request.info:
             self._save_checkpoint(request.info["checkpoint"], fl_ctx, site)
@@ -172,17 +195,23 @@ class ModalitySiteExecutor(Executor):
         features = {}
         if task_name == TASK_TRAIN and request.patient_ids:  # no patients: left out of this step (modality dropout)
             self._snapshot(request, fl_ctx)
-            features = self.party.forward(self.images.batch(request.patient_ids))
+            features = self.party.forward(inputs())
             self.pending_step = request.step
         elif task_name in (TASK_VALIDATE, TASK_INFER):
-            features = self.party.infer(self.images.batch(request.patient_ids))
+            features = self.party.infer(inputs())
+        self.images.prefetch(prefetch)  # loaded on a background thread while the server works on this step
         echoed = {k: v for k, v in request.info.items() if k in ("train_step", "train_steps")}
         echoed["cpu_seconds"] = cpu_seconds()  # the server's benchmark figures: CPU per step, peak memory
         if (parent_seconds := process_cpu_seconds(os.getppid())) is not None:  # the process relaying our messages
             echoed.update(parent_pid=os.getppid(), parent_cpu_seconds=parent_seconds)
         if task_name == TASK_FINISH:
+            self.images.close()
             self._save_encoder(fl_ctx)
+            if self.site_telemetry is not None:
+                self.site_telemetry.close()
             echoed["peak_memory_mb"] = peak_memory_mb()
+            if (gpu := gpu_peak_mb(self.party.device)) is not None:
+                echoed["gpu_peak_mb"] = gpu
             save_profile(site)
         if task_name == TASK_INFER:
             echoed["geometry"] = {}
@@ -191,6 +220,40 @@ class ModalitySiteExecutor(Executor):
                 echoed["geometry"][pid] = {"affine": affine.tolist(), "shape": list(shape)}
         reply = TensorMessage(KIND_ACTIVATIONS, request.step, request.patient_ids, features, info=echoed)
         return reply.to_shareable(self.wire_dtype)[0]
+
+    def _inputs_of(self, task_name: str, request: TensorMessage, site: str) -> Callable[[], np.ndarray]:
+        """The checked request for inputs, as a function that reads them: whole volumes ``(B, 1, *grid)``; with
+        patch training the server's patches of a training batch (cut, augmented as the server says, then by the
+        site's own intensity augmentation) or the windows of one patient (``info["windows"]``, for validation and
+        inference: ``(windows, 1, *patch)``)."""
+        config, ids = self.config, request.patient_ids
+        if config.patch_shape is None or not ids:
+            return lambda: self.images.batch(ids)
+        if task_name == TASK_TRAIN:
+            patches = PatchBatch.from_message(request.info.get("patches"), config, len(ids), site=site)
+            train_step = request.info.get("train_step")
+            if not isinstance(train_step, int) or isinstance(train_step, bool):
+                raise ProtocolError(f"must be an integer, got {str(train_step)[:60]}", site=site,
+                                    field="info.train_step")
+
+            def training_patches() -> np.ndarray:
+                cut = patches.cut([self.images.volume(pid) for pid in ids], mode="bilinear")
+                if not config.augment:
+                    return cut
+                index = self.run_config["site_index"]
+                return np.stack([intensity_augment(patch, intensity_seed(config.seed, index, train_step, k))
+                                 for k, patch in enumerate(cut)]).astype(np.float32, copy=False)
+            return training_patches
+        if len(ids) != 1:
+            raise ProtocolError(f"windows are asked for one patient at a time, got {len(ids)}", site=site,
+                                field="patient_ids")
+        windows = request.info.get("windows")
+        if not isinstance(windows, list) or not 1 <= len(windows) <= config.sw_batch_size:
+            raise ProtocolError(f"must be a list of 1 to {config.sw_batch_size} window corners", site=site,
+                                field="info.windows")
+        starts = check_patch_starts(windows, config.grid_shape, config.patch_shape, site=site, field="info.windows")
+        return lambda: np.stack([cut_patch(self.images.volume(ids[0]), start, config.patch_shape)
+                                 for start in starts]).astype(np.float32, copy=False)
 
     def _check_order(self, task_name: str, request: TensorMessage, fl_ctx: FLContext, site: str) -> None:
         """The message fits the exchange so far: a new step, the gradient of the pending activations, no new
@@ -238,6 +301,16 @@ class ModalitySiteExecutor(Executor):
                 raise ProtocolError("patient outside the agreed intersection", site=site, patient=pid,
                                     field="patient_ids")
         return agreed
+
+    def _check_prefetch(self, request: TensorMessage, agreed: set[str] | None, site: str) -> list[str]:
+        """The next batch's patients the server announces (``info["prefetch"]``), under the rule of any request."""
+        ids = check_patient_ids(request.info.get("prefetch", []), site=site, field="info.prefetch",
+                                error=ProtocolError)
+        for pid in ids:
+            if pid not in self.images.patient_ids or agreed is not None and pid not in agreed:
+                raise ProtocolError("prefetch of a patient this site does not answer for", site=site, patient=pid,
+                                    field="info.prefetch")
+        return ids
 
     def _checkpoint_folder(self, root: Path, site: str) -> Path:
         if not self.checkpoint_dir:

@@ -20,24 +20,24 @@ import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 
-from split_unet.data import CONVENTIONS, label_from_regions, label_to_source, read_label, regions, write_nifti
+from split_unet.data import CONVENTIONS, MODALITIES, label_from_regions, label_to_source, read_label, regions, write_nifti
 from split_unet.errors import ProtocolError
 from split_unet.files import write_json
 from split_unet.ids import check_patient_ids
 from split_unet.training import RegionMetrics, chunks, logits_to_masks
 
 from .checkpoint import load_checkpoint
-from .controller import SplitUNetController
 from .names import SEGMENTATIONS
 from .paths import inside
 from .wire import TASK_INFER
+from .workflow import SplitWorkflow
 
 RESULT_FILE = "inference.json"
 MAX_SOURCE_DIM = 2048  # voxels along one axis of a source volume whose geometry a site reports
 
 
-class SplitInferenceController(SplitUNetController):
-    """Inference workflow of the Split-U-Net (arguments as ``SplitUNetController``, plus):
+class SplitInferenceController(SplitWorkflow):
+    """Inference workflow of the Split-U-Net (arguments of ``SplitWorkflow``, plus):
 
     Args:
         decoder_path: the trained decoder (the training job's ``PTFileModelPersistor`` file), relative to the
@@ -46,11 +46,12 @@ class SplitInferenceController(SplitUNetController):
         output_folder: folder in the server's run folder for ``<patient>.nii.gz`` and ``inference.json``.
     """
 
-    # ``*args`` too: NVFlare's Job API then writes the training controller's arguments (``train``, ``sites``, ...)
-    # of an exported job as well (it looks into the base class only for a constructor with both).
     def __init__(self, decoder_path: str, patients: Sequence[str] = (), output_folder: str = SEGMENTATIONS,
-                 *args, **kwargs):
-        super().__init__(*args, **{**kwargs, "persistor_id": ""})  # the decoder comes from decoder_path
+                 sites: Sequence[str] = MODALITIES, train: dict | None = None, wire_dtype: str = "float32",
+                 task_timeout: int = 600, on_site_failure: str = "stop", summary_file: str = "summary.json",
+                 num_threads: int = 0, task_check_period: float = 0.01):
+        super().__init__(sites, train, wire_dtype, task_timeout, on_site_failure, summary_file, num_threads,
+                         task_check_period)
         self.decoder_path = decoder_path
         # Each becomes a file name "<id>.nii.gz": the id rule keeps it in the output folder.
         self.patients = check_patient_ids(patients, site="server", field="patients", error=ProtocolError)
@@ -58,7 +59,7 @@ class SplitInferenceController(SplitUNetController):
 
     def run_workflow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         start = time.perf_counter()
-        common = self._setup(abort_signal, fl_ctx, labels_required=False)
+        common = self.setup(abort_signal, fl_ctx, labels_required=False)
         patient_ids = self.patients or common
         if unknown := sorted(set(patient_ids) - set(common)):
             raise ProtocolError(f"{len(unknown)} requested patients are not held by every site, e.g. {unknown[0]}",
@@ -68,7 +69,7 @@ class SplitInferenceController(SplitUNetController):
         convention = self.labels.convention if self.labels is not None else "msd"
         results, scored = {}, RegionMetrics()
         for batch_ids in chunks(patient_ids, self.config.val_batch_size):
-            logits = self.party.predict(self._round(TASK_INFER, batch_ids, abort_signal, fl_ctx))
+            logits = self.segment(TASK_INFER, batch_ids, abort_signal, fl_ctx)
             masks = logits_to_masks(logits, min_component_voxels=self.config.min_component_voxels)
             for pid, mask in zip(batch_ids, masks):
                 affine, shape = self._geometry(pid)
@@ -79,7 +80,7 @@ class SplitInferenceController(SplitUNetController):
                 if self.labels is not None and pid in self.labels.patient_ids:
                     # The file as written against the source label, both in source space (voxel sizes in mm).
                     truth, _ = read_label(self.labels.path(pid), convention, site="server", patient=pid,
-                                          grid_size=self.config.size)
+                                          grid_size=self.config.grid_shape)
                     if truth.shape != label.shape:
                         raise ProtocolError(f"label shape {truth.shape} differs from the sites' {shape}", site="server",
                                             patient=pid, field=str(self.labels.path(pid)))
@@ -105,8 +106,7 @@ class SplitInferenceController(SplitUNetController):
         """The source affine and shape the sites reported; they must agree (one voxel grid per patient)."""
         reported = {}
         for site in self.sites:
-            geometry = self.reply_info.get(site, {}).get("geometry")
-            entry = geometry.get(patient_id) if isinstance(geometry, dict) else None
+            entry = self.rounds.geometry[site].pop(patient_id, None)
             if not isinstance(entry, dict):
                 raise ProtocolError("no geometry reported", site=site, patient=patient_id, field="info.geometry")
             reported[site] = self._checked_geometry(entry, site, patient_id)
@@ -134,7 +134,7 @@ class SplitInferenceController(SplitUNetController):
                                 field="info.geometry.affine")
         return affine, tuple(shape)
 
-    def _load_decoder(self, decoder: torch.nn.Module, fl_ctx: FLContext) -> None:
+    def load_decoder(self, decoder: torch.nn.Module, fl_ctx: FLContext) -> None:
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
         path = inside(root, self.decoder_path, site="server", field="decoder_path")
         if not path.is_file():

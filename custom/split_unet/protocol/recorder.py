@@ -24,7 +24,7 @@ from .wire import KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage, selected_step
 
 class LeakageRecorder(Filter):
     """Args:
-        max_elements: the largest tensor a training message may carry (``controller.largest_training_tensor``
+        max_elements: the largest tensor a training message may carry (``rounds.largest_training_tensor``
             of the job's ``train`` settings, which ``jobs.build_training`` fills in): the controller's bound, applied
             here too, since this filter decodes a site's message before the controller sees it.
         steps: training steps to record (1-based; -1 = the last one).

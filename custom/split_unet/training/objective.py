@@ -26,6 +26,11 @@ def select_device(preferred: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def gpu_peak_mb(device: torch.device) -> float | None:
+    """Peak GPU memory (MiB) torch allocated on ``device`` so far; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 def amp_active(device: torch.device, enabled: bool) -> bool:
     """Mixed precision runs on CUDA only: on the CPU float16 is slow and would change the numbers."""
     return enabled and device.type == "cuda"

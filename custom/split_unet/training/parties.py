@@ -65,6 +65,7 @@ class EncoderParty:
         self.nopeek_weight = nopeek_weight
         self._generator = torch.Generator().manual_seed(seed)
         self._pending: Features | None = None
+        self.last_nopeek_loss: float | None = None  # the NoPeek term of the last backward pass (unweighted)
         self._pending_images: torch.Tensor | None = None
 
     @property
@@ -127,8 +128,9 @@ class EncoderParty:
             grads.append(self.scaler.scale(grad).to(activation.dtype))
         if self.nopeek_weight > 0:  # the site's own privacy term joins the server's gradient
             features = {level: t.float() for level, t in self._pending.items()}
-            tensors.append(self.nopeek_weight * spatial_nopeek_loss(self._pending_images, features,
-                                                                    generator=self._generator))
+            nopeek = spatial_nopeek_loss(self._pending_images, features, generator=self._generator)
+            self.last_nopeek_loss = float(nopeek.detach())
+            tensors.append(self.nopeek_weight * nopeek)
             grads.append(self.scaler.scale(torch.ones((), device=self.device)))
         self.optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(tensors, grads)
@@ -183,6 +185,10 @@ class DecoderParty:
         scale = self.scaler.get_scale()  # 1.0 without AMP (x / 1.0 == x exactly)
         gradients = [{level: (t.grad.detach() / scale).cpu() for level, t in site_inputs.items()}
                      for site_inputs in inputs]
+        if self.scaler.is_enabled() and not all(torch.isfinite(g).all() for site in gradients for g in site.values()):
+            # The scaled loss overflowed: the decoder skips this step, and the sites get zeros instead of
+            # non-finite gradients (a site without AMP has no scaler to skip them).
+            gradients = [{level: torch.zeros_like(g) for level, g in site.items()} for site in gradients]
         self.scaler.step(self.optimizer)  # unscales; skips the step if the gradients overflowed
         self.scaler.update()
         return total, gradients

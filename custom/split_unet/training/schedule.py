@@ -1,15 +1,22 @@
-"""The training schedule: which patients each step trains on, which input modality dropout leaves out, when to
-validate, and where a resumed run starts. Centralized training and the split-learning server follow the same
-schedule, so both see the same batches and drops step for step."""
+"""The training schedule: which patients each step trains on, which input modality dropout leaves out, which patch
+of each patient it trains on and how it is augmented, when to validate, and where a resumed run starts. Centralized
+training and the split-learning server follow the same schedule, so both see the same batches, drops and patches
+step for step."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from split_unet.errors import ProtocolError
+
+from .augment import spatial_augment
 from .config import TrainConfig
 from .objective import epoch_batches
 from .parties import dropped_input
+from .patches import check_patch_starts, cut_patch, sample_patch_starts, step_seeds
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,46 @@ class Step:
     def progress_point(self) -> bool:
         """About every quarter of an epoch, not at its end (the epoch's own report follows)."""
         return (self.index + 1) % max(1, self.batches_in_epoch // 4) == 0 and self.index + 1 < self.batches_in_epoch
+
+
+@dataclass(frozen=True)
+class PatchBatch:
+    """The patches of one training step: per patient its corner on the grid and, with augmentation, the seed of
+    its spatial augmentation. The server draws it and sends ``message()``; every site rebuilds it with
+    ``from_message`` and cuts the same patches from its own modality."""
+
+    shape: tuple[int, int, int]
+    starts: list[tuple[int, int, int]]
+    seeds: list[int] | None
+
+    def message(self) -> dict:
+        return {"starts": [list(start) for start in self.starts], "seeds": self.seeds}
+
+    @classmethod
+    def from_message(cls, message: object, config: TrainConfig, count: int, *, site: str) -> "PatchBatch":
+        """The checked patches of a training request for ``count`` patients (``ProtocolError`` otherwise)."""
+        if not isinstance(message, Mapping):
+            raise ProtocolError("patch training needs the patches of the batch", site=site, field="info.patches")
+        starts = check_patch_starts(message.get("starts"), config.grid_shape, config.patch_shape, site=site,
+                                    field="info.patches.starts")
+        seeds = message.get("seeds")
+        if config.augment != (seeds is not None) or seeds is not None and not (
+                isinstance(seeds, list) and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**32
+                                                for n in seeds)):
+            raise ProtocolError(f"must be {'a list of seeds' if config.augment else 'None (no augmentation)'}, got "
+                                f"{str(seeds)[:60]}", site=site, field="info.patches.seeds")
+        if len(starts) != count or seeds is not None and len(seeds) != count:
+            raise ProtocolError(f"{len(starts)} patches for {count} patients", site=site, field="info.patches")
+        return cls(config.patch_shape, starts, seeds)
+
+    def cut(self, volumes: Sequence[np.ndarray], mode: str) -> np.ndarray:
+        """``(B, C, *patch)`` float32: each patient's patch of its ``(C, *grid)`` volume, spatially augmented
+        (``mode`` "bilinear" for images, "nearest" for label masks)."""
+        patches = []
+        for k, volume in enumerate(volumes):
+            patch = cut_patch(volume, self.starts[k], self.shape)
+            patches.append(spatial_augment(patch, self.seeds[k], mode) if self.seeds is not None else patch)
+        return np.stack(patches).astype(np.float32, copy=False)
 
 
 class Schedule:
@@ -52,6 +99,25 @@ class Schedule:
             if train_step > done:
                 absent = dropped_input(self.config.modality_dropout, self.num_inputs, self.config.seed, train_step)
                 yield Step(train_step, epoch, index, len(batches), patient_ids, absent)
+
+    def following(self, step: Step) -> list[str]:
+        """The patients of the step after ``step`` (none after the last): loaded while ``step`` runs."""
+        if step.index + 1 < step.batches_in_epoch:
+            return self.batches[step.epoch][step.index + 1]
+        return self.batches[step.epoch + 1][0] if step.epoch + 1 < len(self.batches) else []
+
+    def patches(self, step: Step, tumour: Sequence[np.ndarray] | None = None) -> PatchBatch | None:
+        """The patches of ``step`` (None: whole-volume training), drawn from (seed, step) alone so a resumed run
+        draws the same; ``tumour`` (the "label" sampling only): each patient's whole-tumour mask on the grid."""
+        config = self.config
+        if config.patch_shape is None:
+            return None
+        count = len(step.patient_ids)
+        starts = sample_patch_starts(config.grid_shape, config.patch_shape, config.seed, step.train_step, count,
+                                     labels=tumour if config.patch_sampling == "label" else None,
+                                     positive_fraction=config.patch_positive_fraction)
+        seeds = step_seeds(config.seed, step.train_step, count) if config.augment else None
+        return PatchBatch(config.patch_shape, starts, seeds)
 
     def validates_after(self, epoch: int) -> bool:
         """Validation every ``val_interval`` epochs and after the last."""
