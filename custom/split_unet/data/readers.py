@@ -30,7 +30,7 @@ from monai.utils import convert_to_numpy
 from split_unet.data.regions import CONVENTIONS, MODALITIES, regions
 from split_unet.errors import DataError
 
-__all__ = ["ImageRef", "Case", "GridSize", "find_cases", "check_header", "grid_shape", "max_source_voxels",
+__all__ = ["is_scanner_affine", "ImageRef", "Case", "GridSize", "find_cases", "check_header", "grid_shape", "max_source_voxels",
            "read_header", "read_volume", "read_label", "load_image", "load_label", "load_case", "label_to_source",
            "grid_spacing", "write_nifti"]
 
@@ -172,6 +172,12 @@ MAX_HEAD_VOXELS = 256**3
 DEFLATE_MAX_RATIO = 1032
 
 
+def is_scanner_affine(affine: np.ndarray) -> bool:
+    """A 4x4 voxel-to-scanner matrix a grid can be built from: finite, its 3x3 part invertible."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return affine.shape == (4, 4) and bool(np.isfinite(affine).all()) and np.linalg.matrix_rank(affine[:3, :3]) == 3
+
+
 def grid_shape(size: GridSize) -> tuple[int, int, int]:
     """The grid's three sides: ``size`` repeated for a cube side, else the three sides given (each >= 1)."""
     shape = (size,) * 3 if isinstance(size, (int, np.integer)) else tuple(size)
@@ -218,7 +224,7 @@ def check_header(image: nib.Nifti1Image, path: Path, channel: int | None, max_vo
     elif declared > size:
         raise fail(f"header declares {declared} bytes, but the file has {size}")
     affine = np.asarray(image.affine, dtype=np.float64)
-    if not np.isfinite(affine).all() or np.linalg.matrix_rank(affine[:3, :3]) < 3:
+    if not is_scanner_affine(affine):
         raise fail("affine must be finite and invertible")
 
 

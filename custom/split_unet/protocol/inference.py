@@ -20,7 +20,8 @@ import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 
-from split_unet.data import CONVENTIONS, MODALITIES, label_from_regions, label_to_source, read_label, regions, write_nifti
+from split_unet.data import (CONVENTIONS, MODALITIES, is_scanner_affine, label_from_regions, label_to_source, read_label,
+                             regions, write_nifti)
 from split_unet.errors import ProtocolError
 from split_unet.files import write_json
 from split_unet.ids import check_patient_ids
@@ -129,7 +130,7 @@ class SplitInferenceController(SplitWorkflow):
             affine = np.asarray(entry.get("affine"), dtype=np.float64)
         except (TypeError, ValueError):
             affine = np.zeros(0)
-        if affine.shape != (4, 4) or not np.isfinite(affine).all() or np.linalg.matrix_rank(affine[:3, :3]) < 3:
+        if not is_scanner_affine(affine):
             raise ProtocolError("affine must be a finite, invertible 4x4 matrix", site=site, patient=patient_id,
                                 field="info.geometry.affine")
         return affine, tuple(shape)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from split_unet.data.readers import grid_shape
 from split_unet.networks import NetworkConfig
 
 
@@ -11,13 +12,12 @@ PATCH_SAMPLING = ("uniform", "label")
 
 
 def _shape_setting(name: str, value: object) -> int | tuple[int, int, int]:
-    """A cube side (int) or three sides (a JSON list), each a positive integer."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if (isinstance(value, (list, tuple)) and len(value) == 3
-            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)):
-        return tuple(value)
-    raise ValueError(f"{name} must be a positive integer or three of them, got {value!r}")
+    """A cube side (int) or three sides (a JSON list, kept as a tuple), each a positive integer."""
+    try:
+        grid_shape(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive integer or three of them, got {value!r}") from None
+    return value if isinstance(value, int) else tuple(value)
 
 
 @dataclass
@@ -85,14 +85,12 @@ class TrainConfig:
     @property
     def grid_shape(self) -> tuple[int, int, int]:
         """The common grid's three sides (voxels)."""
-        return (self.size,) * 3 if isinstance(self.size, int) else self.size
+        return grid_shape(self.size)
 
     @property
     def patch_shape(self) -> tuple[int, int, int] | None:
         """The training patch's three sides, or None for whole-volume training."""
-        if self.patch_size is None:
-            return None
-        return (self.patch_size,) * 3 if isinstance(self.patch_size, int) else self.patch_size
+        return None if self.patch_size is None else grid_shape(self.patch_size)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
