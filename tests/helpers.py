@@ -10,6 +10,7 @@ import sysconfig
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -17,6 +18,7 @@ from nvflare.apis.signal import Signal
 
 from split_unet.data import generate_dataset, partition_dataset
 from split_unet.protocol.executor import ModalitySiteExecutor
+from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE
 from split_unet.protocol.settings import SETTINGS_FILE
 from split_unet.protocol.wire import ERROR_HEADER, KIND_GRADIENTS, KIND_INIT, TASK_INIT, TensorMessage
 from split_unet.training import TrainConfig
@@ -138,3 +140,26 @@ def time_limit(seconds: int, what: str):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def assert_federated_step_equals(reference, simulator_dir: Path, sites) -> None:
+    """The weights every party of a simulator run saved equal ``reference`` (a ``SplitUNet`` after the same optimiser
+    step) to 1e-5 wherever a weight's gradient is at least 1e-7, and those are at least 90 % of the weights.
+
+    Adam's first step moves a weight by lr * g / (|g| + eps), eps = 1e-8. A relative rounding error r in g (another
+    summation order across processes) changes that by at most lr * r * eps / |g|: for |g| >= 1e-7 = 10 eps and
+    r <= 1e-2 that is <= 1e-5, but where |g| is near eps the move can change by up to 2 * lr. So the exact
+    comparison is made where |g| >= 1e-7, and they must be most weights, so the check cannot pass on a few."""
+    parts = [(reference.encoders[k], torch.load(simulator_dir / site / "simulate_job" / ENCODER_FILE,
+                                                weights_only=True)["encoder"], site) for k, site in enumerate(sites)]
+    parts.append((reference.decoder, torch.load(next(simulator_dir.joinpath("server").rglob(DECODER_FILE)),
+                                                weights_only=True)["model"], "decoder"))
+    compared = total = 0
+    for module, saved, where in parts:
+        for name, parameter in module.named_parameters():
+            sensitive = parameter.grad.abs() >= 1e-7
+            difference = (torch.as_tensor(saved[name]) - parameter.detach()).abs()
+            assert torch.all(difference[sensitive] <= 1e-5), (where, name, difference[sensitive].max())
+            compared += int(sensitive.sum())
+            total += parameter.numel()
+    assert compared >= 0.9 * total, f"only {compared} of {total} weights had a gradient >= 1e-7"

@@ -24,7 +24,7 @@ def test_train_step_then_gradient_updates_the_encoder_and_saves_it(site, tmp_pat
     reply = send_task(executor, fl_ctx, TASK_FINISH, 2, [], gradients, tensor_step=1)
     assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK
     assert any(not torch.equal(a, b) for a, b in zip(before, executor.party.encoder.parameters()))
-    saved = torch.load(tmp_path / "job1" / ENCODER_FILE, weights_only=False)
+    saved = torch.load(tmp_path / "job1" / ENCODER_FILE, weights_only=True)
     assert saved["modality"] == "flair" and saved["step"] == 2
 
 
