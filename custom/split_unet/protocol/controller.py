@@ -158,12 +158,14 @@ class SplitUNetController(SplitWorkflow):
         # The next batch's patients: every party loads them while this step runs.
         following = schedule.following(step)
         info = {"train_step": step.train_step, "train_steps": schedule.total_steps, "prefetch": following}
-        labels = self.labels.batch(step.patient_ids)
         self.labels.prefetch(following)
-        patches = schedule.patches(step, labels[:, 0] if self.config.patch_sampling == "label" else None)
-        if patches is not None:
+        if self.config.patch_shape is None:
+            labels = self.labels.batch(step.patient_ids)
+        else:  # cut from the cached uint8 masks: no float32 copy of whole volumes
+            volumes = [self.labels.volume(pid) for pid in step.patient_ids]
+            patches = schedule.patches(step, [v[0] for v in volumes] if self.config.patch_sampling == "label" else None)
             info["patches"] = patches.message()
-            labels = patches.cut(labels, mode="nearest")
+            labels = patches.cut(volumes, mode="nearest")
         absent = None if step.absent is None else self.sites[step.absent]
         features = self.rounds.exchange(TASK_TRAIN, step.patient_ids, abort_signal, fl_ctx, info=info, absent=absent)
         round_done = time.perf_counter()

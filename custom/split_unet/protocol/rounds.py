@@ -28,7 +28,8 @@ from split_unet.ids import check_patient_ids
 from split_unet.training import TrainConfig, present_inputs
 
 from .codecs import CODECS
-from .wire import KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_INIT, TASK_TRAIN, TensorMessage, dxo_of, read_activations
+from .wire import (KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_INIT, TASK_TRAIN, TensorMessage, dxo_of,
+                   read_activations)
 
 Features = dict[int, torch.Tensor]
 
@@ -53,7 +54,7 @@ def _shown(value: object) -> str:
 
 def check_site_report(info: Mapping, site: str) -> dict:
     """What the server keeps of the ``info`` a site sends about its own process: CPU seconds and peak memory,
-    each a finite number within ``REPORT_BOUNDS``, and (inference) the volumes' geometry, checked where used."""
+    each a finite number within ``REPORT_BOUNDS`` (the geometry a site reports at inference is ``SiteRounds``')."""
     report = {}
     for key, bound in REPORT_BOUNDS.items():
         if key in info:
@@ -61,8 +62,6 @@ def check_site_report(info: Mapping, site: str) -> dict:
                 raise ProtocolError(f"must be a number in [0, {bound:g}], got {_shown(info[key])}", site=site,
                                     field=f"info.{key}")
             report[key] = float(info[key])
-    if "geometry" in info:
-        report["geometry"] = info["geometry"]
     return report
 
 
@@ -228,7 +227,7 @@ class SiteRounds:
             expected = activation_shapes(self.config, batch or len(ids), spatial) if ids else {}
             message = read_activations(replies[site], site=site, step=self.step, patient_ids=ids, expected=expected)
             self.reply_info[site] = check_site_report(message.info, site)
-            geometry = self.reply_info[site].pop("geometry", None)
+            geometry = message.info.get("geometry")
             if geometry is not None:  # inference: each patient's source geometry, kept until the server used it
                 if not isinstance(geometry, dict) or set(geometry) - set(ids):
                     raise ProtocolError("must map the requested patients to their geometry", site=site,
