@@ -8,6 +8,7 @@ import torch
 from helpers import TINY_NETWORK, error_of, init_site, send_task
 from nvflare.apis.fl_constant import ReturnCode
 
+from split_unet.errors import ProtocolError
 from split_unet.protocol.wire import KIND_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE, TensorMessage
 from split_unet.training import TrainConfig
 from split_unet.training.schedule import PatchBatch, Schedule
@@ -69,6 +70,17 @@ def test_the_site_cuts_the_servers_patches_as_the_schedule_does(patch_site):
     for level, tensor in expected.items():
         # forward (training mode) and infer (evaluation mode) agree: instance norm has no running statistics
         assert torch.allclose(features[level], tensor, atol=1e-6), level
+
+
+@pytest.mark.parametrize("message, error", [
+    ({"starts": [[0, 0, 0]], "seeds": [1, 2]}, "1 patch corners for 2 patients"),
+    ({"starts": [[0, 0, 0], [0, 0, 0]], "seeds": [1]}, "1 augmentation seeds for 2 patients"),
+])
+def test_a_patch_batch_must_cover_every_patient(message, error):
+    """One corner and one seed per patient of the batch: a short list is refused, naming the field."""
+    config = TrainConfig(**{**CONFIG.__dict__, "augment": True})
+    with pytest.raises(ProtocolError, match=error):
+        PatchBatch.from_message(message, config, 2, site="flair")
 
 
 @pytest.mark.parametrize("ids, windows, field", [

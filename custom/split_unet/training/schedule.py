@@ -55,15 +55,16 @@ class PatchBatch:
         if not isinstance(message, Mapping):
             raise ProtocolError("patch training needs the patches of the batch", site=site, field="info.patches")
         starts = check_patch_starts(message.get("starts"), config.grid_shape, config.patch_shape, site=site,
-                                    field="info.patches.starts")
+                                    field="info.patches.starts", count=count)
         seeds = message.get("seeds")
         if config.augment != (seeds is not None) or seeds is not None and not (
                 isinstance(seeds, list) and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**32
                                                 for n in seeds)):
             raise ProtocolError(f"must be {'a list of seeds' if config.augment else 'None (no augmentation)'}, got "
                                 f"{str(seeds)[:60]}", site=site, field="info.patches.seeds")
-        if len(starts) != count or seeds is not None and len(seeds) != count:
-            raise ProtocolError(f"{len(starts)} patches for {count} patients", site=site, field="info.patches")
+        if seeds is not None and len(seeds) != count:
+            raise ProtocolError(f"{len(seeds)} augmentation seeds for {count} patients", site=site,
+                                field="info.patches.seeds")
         return cls(config.patch_shape, starts, seeds)
 
     def cut(self, volumes: Sequence[np.ndarray], mode: str) -> np.ndarray:
