@@ -3,11 +3,12 @@
 The first training step's activations depend only on the site's encoder at that step: its initial weights,
 changed only by the site's own privacy warm-up (``TrainConfig.privacy_warmup_steps``). This script builds
 that encoder as the job does (``build_encoder``, the site's index, seed 0), warms it up on the site's own
-patients, releases two patients' activations (through ``ActivationClipNoise`` where configured) and runs the
-white-box inversion (the strongest image attack, the encoder's weights known) on them, scored against the
-population prior (the atlas of 16 other patients of the site), as ``split-unet leakage`` scores it.
+patients, releases two patients' activations (through ``ActivationClipNoise`` where configured) and runs an
+image attack on them: the white-box inversion (the encoder's weights known) or the learned decoder (query access,
+trained on the 16 auxiliary patients), scored against the population prior (the atlas of those 16 patients of
+the site), as ``split-unet leakage`` scores it.
 
-    python benchmarks/privacy_step_one.py --sites data/phantom64/sites --out runs/step_one.json
+    python benchmarks/privacy_step_one.py --sites data/phantom64/sites --out runs/step_one.json --attack whitebox
 
 The server's gradient plays no part before the first release, so step 1 is the same at every training budget.
 """
@@ -23,7 +24,7 @@ import torch
 
 from split_unet.data import SiteImages
 from split_unet.filters import ActivationClipNoise
-from split_unet.leakage.attacks import whitebox_inversion
+from split_unet.leakage.attacks import learned_inversion, train_inversion_decoder, whitebox_inversion
 from split_unet.leakage.metrics import prior_relative_similarity
 from split_unet.networks import NetworkConfig, build_encoder, build_inversion_decoder
 from split_unet.studies.leakage import DEFAULT_ITERATIONS, MAX_AUX_IMAGES
@@ -37,6 +38,13 @@ CONFIGURATIONS = {
                                               "privacy_warmup_steps": 24},
     "no full-res + adversarial 1.0 + warm-up 24": {"network": {"levels": [1, 2, 3]}, "adversarial_weight": 1.0,
                                                    "privacy_warmup_steps": 24},
+    "no full-res + NoPeek 1.0 + adversarial 1.0 + warm-up 24": {"network": {"levels": [1, 2, 3]},
+                                                                 "nopeek_weight": 1.0, "adversarial_weight": 1.0,
+                                                                 "privacy_warmup_steps": 24},
+    "no full-res + NoPeek 1.0 + warm-up 96": {"network": {"levels": [1, 2, 3]}, "nopeek_weight": 1.0,
+                                              "privacy_warmup_steps": 96},
+    "no full-res + NoPeek 1.0 + warm-up 192": {"network": {"levels": [1, 2, 3]}, "nopeek_weight": 1.0,
+                                               "privacy_warmup_steps": 192},
     "all levels + level-0 noise x3 + NoPeek 1.0 + warm-up 24": {"nopeek_weight": 1.0, "privacy_warmup_steps": 24,
                                                                 "level0_noise": LEVEL0_NOISE},
 }
@@ -71,6 +79,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--modalities", default="flair")
     parser.add_argument("--configurations", default="", help="comma-separated names (default: all)")
+    parser.add_argument("--attack", default="whitebox", choices=("whitebox", "learned"))
     args = parser.parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
@@ -82,17 +91,22 @@ def main() -> None:
         atlas = mean_image(images.batch([pid]) for pid in aux)
         truth = torch.as_tensor(images.batch(victims))
         for name in names:
-            if name in results.get(modality, {}):
+            if name in results.get(modality, {}).get(args.attack, {}):
                 continue
             start = time.time()
             encoder, activations = first_release(CONFIGURATIONS[name], images, modality, victims, train_ids)
-            reconstruction = whitebox_inversion(encoder, activations, truth.shape[2:],
-                                                iterations=DEFAULT_ITERATIONS["whitebox"])
+            if args.attack == "whitebox":
+                reconstruction = whitebox_inversion(encoder, activations, truth.shape[2:],
+                                                    iterations=DEFAULT_ITERATIONS["whitebox"])
+            else:
+                decoder = train_inversion_decoder(encoder, torch.as_tensor(images.batch(aux)), sorted(activations),
+                                                  iterations=DEFAULT_ITERATIONS["learned"])
+                reconstruction = learned_inversion(decoder, activations)
             scores = prior_relative_similarity(reconstruction, truth, atlas)
             scores["seconds"] = round(time.time() - start)
-            results.setdefault(modality, {})[name] = scores
+            results.setdefault(modality, {}).setdefault(args.attack, {})[name] = scores
             out.write_text(json.dumps(results, indent=2))
-            print(modality, name, {k: round(v, 3) for k, v in scores.items()
+            print(modality, args.attack, name, {k: round(v, 3) for k, v in scores.items()
                                    if k in ("ssim", "prior_ssim", "excess_ssim", "residual_ssim", "seconds")},
                   flush=True)
 
