@@ -59,9 +59,10 @@ class NetworkConfig:
                     num_res_units=self.num_res_units, norm=self.norm, act=self.act, dropout=self.dropout)
 
 
-def part_seed(seed: int, part: int) -> int:
-    """Independent, stable seed for one part (0 = decoder, k + 1 = encoder k)."""
-    return int(np.random.SeedSequence([seed, part]).generate_state(1)[0])
+def part_seed(seed: int, part: int, *stream: int) -> int:
+    """Independent, stable seed for one part (0 = decoder, k + 1 = encoder k); ``stream``: a further part
+    belonging to that one (encoder k's own inversion decoder: ``(k + 1, 1)``)."""
+    return int(np.random.SeedSequence([seed, part, *stream]).generate_state(1)[0])
 
 
 def build_encoder(config: NetworkConfig, index: int, seed: int, in_channels: int = 1) -> ModalityEncoder:
@@ -76,6 +77,18 @@ def build_decoder(config: NetworkConfig, num_inputs: int, seed: int) -> FusionDe
         torch.manual_seed(part_seed(seed, 0))
         return FusionDecoder(config.spatial_dims, num_inputs, out_channels=config.out_channels,
                              fusion=config.fusion, **config.layer_args())
+
+
+def build_inversion_decoder(config: NetworkConfig, index: int, seed: int, in_channels: int = 1) -> FusionDecoder:
+    """Site ``index``'s own inversion decoder: sent features ``{level: (B, channels[level], *S_level)}`` -> the site's
+    images (B, in_channels, *S).
+
+    The layout of the server's decoder with one input and the image as output: the learned inversion attack
+    uses the same layout, so the site trains against the decoder an attacker would train.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(part_seed(seed, index + 1, 1))
+        return FusionDecoder(config.spatial_dims, 1, out_channels=in_channels, fusion="mean", **config.layer_args())
 
 
 def build_split_unet(config: NetworkConfig, in_channels: Sequence[int], seed: int) -> SplitUNet:

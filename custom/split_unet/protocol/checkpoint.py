@@ -22,7 +22,8 @@ SERVER_CHECKPOINT = "server.pt"
 SITE_CHECKPOINTS_KEPT = 2
 # Settings a resumed run must share with the run that wrote its checkpoint (epochs may grow).
 RESUME_KEYS = ("batch_size", "lr", "seed", "size", "spacing", "val_fraction", "nopeek_weight", "modality_dropout",
-               "patch_size", "patch_sampling", "patch_positive_fraction", "augment", "network")
+               "adversarial_weight", "privacy_warmup_steps", "patch_size", "patch_sampling", "patch_positive_fraction",
+               "augment", "network")
 
 
 def site_checkpoint(folder: str | Path, train_step: int) -> Path:

@@ -23,9 +23,10 @@ from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.files import save_atomically
 from split_unet.ids import check_patient_ids
 from split_unet.leakage.record import snapshot_path
-from split_unet.networks import build_encoder
+from split_unet.networks import build_encoder, build_inversion_decoder
 from split_unet.profiling import cpu_seconds, peak_memory_mb, process_cpu_seconds, save_profile, start_profile
-from split_unet.training import EncoderParty, TrainConfig, gpu_peak_mb, select_device
+from split_unet.training import (EncoderParty, InversionAdversary, TrainConfig, chunks, gpu_peak_mb, mean_image,
+                                 select_device, warmup_batches)
 from split_unet.training.augment import intensity_augment, intensity_seed
 from split_unet.training.patches import check_patch_starts, cut_patch
 from split_unet.training.schedule import PatchBatch
@@ -156,10 +157,18 @@ class ModalitySiteExecutor(Executor):
             self.log_info(fl_ctx, f"encoder loaded from {encoder_path}")
         if self.site_telemetry is not None:
             self.site_telemetry.close()
-        # The site's own figures (its NoPeek term) in its own run folder: nothing of them leaves the site.
-        self.site_telemetry = SiteTelemetry(self._run_dir(fl_ctx)) if config.nopeek_weight > 0 else None
-        self.party = EncoderParty(encoder, config.lr, select_device(config.device), site=site,
-                                  nopeek_weight=config.nopeek_weight, seed=config.seed, amp=config.amp)
+        # The site's own figures (its privacy terms) in its own run folder: nothing of them leaves the site.
+        private_terms = config.nopeek_weight > 0 or config.adversarial_weight > 0
+        self.site_telemetry = SiteTelemetry(self._run_dir(fl_ctx)) if private_terms else None
+        device = select_device(config.device)
+        adversary = None
+        if config.adversarial_weight > 0:  # the site's own inversion decoder, steered to the site's mean image
+            atlas = mean_image(self.images.batch(ids) for ids in chunks(self.images.patient_ids, config.batch_size))
+            adversary = InversionAdversary(build_inversion_decoder(config.network, int(request["site_index"]),
+                                                                   config.seed), atlas, config.lr, device)
+        self.party = EncoderParty(encoder, config.lr, device, site=site, nopeek_weight=config.nopeek_weight,
+                                  seed=config.seed, amp=config.amp, adversary=adversary,
+                                  adversarial_weight=config.adversarial_weight)
         self.config = config
         self.wire_dtype = request["wire_dtype"]
         self.run_config = {"train": config.to_dict(), "site_index": int(request["site_index"]),
@@ -187,13 +196,15 @@ class ModalitySiteExecutor(Executor):
             self.pending_step = None
             train_step = request.info.get("gradient_train_step")
             if self.site_telemetry is not None and isinstance(train_step, int) and not isinstance(train_step, bool):
-                self.site_telemetry.scalar("site/nopeek_loss", self.party.last_nopeek_loss, train_step)
+                self._log_privacy_terms(train_step)
         self.agreed, self.last_step = agreed, request.step
         if "checkpoint" in request.info:
             self._save_checkpoint(request.info["checkpoint"], fl_ctx, site)
 
         features = {}
         if task_name == TASK_TRAIN and request.patient_ids:  # no patients: left out of this step (modality dropout)
+            if self.config.privacy_warmup_steps and not self.party.warmed_up:  # before the first release
+                self._warm_up(agreed, fl_ctx)
             self._snapshot(request, fl_ctx)
             features = self.party.forward(inputs())
             self.pending_step = request.step
@@ -220,6 +231,25 @@ class ModalitySiteExecutor(Executor):
                 echoed["geometry"][pid] = {"affine": affine.tolist(), "shape": list(shape)}
         reply = TensorMessage(KIND_ACTIVATIONS, request.step, request.patient_ids, features, info=echoed)
         return reply.to_shareable(self.wire_dtype)[0]
+
+    def _warm_up(self, agreed: set[str] | None, fl_ctx: FLContext) -> None:
+        """The privacy warm-up on whole volumes of the patients this site answers for; nothing is sent."""
+        config = self.config
+        batches = warmup_batches(agreed if agreed is not None else self.images.patient_ids, config.batch_size,
+                                 config.privacy_warmup_steps, config.seed)
+        steps = self.party.warm_up(self.images.batch(ids) for ids in batches)
+        self.log_info(fl_ctx, f"privacy warm-up: {steps} local steps before the first release")
+        if self.site_telemetry is not None:
+            self._log_privacy_terms(0)
+
+    def _log_privacy_terms(self, train_step: int) -> None:
+        adversary = self.party.adversary
+        for tag, value in (("site/nopeek_loss", self.party.last_nopeek_loss),
+                           ("site/adversarial_loss", self.party.last_adversarial_loss),
+                           ("site/adversary_reconstruction_mse",
+                            None if adversary is None else adversary.last_reconstruction_loss)):
+            if value is not None:
+                self.site_telemetry.scalar(tag, value, train_step)
 
     def _inputs_of(self, task_name: str, request: TensorMessage, site: str) -> Callable[[], np.ndarray]:
         """The checked request for inputs, as a function that reads them: whole volumes ``(B, 1, *grid)``; with

@@ -53,6 +53,11 @@ class TrainConfig:
     amp: bool = True
     device: str | None = None
     nopeek_weight: float = 0.0  # sites' NoPeek distance-correlation penalty (0 = off)
+    # Sites' adversarial training against their own inversion decoder (``training.adversarial``; 0 = off): the
+    # weight of the encoder's term pulling that decoder's reconstruction to the site's mean image.
+    adversarial_weight: float = 0.0
+    # Local steps on the sites' privacy terms (NoPeek, adversarial) before the first activations leave a site.
+    privacy_warmup_steps: int = 0
     modality_dropout: float = 0.0  # probability that one site, drawn per step, is left out of a training step
     # The server's decoder runs each training batch in this many parts and accumulates their gradients before
     # its one optimiser step: less server memory, the same step (the loss is a mean over patients).
@@ -79,6 +84,13 @@ class TrainConfig:
             raise ValueError("sw_batch_size must be at least 1 and cache_cases at least 0")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
+        if self.nopeek_weight < 0 or self.adversarial_weight < 0 or self.privacy_warmup_steps < 0:
+            raise ValueError("nopeek_weight, adversarial_weight and privacy_warmup_steps must not be negative")
+        if self.privacy_warmup_steps and not (self.nopeek_weight or self.adversarial_weight):
+            raise ValueError("privacy_warmup_steps needs a privacy term to warm up: nopeek_weight or adversarial_weight")
+        if (self.adversarial_weight or self.privacy_warmup_steps) and self.patch_size is not None:
+            # The adversary's target is the site's mean whole volume and the warm-up draws whole volumes.
+            raise ValueError("adversarial_weight and privacy_warmup_steps need whole-volume training (patch_size None)")
         if not 1 <= self.micro_batches <= self.batch_size:
             raise ValueError(f"micro_batches must be in [1, batch_size={self.batch_size}], got {self.micro_batches}")
 

@@ -22,6 +22,7 @@ import torch
 from split_unet.errors import ProtocolError
 from split_unet.networks import FusionDecoder, ModalityEncoder
 
+from .adversarial import InversionAdversary
 from .nopeek import spatial_nopeek_loss
 from .objective import autocast, grad_scaler, segmentation_loss
 
@@ -55,7 +56,8 @@ class EncoderParty:
     """A site's encoder, its optimiser and the activations waiting for their gradient."""
 
     def __init__(self, encoder: ModalityEncoder, lr: float, device: torch.device, site: str | None = None,
-                 nopeek_weight: float = 0.0, seed: int = 0, amp: bool = False):
+                 nopeek_weight: float = 0.0, seed: int = 0, amp: bool = False,
+                 adversary: InversionAdversary | None = None, adversarial_weight: float = 0.0):
         self.encoder = encoder.to(device)
         self.optimizer = make_optimizer(self.encoder.parameters(), lr)
         self.device = device
@@ -67,6 +69,12 @@ class EncoderParty:
         self._pending: Features | None = None
         self.last_nopeek_loss: float | None = None  # the NoPeek term of the last backward pass (unweighted)
         self._pending_images: torch.Tensor | None = None
+        if adversarial_weight > 0 and adversary is None:
+            raise ValueError("adversarial_weight > 0 needs an adversary (the site's inversion decoder)")
+        self.adversary = adversary
+        self.adversarial_weight = adversarial_weight
+        self.last_adversarial_loss: float | None = None  # the encoder's term against the adversary (unweighted)
+        self.warmed_up = False  # the local privacy warm-up ran (``warm_up``)
 
     @property
     def awaiting_gradient(self) -> bool:
@@ -94,14 +102,63 @@ class EncoderParty:
         if self._pending is not None:
             raise ProtocolError("cannot checkpoint while activations await their gradient", site=self.site,
                                 field="checkpoint")
+        adversary = {"adversary": self.adversary.state_dict()} if self.adversary is not None else {}
         return {"encoder": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self._generator.get_state(), **_scaler_state(self.scaler)}
+                "generator": self._generator.get_state(), "warmed_up": self.warmed_up, **adversary,
+                **_scaler_state(self.scaler)}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.encoder.load_state_dict(state["encoder"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._generator.set_state(state["generator"])
+        self.warmed_up = bool(state.get("warmed_up", False))
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state["adversary"])
         _load_scaler_state(self.scaler, state)
+
+    def warm_up(self, batches: Iterable[np.ndarray | torch.Tensor]) -> int:
+        """Local steps on the site's privacy terms alone, before the first activations leave the site.
+
+        batches: (B, C, *S) image batches of the site's own patients. The server's gradient is not involved,
+        nothing is sent: the first release already comes from an encoder trained against inversion.
+        Returns the number of steps taken.
+        """
+        if self._pending is not None:
+            raise ProtocolError("warm-up while activations await their gradient", site=self.site, field="warm_up")
+        if self.nopeek_weight <= 0 and self.adversarial_weight <= 0:
+            raise ValueError("a privacy warm-up needs nopeek_weight or adversarial_weight above 0")
+        steps = 0
+        for images in batches:
+            self.encoder.train()
+            inputs = torch.as_tensor(images, device=self.device)
+            with autocast(self.device, self.amp):
+                features = self.encoder(inputs)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(torch.stack(self._privacy_terms(features, inputs)).sum()).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            steps += 1
+        self.warmed_up = True
+        return steps
+
+    def _privacy_terms(self, features: Features, images: torch.Tensor) -> list[torch.Tensor]:
+        """The site's own weighted privacy losses on ``features`` (with their graph) of ``images`` (B, C, *S).
+
+        The adversary first takes its step on these very features (detached), then the encoder's term is
+        computed against the updated adversary.
+        """
+        features = {level: t.float() for level, t in features.items()}
+        terms = []
+        if self.nopeek_weight > 0:
+            nopeek = spatial_nopeek_loss(images, features, generator=self._generator)
+            self.last_nopeek_loss = float(nopeek.detach())
+            terms.append(self.nopeek_weight * nopeek)
+        if self.adversarial_weight > 0:
+            self.adversary.fit(features, images)
+            adversarial = self.adversary.encoder_loss(features)
+            self.last_adversarial_loss = float(adversarial.detach())
+            terms.append(self.adversarial_weight * adversarial)
+        return terms
 
     @torch.no_grad()
     def infer(self, images: np.ndarray | torch.Tensor) -> Features:
@@ -126,11 +183,8 @@ class EncoderParty:
                                     f"{tuple(activation.shape)}", site=self.site, field=f"gradient[{level}]")
             tensors.append(activation)
             grads.append(self.scaler.scale(grad).to(activation.dtype))
-        if self.nopeek_weight > 0:  # the site's own privacy term joins the server's gradient
-            features = {level: t.float() for level, t in self._pending.items()}
-            nopeek = spatial_nopeek_loss(self._pending_images, features, generator=self._generator)
-            self.last_nopeek_loss = float(nopeek.detach())
-            tensors.append(self.nopeek_weight * nopeek)
+        if terms := self._privacy_terms(self._pending, self._pending_images):  # join the server's gradient
+            tensors.append(torch.stack(terms).sum())
             grads.append(self.scaler.scale(torch.ones((), device=self.device)))
         self.optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(tensors, grads)
