@@ -48,3 +48,32 @@ def test_bench_hands_the_connection_choice_and_job_timeout_to_the_federation(tmp
         args = cli.build_parser().parse_args(["bench", "--out", str(tmp_path), "--modes", "poc", *extra])
         assert args.func(args) == 0
     assert [(c.direct_job_connections, c.job_timeout) for c in configs] == [(True, 600.0), (False, 1500.0)]
+
+
+def test_a_poc_stop_that_times_out_kills_the_federation_without_hiding_the_runs_error(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+
+    from split_unet.launch import poc
+
+    federation = PocFederation(tmp_path / "federation", tmp_path / "sites")
+    federation._group = 4242  # as if `poc start` had launched process group 4242
+    killed = []
+
+    def slow_stop(*args, **kwargs):
+        raise subprocess.TimeoutExpired(cmd="nvflare poc stop", timeout=kwargs["timeout"])
+
+    def killpg(group, sig):
+        if sig == 0 and killed:
+            raise ProcessLookupError  # gone once killed
+        if sig == signal.SIGKILL:
+            killed.append(group)
+
+    monkeypatch.setattr(federation, "nvflare", slow_stop)
+    monkeypatch.setattr(poc.os, "killpg", killpg)
+    with pytest.raises(RuntimeError, match="the run's own error"):
+        try:
+            raise RuntimeError("the run's own error")
+        finally:
+            federation.stop(timeout=0.1)
+    assert killed == [4242] and federation._group is None
