@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from split_unet.benchmark import federation_figures
+from split_unet.launch.benchmark import federation_figures
 
 
 def rows(label: str, path: Path) -> list[str]:

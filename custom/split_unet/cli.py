@@ -111,6 +111,7 @@ def cmd_bench(args) -> int:
                          wire_dtype=args.wire_dtype, micro_batches=args.micro_batches,
                          decoder_checkpointing=args.decoder_checkpointing,
                          task_request_interval=args.task_request_interval,
+                         direct_job_connections=not args.relayed, job_timeout=args.job_timeout,
                          device=args.device, comm=json.loads(args.comm) if args.comm else {})
     results = bench(args.out, config, args.modes.split(","), args.data_root)
     print()
@@ -314,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decoder-checkpointing", action="store_true", help="decoder activation checkpointing")
     bench.add_argument("--task-request-interval", type=float, default=0.05,
                        help="seconds a site waits before asking again when the server has no task for it")
+    bench.add_argument("--job-timeout", type=float, default=600.0,
+                       help="seconds a POC job may take before its mode counts as failed (a busy machine needs more)")
+    bench.add_argument("--relayed", action="store_true",
+                       help="POC: the server's parent process relays the job's messages (NVFlare's default) instead "
+                            "of the sites' job processes connecting to the server's directly")
     bench.add_argument("--comm", help='NVFlare comm settings as JSON, e.g. \'{"streaming_chunk_size": 8388608}\'')
     bench.add_argument("--device")
     bench.add_argument("--data-root", help="where phantom data sets are made and reused (default OUT/data)")

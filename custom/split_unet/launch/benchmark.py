@@ -54,6 +54,7 @@ class BenchConfig:
     micro_batches: int = 1
     decoder_checkpointing: bool = False
     task_request_interval: float = 0.05
+    direct_job_connections: bool = True  # POC: see PocFederation
     seed: int = 0
     device: str | None = None
     job_timeout: float = 600.0  # seconds a POC job may take before its mode counts as failed
@@ -168,7 +169,8 @@ def run_in_poc(sites_dir: Path, workspace: Path, job: TrainingJob, site_configs:
     with socket.socket() as probe:  # a free port on loopback for this federation's server
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    federation = PocFederation(workspace / "federation", sites_dir, site_configs, job.sites, port=port)
+    federation = PocFederation(workspace / "federation", sites_dir, site_configs, job.sites, port=port,
+                               direct_job_connections=config.direct_job_connections)
     report: dict = {}
     with federation:
         federation.prepare()
