@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY_NETWORK, TINY_SIZE, init_site, make_dataset, time_limit
 
+from split_unet.defence import UNDEFENDED_SCOPE
 from split_unet.jobs import training_settings
 from split_unet.launch.simulation import run_simulation
 from split_unet.training import TrainConfig
@@ -32,7 +33,7 @@ def trained_tiny(tiny_data, tmp_path_factory, project_root) -> tuple[Path, dict]
     _, sites = tiny_data
     workspace = tmp_path_factory.mktemp("trained") / "ws"
     job = training_settings({"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 3, "val_interval": 3},
-                            record_steps=[1, -1])
+                            record_steps=[1, -1], scope=UNDEFENDED_SCOPE)  # a study of the protocol: every level sent
     summary = run_simulation(sites, workspace, job, site_configs=project_root / "site_configs", progress=None)
     return workspace, summary
 

@@ -4,6 +4,7 @@ after a refusal, and a hostile header allocates no more than 100 MB. The simulat
 without ``--privacy``) is in ``test_hostile_jobs_simulator.py``."""
 
 import gzip
+import importlib
 import json
 import math
 import re
@@ -13,6 +14,7 @@ import sys
 import textwrap
 import time
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +23,7 @@ import psutil
 import pytest
 import torch
 from helpers import TINY_NETWORK, TINY_SIZE, error_of, party_context, send_task
-from nvflare.apis.dxo import DXO
+from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
@@ -32,9 +34,10 @@ from split_unet.data import SiteImages, partition_dataset, readers
 from split_unet.data.check import check_sites
 from split_unet.errors import DataError, ProtocolError
 from split_unet.filters import ActivationClipNoise
+from split_unet.jobs import TrainingJob
 from split_unet.networks import build_decoder
 from split_unet.protocol.controller import SplitUNetController
-from split_unet.protocol.rounds import activation_shapes
+from split_unet.protocol.rounds import activation_shapes, refuse_blocked_levels
 from split_unet.protocol.executor import ModalitySiteExecutor, check_privacy_scope
 from split_unet.protocol.inference import SplitInferenceController
 from split_unet.protocol.recorder import LeakageRecorder
@@ -430,6 +433,57 @@ def test_a_named_scope_at_a_site_without_a_policy_is_refused():
         check_privacy_scope(FLContext(), "flair")  # a job that names no scope runs under the site's default
     finally:
         PrivacyService.manager = previous
+
+
+def _default_scope_filters(project_root: Path, site: str) -> tuple[list, list]:
+    """(task data filters, task result filters) of a shipped site's default scope, built from its privacy.json as
+    NVFlare builds them (class path and arguments)."""
+    policy = json.loads((project_root / "site_configs" / site / "local" / "privacy.json").read_text())
+    scope = next(scope for scope in policy["scopes"] if scope["name"] == policy["default_scope"])
+
+    def build(spec):
+        module, _, name = spec["path"].rpartition(".")
+        return getattr(importlib.import_module(module), name)(**spec["args"])
+    return [build(s) for s in scope["task_data_filters"]], [build(s) for s in scope["task_result_filters"]]
+
+
+def _through(filters, payload, fl_ctx):
+    for filter_ in filters:
+        payload = filter_.process(payload, fl_ctx)
+    return payload
+
+
+@pytest.mark.parametrize("site", ["flair", "t1w", "t1gd", "t2w"])
+def test_the_shipped_job_passes_the_default_scope_and_a_hostile_job_cannot_weaken_it(project_root, site):
+    data_filters, result_filters = _default_scope_filters(project_root, site)
+    fl_ctx = party_context(Path("unused"), identity=site)
+
+    def init(train: TrainConfig):
+        request = DXO(KIND_INIT, data={"train": train.to_dict(), "site_index": 0, "wire_dtype": "float16"})
+        return _through(data_filters, request.to_shareable(), fl_ctx)
+
+    def declared_blocked_levels():
+        info = _through(result_filters, DXO(KIND_SITE_INFO, data={"patient_ids": ["P1"]}).to_shareable(), fl_ctx)
+        return from_shareable(info).data.get("blocked_levels", [])
+
+    shipped = TrainingJob().train
+    assert from_shareable(init(shipped)).data["train"] == shipped.to_dict()  # passes unchanged
+    refuse_blocked_levels(site, declared_blocked_levels(), shipped.network.sent_levels)
+    # A job that switches the site's training defence off, or leaves it out, is refused at the site, by name.
+    for hostile in (replace(shipped, nopeek_weight=0.0), replace(shipped, nopeek_weight=float("nan"))):
+        with pytest.raises(ProtocolError, match=rf"site '{site}', field 'train.nopeek_weight'.*requires nopeek_weight"):
+            init(hostile)
+    omitted = DXO(KIND_INIT, data={"train": {k: v for k, v in shipped.to_dict().items() if k != "nopeek_weight"}})
+    with pytest.raises(ProtocolError, match="requires nopeek_weight >= 1"):
+        _through(data_filters, omitted.to_shareable(), fl_ctx)
+    # A job whose network sends the full-resolution level is refused at start naming the site (the server's check
+    # of what the site declared); whatever the server does, the level never leaves the site.
+    all_levels = replace(shipped, network=replace(shipped.network, levels=None))
+    with pytest.raises(ProtocolError, match=rf"site '{site}'.*blocks levels \[0\]"):
+        refuse_blocked_levels(site, declared_blocked_levels(), all_levels.network.sent_levels)
+    sent = TensorMessage(KIND_ACTIVATIONS, 1, ["P1"], {0: torch.ones(1, 4, 8, 8, 8), 1: torch.ones(1, 8, 4, 4, 4)})
+    received = _through(result_filters, sent.to_shareable("float32")[0], fl_ctx)
+    assert sorted(TensorMessage.from_shareable(received, KIND_ACTIVATIONS, site=site).tensors) == [1]
 
 
 def test_the_simulator_applies_the_sites_own_policy_and_refuses_sites_that_differ(project_root, tmp_path):

@@ -1,9 +1,10 @@
-"""Hostile-job rows that need the NVFlare simulator (issue 13): a job naming the sites' "clinical" scope
-without ``--privacy`` runs under each site's own policy, and a hung site under ``on_site_failure=continue`` does
-not hold ``simulate`` once the job has ended."""
+"""Hostile-job rows that need the NVFlare simulator (issues 13, 14): without ``--privacy`` the sites apply their
+own policy, whose default scope runs the shipped (defended) job and refuses a job that asks for the level it blocks,
+naming the site; a hung site under ``on_site_failure=continue`` does not hold ``simulate`` once the job has ended."""
 
 import contextlib
 import os
+import re
 import signal
 import time
 
@@ -11,7 +12,6 @@ import psutil
 import pytest
 from helpers import TINY_NETWORK, TINY_SIZE
 
-from split_unet.data import MODALITIES
 from split_unet.jobs import training_settings
 from split_unet.launch.simulation import run_simulation
 
@@ -38,12 +38,12 @@ def test_scope_without_privacy_file_and_a_hung_site(project_root, tiny_data, tmp
         if line.startswith("summary written"):
             events["summary_at"] = time.monotonic()
 
-    # Level 0 is blocked by the sites' clinical scope, so the job sends levels 1 and 2 only.
-    # The task timeout leaves the sites time to start and read their data on a busy machine (init counts too).
-    train = {"size": TINY_SIZE, "network": {**TINY_NETWORK, "levels": [1, 2]}, "epochs": 1, "val_fraction": 0.25}
+    # The shipped job's defence on the tiny network (levels 1 and 2, NoPeek, gradient noise), under the sites'
+    # default scope. The task timeout leaves the sites time to start and read their data on a busy machine (init
+    # counts too).
+    train = {"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "val_fraction": 0.25}
     try:
-        job = training_settings(train, scope="clinical",
-                                controller_args={"task_timeout": 60, "on_site_failure": "continue"})
+        job = training_settings(train, controller_args={"task_timeout": 60, "on_site_failure": "continue"})
         summary = run_simulation(sites, tmp_path / "ws", job, site_configs=project_root / "site_configs",
                                  progress=progress, grace_seconds=GRACE_S)
         returned_at = time.monotonic()
@@ -57,9 +57,18 @@ def test_scope_without_privacy_file_and_a_hung_site(project_root, tiny_data, tmp
     assert returned_at - events["summary_at"] < GRACE_S + 60, returned_at - events["summary_at"]
     assert not psutil.pid_exists(events["hung"]) or psutil.Process(events["hung"]).status() == psutil.STATUS_ZOMBIE
     assert "stopped it and the processes it started" in (tmp_path / "ws" / "simulator.log").read_text()
-    # Without --privacy, each site applied its own clinical scope: noise with an epsilon the server recomputed.
-    answered = [site for site in MODALITIES if site != "t2w"]
-    assert sorted(summary["privacy"]) == sorted(answered)
-    for site in answered:
-        entry = summary["privacy"][site]
-        assert 0 < entry["epsilon"] < float("inf") and entry["noise_multiplier"] == 0.004
+    # The shipped job passed the sites' default scope (its TrainingRequirements and LevelBlocking).
+    config = summary["config"]
+    assert config["scope"] is None and config["network"]["levels"] == [1, 2] and config["nopeek_weight"] == 1.0
+
+
+def test_the_sites_default_scope_refuses_a_job_asking_for_the_level_it_blocks(project_root, tiny_data, tmp_path,
+                                                                             hard_limit):
+    _, sites = tiny_data
+    train = {"size": TINY_SIZE, "network": {**TINY_NETWORK, "levels": [0, 1, 2]}, "epochs": 1}
+    summary = run_simulation(sites, tmp_path / "ws", training_settings(train, controller_args={"task_timeout": 60}),
+                             site_configs=project_root / "site_configs", progress=None)
+    assert "error" in summary
+    log = (tmp_path / "ws" / "simulator.log").read_text()
+    assert re.search(r"site '(flair|t1w|t1gd|t2w)', field 'network.levels': the site's policy blocks levels \[0\]",
+                     log), summary["error"]

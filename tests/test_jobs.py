@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from split_unet.jobs import InferenceJob, PsiJob, export, export_repository_jobs, job_sites, training_settings
+from split_unet.defence import DEFENCE, DEFENDED_SCOPE, UNDEFENDED_SCOPE
+from split_unet.jobs import (InferenceJob, PsiJob, TrainingJob, export, export_repository_jobs, job_sites,
+                             native_settings, training_settings)
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE
 from split_unet.protocol.wire import TASK_INFER, TASK_INIT, TASK_TRAIN
 from split_unet.site_configs import write_site_configs
@@ -39,6 +41,41 @@ def test_each_job_file_name_is_spelled_once_in_the_package(project_root):
     sources = [p.read_text() for p in (project_root / "custom" / "split_unet").rglob("*.py")]
     for name in (ENCODER_FILE, DECODER_FILE):
         assert sum(len(re.findall(re.escape(f'"{name}"'), text)) for text in sources) == 1, name
+
+
+def test_the_shipped_job_and_sites_carry_the_one_defence(project_root):
+    # The job: the levels the defence lets leave the sites, its training settings, the server's gradient filters.
+    for job in (TrainingJob(), training_settings(), training_settings(scope=DEFENDED_SCOPE)):
+        assert job.train.network.sent_levels == (1, 2, 3) == tuple(DEFENCE.sent_levels(4))
+        assert all(getattr(job.train, key) == value for key, value in DEFENCE.site_training.items())
+        assert job.server_filters == list(DEFENCE.server_filters) and DEFENCE.server_filters
+    shipped = project_root / "jobs" / "split_unet"
+    assert "scope" not in json.loads((shipped / "meta.json").read_text())  # the sites' default scope
+    server = config(shipped, "app_server")
+    assert server["workflows"][0]["args"]["train"] == TrainingJob().train.to_dict()
+    (gradient_filter,) = server["task_data_filters"][0]["filters"]
+    assert gradient_filter["path"].endswith("GradientProtection") and gradient_filter["args"]["noise_multiplier"] == 10
+    assert native_settings().train.network.sent_levels == (1, 2, 3)
+    # Every shipped site enforces the site's part in its default scope; "undefended" is an explicit opt-in.
+    for site in ("flair", "t1w", "t1gd", "t2w"):
+        policy = json.loads((project_root / "site_configs" / site / "local" / "privacy.json").read_text())
+        scopes = {scope["name"]: scope for scope in policy["scopes"]}
+        assert policy["default_scope"] == DEFENDED_SCOPE and set(scopes) == {DEFENDED_SCOPE, UNDEFENDED_SCOPE}
+        defended = scopes[DEFENDED_SCOPE]
+        assert {"path": "split_unet.filters.LevelBlocking", "args": {"blocked_levels": [0]}} in \
+            defended["task_result_filters"]
+        assert defended["task_data_filters"] == [{"path": "split_unet.filters.TrainingRequirements",
+                                                  "args": {"minimum": {"nopeek_weight": 1.0}}}]
+        assert scopes[UNDEFENDED_SCOPE]["task_data_filters"] == scopes[UNDEFENDED_SCOPE]["task_result_filters"] == []
+
+
+def test_a_job_for_the_undefended_scope_is_undefended_and_explicit_settings_win():
+    plain = training_settings({"network": {"channels": [4, 8, 16]}}, scope=UNDEFENDED_SCOPE)
+    assert plain.train.network.levels is None and plain.train.nopeek_weight == 0 and plain.server_filters == []
+    # The defence fills in only what a job leaves open: levels for the network's own depth, unless named.
+    assert training_settings({"network": {"channels": [4, 8, 16]}}).train.network.levels == (1, 2)
+    asked = training_settings({"network": {"levels": [0, 1, 2, 3]}, "nopeek_weight": 0.0}, server_filters=[])
+    assert asked.train.network.levels == (0, 1, 2, 3) and asked.train.nopeek_weight == 0 and asked.server_filters == []
 
 
 def test_training_job_settings_land_in_the_configs(tmp_path):

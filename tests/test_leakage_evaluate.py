@@ -1,6 +1,7 @@
 """evaluate_leakage on a hand-made simulator workspace: record, encoder snapshots and summary."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from helpers import make_dataset
 from split_unet.data import SiteImages, SiteLabels
 from split_unet.errors import DataError
 from split_unet.studies.leakage import evaluate_leakage
-from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, snapshot_path
+from split_unet.leakage.record import RECORD_FOLDER, SNAPSHOT_FOLDER, RecordedExchange, snapshot_path
 from split_unet.networks import NetworkConfig, build_decoder, build_encoder
 from split_unet.training import DecoderParty, EncoderParty
 
@@ -65,7 +66,7 @@ def test_evaluate_writes_results_and_figures_for_every_attack(recorded, tmp_path
     assert entry["dice_wt"] == entry["per_level"][str(entry["level"])]["dice_wt"]
     assert entry["dice_wt"] > entry["random_dice_wt"]
 
-    for attack in ("whitebox", "unsplit", "learned"):
+    for attack in ("whitebox", "unsplit", "learned", "surrogate"):
         results = evaluate_leakage(workspace, data, attack, steps=[2], max_patients=1, iterations=2, out_dir=tmp_path)
         entry = results["t1gd"]["2"]
         assert entry["patients"] == 1 and entry["levels"] == [0, 2] and entry["iterations"] == 2
@@ -76,7 +77,7 @@ def test_evaluate_writes_results_and_figures_for_every_attack(recorded, tmp_path
         assert {"residual_ssim", "residual_nmi", "tumour_ssim", "excess_tumour_ssim"} <= set(entry)
 
     saved = json.loads((tmp_path / "leakage.json").read_text())
-    assert set(saved["attacks"]) == {"labels", "whitebox", "unsplit", "learned"}
+    assert set(saved["attacks"]) == {"labels", "whitebox", "unsplit", "learned", "surrogate"}
     assert saved["attacks"]["labels"] == labels
     for attack in saved["attacks"]:
         assert (tmp_path / f"leakage_{attack}.png").stat().st_size > 0
@@ -103,3 +104,22 @@ def test_evaluate_refuses_bad_requests(recorded, tmp_path):
             evaluate_leakage(workspace, data, "whitebox", steps=[1], iterations=1, out_dir=tmp_path)
     finally:
         hidden.rename(snapshot)
+
+
+def test_the_surrogate_attack_needs_no_encoder_of_the_site(recorded, tmp_path):
+    workspace, data = recorded
+    # The record and the data only: every site's encoder snapshots gone.
+    copy = tmp_path / "workspace"
+    shutil.copytree(workspace, copy, ignore=shutil.ignore_patterns(SNAPSHOT_FOLDER))
+    assert list((copy / "simulator" / "server").rglob("*.pt")) and not list(copy.rglob(SNAPSHOT_FOLDER))
+    results = evaluate_leakage(copy, data, "surrogate", steps=[1], max_patients=1, iterations=2, out_dir=tmp_path)
+    assert set(results) == set(SITES) and "residual_ssim" in results["flair"]["1"]
+    with pytest.raises(DataError, match="no encoder snapshot"):  # the attacks that do use it cannot run
+        evaluate_leakage(copy, data, "learned", steps=[1], max_patients=1, iterations=1, out_dir=tmp_path)
+
+
+def test_the_command_line_offers_every_attack():
+    from split_unet.cli import LEAKAGE_ATTACKS
+    from split_unet.studies.leakage import ATTACKS
+
+    assert LEAKAGE_ATTACKS == ATTACKS

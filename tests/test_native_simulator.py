@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from split_unet.data import REGION_NAMES, generate_release, partition_dataset, regions
+from split_unet.defence import UNDEFENDED_SCOPE
 from split_unet.jobs import training_settings
 from split_unet.launch.inference import infer_in_simulator
 from split_unet.launch.simulation import run_simulation
@@ -27,7 +28,7 @@ def test_brats2023_at_native_resolution_trains_segments_and_scores_in_source_spa
     release = generate_release(tmp_path / "brats2023", "brats2023", 3, seed=0, size=32)
     sites = tmp_path / "sites"
     partition_dataset(release, sites, progress=False)
-    summary = run_simulation(sites, tmp_path / "train", training_settings(TRAIN),
+    summary = run_simulation(sites, tmp_path / "train", training_settings(TRAIN, scope=UNDEFENDED_SCOPE),
                              site_configs=project_root / "site_configs", progress=None)
     assert "error" not in summary, summary.get("error")
     assert summary["steps"] == 1 and set(summary["dice"]) == {"WT", "TC", "ET", "mean"}

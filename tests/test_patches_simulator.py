@@ -12,6 +12,7 @@ from monai.inferers import sliding_window_inference
 
 from split_unet.data import MODALITIES as SITES
 from split_unet.data import find_cases, load_case, load_label, split_patients
+from split_unet.defence import UNDEFENDED_SCOPE
 from split_unet.jobs import training_settings
 from split_unet.launch.inference import infer_in_simulator
 from split_unet.launch.simulation import run_simulation
@@ -34,7 +35,7 @@ TRAIN = {"size": GRID, "patch_size": 16, "augment": True, "sw_batch_size": 3, "s
 def patch_run(project_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("patches")
     msd, sites = make_dataset(root / "data", patients=3)
-    summary = run_simulation(sites, root / "ws", training_settings(TRAIN, wire_dtype="float32"),
+    summary = run_simulation(sites, root / "ws", training_settings(TRAIN, wire_dtype="float32", scope=UNDEFENDED_SCOPE),
                              site_configs=project_root / "site_configs", progress=None)
     return root, msd, sites, summary
 

@@ -19,6 +19,7 @@ import torch
 from split_unet.launch.poc import PocFederation
 from split_unet.protocol.checkpoint import SERVER_CHECKPOINT, site_checkpoint
 from split_unet.files import load_json
+from split_unet.defence import UNDEFENDED_SCOPE
 from split_unet.jobs import export, training_settings
 from split_unet.launch.simulation import run_simulation
 
@@ -91,7 +92,9 @@ def story() -> dict:
 
 def job(poc_root: Path, name: str, **controller) -> Path:
     # Each party keeps its checkpoints in its own workspace (a job may name no other folder).
-    settings = training_settings(TRAIN, controller_args={
+    # Undefended: the shipped defence's gradient noise is drawn afresh in every run, and resuming must end exactly as
+    # the uninterrupted run.
+    settings = training_settings(TRAIN, scope=UNDEFENDED_SCOPE, controller_args={
         "checkpoint_dir": f"checkpoints/{name}", "checkpoint_interval": CHECKPOINT_INTERVAL,
         "task_timeout": TASK_TIMEOUT, **controller}, executor_args={"checkpoint_dir": f"checkpoints/{name}"})
     return export(settings, poc_root / "jobs" / name)
@@ -143,7 +146,7 @@ def test_resuming_again_ends_as_the_uninterrupted_run(federation, poc_root, site
                                                       hard_limit):
     after(story, "server killed")
     # The uninterrupted run, in the simulator (which POC reproduces to ~1e-7, test_poc).
-    reference = run_simulation(sites_dir, poc_root / "reference", training_settings(TRAIN),
+    reference = run_simulation(sites_dir, poc_root / "reference", training_settings(TRAIN, scope=UNDEFENDED_SCOPE),
                                site_configs=project_root / "site_configs", progress=None)
     assert reference["steps"] == TRAIN_STEPS
     started = time.monotonic()

@@ -11,6 +11,7 @@ from split_unet.data import MODALITIES as SITES
 from split_unet.data import find_cases, load_case, split_patients
 from split_unet.leakage.record import load_record, snapshot_path
 from split_unet.networks import NetworkConfig, build_split_unet
+from split_unet.defence import UNDEFENDED_SCOPE
 from split_unet.jobs import training_settings
 from split_unet.launch.simulation import run_simulation
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE
@@ -61,7 +62,8 @@ def test_one_step_equals_centralized_split_unet(project_root, tmp_path):
     msd, sites = make_dataset(tmp_path / "data", patients=3)
     train = {"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "batch_size": 2, "val_fraction": 0.34,
              "lr": 0.01, "seed": 5}
-    summary = run_simulation(sites, tmp_path / "ws", training_settings(train, wire_dtype="float32"),
+    summary = run_simulation(sites, tmp_path / "ws",
+                             training_settings(train, wire_dtype="float32", scope=UNDEFENDED_SCOPE),
                              site_configs=project_root / "site_configs", progress=None)
     assert "error" not in summary, summary.get("error")
     assert summary["steps"] == 1
@@ -102,11 +104,13 @@ def test_modality_dropout_and_resume_equal_an_uninterrupted_run(project_root, tm
     # Each party's checkpoints lie in its own workspace, whose "persistent" folder outlives the simulator run.
     checkpoints = {"executor_args": {"checkpoint_dir": "persistent/checkpoints"},
                    "controller_args": {"checkpoint_dir": "persistent/checkpoints", "checkpoint_interval": 2}}
-    whole = run_simulation(sites, tmp_path / "whole", training_settings(train, record_steps=[1, 2, 3, 4]), **run)
-    first = run_simulation(sites, tmp_path / "first", training_settings({**train, "epochs": 1}, **checkpoints),
+    whole = run_simulation(sites, tmp_path / "whole", training_settings(train, record_steps=[1, 2, 3, 4],
+                                                                           scope=UNDEFENDED_SCOPE), **run)
+    first = run_simulation(sites, tmp_path / "first", training_settings({**train, "epochs": 1}, scope=UNDEFENDED_SCOPE,
+                                                                          **checkpoints),
                            persistent=tmp_path / "state", **run)
     checkpoints["controller_args"]["resume"] = True
-    second = run_simulation(sites, tmp_path / "second", training_settings(train, **checkpoints),
+    second = run_simulation(sites, tmp_path / "second", training_settings(train, scope=UNDEFENDED_SCOPE, **checkpoints),
                             persistent=tmp_path / "state", **run)
     for summary in (whole, first, second):
         assert "error" not in summary, summary.get("error")
@@ -136,7 +140,7 @@ def test_corrupt_file_at_a_site_stops_the_job_naming_site_patient_file(project_r
     victim = broken / "t1gd" / "images" / "BRATS_003.nii.gz"
     victim.write_bytes(victim.read_bytes()[:200])
     summary = run_simulation(broken, tmp_path / "ws", training_settings({"size": TINY_SIZE, "network": TINY_NETWORK,
-                                                                       "epochs": 1}),
+                                                                       "epochs": 1}, scope=UNDEFENDED_SCOPE),
                              site_configs=project_root / "site_configs", progress=None)
     error = summary["error"]
     assert "t1gd" in error and "BRATS_003" in error and "BRATS_003.nii.gz" in error
@@ -149,7 +153,7 @@ def test_missing_site_data_is_a_clear_error(project_root, tiny_data, tmp_path):
     shutil.copytree(sites, broken)
     shutil.rmtree(broken / "t2w")
     summary = run_simulation(broken, tmp_path / "ws", training_settings({"size": TINY_SIZE, "network": TINY_NETWORK,
-                                                                       "epochs": 1}),
+                                                                       "epochs": 1}, scope=UNDEFENDED_SCOPE),
                              site_configs=project_root / "site_configs", progress=None)
     assert "t2w" in summary["error"] and "datalist" in summary["error"]
 

@@ -10,6 +10,12 @@ from pathlib import Path
 from split_unet.errors import SplitUNetError
 from split_unet.launch.options import add_grid_options, add_train_options, train_overrides
 
+# ``studies.leakage.ATTACKS`` (a test keeps them equal): named here so that building the parser imports no torch.
+LEAKAGE_ATTACKS = ("whitebox", "unsplit", "learned", "surrogate", "labels")
+SCOPE_HELP = ("the sites' privacy scope the job asks for (meta.json scope). Default: the sites' default scope, "
+              "'clinical', whose defence (split_unet.defence) the job then carries; 'undefended': no defence, for "
+              "phantoms and studies only")
+
 
 def _print_result(name: str, summary: dict) -> None:
     from split_unet.reports import dice_table
@@ -283,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--wire-dtype", choices=("float32", "float16"))
     simulate.add_argument("--privacy", help="a privacy.json installed as every site's local privacy policy "
                                             "(default: the sites' own, site_configs/<site>/local/privacy.json)")
-    simulate.add_argument("--scope", help="the privacy scope the job asks for (meta.json scope)")
+    simulate.add_argument("--scope", help=SCOPE_HELP)
     simulate.add_argument("--record-steps", help="leakage evaluation: training steps to record, e.g. 1,-1 "
                                                  "(-1 = last); sites keep encoder snapshots of them")
     add_train_options(simulate)
@@ -335,8 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "from activations, tumour masks from gradients")
     leakage.add_argument("--workspace", required=True, help="a split-unet simulate workspace with a record")
     leakage.add_argument("--sites", required=True, help="the partitioned data the run used (true images)")
-    leakage.add_argument("--attack", nargs="+", choices=("whitebox", "unsplit", "learned", "labels"),
-                         default=["whitebox", "unsplit", "learned", "labels"])
+    leakage.add_argument("--attack", nargs="+", choices=LEAKAGE_ATTACKS, default=list(LEAKAGE_ATTACKS))
     leakage.add_argument("--steps", help="recorded training steps to attack (default: every recorded step)")
     leakage.add_argument("--patients", type=int, default=2, help="patients attacked per recorded batch")
     leakage.add_argument("--iterations", type=int, help="optimisation budget per attack")
@@ -357,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     poc.add_argument("--no-psi", action="store_true", help="no PSI job: train on all common patients")
     poc.add_argument("--site-configs", help="default: the package's")
     poc.add_argument("--port", type=int, help="server port (default: the project file's)")
+    poc.add_argument("--scope", help=SCOPE_HELP)
     poc.add_argument("--with-code", action="store_true", help="jobs carry the split_unet package (BYOC)")
     poc.add_argument("--job-timeout", type=float, default=1800, help="seconds to wait for each job (default 1800)")
     add_train_options(poc)
@@ -382,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = job_commands.add_parser("export", help="write the PSI and training jobs to OUT/split_unet_psi and "
                                                     "OUT/split_unet (the repository's jobs/ holds the defaults)")
     export.add_argument("--out", required=True)
-    export.add_argument("--scope", help="the privacy scope the training job asks for (meta.json scope)")
+    export.add_argument("--scope", help=SCOPE_HELP)
     export.add_argument("--psi-job-id", help="train on the intersection this PSI job found")
     export.add_argument("--wire-dtype", choices=("float32", "float16"))
     export.add_argument("--with-code", action="store_true", help="the jobs carry the split_unet package (BYOC)")

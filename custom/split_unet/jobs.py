@@ -16,6 +16,7 @@ lists are skipped).
 from __future__ import annotations
 
 import importlib
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,9 @@ from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 
 from split_unet.data import MODALITIES
+from split_unet.defence import DEFENCE, Defence, job_defence
 from split_unet.errors import DataError
+from split_unet.files import load_json
 from split_unet.protocol.controller import SplitUNetController
 from split_unet.protocol.rounds import largest_training_tensor
 from split_unet.protocol.executor import ModalitySiteExecutor
@@ -67,7 +70,9 @@ ACTIVATION_TASKS = [TASK_TRAIN, TASK_VALIDATE]
 
 @dataclass
 class TrainingJob:
-    """The split-learning job.
+    """The split-learning job; its defaults are the shipped job, defended by ``defence.DEFENCE`` (network and
+    training settings here, the server's gradient filters; the sites enforce their part in their default scope).
+    ``training_settings`` builds one for other settings and scopes.
 
     Args:
         sites: client names in encoder order (site k runs encoder k; the job deploys to exactly these).
@@ -81,21 +86,21 @@ class TrainingJob:
             sites keep encoder snapshots of these training steps (-1: the last). Empty in production.
         site_filters: NVFlare filter configs (``{"path", "args"}``) on the activations the sites send.
         server_filters: NVFlare filter configs on the gradients the server sends.
-        scope: the sites' privacy scope the job asks for (``meta.json``).
+        scope: the sites' privacy scope the job asks for (``meta.json``; None: the sites' default, defended).
         task_request_interval: seconds a site waits before asking again when the server has no task for it.
         with_code: the job carries the ``split_unet`` package (see the module docstring).
         name: the job's name (its folder).
     """
 
     sites: list[str] = field(default_factory=lambda: list(MODALITIES))
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: train_config({}))
     wire_dtype: str = "float16"
     controller_args: dict = field(default_factory=dict)
     executor_args: dict = field(default_factory=dict)
     psi_job_id: str = ""
     record_steps: list[int] = field(default_factory=list)
     site_filters: list[dict] = field(default_factory=list)
-    server_filters: list[dict] = field(default_factory=list)
+    server_filters: list[dict] = field(default_factory=lambda: list(DEFENCE.server_filters))
     scope: str | None = None
     task_request_interval: float = TASK_REQUEST_INTERVAL
     with_code: bool = False
@@ -130,22 +135,35 @@ class PsiJob:
     name: str = PSI_JOB
 
 
-def training_settings(train: dict | None = None, **settings) -> TrainingJob:
+def training_settings(train: dict | None = None, defence: Defence | None = None, **settings) -> TrainingJob:
     """A ``TrainingJob`` whose ``train`` is ``TrainConfig`` with ``train`` overrides (``network`` merged key by
-    key, as the command-line options give it)."""
-    return TrainingJob(train=train_config(train or {}), **settings)
+    key, as the command-line options give it), under ``defence`` (default: as its ``scope`` asks,
+    ``defence.job_defence``: the shipped defence unless the job asks for the undefended scope); ``settings``
+    (e.g. ``server_filters``) win over the defence's."""
+    return _defended_job(train or {}, None, defence, settings)
 
 
-def native_settings(train: dict | None = None, **settings) -> TrainingJob:
+def native_settings(train: dict | None = None, defence: Defence | None = None, **settings) -> TrainingJob:
     """The native job (``NATIVE_TRAIN``) with ``train`` overrides, as ``training_settings``."""
-    return TrainingJob(train=train_config(train or {}, NATIVE_TRAIN), **{"name": NATIVE_JOB, **settings})
+    return _defended_job(train or {}, NATIVE_TRAIN, defence, {"name": NATIVE_JOB, **settings})
 
 
-def train_config(overrides: dict, base: dict | None = None) -> TrainConfig:
-    """``TrainConfig()`` (with ``base`` applied first) with these fields replaced; ``network`` merged key by key."""
+def _defended_job(train: dict, base: dict | None, defence: Defence | None, settings: dict) -> TrainingJob:
+    defence = defence or job_defence(settings.get("scope"))
+    return TrainingJob(train=train_config(train, base, defence),
+                       **{"server_filters": list(defence.server_filters), **settings})
+
+
+def train_config(overrides: dict, base: dict | None = None, defence: Defence = DEFENCE) -> TrainConfig:
+    """``TrainConfig()`` with ``defence``'s training settings, then ``base``, then ``overrides`` applied; ``network``
+    merged key by key. Unless ``base`` or ``overrides`` name the network's levels, it sends those ``defence``
+    lets leave the sites."""
     values = TrainConfig().to_dict()
-    for key, value in [*(base or {}).items(), *overrides.items()]:
+    for key, value in [*defence.site_training.items(), *(base or {}).items(), *overrides.items()]:
         values[key] = {**values["network"], **value} if key == "network" else value
+    named_levels = any("levels" in settings.get("network", {}) for settings in (base or {}, overrides))
+    if defence.blocked_levels and not named_levels:
+        values["network"]["levels"] = defence.sent_levels(len(values["network"]["channels"]))
     return TrainConfig.from_dict(values)
 
 
@@ -214,12 +232,24 @@ def export(settings: TrainingJob | InferenceJob | PsiJob, job_root: str | Path) 
     job_root = Path(job_root).resolve()
     job.export_job(str(job_root))
     folder = job_root / job.name
+    _sort_filter_tasks(folder)
     with_code = settings.training.with_code if isinstance(settings, InferenceJob) else settings.with_code
     if with_code:
         # The whole package, not only the modules the job names: those import the rest.
         for app in folder.glob("app_*"):
             shutil.copytree(PACKAGE, app / "custom" / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__"))
     return folder
+
+
+def _sort_filter_tasks(folder: Path) -> None:
+    """Sort the task names of every filter chain in the job's configs. NVFlare's Job API keeps them in a set, so
+    their order changed between processes (string hashing is salted per process) and the same job exported
+    differently; NVFlare reads them as a set."""
+    for path in folder.glob("app_*/config/config_fed_*.json"):
+        app_config = load_json(path)
+        for chain in (*app_config.get("task_data_filters", []), *app_config.get("task_result_filters", [])):
+            chain["tasks"] = sorted(chain["tasks"])
+        path.write_text(json.dumps(app_config, indent=4))
 
 
 def export_all(job_root: str | Path, training: TrainingJob | None = None, psi: PsiJob | None = None) -> list[Path]:
@@ -235,8 +265,6 @@ def export_repository_jobs(job_root: str | Path) -> list[Path]:
 
 def job_sites(job_dir: str | Path) -> list[str]:
     """The client sites a job folder deploys to (its ``meta.json``)."""
-    from split_unet.files import load_json
-
     meta_path = Path(job_dir) / "meta.json"
     if not meta_path.is_file():
         raise DataError("not an NVFlare job folder (no meta.json)", field=str(job_dir))

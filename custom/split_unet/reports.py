@@ -41,7 +41,7 @@ def dice_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-LEAKAGE_METRICS = {"whitebox": "ssim", "unsplit": "ssim", "learned": "ssim", "labels": "dice_wt"}
+LEAKAGE_METRICS = {"whitebox": "ssim", "unsplit": "ssim", "learned": "ssim", "surrogate": "ssim", "labels": "dice_wt"}
 
 
 def leakage_table(runs: dict[str, dict]) -> str:

@@ -3,8 +3,9 @@ command finds them wherever it runs. The repository's ``site_configs/`` is what 
 (a test keeps them equal), beside the production project file ``site_configs/project.yml``.
 
 Each modality site gets ``split_unet_site.json`` (its modality and data folder) and ``privacy.json`` (its
-privacy policy: scope ``public`` without filters, scope ``clinical`` that blocks the full-resolution level and
-clips and noises the rest); the server gets its data folder.
+privacy policy: the default scope ``clinical`` enforces the site's part of the shipped defence,
+``defence.DEFENCE``, whatever a job asks; the scope ``undefended`` has no filters and is an explicit opt-in for
+phantoms and studies only); the server gets its data folder.
 """
 
 from __future__ import annotations
@@ -13,21 +14,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from split_unet.data import MODALITIES, SERVER_SITE
+from split_unet.defence import DEFENCE, DEFENDED_SCOPE, UNDEFENDED, UNDEFENDED_SCOPE
 from split_unet.files import write_json
 from split_unet.protocol.settings import ENV_SITES, SETTINGS_FILE
 
 PRIVACY_FILE = "privacy.json"
 PRIVACY_POLICY = {
     "scopes": [
-        {"name": "public", "properties": {"data": "public or synthetic images"},
-         "task_data_filters": [], "task_result_filters": []},
-        {"name": "clinical", "properties": {"data": "patient images"}, "task_data_filters": [],
-         "task_result_filters": [
-             {"path": "split_unet.filters.LevelBlocking", "args": {"blocked_levels": [0]}},
-             {"path": "split_unet.filters.ActivationClipNoise", "args": {"clip_norm": 250.0, "noise_multiplier": 0.004}},
-         ]},
+        DEFENCE.site_scope(DEFENDED_SCOPE, {"data": "patient images", "defence": DEFENCE.name}),
+        UNDEFENDED.site_scope(UNDEFENDED_SCOPE, {"data": "phantoms and studies only: no patient images"}),
     ],
-    "default_scope": "public",
+    "default_scope": DEFENDED_SCOPE,
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from nvflare.apis.dxo import DXO
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.server_engine_spec import ServerEngineSpec
 from nvflare.apis.shareable import Shareable
 
 from split_unet.protocol.wire import TensorMessage
@@ -45,3 +46,14 @@ class TensorMessageFilter(DXOFilter):
     def transform(self, message: TensorMessage, fl_ctx: FLContext) -> TensorMessage | None:
         """Return the changed message, or None to pass the original on unchanged."""
         raise NotImplementedError
+
+
+def receiving_site(fl_ctx: FLContext) -> str | None:
+    """The site a task's data is for, as a site's ``task_data_filter`` sees it. At a site that is the site itself;
+    NVFlare 2.9's simulator, however, runs the sites' privacy policy in the server process, on the way out
+    (measured: a hijack alarm came from ``simulator_server`` with the task's peer ``flair``), so there it is the
+    task's peer."""
+    if isinstance(fl_ctx.get_engine(), ServerEngineSpec):
+        peer = fl_ctx.get_peer_context()
+        return peer.get_identity_name() if peer is not None else None
+    return fl_ctx.get_identity_name()

@@ -43,6 +43,8 @@ from split_unet.errors import ProtocolError
 from split_unet.files import write_json
 from split_unet.protocol.wire import KIND_GRADIENTS, TensorMessage
 
+from .base import receiving_site
+
 ALARM_FILE = "hijack_alarm.json"
 DEFAULT_THRESHOLD = 10.0
 
@@ -101,16 +103,6 @@ class HijackMonitor:
         return statistics
 
 
-def _receiving_site(fl_ctx: FLContext) -> str | None:
-    """The site the gradient is for. At a site that is the site itself; NVFlare 2.9's simulator, however, runs
-    the sites' privacy policy in the server process, on the way out (measured: the alarm came from
-    ``simulator_server`` with the task's peer ``flair``), so there it is the task's peer."""
-    if isinstance(fl_ctx.get_engine(), ServerEngineSpec):
-        peer = fl_ctx.get_peer_context()
-        return peer.get_identity_name() if peer is not None else None
-    return fl_ctx.get_identity_name()
-
-
 class GradientAnomalyDetector(DXOFilter):
     """Site-side ``task_data_filter`` (privacy policy or job) on the tasks that carry gradients: train,
     validate, finish. It changes nothing; on an alarm it refuses the task (NVFlare answers the server with
@@ -132,7 +124,7 @@ class GradientAnomalyDetector(DXOFilter):
         self._lock = threading.Lock()
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
-        site = _receiving_site(fl_ctx)
+        site = receiving_site(fl_ctx)
         message = TensorMessage.from_shareable(dxo.to_shareable(), KIND_GRADIENTS, site=site)
         if not message.tensors:
             return None

@@ -26,6 +26,7 @@ from pathlib import Path
 from nvflare.fuel.flare_api.api_spec import JobTimeout
 
 from split_unet.data import DATALIST, MODALITIES, SERVER_SITE, generate_dataset, partition_dataset
+from split_unet.defence import UNDEFENDED
 from split_unet.errors import SplitUNetError
 from split_unet.files import load_json, write_json
 from split_unet.jobs import TrainingJob, export, training_settings
@@ -111,8 +112,9 @@ def add_copied_site(sites_dir: Path, name: str, source: str) -> Path:
 
 
 def training_job(config: BenchConfig, sites: Sequence[str]) -> TrainingJob:
-    """The training job of a configuration: these sites, its budget, its polling interval."""
-    return training_settings(config.train(), sites=list(sites), wire_dtype=config.wire_dtype,
+    """The training job of a configuration: these sites, its budget, its polling interval; undefended, as its sites
+    have no privacy policy: the benchmark measures the protocol itself."""
+    return training_settings(config.train(), UNDEFENDED, sites=list(sites), wire_dtype=config.wire_dtype,
                              task_request_interval=config.task_request_interval,
                              executor_args={"num_threads": site_threads(config.sites)})
 

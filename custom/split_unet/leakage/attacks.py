@@ -5,6 +5,10 @@ Input reconstruction from a site's activations, weakest attacker last:
 - ``whitebox_inversion``: the attacker has the encoder's weights (an upper bound on leakage).
 - ``learned_inversion``: the attacker trained a decoder from features back to images on auxiliary
   images of the same modality, with query access to the site's encoder (``train_inversion_decoder``).
+- ``surrogate_inversion``: no query access either: the attacker trains its own encoder of the site's
+  architecture and a decoder that inverts it on auxiliary images (``train_surrogate_autoencoder``), then maps
+  the site's feature space into its surrogate's with a per-level 1x1x1 adaptor fitted on the recorded
+  activations alone.
 - ``unsplit_inversion``: UnSplit (Erdogan et al., 2022): the attacker knows only the architecture and
   fits a surrogate encoder together with the input.
 
@@ -34,8 +38,9 @@ from split_unet.networks import FusionDecoder, ModalityEncoder
 Features = Mapping[int, torch.Tensor]
 
 __all__ = [
-    "gradient_label_leakage", "gradient_magnitude", "learned_inversion", "random_mask_like", "total_variation",
-    "train_inversion_decoder", "unsplit_inversion", "whitebox_inversion",
+    "FeatureAdaptor", "gradient_label_leakage", "gradient_magnitude", "learned_inversion", "random_mask_like",
+    "surrogate_inversion", "total_variation", "train_inversion_decoder", "train_surrogate_autoencoder",
+    "unsplit_inversion", "whitebox_inversion",
 ]
 
 
@@ -146,6 +151,20 @@ def whitebox_inversion(encoder: ModalityEncoder, activations: Features, image_sh
     return x.detach()
 
 
+def _attack_device(device: torch.device | str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _fresh_encoder(make_encoder: Callable[[], ModalityEncoder], seed: int, device: torch.device) -> ModalityEncoder:
+    """``make_encoder()`` initialised from ``seed``: a factory may seed itself or load weights, so start afresh."""
+    with _seeded(seed, device):
+        encoder = make_encoder()
+        for module in encoder.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return encoder.to(device)
+
+
 def unsplit_inversion(make_encoder: Callable[[], ModalityEncoder], activations: Features,
                       image_shape: Sequence[int], iterations: int = 200, lr: float = 0.1, tv_weight: float = 1e-3,
                       seed: int = 0, model_lr: float = 1e-3, inner_steps: int = 1,
@@ -169,13 +188,8 @@ def unsplit_inversion(make_encoder: Callable[[], ModalityEncoder], activations: 
         weights explains a negated input as well, so score it with ``image_similarity(...,
         sign_invariant=True)``.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with _seeded(seed, device):
-        surrogate = make_encoder()
-        for module in surrogate.modules():  # a factory may seed itself or load weights: start afresh
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-    surrogate = surrogate.to(device).eval()  # no dropout noise in the fit
+    device = _attack_device(device)
+    surrogate = _fresh_encoder(make_encoder, seed, device).eval()  # no dropout noise in the fit
     targets = _targets(activations, device)
     x = _initial_input(_batch_size(targets), image_shape, seed, device)
     input_optimizer = torch.optim.Adam([x], lr=lr)
@@ -206,6 +220,16 @@ def _level_strides(encoder: ModalityEncoder, image: torch.Tensor) -> tuple[int, 
     return tuple(a // b for a, b in zip(shapes, shapes[1:]))
 
 
+def _inversion_decoder(encoder: ModalityEncoder, image: torch.Tensor, levels: Sequence[int],
+                       seed: int) -> FusionDecoder:
+    """A fresh decoder from ``encoder``'s features on ``levels`` to one image channel: the Split-U-Net's own decoder
+    layout (MONAI blocks, skip connections from ``levels``), its strides probed with ``image`` (1, 1, *S)."""
+    strides = _level_strides(encoder, image)
+    with _seeded(seed, image.device):
+        return FusionDecoder(image.ndim - 2, 1, encoder.channels, strides, out_channels=1, levels=levels,
+                             fusion="mean").to(image.device)
+
+
 def train_inversion_decoder(encoder: ModalityEncoder, aux_images: torch.Tensor, levels: Sequence[int],
                             iterations: int = 300, lr: float = 2e-3, batch_size: int = 2,
                             seed: int = 0) -> FusionDecoder:
@@ -231,10 +255,7 @@ def train_inversion_decoder(encoder: ModalityEncoder, aux_images: torch.Tensor, 
     with _frozen(encoder), torch.no_grad():
         # The encoder is fixed: query it once per image instead of once per step.
         features = {level: t for level, t in encoder(images).items() if level in levels}
-        strides = _level_strides(encoder, images[:1])
-    with _seeded(seed, device):
-        decoder = FusionDecoder(images.ndim - 2, 1, encoder.channels, strides, out_channels=1, levels=levels,
-                                fusion="mean").to(device)
+    decoder = _inversion_decoder(encoder, images[:1], levels, seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
     decoder.train()
@@ -253,6 +274,142 @@ def learned_inversion(decoder: FusionDecoder, activations: Features) -> torch.Te
     decoder.eval()
     targets = _targets(activations, _device(decoder))
     return decoder([{level: targets[level] for level in decoder.levels}])
+
+
+def train_surrogate_autoencoder(make_encoder: Callable[[], ModalityEncoder], aux_images: torch.Tensor,
+                                levels: Sequence[int], iterations: int = 100, lr: float = 2e-3, batch_size: int = 2,
+                                seed: int = 0, device: torch.device | str | None = None
+                                ) -> tuple[ModalityEncoder, FusionDecoder]:
+    """The attacker's own encoder of the site's architecture and a decoder that inverts it, without the site.
+
+    Both are trained together as an autoencoder (MSE) on auxiliary images of the site's modality, as the
+    pilot pair of a feature-space hijacking (Pasquini et al. 2021) is; the site is never asked anything.
+
+    Args:
+        make_encoder: builds an encoder of the site's architecture (re-initialised from ``seed``).
+        aux_images: (N, 1, *S) auxiliary images, z-scored like the site's.
+        levels: the observed levels; must include the bottleneck.
+        iterations, lr, batch_size: Adam steps, step size and mini-batch size.
+        seed: initialisation and mini-batch sampling.
+        device: where to run (default: CUDA when present).
+
+    Returns:
+        (surrogate encoder, surrogate decoder), both in eval mode: see ``surrogate_inversion``.
+    """
+    device = _attack_device(device)
+    images = aux_images.to(device=device, dtype=torch.float32)
+    levels = tuple(sorted(int(level) for level in levels))
+    encoder = _fresh_encoder(make_encoder, seed, device)
+    decoder = _inversion_decoder(encoder, images[:1], levels, seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=lr)
+    encoder.train()
+    decoder.train()
+    for _ in range(iterations):
+        batch = images[torch.randperm(len(images), generator=generator)[:batch_size].to(device)]
+        optimizer.zero_grad(set_to_none=True)
+        features = {level: t for level, t in encoder(batch).items() if level in levels}
+        F.mse_loss(decoder([features]), batch).backward()
+        optimizer.step()
+    return encoder.eval(), decoder.eval()
+
+
+def _channel_moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (C,) and covariance (C, C) of a level's channels over every sample and voxel of (B, C, *S_l)."""
+    flat = features.transpose(0, 1).reshape(features.shape[1], -1).double()
+    return flat.mean(dim=1), torch.cov(flat, correction=0)
+
+
+def _matrix_power(covariance: torch.Tensor, power: float, floor: float = 1e-6) -> torch.Tensor:
+    """``covariance ** power`` of a symmetric PSD matrix; eigenvalues below ``floor`` x the largest are raised to it
+    (a channel that is constant in the batch has no variance to whiten)."""
+    values, vectors = torch.linalg.eigh(covariance)
+    values = values.clamp_min(floor * values.max().clamp_min(1e-30))
+    return vectors @ torch.diag(values.pow(power)) @ vectors.T
+
+
+class FeatureAdaptor(nn.Module):
+    """A 1x1x1 map per level from the site's feature space into the surrogate encoder's.
+
+    Level ``l``: ``a = W_l f + b_l`` with ``W_l = Sigma_s^1/2 Q_l Sigma_t^-1/2`` and ``b_l = mu_s - W_l mu_t``,
+    where (``mu_t``, ``Sigma_t``) are the channel mean and covariance of the site's features (the recorded
+    batch) and (``mu_s``, ``Sigma_s``) the surrogate's (the auxiliary images), and ``Q_l = exp(K_l - K_l^T)`` is
+    a rotation. At ``Q = I`` this is CORAL's closed-form alignment (Sun, Feng and Saenko 2016): whiten the
+    site's channels, colour them with the surrogate's. Every ``Q`` matches the first two moments exactly, so the
+    moment constraint costs no weight and cannot be traded away; only the rotation, which moments cannot fix
+    (the site's channel order and mixing are arbitrary), is left to be learnt, from cycle consistency
+    (``surrogate_inversion``).
+    """
+
+    def __init__(self, site: Features, surrogate: Features):
+        super().__init__()
+        self.levels = tuple(sorted(int(level) for level in site))
+        self.generators = nn.ParameterDict()
+        for level in self.levels:
+            mu_t, sigma_t = _channel_moments(site[level])
+            mu_s, sigma_s = _channel_moments(surrogate[level])
+            self.register_buffer(f"whiten_{level}", _matrix_power(sigma_t, -0.5).float())
+            self.register_buffer(f"colour_{level}", _matrix_power(sigma_s, 0.5).float())
+            self.register_buffer(f"site_mean_{level}", mu_t.float())
+            self.register_buffer(f"surrogate_mean_{level}", mu_s.float())
+            self.generators[str(level)] = nn.Parameter(torch.zeros(len(mu_t), len(mu_t)))
+
+    def rotation(self, level: int) -> torch.Tensor:
+        generator = self.generators[str(level)]
+        return torch.linalg.matrix_exp(generator - generator.T)
+
+    def forward(self, features: Features) -> dict[int, torch.Tensor]:
+        adapted = {}
+        for level in self.levels:
+            weight = getattr(self, f"colour_{level}") @ self.rotation(level) @ getattr(self, f"whiten_{level}")
+            centred = features[level] - _channel_view(getattr(self, f"site_mean_{level}"), features[level])
+            adapted[level] = (torch.einsum("oc,bc...->bo...", weight, centred)
+                              + _channel_view(getattr(self, f"surrogate_mean_{level}"), features[level]))
+        return adapted
+
+
+def _channel_view(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(C,) as (1, C, 1, ...) to broadcast over ``like`` (B, C, *S_l)."""
+    return vector.view(1, -1, *[1] * (like.ndim - 2))
+
+
+def surrogate_inversion(encoder: ModalityEncoder, decoder: FusionDecoder, aux_images: torch.Tensor,
+                        activations: Features, iterations: int = 50, lr: float = 0.05) -> torch.Tensor:
+    """Reconstruct from a site's activations with the attacker's surrogate pair (``train_surrogate_autoencoder``).
+
+    The site's features live in a space of their own (its channel order and mixing are arbitrary), so a
+    ``FeatureAdaptor`` per level maps them into the surrogate encoder's, fitted on the recorded activations
+    alone, unsupervised: its first two moments match the surrogate's on ``aux_images`` by construction
+    (CORAL), and its rotations minimise the cycle loss ``surrogate_encoder(decoder(adapted)) ~ adapted``
+    (``_matching_loss``), the cycle consistency of CycleGAN (Zhu et al. 2017) between feature and image space:
+    features the surrogate pair maps back onto themselves are features of some image it can invert. Adam on
+    the rotations' generators, from ``Q = I``: nothing is drawn at random here (the pair's training is seeded).
+    The site's encoder is never used.
+
+    Args:
+        encoder, decoder: the surrogate pair (left unchanged).
+        aux_images: (N, 1, *S) the auxiliary images the pair was trained on (the surrogate's feature moments).
+        activations: ``{level: (B, C_l, *S_l)}`` as recorded, the levels the decoder takes.
+        iterations, lr: Adam steps and step size on the rotations.
+
+    Returns:
+        (B, 1, *S) reconstruction on the decoder's device. Its sign is arbitrary, as UnSplit's is: score it
+        sign-invariantly.
+    """
+    device = _device(decoder)
+    targets = {level: t for level, t in _targets(activations, device).items() if level in decoder.levels}
+    with _frozen(encoder), _frozen(decoder):
+        with torch.no_grad():
+            reference = encoder(aux_images.to(device=device, dtype=torch.float32))
+        adaptor = FeatureAdaptor(targets, {level: reference[level] for level in targets}).to(device)
+        optimizer = torch.optim.Adam(adaptor.parameters(), lr=lr)
+        for _ in range(iterations):
+            optimizer.zero_grad(set_to_none=True)
+            adapted = adaptor(targets)
+            _matching_loss(encoder(decoder([adapted])), adapted).backward()
+            optimizer.step()
+        with torch.no_grad():
+            return decoder([adaptor(targets)])
 
 
 def gradient_magnitude(gradients: Features, image_shape: Sequence[int], level: int | None = None) -> torch.Tensor:

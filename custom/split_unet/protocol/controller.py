@@ -31,6 +31,7 @@ from split_unet.training import RegionMetrics, chunks, gpu_peak_mb, logits_to_ma
 from split_unet.training.schedule import Schedule, Step
 
 from .checkpoint import SERVER_CHECKPOINT, ServerCheckpoint
+from .executor import job_scope
 from .paths import inside
 from .wire import TASK_FINISH, TASK_TRAIN, TASK_VALIDATE
 from .workflow import SplitWorkflow
@@ -204,7 +205,7 @@ class SplitUNetController(SplitWorkflow):
         summary = make_summary(
             metrics, epochs=self.config.epochs, steps=train_steps, wall_seconds=wall_seconds,
             config={**self.config.to_dict(), "sites": self.sites, "wire_dtype": self.wire_dtype,
-                    "train_patients": n_train, "val_patients": n_val},
+                    "scope": job_scope(fl_ctx), "train_patients": n_train, "val_patients": n_val},
             bytes_per_step=self.rounds.bytes_per_step(len(self._step_seconds)), privacy=self.rounds.privacy,
             history=history, lost_sites=self.rounds.lost,
             timing={"step_seconds": [round(s, 4) for s in self._step_seconds],

@@ -41,13 +41,18 @@ from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, 
                    TASK_TRAIN, TASK_VALIDATE, TensorMessage, dxo_of, error_reply, selected_step)
 
 
+def job_scope(fl_ctx: FLContext) -> str | None:
+    """The privacy scope the running job asks for (its ``meta.json`` ``scope``), None for the sites' default."""
+    return fl_ctx.get_prop(FLContextKey.JOB_SCOPE_NAME) or (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope")
+
+
 def check_privacy_scope(fl_ctx: FLContext, site: str) -> None:
     """Refuse a job whose privacy scope this site does not define.
 
     NVFlare applies this rule when it deploys a job in POC and production; the simulator skips it and
     would run the job under no scope, so the site checks again here.
     """
-    scope = fl_ctx.get_prop(FLContextKey.JOB_SCOPE_NAME) or (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope")
+    scope = job_scope(fl_ctx)
     if not scope:
         return
     # NVFlare lets any scope pass at a site without a policy; a job that names one expects its filters.

@@ -37,10 +37,12 @@ CLASS_ALLOW_LIST = [
     "split_unet.filters.ActivationClipNoise",
     "split_unet.filters.ActivationQuantization",
     "split_unet.filters.GradientProtection",
+    "split_unet.filters.TrainingRequirements",
     "split_unet.filters.level_blocking.LevelBlocking",
     "split_unet.filters.activation_privacy.ActivationClipNoise",
     "split_unet.filters.quantization.ActivationQuantization",
     "split_unet.filters.gradient_protection.GradientProtection",
+    "split_unet.filters.training_requirements.TrainingRequirements",
     "nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
     "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
 ]

@@ -27,12 +27,13 @@ import torch
 from split_unet.data import SiteImages, SiteLabels
 from split_unet.data.partition import SERVER_SITE
 from split_unet.errors import DataError
-from split_unet.networks import ModalityEncoder, NetworkConfig
+from split_unet.networks import FusionDecoder, ModalityEncoder, NetworkConfig
 from split_unet.files import write_json
 from split_unet.training import select_device
 
-from split_unet.leakage.attacks import (gradient_label_leakage, learned_inversion, random_mask_like, train_inversion_decoder,
-                      unsplit_inversion, whitebox_inversion)
+from split_unet.leakage.attacks import (gradient_label_leakage, learned_inversion, random_mask_like,
+                                        surrogate_inversion, train_inversion_decoder, train_surrogate_autoencoder,
+                                        unsplit_inversion, whitebox_inversion)
 from split_unet.leakage.figures import mask_grid, reconstruction_grid
 from split_unet.leakage.metrics import mask_dice, prior_relative_similarity, tumour_surroundings
 from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, snapshot_path, step_folder
@@ -40,15 +41,18 @@ from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, snapshot_
 __all__ = ["ATTACKS", "DEFAULT_ITERATIONS", "LEAKAGE_FILE", "MAX_AUX_IMAGES", "RECONSTRUCTIONS", "evaluate_leakage",
            "is_complete", "worst_case"]
 
-ATTACKS = ("whitebox", "unsplit", "learned", "labels")
+ATTACKS = ("whitebox", "unsplit", "learned", "surrogate", "labels")
+# Attacks that cannot tell the contrast's sign (an encoder they fit or train may negate it): scored sign-invariantly.
+SIGN_BLIND = ("unsplit", "surrogate")
 # What the worst case of the image attacks is taken on: the excess over the prior, the patient-specific
 # content (residual from the atlas) and the tumour region's excess, each maximised on its own.
 IMAGE_LEAKAGE = ("excess_ssim", "residual_ssim", "excess_tumour_ssim")
 # Sized so that one attack on 4 sites x 2 steps x 2 patients of 64^3 (default network) takes about 5 minutes
 # on 2 shared CPU cores: measured ~0.9 s per encoder forward/backward of 2 patients (white-box), ~1.6 s per
 # UnSplit step, ~0.7 s per inversion-decoder step. Such budgets under-estimate leakage (UnSplit and the
-# learned decoder most): raise them for reported numbers.
-DEFAULT_ITERATIONS = {"whitebox": 40, "unsplit": 25, "learned": 50}
+# learned decoder most): raise them for reported numbers. The surrogate attack spends its budget twice: on
+# training its surrogate pair (once per site) and on fitting the adaptor (per site and step).
+DEFAULT_ITERATIONS = {"whitebox": 40, "unsplit": 25, "learned": 50, "surrogate": 50}
 MAX_AUX_IMAGES = 16
 LEAKAGE_FILE = "leakage.json"
 REGIONS = ("wt", "tc", "et")
@@ -119,6 +123,7 @@ class _Context:
         self._images: dict[str, SiteImages] = {}
         self._labels: SiteLabels | None = None
         self._atlases: dict[str, torch.Tensor] = {}
+        self._surrogates: dict[tuple[str, tuple[int, ...]], tuple[ModalityEncoder, FusionDecoder]] = {}
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -156,6 +161,20 @@ class _Context:
             self._atlases[site] = self.true_images(site, self.auxiliary_patients(site)).mean(dim=0)
         return self._atlases[site]
 
+    def architecture(self) -> ModalityEncoder:
+        """A fresh encoder of the site's architecture: the server knows it from its own job config, nothing else."""
+        return ModalityEncoder(self.network.spatial_dims, 1, **self.network.layer_args())
+
+    def surrogate_pair(self, site: str, levels: Sequence[int]) -> tuple[ModalityEncoder, FusionDecoder]:
+        """The attacker's surrogate encoder and decoder for ``site``'s modality, trained once on its auxiliary
+        patients (they do not depend on the step attacked)."""
+        key = (site, tuple(sorted(levels)))
+        if key not in self._surrogates:
+            self._surrogates[key] = train_surrogate_autoencoder(
+                self.architecture, self.true_images(site, self.auxiliary_patients(site)), key[1],
+                iterations=self.iterations, seed=self.seed, device=self.device)
+        return self._surrogates[key]
+
 
 Reconstruct = Callable[[_Context, RecordedExchange], torch.Tensor]
 
@@ -167,11 +186,8 @@ def _whitebox(context: _Context, exchange: RecordedExchange) -> torch.Tensor:
 
 
 def _unsplit(context: _Context, exchange: RecordedExchange) -> torch.Tensor:
-    # The server knows the architecture from its own job config, nothing else.
-    network = context.network
-    return unsplit_inversion(lambda: ModalityEncoder(network.spatial_dims, 1, **network.layer_args()),
-                             exchange.activations, context.image_shape, iterations=context.iterations,
-                             seed=context.seed, device=context.device)
+    return unsplit_inversion(context.architecture, exchange.activations, context.image_shape,
+                             iterations=context.iterations, seed=context.seed, device=context.device)
 
 
 def _learned(context: _Context, exchange: RecordedExchange) -> torch.Tensor:
@@ -183,7 +199,16 @@ def _learned(context: _Context, exchange: RecordedExchange) -> torch.Tensor:
     return learned_inversion(decoder, exchange.activations)
 
 
-RECONSTRUCTIONS: dict[str, Reconstruct] = {"whitebox": _whitebox, "unsplit": _unsplit, "learned": _learned}
+def _surrogate(context: _Context, exchange: RecordedExchange) -> torch.Tensor:
+    # No query access: neither the site's encoder nor its snapshot is loaded.
+    site = exchange.site
+    encoder, decoder = context.surrogate_pair(site, sorted(exchange.activations))
+    return surrogate_inversion(encoder, decoder, context.true_images(site, context.auxiliary_patients(site)),
+                               exchange.activations, iterations=context.iterations)
+
+
+RECONSTRUCTIONS: dict[str, Reconstruct] = {"whitebox": _whitebox, "unsplit": _unsplit, "learned": _learned,
+                                           "surrogate": _surrogate}
 
 
 def _first_patients(exchange: RecordedExchange, count: int) -> RecordedExchange:
@@ -203,7 +228,7 @@ def _score_reconstruction(context: _Context, attack: str, exchange: RecordedExch
     entry = {"levels": sorted(exchange.activations), "patients": len(exchange.patient_ids),
              "iterations": context.iterations, "prior_patients": len(context.auxiliary_patients(exchange.site)),
              **prior_relative_similarity(reconstruction, truth, context.atlas(exchange.site), region,
-                                         sign_invariant=attack == "unsplit")}
+                                         sign_invariant=attack in SIGN_BLIND)}
     row = (f"{exchange.site} step {exchange.step}", truth[0, 0].numpy(), reconstruction[0, 0].numpy())
     return entry, row
 
@@ -253,7 +278,9 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
         workspace: a ``split-unet simulate`` workspace whose server recorded the exchanges.
         data_dir: the partitioned data folder the run used (true images and labels).
         attack: ``"whitebox"`` (site's encoder weights, upper bound), ``"unsplit"`` (architecture only),
-            ``"learned"`` (decoder trained on held-out patients of the site through its encoder) or
+            ``"learned"`` (decoder trained on held-out patients of the site through its encoder), ``"surrogate"``
+            (a surrogate encoder and decoder trained on those patients without the site's encoder, adapted to the
+            recorded activations) or
             ``"labels"`` (tumour mask from the gradients the site received).
         steps: recorded steps to attack (default: every recorded step; an attacker takes the best).
         max_patients: patients per batch to attack (the first ones of each recorded batch).
@@ -263,7 +290,7 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
 
     Returns:
         ``{site: {step: entry}}`` for this attack, as merged into ``leakage.json`` under ``attacks.<attack>``.
-        An entry holds ``levels``, ``patients`` and either, for reconstructions (UnSplit scored
+        An entry holds ``levels``, ``patients`` and either, for reconstructions (``SIGN_BLIND`` attacks scored
         sign-invariantly), ``ssim``, ``psnr``, ``nmi`` with the prior's (``prior_<m>``, ``excess_<m>``), the
         residual's (``residual_ssim``, ``residual_nmi``) and the tumour region's (``tumour_<m>``,
         ``prior_tumour_<m>``, ``excess_tumour_<m>``), see ``prior_relative_similarity``, and

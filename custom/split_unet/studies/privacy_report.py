@@ -2,7 +2,8 @@
 
 A sweep file (JSON) lists configurations; each may override the training (``train``, e.g. the levels
 sent or the NoPeek weight), the controller (``controller``, e.g. the wire codec), and add job filters on
-the sites' activations (``site_filters``) or on the server's gradients (``server_filters``)::
+the sites' activations (``site_filters``) or on the server's gradients (``server_filters``); the sites run
+the ``undefended`` scope unless a configuration names another (``scope``)::
 
     {"attacks": ["whitebox", "labels"], "record_steps": [1, 96, -1],  # steps the recorder keeps (-1: last)
      "train": {"epochs": 8},
@@ -51,6 +52,7 @@ def slug(name: str) -> str:
 def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path,
               site_configs: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Run, attack and report every configuration; returns the report's rows."""
+    from split_unet.defence import UNDEFENDED_SCOPE
     from split_unet.studies.leakage import evaluate_leakage, is_complete
     from split_unet.jobs import training_settings
     from split_unet.launch.simulation import run_simulation
@@ -73,7 +75,10 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path
             train = {**sweep.get("train", {}), **configuration.get("train", {})}
             if "network" in sweep.get("train", {}) and "network" in configuration.get("train", {}):
                 train["network"] = {**sweep["train"]["network"], **configuration["train"]["network"]}
-            job = training_settings(train, controller_args=configuration.get("controller", {}),
+            # The sites run the undefended scope unless a configuration names another: each configuration's
+            # defences are its own job's.
+            job = training_settings(train, scope=configuration.get("scope", UNDEFENDED_SCOPE),
+                                    controller_args=configuration.get("controller", {}),
                                     record_steps=record_steps,
                                     site_filters=configuration.get("site_filters", []),
                                     server_filters=configuration.get("server_filters", []))

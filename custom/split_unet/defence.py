@@ -1,0 +1,69 @@
+"""The defence the shipped sites and the shipped job use by default, defined once: switch it here.
+
+A defence has a part each site enforces itself, in the default scope of its privacy policy (``DEFENDED_SCOPE``,
+written by ``site_configs``), whatever a job asks for, and a part the shipped job carries (``jobs``):
+
+- ``blocked_levels``: U-Net levels that never leave a site (``LevelBlocking``); the job's network sends every
+  other level of its depth, and a job whose network needs a blocked level is refused at start naming the site;
+- ``site_training``: training settings a site requires at least (``TrainingRequirements``), e.g. NoPeek's
+  weight; the job asks for exactly these, and a job asking for less is refused at the site;
+- ``site_filters``: further filters on what a site sends (e.g. ``ActivationClipNoise``), in the scope;
+- ``server_filters``: filters on the gradients the server sends back: the label holder protects its own labels
+  (a site cannot enforce them; a hostile server would simply leave them out).
+
+The undefended configuration is the explicit opt-in scope ``UNDEFENDED_SCOPE``: no filters, for phantoms and
+studies only (a job asking for it is undefended too: ``job_defence``). Measured privacy and utility of the
+configurations: docs/privacy.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["DEFENCE", "DEFENDED_SCOPE", "UNDEFENDED", "UNDEFENDED_SCOPE", "Defence", "job_defence"]
+
+DEFENDED_SCOPE = "clinical"
+UNDEFENDED_SCOPE = "undefended"
+
+
+@dataclass(frozen=True)
+class Defence:
+    """See the module docstring for the fields."""
+
+    name: str
+    blocked_levels: tuple[int, ...] = ()
+    site_training: Mapping[str, float] = field(default_factory=dict)
+    site_filters: tuple[dict, ...] = ()
+    server_filters: tuple[dict, ...] = ()
+
+    def site_scope(self, name: str, properties: dict) -> dict:
+        """The privacy scope (``local/privacy.json``) that makes a site enforce its part."""
+        data_filters = [{"path": "split_unet.filters.TrainingRequirements",
+                         "args": {"minimum": dict(self.site_training)}}] if self.site_training else []
+        result_filters = [{"path": "split_unet.filters.LevelBlocking",
+                           "args": {"blocked_levels": list(self.blocked_levels)}}] if self.blocked_levels else []
+        return {"name": name, "properties": properties, "task_data_filters": data_filters,
+                "task_result_filters": result_filters + [dict(spec) for spec in self.site_filters]}
+
+    def sent_levels(self, depth: int) -> list[int]:
+        """The levels a network of ``depth`` levels sends under this defence."""
+        return [level for level in range(depth) if level not in self.blocked_levels]
+
+
+# The recommended point of the privacy sweep (docs/privacy.md): no full-resolution level, NoPeek 1.0 at the
+# sites, gradient noise at ten times each sample's gradient RMS at the server.
+DEFENCE = Defence(
+    name="no full-res + NoPeek 1.0 + gradient noise x10",
+    blocked_levels=(0,),
+    site_training={"nopeek_weight": 1.0},
+    server_filters=({"path": "split_unet.filters.GradientProtection",
+                     "args": {"mode": "noise", "noise_multiplier": 10.0}},),
+)
+UNDEFENDED = Defence(name="undefended")
+
+
+def job_defence(scope: str | None) -> Defence:
+    """The defence a job carries: ``UNDEFENDED`` where it asks for the undefended scope, ``DEFENCE`` otherwise
+    (no scope means the sites' default, the defended one)."""
+    return UNDEFENDED if scope == UNDEFENDED_SCOPE else DEFENCE
