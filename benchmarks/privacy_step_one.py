@@ -26,7 +26,7 @@ from split_unet.data import SiteImages
 from split_unet.filters import ActivationClipNoise
 from split_unet.leakage.attacks import learned_inversion, train_inversion_decoder, whitebox_inversion
 from split_unet.leakage.metrics import prior_relative_similarity
-from split_unet.networks import NetworkConfig, build_encoder, build_inversion_decoder
+from split_unet.networks import build_encoder, build_inversion_decoder
 from split_unet.studies.leakage import DEFAULT_ITERATIONS, MAX_AUX_IMAGES
 from split_unet.training import EncoderParty, InversionAdversary, TrainConfig, mean_image, warmup_batches
 

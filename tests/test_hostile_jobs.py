@@ -458,8 +458,9 @@ def test_the_shipped_job_passes_the_default_scope_and_a_hostile_job_cannot_weake
     data_filters, result_filters = _default_scope_filters(project_root, site)
     fl_ctx = party_context(Path("unused"), identity=site)
 
-    def init(train: TrainConfig):
-        request = DXO(KIND_INIT, data={"train": train.to_dict(), "site_index": 0, "wire_dtype": "float16"})
+    def init(train: TrainConfig | dict):
+        settings = train.to_dict() if isinstance(train, TrainConfig) else train
+        request = DXO(KIND_INIT, data={"train": settings, "site_index": 0, "wire_dtype": "float16"})
         return _through(data_filters, request.to_shareable(), fl_ctx)
 
     def declared_blocked_levels():
@@ -470,9 +471,10 @@ def test_the_shipped_job_passes_the_default_scope_and_a_hostile_job_cannot_weake
     assert from_shareable(init(shipped)).data["train"] == shipped.to_dict()  # passes unchanged
     refuse_blocked_levels(site, declared_blocked_levels(), shipped.network.sent_levels)
     # A job that switches the site's training defence off, or leaves it out, is refused at the site, by name.
-    for hostile in (replace(shipped, nopeek_weight=0.0), replace(shipped, nopeek_weight=float("nan"))):
-        with pytest.raises(ProtocolError, match=rf"site '{site}', field 'train.nopeek_weight'.*requires nopeek_weight"):
-            init(hostile)
+    # (As settings, not TrainConfigs: the server writes them; a hostile one need not be a valid TrainConfig.)
+    for key, value in (("nopeek_weight", 0.0), ("nopeek_weight", float("nan")), ("privacy_warmup_steps", 0)):
+        with pytest.raises(ProtocolError, match=rf"site '{site}', field 'train.{key}'.*requires {key}"):
+            init({**shipped.to_dict(), key: value})
     omitted = DXO(KIND_INIT, data={"train": {k: v for k, v in shipped.to_dict().items() if k != "nopeek_weight"}})
     with pytest.raises(ProtocolError, match="requires nopeek_weight >= 1"):
         _through(data_filters, omitted.to_shareable(), fl_ctx)

@@ -65,7 +65,8 @@ def test_the_shipped_job_and_sites_carry_the_one_defence(project_root):
         assert {"path": "split_unet.filters.LevelBlocking", "args": {"blocked_levels": [0]}} in \
             defended["task_result_filters"]
         assert defended["task_data_filters"] == [{"path": "split_unet.filters.TrainingRequirements",
-                                                  "args": {"minimum": {"nopeek_weight": 1.0}}}]
+                                                  "args": {"minimum": dict(DEFENCE.site_training)}}]
+        assert DEFENCE.site_training["nopeek_weight"] == 1.0 and DEFENCE.site_training["privacy_warmup_steps"] > 0
         assert scopes[UNDEFENDED_SCOPE]["task_data_filters"] == scopes[UNDEFENDED_SCOPE]["task_result_filters"] == []
 
 
@@ -74,7 +75,8 @@ def test_a_job_for_the_undefended_scope_is_undefended_and_explicit_settings_win(
     assert plain.train.network.levels is None and plain.train.nopeek_weight == 0 and plain.server_filters == []
     # The defence fills in only what a job leaves open: levels for the network's own depth, unless named.
     assert training_settings({"network": {"channels": [4, 8, 16]}}).train.network.levels == (1, 2)
-    asked = training_settings({"network": {"levels": [0, 1, 2, 3]}, "nopeek_weight": 0.0}, server_filters=[])
+    asked = training_settings({"network": {"levels": [0, 1, 2, 3]}, "nopeek_weight": 0.0, "privacy_warmup_steps": 0},
+                              server_filters=[])
     assert asked.train.network.levels == (0, 1, 2, 3) and asked.train.nopeek_weight == 0 and asked.server_filters == []
 
 

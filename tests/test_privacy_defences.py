@@ -142,3 +142,17 @@ def test_site_warms_up_before_its_first_release_and_sends_what_an_undefended_sit
     gradients = {level: torch.zeros_like(t) for level, t in sent.tensors.items()}
     send_task(executor, fl_ctx, TASK_TRAIN, 2, ids, gradients, tensor_step=1, info={"train_step": 2})
     assert warm_ups == [1]  # once per run, before the first release only
+
+
+def test_a_patch_trained_site_warms_up_on_patches_of_its_own_patients(tiny_data, tmp_path):
+    """Patch training (the native job) warms up on uniform patches of the training patch's shape."""
+    config = TrainConfig(size=TINY_SIZE, patch_size=8, augment=False, network=TINY_NETWORK, nopeek_weight=1.0,
+                         privacy_warmup_steps=3)
+    executor, fl_ctx = init_site(tiny_data[1], tmp_path / "patches", config)
+    shapes = []
+    warm_up = executor.party.warm_up
+    executor.party.warm_up = lambda batches: warm_up(shapes.append(tuple(b.shape)) or b for b in batches)
+    initial = copy.deepcopy(executor.party.encoder.state_dict())
+    executor._warm_up(None, fl_ctx)
+    assert shapes == [(config.batch_size, 1, 8, 8, 8)] * 3 and executor.party.warmed_up
+    assert any(not torch.equal(executor.party.encoder.state_dict()[k], initial[k]) for k in initial)

@@ -28,7 +28,7 @@ from split_unet.profiling import cpu_seconds, peak_memory_mb, process_cpu_second
 from split_unet.training import (EncoderParty, InversionAdversary, TrainConfig, chunks, gpu_peak_mb, mean_image,
                                  select_device, warmup_batches)
 from split_unet.training.augment import intensity_augment, intensity_seed
-from split_unet.training.patches import check_patch_starts, cut_patch
+from split_unet.training.patches import check_patch_starts, cut_patch, sample_patch_starts
 from split_unet.training.schedule import PatchBatch
 
 from .checkpoint import load_checkpoint, save_site_checkpoint, site_checkpoint
@@ -238,11 +238,20 @@ class ModalitySiteExecutor(Executor):
         return reply.to_shareable(self.wire_dtype)[0]
 
     def _warm_up(self, agreed: set[str] | None, fl_ctx: FLContext) -> None:
-        """The privacy warm-up on whole volumes of the patients this site answers for; nothing is sent."""
+        """The privacy warm-up on the patients this site answers for (whole volumes, or uniform patches drawn
+        as the server draws its training patches); nothing is sent."""
         config = self.config
         batches = warmup_batches(agreed if agreed is not None else self.images.patient_ids, config.batch_size,
                                  config.privacy_warmup_steps, config.seed)
-        steps = self.party.warm_up(self.images.batch(ids) for ids in batches)
+
+        def images(k: int, ids: list[str]) -> np.ndarray:
+            if config.patch_shape is None:
+                return self.images.batch(ids)
+            starts = sample_patch_starts(config.grid_shape, config.patch_shape, config.seed, k, len(ids))
+            return PatchBatch(config.patch_shape, starts, None).cut([self.images.volume(pid) for pid in ids],
+                                                                    mode="bilinear")
+
+        steps = self.party.warm_up(images(k, ids) for k, ids in enumerate(batches))
         self.log_info(fl_ctx, f"privacy warm-up: {steps} local steps before the first release")
         if self.site_telemetry is not None:
             self._log_privacy_terms(0)

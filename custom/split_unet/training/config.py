@@ -88,9 +88,9 @@ class TrainConfig:
             raise ValueError("nopeek_weight, adversarial_weight and privacy_warmup_steps must not be negative")
         if self.privacy_warmup_steps and not (self.nopeek_weight or self.adversarial_weight):
             raise ValueError("privacy_warmup_steps needs a privacy term to warm up: nopeek_weight or adversarial_weight")
-        if (self.adversarial_weight or self.privacy_warmup_steps) and self.patch_size is not None:
-            # The adversary's target is the site's mean whole volume and the warm-up draws whole volumes.
-            raise ValueError("adversarial_weight and privacy_warmup_steps need whole-volume training (patch_size None)")
+        if self.adversarial_weight and self.patch_size is not None:
+            # The adversary's target is the site's mean whole volume.
+            raise ValueError("adversarial_weight needs whole-volume training (patch_size None)")
         if not 1 <= self.micro_batches <= self.batch_size:
             raise ValueError(f"micro_batches must be in [1, batch_size={self.batch_size}], got {self.micro_batches}")
 
