@@ -472,7 +472,7 @@ def test_the_shipped_job_passes_the_default_scope_and_a_hostile_job_cannot_weake
     refuse_blocked_levels(site, declared_blocked_levels(), shipped.network.sent_levels)
     # A job that switches the site's training defence off, or leaves it out, is refused at the site, by name.
     # (As settings, not TrainConfigs: the server writes them; a hostile one need not be a valid TrainConfig.)
-    for key, value in (("nopeek_weight", 0.0), ("nopeek_weight", float("nan")), ("privacy_warmup_steps", 0)):
+    for key, value in (("nopeek_weight", 0.0), ("nopeek_weight", float("nan"))):
         with pytest.raises(ProtocolError, match=rf"site '{site}', field 'train.{key}'.*requires {key}"):
             init({**shipped.to_dict(), key: value})
     omitted = DXO(KIND_INIT, data={"train": {k: v for k, v in shipped.to_dict().items() if k != "nopeek_weight"}})

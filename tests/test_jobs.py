@@ -66,7 +66,7 @@ def test_the_shipped_job_and_sites_carry_the_one_defence(project_root):
             defended["task_result_filters"]
         assert defended["task_data_filters"] == [{"path": "split_unet.filters.TrainingRequirements",
                                                   "args": {"minimum": dict(DEFENCE.site_training)}}]
-        assert DEFENCE.site_training["nopeek_weight"] == 1.0 and DEFENCE.site_training["privacy_warmup_steps"] > 0
+        assert DEFENCE.site_training["nopeek_weight"] == 1.0
         assert scopes[UNDEFENDED_SCOPE]["task_data_filters"] == scopes[UNDEFENDED_SCOPE]["task_result_filters"] == []
 
 
