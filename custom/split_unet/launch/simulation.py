@@ -221,28 +221,12 @@ def artefacts(workspace: Path, clients: list[str]) -> dict:
 
 def main(argv: list[str]) -> int:
     """Child-process entry: ``python -m split_unet.launch.simulation JOB SIM_WORKSPACE CLIENTS PARTY_LOCAL PERSISTENT``."""
-    from nvflare.private.fed.app.simulator.simulator_runner import SimulatorRunner
-
-    class PartyLocalRunner(SimulatorRunner):
-        """NVFlare's simulator, with each party's own ``local/`` files and persistent folder (see ``simulate``).
-
-        NVFlare offers no per-party ``local/`` folder in the simulator; its ``_setup_local_startup`` is where it
-        fills one, so the party's own files are added right after.
-        """
-
-        def _setup_local_startup(self, log_config_file_path, workspace):
-            super()._setup_local_startup(log_config_file_path, workspace)
-            party = Path(workspace)
-            shutil.copytree(Path(party_local) / party.name, party / "local", dirs_exist_ok=True)
-            if persistent:
-                target = Path(persistent) / party.name
-                target.mkdir(parents=True, exist_ok=True)
-                (party / "persistent").symlink_to(target, target_is_directory=True)
+    from split_unet.launch.simulator_runner import PartyLocalRunner
 
     job, sim_root, clients, party_local, persistent = argv
     n_clients = len(clients.split(","))
     return PartyLocalRunner(job_folder=job, workspace=sim_root, clients=clients, n_clients=n_clients,
-                            threads=n_clients).run()
+                            threads=n_clients, party_local=party_local, persistent=persistent or None).run()
 
 
 if __name__ == "__main__":
