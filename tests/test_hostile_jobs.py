@@ -16,6 +16,7 @@ import time
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -23,9 +24,11 @@ import psutil
 import pytest
 import torch
 from helpers import TINY_NETWORK, TINY_SIZE, error_of, party_context, send_task
+from nvflare.apis.controller_spec import TaskCompletionStatus
 from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 from nvflare.private.privacy_manager import PrivacyManager, PrivacyService
 
@@ -191,6 +194,32 @@ def test_the_server_refuses_init_replies_with_bad_patient_ids(patient_ids, shown
     controller.rounds.broadcast = lambda *args: {"flair": _init_reply({"patient_ids": patient_ids, "modality": "flair"})}
     with pytest.raises(ProtocolError, match=f"site 'flair', field 'patient_ids'.*{re.escape(shown)}"):
         controller.rounds.initialize({}, Signal(), FLContext())
+
+
+def test_the_init_task_waits_its_own_timeout_and_rounds_theirs():
+    """Sites check all their data in the init task: it may take minutes where a round takes seconds, so a short
+    ``task_timeout`` (a hung site is found quickly) must not fail a slow but healthy init."""
+    controller = SplitUNetController(sites=["flair", "t1w"], train=TRAIN.to_dict(), task_timeout=7, init_timeout=900,
+                                     on_site_failure="continue")
+    timeouts, target = {}, {}
+
+    def broadcast(task, fl_ctx, targets, min_responses):
+        timeouts[task.name], target[id(task)] = task.timeout, targets[0]
+
+    def wait_for_task(task, abort_signal):  # t1w answers, flair does not (NVFlare ends its task at the timeout)
+        if target[id(task)] == "t1w":
+            task.client_tasks = [SimpleNamespace(result=Shareable())]
+        else:
+            task.completion_status = TaskCompletionStatus.TIMEOUT
+
+    controller.broadcast, controller.communicator = broadcast, SimpleNamespace(wait_for_task=wait_for_task)
+    payloads = {"flair": Shareable(), "t1w": Shareable()}
+    with pytest.raises(ProtocolError, match="site 'flair', field 'split_unet_init': no answer within the task "
+                                            "timeout of 900 s"):
+        controller.rounds.broadcast(TASK_INIT, payloads, Signal(), FLContext())
+    assert list(controller.rounds.broadcast(TASK_TRAIN, payloads, Signal(), FLContext())) == ["t1w"]
+    assert timeouts == {TASK_INIT: 900, TASK_TRAIN: 7}
+    assert "no answer within the task timeout of 7 s" in controller.rounds.lost["flair"]["reason"]
 
 
 def test_a_message_naming_an_escaping_patient_is_refused():

@@ -34,6 +34,7 @@ from .checkpoint import SERVER_CHECKPOINT, ServerCheckpoint
 from .executor import job_scope
 from .paths import inside
 from .wire import TASK_FINISH, TASK_TRAIN, TASK_VALIDATE
+from .rounds import INIT_TIMEOUT
 from .workflow import SplitWorkflow
 
 
@@ -56,9 +57,10 @@ class SplitUNetController(SplitWorkflow):
     def __init__(self, sites: Sequence[str] = MODALITIES, train: dict | None = None, wire_dtype: str = "float32",
                  persistor_id: str = "persistor", task_timeout: int = 600, summary_file: str = "summary.json",
                  num_threads: int = 0, task_check_period: float = 0.01, checkpoint_dir: str = "",
-                 checkpoint_interval: int = 0, resume: bool = False, on_site_failure: str = "stop"):
+                 checkpoint_interval: int = 0, resume: bool = False, on_site_failure: str = "stop",
+                 init_timeout: int = INIT_TIMEOUT):
         super().__init__(sites, train, wire_dtype, task_timeout, on_site_failure, summary_file, num_threads,
-                         task_check_period)
+                         task_check_period, init_timeout)
         self.persistor_id = persistor_id
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_interval = int(checkpoint_interval)

@@ -31,6 +31,7 @@ from .checkpoint import load_checkpoint
 from .names import SEGMENTATIONS
 from .paths import inside
 from .wire import TASK_INFER
+from .rounds import INIT_TIMEOUT
 from .workflow import SplitWorkflow
 
 RESULT_FILE = "inference.json"
@@ -50,9 +51,9 @@ class SplitInferenceController(SplitWorkflow):
     def __init__(self, decoder_path: str, patients: Sequence[str] = (), output_folder: str = SEGMENTATIONS,
                  sites: Sequence[str] = MODALITIES, train: dict | None = None, wire_dtype: str = "float32",
                  task_timeout: int = 600, on_site_failure: str = "stop", summary_file: str = "summary.json",
-                 num_threads: int = 0, task_check_period: float = 0.01):
+                 num_threads: int = 0, task_check_period: float = 0.01, init_timeout: int = INIT_TIMEOUT):
         super().__init__(sites, train, wire_dtype, task_timeout, on_site_failure, summary_file, num_threads,
-                         task_check_period)
+                         task_check_period, init_timeout)
         self.decoder_path = decoder_path
         # Each becomes a file name "<id>.nii.gz": the id rule keeps it in the output folder.
         self.patients = check_patient_ids(patients, site="server", field="patients", error=ProtocolError)

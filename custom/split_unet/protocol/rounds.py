@@ -42,6 +42,9 @@ REPORT_BOUNDS = {"cpu_seconds": 1e9, "peak_memory_mb": 1e9, "gpu_peak_mb": 1e9, 
 EPSILON_RELATIVE_TOLERANCE = 1e-6
 MAX_RELEASES = 10**9
 
+# The first task: a site opens and checks every volume it holds (minutes for a large native data set).
+INIT_TIMEOUT = 1800
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -140,10 +143,11 @@ class SiteRounds:
         wire_dtype: codec of the tensors the server sends (``codecs.CODECS``).
         task_timeout: seconds a site may take to answer one task before it counts as lost.
         on_site_failure: "stop" (a lost site ends the job) or "continue" (the rounds go on without it).
+        init_timeout: seconds a site may take to answer the init task (it checks all its data then).
     """
 
     def __init__(self, controller: Controller, sites: Sequence[str], config: TrainConfig, wire_dtype: str,
-                 task_timeout: int, on_site_failure: str):
+                 task_timeout: int, on_site_failure: str, init_timeout: int):
         if wire_dtype not in CODECS:
             raise ValueError(f"wire_dtype must be one of {CODECS}, got {wire_dtype!r}")
         if on_site_failure not in ("stop", "continue"):
@@ -153,6 +157,7 @@ class SiteRounds:
         self.config = config
         self.wire_dtype = wire_dtype
         self.task_timeout = int(task_timeout)
+        self.init_timeout = int(init_timeout)
         self.on_site_failure = on_site_failure
         self.step = 0  # rounds of any task
         self.rounds_of: Counter[str] = Counter()  # rounds per task name
@@ -248,7 +253,8 @@ class SiteRounds:
                   fl_ctx: FLContext) -> dict[str, Shareable]:
         """Every site its own task, all in flight at once; wait for all of them. A site that does not answer is
         lost (``lose``): the job stops, or the round goes on with the others' replies."""
-        tasks = {site: Task(task_name, data, timeout=self.task_timeout) for site, data in payloads.items()}
+        timeout = self.init_timeout if task_name == TASK_INIT else self.task_timeout
+        tasks = {site: Task(task_name, data, timeout=timeout) for site, data in payloads.items()}
         for site, task in tasks.items():
             self.controller.broadcast(task, fl_ctx, targets=[site], min_responses=1)
         replies = {}
@@ -260,7 +266,7 @@ class SiteRounds:
             client_tasks: list[ClientTask] = task.client_tasks
             result = client_tasks[0].result if client_tasks else None
             if result is None:
-                reason = ("no answer within the task timeout of %d s" % self.task_timeout
+                reason = ("no answer within the task timeout of %d s" % timeout
                           if task.completion_status == TaskCompletionStatus.TIMEOUT
                           else f"task ended with status {task.completion_status}")
                 self.lose(site, reason, task_name, fl_ctx)

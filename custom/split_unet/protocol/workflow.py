@@ -39,13 +39,16 @@ class SplitWorkflow(Controller):
         train: ``TrainConfig`` fields (the network, the grid, patches, ...).
         wire_dtype: "float32" (exact) or "float16" (half the bytes) for activations and gradients.
         task_timeout: seconds a site may take to answer one task; then it counts as lost (``on_site_failure``).
+        init_timeout: seconds a site may take to answer the first task, in which it opens and checks every volume
+            it holds (minutes for a large real data set); a site that does not answer it stops the job.
         on_site_failure: "stop" ends the job; "continue" goes on without the lost site's modality.
         summary_file: file name of the results written to the server's run folder (relative, no '..').
         num_threads: torch CPU threads for the server (0: torch's default).
     """
 
     def __init__(self, sites: Sequence[str], train: dict | None, wire_dtype: str, task_timeout: int,
-                 on_site_failure: str, summary_file: str, num_threads: int, task_check_period: float):
+                 on_site_failure: str, summary_file: str, num_threads: int, task_check_period: float,
+                 init_timeout: int):
         super().__init__(task_check_period=task_check_period)
         self.sites = list(sites)
         self.config = TrainConfig.from_dict(train or {})
@@ -53,10 +56,12 @@ class SplitWorkflow(Controller):
         self.train = dict(train or {})
         self.wire_dtype = wire_dtype
         self.task_timeout = int(task_timeout)
+        self.init_timeout = int(init_timeout)
         self.on_site_failure = on_site_failure
         self.summary_file = summary_file
         self.num_threads = num_threads
-        self.rounds = SiteRounds(self, self.sites, self.config, wire_dtype, self.task_timeout, on_site_failure)
+        self.rounds = SiteRounds(self, self.sites, self.config, wire_dtype, self.task_timeout, on_site_failure,
+                                 self.init_timeout)
         self.telemetry = Telemetry(self)
         self.party: DecoderParty | None = None
         self.labels: SiteLabels | None = None
