@@ -24,7 +24,9 @@ HARD_LIMIT_S = 900  # about 3 min on an idle 2-core machine; generous for a load
 SITES = ["flair", "t1w", "t1gd", "t2w"]
 
 
-def test_poc_federation_psi_train_infer(project_root, tmp_path, hard_limit):
+def test_poc_federation_psi_train_infer(project_root, tmp_path, hard_limit, monkeypatch):
+    # The federation's processes inherit this environment: a PYTHONPATH naming custom/ would import split_unet.
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     msd, _ = make_dataset(tmp_path / "data", patients=8)
     sites_dir = tmp_path / "data" / "overlap"
     partition_dataset(msd, sites_dir, overlap=0.75, seed=1, progress=False)

@@ -147,18 +147,6 @@ def test_corrupt_file_at_a_site_stops_the_job_naming_site_patient_file(project_r
 
 
 @pytest.mark.simulator
-def test_missing_site_data_is_a_clear_error(project_root, tiny_data, tmp_path):
-    _, sites = tiny_data
-    broken = tmp_path / "sites"
-    shutil.copytree(sites, broken)
-    shutil.rmtree(broken / "t2w")
-    summary = run_simulation(broken, tmp_path / "ws", training_settings({"size": TINY_SIZE, "network": TINY_NETWORK,
-                                                                       "epochs": 1}, scope=UNDEFENDED_SCOPE),
-                             site_configs=project_root / "site_configs", progress=None)
-    assert "t2w" in summary["error"] and "datalist" in summary["error"]
-
-
-@pytest.mark.simulator
 def test_tensorboard_logs_against_the_training_step(trained_tiny):
     """Loss per training step 1..N and validation at step N, as centralized training logs them (not against
     NVFlare task rounds, which include the init, validation and finish rounds)."""

@@ -1,16 +1,21 @@
 """The site Executor without a federation: a real FLContext around a stand-in engine and workspace."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_NETWORK, TINY_SIZE, error_of, send_task
+from helpers import TINY_NETWORK, TINY_SIZE, error_of, party_context, send_task
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
 
 from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, TASK_FINISH, TASK_INIT, TASK_TRAIN,
                                       TASK_VALIDATE, TensorMessage)
+from split_unet.protocol.executor import ModalitySiteExecutor
 from split_unet.protocol.names import ENCODER_FILE
+from split_unet.protocol.settings import SETTINGS_FILE
 from split_unet.training import TrainConfig
 
 
@@ -142,3 +147,21 @@ def test_site_checkpoints_when_asked_and_resumes_from_it(site, tmp_path):
     assert "no checkpoint of step 5" in error_of(_init(executor, fl_ctx, resume_step=5))
     assert _init(executor, fl_ctx, resume_step=1).get_return_code(ReturnCode.OK) == ReturnCode.OK
     assert all(torch.equal(a, b) for a, b in zip(trained, executor.party.encoder.parameters()))
+
+
+def test_a_site_without_its_data_answers_init_with_an_error_naming_site_and_datalist(tiny_data, tmp_path):
+    """A site whose partitioned folder is missing (e.g. never copied there) refuses the job at init, naming itself
+    and the datalist it looked for; the server puts that reply into the run's summary (the simulator test of a
+    corrupt file shows the way there)."""
+    sites = tmp_path / "sites"
+    shutil.copytree(tiny_data[1], sites)
+    shutil.rmtree(sites / "t2w")
+    (tmp_path / "t2w" / "local").mkdir(parents=True)
+    (tmp_path / "t2w" / "local" / SETTINGS_FILE).write_text(json.dumps({"data_dir": str(sites / "t2w")}))
+    request = DXO(KIND_INIT, data={"train": TrainConfig(size=TINY_SIZE, network=TINY_NETWORK).to_dict(),
+                                   "site_index": 3, "wire_dtype": "float32"})
+    executor = ModalitySiteExecutor()
+    reply = executor.execute(TASK_INIT, request.to_shareable(), party_context(tmp_path / "t2w", "t2w"), Signal())
+    error = error_of(reply)
+    assert error.startswith("site 't2w'") and str(sites / "t2w" / "datalist.json") in error, error
+    assert executor.images is None  # nothing opened
