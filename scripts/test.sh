@@ -2,4 +2,5 @@
 # Sets up and runs the test suite (unit tests and NVFlare simulator integration tests).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-python -m pytest "$@"
+# Two workers: see tests/conftest.py (pass -n 0 to run in one process).
+python -m pytest -n 2 --dist loadgroup "$@"

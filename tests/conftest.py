@@ -2,7 +2,12 @@
 
 Layers, chosen with ``-m``: ``poc`` (a real NVFlare federation on loopback, marked per module), ``simulator``
 (runs the NVFlare simulator: marked per test, or implied by the shared trained federation) and ``unit``
-(everything else: plain PyTorch/numpy pieces, seconds each)."""
+(everything else: plain PyTorch/numpy pieces, seconds each).
+
+``scripts/test.sh`` runs the suite in two pytest-xdist workers (``--dist loadgroup``): much of an NVFlare run is
+waiting (process start-up, task polling, timeouts of the fault tests), which the other worker fills. Each test file
+is a group, so its module fixtures stay in one process; the files that share the trained federation form one group
+(it is trained once), and so do the POC files (one federation at a time)."""
 
 from pathlib import Path
 
@@ -52,7 +57,15 @@ def site(tiny_data, tmp_path):
 
 
 def pytest_collection_modifyitems(items):
+    sharing_the_federation = {item.path for item in items if "trained_tiny" in item.fixturenames}
     for item in items:
+        if item.get_closest_marker("poc"):
+            group = "poc"
+        elif item.path in sharing_the_federation:
+            group = "trained_tiny"
+        else:
+            group = item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
         if item.get_closest_marker("poc") or item.get_closest_marker("simulator"):
             continue
         item.add_marker(pytest.mark.simulator if "trained_tiny" in item.fixturenames else pytest.mark.unit)
