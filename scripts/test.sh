@@ -3,4 +3,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 # Two workers: see tests/conftest.py (pass -n 0 to run in one process).
-python -m pytest -n 2 --dist loadgroup "$@"
+python -m pytest -n 2 --dist loadscope "$@"
