@@ -102,6 +102,17 @@ def test_patch_batch_cuts_the_corners_the_server_draws(tiny_data):
         np.testing.assert_array_equal(labels[k].numpy(), cut_patch(case["label"], corners[k], (16, 8, 32)))
 
 
+def test_centralized_cache_keeps_at_most_cache_cases(tiny_data):
+    msd, _ = tiny_data
+    data = CaseCache(msd, TINY_SIZE, None, cache_cases=2)
+    first, second, third = sorted(data.cases)[:3]
+    kept, dropped = data.get(first), data.get(second)
+    assert data.get(first) is kept  # still cached, and now the most recently used
+    data.get(third)  # evicts the least recently used: second
+    assert data.get.cache_info().currsize == 2 and data.get(first) is kept
+    assert data.get(second) is not dropped  # loaded again
+
+
 def test_centralized_command_takes_patch_options():
     args = build_parser().parse_args(["centralized", "--data", "d", "--out", "o", "--patch-size", "96,96,64",
                                       "--patch-sampling", "label", "--augment", "--sw-overlap", "0.25", "--no-amp"])

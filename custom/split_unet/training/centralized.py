@@ -6,6 +6,7 @@ single modality are the usual baselines.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,17 +52,16 @@ def mode_inputs(mode: str, modality: str | None, encoders: int = len(MODALITIES)
 
 
 class CaseCache:
-    """Preprocessed cases, loaded once: {patient_id: {"image": (4, *S), "label": (3, *S)}}."""
+    """Preprocessed cases, ``get(patient_id)`` -> {"image": (4, *S), "label": (3, *S)}; the ``cache_cases`` most
+    recently used are kept (0: all), as the federated parties keep theirs (``TrainConfig.cache_cases``)."""
 
-    def __init__(self, data_dir: str | Path, size: int, spacing: float | None):
+    def __init__(self, data_dir: str | Path, size: int, spacing: float | None, cache_cases: int = 0):
         self.cases = {case.patient_id: case for case in find_cases(data_dir)}
         self.size, self.spacing = size, spacing
-        self._loaded: dict[str, dict] = {}
+        self.get = functools.lru_cache(maxsize=cache_cases or None)(self._load)
 
-    def get(self, patient_id: str) -> dict:
-        if patient_id not in self._loaded:
-            self._loaded[patient_id] = load_case(self.cases[patient_id], self.size, self.spacing)
-        return self._loaded[patient_id]
+    def _load(self, patient_id: str) -> dict:
+        return load_case(self.cases[patient_id], self.size, self.spacing)
 
     def grid_spacing(self, patient_id: str) -> tuple[float, float, float]:
         """Voxel size (mm) of one case on the common grid, from its label's header."""
@@ -111,7 +111,7 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
     device = select_device(config.device)
     torch.manual_seed(config.seed)
 
-    data = CaseCache(data_dir, config.size, config.spacing)
+    data = CaseCache(data_dir, config.size, config.spacing, config.cache_cases)
     train_ids, val_ids = split_patients(sorted(data.cases), config.val_fraction, config.seed)
     model = build_split_unet(config.network, in_channels, config.seed).to(device)
     optimizer = make_optimizer(model.parameters(), config.lr)

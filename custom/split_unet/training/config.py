@@ -47,8 +47,9 @@ class TrainConfig:
     # Sliding-window validation and inference (patch training): windows per round trip and their overlap.
     sw_batch_size: int = 2
     sw_overlap: float = 0.5
-    # Preprocessed volumes a party keeps in memory (0: all of them).
-    cache_cases: int = 0
+    # Preprocessed volumes a party keeps in memory, least recently used out first (0: all of them). Bounded by
+    # default so that a party's memory stops growing with the patients it holds (all 64 of the quick start fit).
+    cache_cases: int = 64
     # Mixed precision (autocast) where the device is CUDA.
     amp: bool = True
     device: str | None = None
