@@ -82,4 +82,6 @@ def add_patch_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sw-overlap", type=float, help="sliding-window overlap in [0, 1)")
     group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                        help="mixed precision on CUDA (default on; no effect on the CPU)")
-    group.add_argument("--cache-cases", type=int, help="preprocessed volumes each party keeps in memory (default 0: all)")
+    group.add_argument("--cache-cases", type=int,
+                       help="preprocessed volumes each party keeps in memory, least recently used out first "
+                            "(default 64; 0: all)")
