@@ -14,6 +14,7 @@ import torch
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 
 from split_unet.data import generate_dataset, partition_dataset
@@ -70,16 +71,21 @@ def party_context(root: Path, identity: str = "flair") -> FLContext:
     return fl_ctx
 
 
-def init_site(sites: Path, workspace: Path, config: TrainConfig) -> tuple[ModalitySiteExecutor, FLContext]:
-    """(executor, fl_ctx) of the 'flair' site of ``sites``, initialised for ``config``, its settings in the
-    ``local/`` folder of its own ``workspace``."""
+def start_site(sites: Path, workspace: Path, config: TrainConfig, site: str = "flair",
+               site_index: int = 0) -> tuple[ModalitySiteExecutor, FLContext, Shareable]:
+    """(executor, fl_ctx, reply to the init task for ``config``) of ``site``, whose data is ``sites/<site>``, its
+    settings in the ``local/`` folder of its own ``workspace``."""
     (workspace / "local").mkdir(parents=True)
-    (workspace / "local" / SETTINGS_FILE).write_text(json.dumps({"modality": "flair",
-                                                                 "data_dir": str(sites / "flair")}))
-    fl_ctx = party_context(workspace)
+    (workspace / "local" / SETTINGS_FILE).write_text(json.dumps({"modality": site, "data_dir": str(sites / site)}))
+    fl_ctx = party_context(workspace, identity=site)
     executor = ModalitySiteExecutor()
-    request = DXO(KIND_INIT, data={"train": config.to_dict(), "site_index": 0, "wire_dtype": "float32"})
-    reply = executor.execute(TASK_INIT, request.to_shareable(), fl_ctx, Signal())
+    request = DXO(KIND_INIT, data={"train": config.to_dict(), "site_index": site_index, "wire_dtype": "float32"})
+    return executor, fl_ctx, executor.execute(TASK_INIT, request.to_shareable(), fl_ctx, Signal())
+
+
+def init_site(sites: Path, workspace: Path, config: TrainConfig) -> tuple[ModalitySiteExecutor, FLContext]:
+    """(executor, fl_ctx) of the 'flair' site of ``sites``, initialised for ``config`` (``start_site``)."""
+    executor, fl_ctx, reply = start_site(sites, workspace, config)
     assert reply.get_return_code(ReturnCode.OK) == ReturnCode.OK, reply.get_header(ERROR_HEADER)
     return executor, fl_ctx
 

@@ -1,21 +1,18 @@
 """The site Executor without a federation: a real FLContext around a stand-in engine and workspace."""
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_NETWORK, TINY_SIZE, error_of, party_context, send_task
+from helpers import TINY_NETWORK, TINY_SIZE, error_of, send_task, start_site
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
 
 from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, TASK_FINISH, TASK_INIT, TASK_TRAIN,
                                       TASK_VALIDATE, TensorMessage)
-from split_unet.protocol.executor import ModalitySiteExecutor
 from split_unet.protocol.names import ENCODER_FILE
-from split_unet.protocol.settings import SETTINGS_FILE
 from split_unet.training import TrainConfig
 
 
@@ -156,12 +153,8 @@ def test_a_site_without_its_data_answers_init_with_an_error_naming_site_and_data
     sites = tmp_path / "sites"
     shutil.copytree(tiny_data[1], sites)
     shutil.rmtree(sites / "t2w")
-    (tmp_path / "t2w" / "local").mkdir(parents=True)
-    (tmp_path / "t2w" / "local" / SETTINGS_FILE).write_text(json.dumps({"data_dir": str(sites / "t2w")}))
-    request = DXO(KIND_INIT, data={"train": TrainConfig(size=TINY_SIZE, network=TINY_NETWORK).to_dict(),
-                                   "site_index": 3, "wire_dtype": "float32"})
-    executor = ModalitySiteExecutor()
-    reply = executor.execute(TASK_INIT, request.to_shareable(), party_context(tmp_path / "t2w", "t2w"), Signal())
+    executor, _, reply = start_site(sites, tmp_path / "t2w", TrainConfig(size=TINY_SIZE, network=TINY_NETWORK),
+                                    site="t2w", site_index=3)
     error = error_of(reply)
     assert error.startswith("site 't2w'") and str(sites / "t2w" / "datalist.json") in error, error
     assert executor.images is None  # nothing opened
