@@ -9,6 +9,10 @@ a Shareable holding a DXO of raw bytes (``TensorMessage``'s format: one bytes fi
 CPU seconds (user + system) of both processes per round trip and the megabytes they moved per CPU second.
 
     python benchmarks/wire_cells.py --out docs/performance/wire_cells
+    python benchmarks/wire_cells.py --out docs/performance/wire_cells_short_repr --short-repr   # the project's fix
+
+``--short-repr``: the receiver applies ``split_unet.protocol.nvflare_workarounds.short_received_buffer_repr`` as the
+project's controller and executors do (NVFlare otherwise formats every received request into a debug string).
 """
 
 from __future__ import annotations
@@ -36,10 +40,15 @@ def payload(megabytes: float):
     return DXO(DataKind.COLLECTION, data={f"level{k}": os.urandom(size) for k in range(LEVELS)}).to_shareable()
 
 
-def serve(url: str) -> None:
+def serve(url: str, short_repr: bool) -> None:
     """The receiver: answer every request with a payload as large as the request's."""
     from nvflare.fuel.f3.cellnet.cell import Cell
     from nvflare.fuel.f3.message import Message
+
+    if short_repr:
+        from split_unet.protocol.nvflare_workarounds import short_received_buffer_repr
+
+        short_received_buffer_repr()
 
     answers: dict[int, object] = {}
 
@@ -64,7 +73,7 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
-def measure(sizes_mb, repeats: int) -> list[dict]:
+def measure(sizes_mb, repeats: int, short_repr: bool) -> list[dict]:
     """Start the receiver, connect, and time ``repeats`` round trips per size (after one unmeasured)."""
     from nvflare.fuel.f3.cellnet.cell import Cell
     from nvflare.fuel.f3.message import Message
@@ -72,7 +81,8 @@ def measure(sizes_mb, repeats: int) -> list[dict]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         url = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-    receiver = subprocess.Popen([sys.executable, __file__, "--serve", url], stdin=subprocess.PIPE,
+    receiver = subprocess.Popen([sys.executable, __file__, "--serve", url] + ["--short-repr"] * short_repr,
+                                stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True)
     try:
         assert receiver.stdout.readline().strip() == "ready"
@@ -142,15 +152,17 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench/wire_cells", help="writes OUT.json and OUT.png")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default=",".join(map(str, SIZES_MB)), help="MB per message, comma-separated")
+    parser.add_argument("--short-repr", action="store_true", help="the receiver applies the project's work-around")
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, args.short_repr)
         return
     load = os.getloadavg()
-    results = measure([float(s) for s in args.sizes.split(",")], args.repeats)
+    results = measure([float(s) for s in args.sizes.split(",")], args.repeats, args.short_repr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"load_before": load, "load_after": os.getloadavg(),
+    out.with_suffix(".json").write_text(json.dumps({"short_repr": args.short_repr, "load_before": load,
+                                                    "load_after": os.getloadavg(),
                                                     "cpu_count": os.cpu_count(), "results": results}, indent=2))
     print(f"plot: {plot(results, out.with_suffix('.png'), f'load {load[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')}")
 

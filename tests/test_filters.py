@@ -135,3 +135,16 @@ def test_nopeek_loss_is_differentiable_and_lower_for_unrelated_features():
     loss.backward()
     assert related[0].grad is not None and math.isfinite(loss.item())
     assert spatial_nopeek_loss(images, unrelated, positions=64, generator=g) < loss
+
+
+def test_a_filter_keeps_the_compression_its_message_arrived_in():
+    tensor = torch.zeros(2, 4, 8, 8, 8)
+    tensor[..., 2:6, 2:6, 2:6] = 1.0
+    compressed = TensorMessage(KIND_ACTIVATIONS, 3, ["P1", "P2"], {0: tensor}).to_shareable("float16",
+                                                                                           compression="zstd")[0]
+    for filter_ in (ActivationQuantization("int8"), LevelBlocking([1])):
+        out = filter_.process(compressed, _ctx())
+        encoding = from_shareable(out).meta["encodings"]["0"]
+        assert encoding["compression"] == "zstd" and torch.equal(_decode(out).tensors[0], tensor)
+    plain = ActivationQuantization("int8").process(_activations({0: tensor}), _ctx())
+    assert "compression" not in from_shareable(plain).meta["encodings"]["0"]

@@ -159,6 +159,11 @@ def test_the_server_refuses_job_paths_outside_its_run_folder_and_workspace(tmp_p
 
 
 # Row 3: one patient-id rule wherever ids enter -----------------------------------------------------------------------
+def test_the_server_refuses_an_unknown_activation_compression_when_the_job_loads():
+    with pytest.raises(ValueError, match="activation_compression must be None or one of"):
+        SplitUNetController(train={**TRAIN.to_dict(), "activation_compression": "lz4"})
+
+
 def test_a_datalist_id_that_escapes_is_refused_and_check_lists_it(tiny_data, tmp_path):
     _, sites = tiny_data
     shutil.copytree(sites / "flair", tmp_path / "sites" / "flair")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import TINY_NETWORK, TINY_SIZE, error_of, send_task, start_site
-from nvflare.apis.dxo import DXO
+from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
 
@@ -105,6 +105,20 @@ def test_site_sends_only_its_configured_levels_whatever_the_task_asks(site):
         ReturnCode.OK) == ReturnCode.OK
     reply = send_task(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"], info={"levels": [0, 1, 2]})
     assert sorted(TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors) == [1, 2]
+
+
+@pytest.mark.parametrize("compression", ["zstd", None])
+def test_site_compresses_its_activations_as_configured_and_refuses_an_unknown_setting(site, compression):
+    executor, fl_ctx = site
+    config = TrainConfig(size=TINY_SIZE, network=TINY_NETWORK, activation_compression=compression)
+    request = DXO(KIND_INIT, data={"train": config.to_dict(), "site_index": 0, "wire_dtype": "float16"})
+    assert executor.execute(TASK_INIT, request.to_shareable(), fl_ctx, Signal()).get_return_code() == ReturnCode.OK
+    reply = send_task(executor, fl_ctx, TASK_TRAIN, 1, ["BRATS_001"])
+    encodings = from_shareable(reply).meta["encodings"]
+    assert encodings and all(header.get("compression") == compression for header in encodings.values())
+    request.data["train"]["activation_compression"] = "lz4"
+    refused = executor.execute(TASK_INIT, request.to_shareable(), fl_ctx, Signal())
+    assert "activation_compression must be None or one of ('zstd',)" in error_of(refused)
 
 
 def test_site_left_out_of_a_step_applies_its_gradient_and_sends_nothing(site):

@@ -115,6 +115,8 @@ def cmd_bench(args) -> int:
                          batch_size=args.batch_size, epochs=args.epochs,
                          channels=tuple(int(c) for c in args.channels.split(",")),
                          wire_dtype=args.wire_dtype, micro_batches=args.micro_batches,
+                         activation_compression=None if args.activation_compression == "none" else
+                         args.activation_compression,
                          decoder_checkpointing=args.decoder_checkpointing,
                          task_request_interval=args.task_request_interval,
                          direct_job_connections=not args.relayed, job_timeout=args.job_timeout,
@@ -317,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--epochs", type=int, default=2)
     bench.add_argument("--channels", default="8,16,32,64")
     bench.add_argument("--wire-dtype", choices=("float32", "float16"), default="float16")
+    bench.add_argument("--activation-compression", choices=("zstd", "none"), default="none",
+                       help="lossless compression of the activations the sites send")
     bench.add_argument("--micro-batches", type=int, default=1, help="decoder micro-batches per step (server memory)")
     bench.add_argument("--decoder-checkpointing", action="store_true", help="decoder activation checkpointing")
     bench.add_argument("--task-request-interval", type=float, default=0.05,

@@ -33,15 +33,22 @@ class TensorMessageFilter(DXOFilter):
         transformed = self.transform(message, fl_ctx)
         if transformed is None:
             return None
-        # Re-encode with the codec the message arrived in unless the filter chooses one; NVFlare's headers
-        # (return code, task id, peer properties) stay as they were, and DXOFilter carries the filter history
-        # of the incoming DXO over to this new one.
-        return transformed.to_dxo(self.output_codec(dxo.meta.get("encodings", {})), self.keep_fraction)[0]
+        # Re-encode with the codec and compression the message arrived in unless the filter chooses a codec;
+        # NVFlare's headers (return code, task id, peer properties) stay as they were, and DXOFilter carries the
+        # filter history of the incoming DXO over to this new one.
+        encodings = dxo.meta.get("encodings", {})
+        return transformed.to_dxo(self.output_codec(encodings), self.keep_fraction,
+                                  arrived_in(encodings, "compression"))[0]
 
     def output_codec(self, encodings: dict) -> str:
         """The codec the message arrived in (float32 when it had no tensors)."""
-        codecs = {header.get("codec") for header in encodings.values() if isinstance(header, dict)}
-        return codecs.pop() if len(codecs) == 1 else "float32"
+        return arrived_in(encodings, "codec") or "float32"
+
+
+def arrived_in(encodings: dict, key: str) -> str | None:
+    """The one value of ``key`` in every level's encoding header (None when the levels disagree or there are none)."""
+    values = {header.get(key) for header in encodings.values() if isinstance(header, dict)}
+    return values.pop() if len(values) == 1 else None
 
     def transform(self, message: TensorMessage, fl_ctx: FLContext) -> TensorMessage | None:
         """Return the changed message, or None to pass the original on unchanged."""

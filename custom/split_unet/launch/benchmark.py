@@ -52,6 +52,7 @@ class BenchConfig:
     epochs: int = 2
     channels: tuple[int, ...] = (8, 16, 32, 64)
     wire_dtype: str = "float16"
+    activation_compression: str | None = None  # TrainConfig.activation_compression
     micro_batches: int = 1
     decoder_checkpointing: bool = False
     task_request_interval: float = 0.05
@@ -68,6 +69,7 @@ class BenchConfig:
                  "seed": self.seed,
                  "val_fraction": 0.25, "val_interval": self.epochs, "micro_batches": self.micro_batches,
                  "decoder_checkpointing": self.decoder_checkpointing,
+                 "activation_compression": self.activation_compression,
                  "network": {"channels": list(self.channels), "strides": [2] * (len(self.channels) - 1)}}
         return {**train, "device": self.device} if self.device else train
 

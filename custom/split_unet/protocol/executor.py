@@ -32,7 +32,9 @@ from split_unet.training.patches import check_patch_starts, cut_patch, sample_pa
 from split_unet.training.schedule import PatchBatch
 
 from .checkpoint import load_checkpoint, save_site_checkpoint, site_checkpoint
+from .codecs import check_compression
 from .names import ENCODER_FILE
+from .nvflare_workarounds import short_received_buffer_repr
 from .paths import inside
 from .psi import intersection_path, read_intersection
 from .settings import load_site_settings
@@ -132,10 +134,12 @@ class ModalitySiteExecutor(Executor):
         request = dxo_of(shareable, KIND_INIT, site=site).data
         check_privacy_scope(fl_ctx, site)
         config = TrainConfig.from_dict(request["train"])
+        check_compression(config.activation_compression, "activation_compression")  # before the first reply
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         start_profile()
         release_large_blocks()  # the resident memory stays flat across steps (see split_unet.allocator)
+        short_received_buffer_repr()  # NVFlare formats every received payload for a debug line otherwise
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
         settings = load_site_settings(site, root)
         check_psi_policy(settings, self.psi_job_id, site)
@@ -235,7 +239,7 @@ class ModalitySiteExecutor(Executor):
                 affine, shape = self.images.geometry(pid)
                 echoed["geometry"][pid] = {"affine": affine.tolist(), "shape": list(shape)}
         reply = TensorMessage(KIND_ACTIVATIONS, request.step, request.patient_ids, features, info=echoed)
-        return reply.to_shareable(self.wire_dtype)[0]
+        return reply.to_shareable(self.wire_dtype, compression=self.config.activation_compression)[0]
 
     def _warm_up(self, agreed: set[str] | None, fl_ctx: FLContext) -> None:
         """The privacy warm-up on the patients this site answers for (whole volumes, or uniform patches drawn

@@ -27,7 +27,7 @@ from split_unet.errors import ProtocolError
 from split_unet.ids import check_patient_ids
 from split_unet.training import TrainConfig, present_inputs
 
-from .codecs import CODECS
+from .codecs import CODECS, check_compression
 from .wire import (KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_INIT, TASK_TRAIN, TensorMessage, dxo_of,
                    read_activations)
 
@@ -150,6 +150,7 @@ class SiteRounds:
                  task_timeout: int, on_site_failure: str, init_timeout: int):
         if wire_dtype not in CODECS:
             raise ValueError(f"wire_dtype must be one of {CODECS}, got {wire_dtype!r}")
+        check_compression(config.activation_compression, "activation_compression")
         if on_site_failure not in ("stop", "continue"):
             raise ValueError(f"on_site_failure must be 'stop' or 'continue', got {on_site_failure!r}")
         self.controller = controller

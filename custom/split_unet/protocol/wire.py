@@ -1,8 +1,9 @@
 """Wire format: what travels between the server and a site, and the checks on everything received.
 
-Every message is one DXO. Tensors travel as numpy arrays keyed by U-Net level (``"0"``, ``"1"``, ...;
+Every message is one DXO. Tensors travel as raw bytes keyed by U-Net level (``"0"``, ``"1"``, ...;
 top-k adds ``"0:indices"``), each encoded by a codec (``codecs``: float32 exact, scaled float16, int8
-per channel, top-k) that ``meta["encodings"]`` names with its scale and shape.
+per channel, top-k) that ``meta["encodings"]`` names with its scale, shape and any lossless compression
+(``TrainConfig.activation_compression``: the sites' activations).
 
 - server -> site, task ``split_unet_init``: DXO ``split_unet.init`` with the run configuration.
 - server -> site, tasks ``split_unet_train`` / ``split_unet_validate`` / ``split_unet_finish``: DXO
@@ -63,15 +64,17 @@ class TensorMessage:
     info: dict = field(default_factory=dict)  # e.g. {"train_step": k, "train_steps": n} on training tasks
     wire_bytes: int = 0  # bytes of the tensor payload as sent or received
 
-    def to_shareable(self, codec: str, keep_fraction: float = 0.1) -> tuple[Shareable, int]:
-        """-> (shareable, bytes of tensor payload). ``codec``: see ``codecs`` (float32 is exact)."""
-        dxo, n_bytes = self.to_dxo(codec, keep_fraction)
+    def to_shareable(self, codec: str, keep_fraction: float = 0.1,
+                     compression: str | None = None) -> tuple[Shareable, int]:
+        """-> (shareable, bytes of tensor payload as sent). ``codec``: see ``codecs`` (float32 is exact);
+        ``compression``: None or one of ``codecs.COMPRESSIONS`` (lossless)."""
+        dxo, n_bytes = self.to_dxo(codec, keep_fraction, compression)
         return dxo.to_shareable(), n_bytes
 
-    def to_dxo(self, codec: str, keep_fraction: float = 0.1) -> tuple[DXO, int]:
+    def to_dxo(self, codec: str, keep_fraction: float = 0.1, compression: str | None = None) -> tuple[DXO, int]:
         data, encodings = {}, {}
         for level, tensor in self.tensors.items():
-            arrays, encodings[str(level)] = codecs.encode(tensor, codec, keep_fraction)
+            arrays, encodings[str(level)] = codecs.encode(tensor, codec, keep_fraction, compression)
             data.update({f"{level}{suffix}": array for suffix, array in arrays.items()})
         meta = {"step": self.step, "patient_ids": list(self.patient_ids), "encodings": encodings,
                 "tensor_step": self.tensor_step, "info": dict(self.info)}

@@ -25,6 +25,7 @@ from split_unet.profiling import save_profile, start_profile
 from split_unet.training import DecoderParty, TrainConfig, select_device
 from split_unet.training.sliding_window import sliding_window_logits
 
+from .nvflare_workarounds import short_received_buffer_repr
 from .paths import inside
 from .rounds import SiteRounds
 from .settings import load_site_settings
@@ -74,6 +75,7 @@ class SplitWorkflow(Controller):
             torch.set_num_threads(self.num_threads)
         start_profile()
         release_large_blocks()  # the resident memory stays flat across steps (see split_unet.allocator)
+        short_received_buffer_repr()  # NVFlare formats every received payload for a debug line otherwise
         self.run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
         self.telemetry.start(self.run_dir)
 
