@@ -118,7 +118,8 @@ def cmd_bench(args) -> int:
                          activation_compression=None if args.activation_compression == "none" else
                          args.activation_compression,
                          decoder_checkpointing=args.decoder_checkpointing,
-                         task_request_interval=args.task_request_interval,
+                         **({"task_request_interval": args.task_request_interval}
+                            if args.task_request_interval is not None else {}),
                          direct_job_connections=not args.relayed, job_timeout=args.job_timeout,
                          device=args.device, comm=json.loads(args.comm) if args.comm else {})
     results = bench(args.out, config, args.modes.split(","), args.data_root)
@@ -323,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lossless compression of the activations the sites send")
     bench.add_argument("--micro-batches", type=int, default=1, help="decoder micro-batches per step (server memory)")
     bench.add_argument("--decoder-checkpointing", action="store_true", help="decoder activation checkpointing")
-    bench.add_argument("--task-request-interval", type=float, default=0.05,
-                       help="seconds a site waits before asking again when the server has no task for it")
+    bench.add_argument("--task-request-interval", type=float,
+                       help="seconds a site waits before asking again when the server has no task for it (default: "
+                            "the shipped job's)")
     bench.add_argument("--job-timeout", type=float, default=600.0,
                        help="seconds a POC job may take before its mode counts as failed (a busy machine needs more)")
     bench.add_argument("--relayed", action="store_true",

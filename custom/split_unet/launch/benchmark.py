@@ -29,7 +29,7 @@ from split_unet.data import DATALIST, MODALITIES, SERVER_SITE, generate_dataset,
 from split_unet.defence import UNDEFENDED
 from split_unet.errors import SplitUNetError
 from split_unet.files import load_json, write_json
-from split_unet.jobs import TrainingJob, export, training_settings
+from split_unet.jobs import TASK_REQUEST_INTERVAL, TrainingJob, export, training_settings
 from split_unet.launch.poc import PocFederation, run_job
 from split_unet.profiling import step_statistics
 from split_unet.launch.simulation import run_simulation
@@ -55,7 +55,7 @@ class BenchConfig:
     activation_compression: str | None = None  # TrainConfig.activation_compression
     micro_batches: int = 1
     decoder_checkpointing: bool = False
-    task_request_interval: float = 0.05
+    task_request_interval: float = TASK_REQUEST_INTERVAL
     direct_job_connections: bool = True  # POC: see PocFederation
     seed: int = 0
     device: str | None = None
