@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from monai.transforms import NormalizeIntensity
+from monai.utils import convert_to_numpy
+from wire_micro import cpu_ms  # thread CPU per call, after one unmeasured call
 
 from split_unet.data.phantom import generate_patient
 from split_unet.data.regions import regions
@@ -59,21 +61,13 @@ def compressors() -> dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes],
     return found
 
 
-def thread_ms(function: Callable[[], object], repeats: int) -> float:
-    started = time.thread_time()
-    for _ in range(repeats):
-        function()
-    return (time.thread_time() - started) / repeats * 1e3
-
-
 def payloads(steps: int, seed: int) -> dict[str, list[bytes]]:
     """{"activations at step k": the byte fields of the four sites' messages, "gradients at step k": ...}."""
     cases = [generate_patient(index, SIZE, seed) for index in range(BATCH)]
-    images = np.stack([np.moveaxis(image, -1, 0) for image, _ in cases])  # (B, 4, *S)
-    brain = images != 0
-    for c in range(SITES):  # the readers' normalisation: brain voxels only, background stays exactly 0
-        values = images[:, c][brain[:, c]]
-        images[:, c][brain[:, c]] = (values - values.mean()) / values.std()
+    # The readers' normalisation: per volume and modality, brain voxels only; the background stays exactly 0.
+    normalize = NormalizeIntensity(nonzero=True, channel_wise=True)
+    images = np.stack([convert_to_numpy(normalize(np.moveaxis(image, -1, 0)), dtype=np.float32)
+                       for image, _ in cases])  # (B, 4, *S)
     target = np.stack([regions(label) for _, label in cases]).astype(np.float32)
     config = NetworkConfig()
     device = torch.device("cpu")
@@ -110,8 +104,8 @@ def main() -> None:
         for codec, (pack, unpack) in compressors().items():
             packed = [pack(f) for f in fields]
             assert all(unpack(p) == f for p, f in zip(packed, fields)), codec  # lossless, checked
-            cost = thread_ms(lambda: [pack(f) for f in fields], args.repeats) + \
-                thread_ms(lambda: [unpack(p) for p in packed], args.repeats)
+            cost = cpu_ms(lambda: [pack(f) for f in fields], args.repeats) + \
+                cpu_ms(lambda: [unpack(p) for p in packed], args.repeats)
             size = sum(len(p) for p in packed)
             saved_ms = (total - size) / 1e6 / args.mb_per_cpu_second * 1e3
             results.append({"payload": name, "compressor": codec, "mb": total / 1e6, "ratio": size / total,
