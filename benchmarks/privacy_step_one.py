@@ -47,6 +47,9 @@ CONFIGURATIONS = {
                                                "privacy_warmup_steps": 192},
     "all levels + level-0 noise x3 + NoPeek 1.0 + warm-up 24": {"nopeek_weight": 1.0, "privacy_warmup_steps": 24,
                                                                 "level0_noise": LEVEL0_NOISE},
+    "1-channel 2-bit full-res + NoPeek 1.0 on levels 1-3 + warm-up 96": {
+        "network": {"full_res_channels": 1, "full_res_bits": 2}, "nopeek_weight": 1.0, "nopeek_levels": [1, 2, 3],
+        "privacy_warmup_steps": 96},
 }
 
 
@@ -63,7 +66,8 @@ def first_release(settings: dict, images: SiteImages, modality: str, victims: li
         adversary = InversionAdversary(build_inversion_decoder(config.network, index, config.seed), atlas,
                                        config.lr, torch.device("cpu"))
     party = EncoderParty(encoder, config.lr, torch.device("cpu"), site=modality, nopeek_weight=config.nopeek_weight,
-                         seed=config.seed, amp=False, adversary=adversary, adversarial_weight=config.adversarial_weight)
+                         seed=config.seed, amp=False, adversary=adversary, adversarial_weight=config.adversarial_weight,
+                         nopeek_levels=config.nopeek_levels)
     if config.privacy_warmup_steps:
         party.warm_up(images.batch(ids) for ids in warmup_batches(train_ids, config.batch_size,
                                                                   config.privacy_warmup_steps, config.seed))

@@ -509,6 +509,8 @@ def test_the_shipped_job_passes_the_default_scope_and_a_hostile_job_cannot_weake
     for key, value in (("nopeek_weight", 0.0), ("nopeek_weight", float("nan"))):
         with pytest.raises(ProtocolError, match=rf"site '{site}', field 'train.{key}'.*requires {key}"):
             init({**shipped.to_dict(), key: value})
+    with pytest.raises(ProtocolError, match=rf"site '{site}', field 'train.nopeek_levels'.*every level it sends"):
+        init({**shipped.to_dict(), "nopeek_levels": [3]})  # NoPeek's weight, but not on levels 1 and 2
     omitted = DXO(KIND_INIT, data={"train": {k: v for k, v in shipped.to_dict().items() if k != "nopeek_weight"}})
     with pytest.raises(ProtocolError, match="requires nopeek_weight >= 1"):
         _through(data_filters, omitted.to_shareable(), fl_ctx)

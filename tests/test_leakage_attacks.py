@@ -80,32 +80,32 @@ def test_random_mask_keeps_the_voxel_count_per_sample():
 def _architecture(config=None):
     """The attacker's encoder factory: the architecture only."""
     config = config or _config()
-    return lambda: ModalityEncoder(3, 1, **config.layer_args())
+    return lambda: ModalityEncoder(3, 1, **config.encoder_args())
 
 
-def _run_attacks(encoder, activations, aux, seed):
-    config = _config()
+def _run_attacks(encoder, activations, aux, seed, config):
     surrogate = train_surrogate_autoencoder(_architecture(config), aux, encoder.levels, iterations=3, seed=seed)
     return {
         "whitebox": whitebox_inversion(encoder, activations, SHAPE, iterations=3, seed=seed),
-        "unsplit": unsplit_inversion(lambda: ModalityEncoder(3, 1, **config.layer_args()), activations, SHAPE,
-                                     iterations=3, seed=seed),
+        "unsplit": unsplit_inversion(_architecture(config), activations, SHAPE, iterations=3, seed=seed),
         "learned": learned_inversion(train_inversion_decoder(encoder, aux, encoder.levels, iterations=3,
                                                              seed=seed), activations),
         "surrogate": surrogate_inversion(*surrogate, aux, activations, iterations=3),
     }
 
 
-def test_attacks_are_deterministic_and_leave_the_encoder_and_global_rng_alone(phantom):
+@pytest.mark.parametrize("config", [_config(), NetworkConfig(channels=(4, 8, 16), strides=(2, 2), full_res_channels=1,
+                                                                full_res_bits=2)], ids=["plain", "narrow_full_res"])
+def test_attacks_are_deterministic_and_leave_the_encoder_and_global_rng_alone(phantom, config):
     images = phantom[0]["t1w"]
-    encoder, activations = _activations(_config(), images[:2])
+    encoder, activations = _activations(config, images[:2])
     encoder.train()
     weights = [p.clone() for p in encoder.parameters()]
     rng = torch.get_rng_state()
 
-    first = _run_attacks(encoder, activations, images[2:], seed=0)
-    again = _run_attacks(encoder, activations, images[2:], seed=0)
-    other = _run_attacks(encoder, activations, images[2:], seed=1)
+    first = _run_attacks(encoder, activations, images[2:], 0, config)
+    again = _run_attacks(encoder, activations, images[2:], 0, config)
+    other = _run_attacks(encoder, activations, images[2:], 1, config)
     for name, reconstruction in first.items():
         assert reconstruction.shape == (2, 1, *SHAPE), name
         assert torch.equal(reconstruction, again[name]), name

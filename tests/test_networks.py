@@ -68,3 +68,36 @@ def test_network_config_round_trip_and_unknown_keys():
     assert NetworkConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown network settings"):
         NetworkConfig.from_dict({"chanels": [4, 8]})
+
+
+@pytest.mark.parametrize("fusion", ["concat", "mean"])
+def test_narrow_quantised_full_resolution_level(fusion):
+    """Level 0 leaves the encoder as ``full_res_channels`` channels on the ``2**bits`` grid in [0, 1]; the deeper
+    levels are unchanged; the decoder takes that width, and the rounding passes the gradient to the encoder."""
+    config = NetworkConfig(channels=(4, 8, 16), strides=(2, 2), full_res_channels=1, full_res_bits=2, fusion=fusion)
+    encoder, plain = build_encoder(config, 0, seed=3), build_encoder(NetworkConfig(channels=(4, 8, 16), strides=(2, 2)), 0, seed=3)
+    x = torch.randn(2, 1, 16, 16, 16)
+    features = encoder(x)
+    assert config.sent_channels == encoder.sent_channels == (1, 8, 16)
+    assert features[0].shape == (2, 1, 16, 16, 16)
+    grid = features[0] * 3
+    assert torch.equal(grid, grid.round()) and grid.min() >= 0 and grid.max() <= 3
+    assert len(grid.unique()) > 1  # a constant map would pass the grid check and carry nothing
+    for level in (1, 2):  # the blocks start from the same weights as without the projection
+        assert torch.equal(features[level], plain(x)[level])
+    logits = build_decoder(config, 2, seed=3)([features, encoder(x)])
+    assert logits.shape == (2, 3, 16, 16, 16)
+    logits.sum().backward()
+    assert encoder.full_res.project.conv.weight.grad.abs().sum() > 0
+    assert NetworkConfig.from_dict(config.to_dict()) == config
+
+
+def test_bad_full_resolution_narrowing_is_refused():
+    with pytest.raises(ValueError, match="full_res_channels must be between 1 and channels"):
+        NetworkConfig(channels=(4, 8), strides=(2,), full_res_channels=5)
+    with pytest.raises(ValueError, match="do not send"):
+        NetworkConfig(channels=(4, 8), strides=(2,), levels=(1,), full_res_channels=1)
+    with pytest.raises(ValueError, match="set full_res_channels too"):
+        NetworkConfig(channels=(4, 8), strides=(2,), full_res_bits=2)
+    with pytest.raises(ValueError, match="between 1 and 8"):
+        ModalityEncoder(3, 1, (4, 8), (2,), full_res_channels=1, full_res_bits=9)

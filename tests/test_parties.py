@@ -5,8 +5,9 @@ import torch
 
 from split_unet.errors import ProtocolError
 from split_unet.networks import NetworkConfig, build_decoder, build_encoder, build_split_unet
-from split_unet.training import (DecoderParty, EncoderParty, amp_active, grad_scaler, make_optimizer,
+from split_unet.training import (DecoderParty, EncoderParty, TrainConfig, amp_active, grad_scaler, make_optimizer,
                                  segmentation_loss)
+from split_unet.training.nopeek import spatial_nopeek_loss
 
 CONFIG = NetworkConfig(channels=(4, 8, 16), strides=(2, 2))
 
@@ -157,3 +158,21 @@ def test_amp_parties_on_cuda_follow_the_float32_step():
         assert server.predict([s.infer(images[:, k:k + 1]) for k, s in enumerate(sites)]).dtype == torch.float32
         losses.append(loss)
     assert losses[1] == pytest.approx(losses[0], rel=1e-2)
+
+
+def test_nopeek_decorrelates_only_the_levels_asked_for():
+    """``nopeek_levels``: the site's NoPeek term is the one of those levels alone, from the same positions."""
+    images, _ = _batch()
+    images = images[:, :1]
+    party = EncoderParty(build_encoder(CONFIG, 0, 3), 1e-2, torch.device("cpu"), nopeek_weight=1.0, seed=5,
+                         nopeek_levels=[2])
+    features = party.forward(images)
+    party.backward({level: torch.zeros_like(t) for level, t in features.items()})
+    expected = spatial_nopeek_loss(images, {2: features[2].detach()}, generator=torch.Generator().manual_seed(5))
+    assert party.last_nopeek_loss == pytest.approx(float(expected), rel=1e-5)
+    every = EncoderParty(build_encoder(CONFIG, 0, 3), 1e-2, torch.device("cpu"), nopeek_weight=1.0, seed=5)
+    every.backward({level: torch.zeros_like(t) for level, t in every.forward(images).items()})
+    assert every.last_nopeek_loss != pytest.approx(party.last_nopeek_loss, rel=1e-3)
+    with pytest.raises(ValueError, match="nopeek_levels must be some of the sent levels"):
+        TrainConfig(network={"levels": [1, 2, 3]}, nopeek_levels=[0])
+    assert TrainConfig.from_dict(TrainConfig(nopeek_levels=[2, 1]).to_dict()).nopeek_levels == (1, 2)

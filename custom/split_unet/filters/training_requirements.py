@@ -53,4 +53,11 @@ class TrainingRequirements(DXOFilter):
                                       f"{value!r}", site=site, field=f"train.{key}")
                 self.log_error(fl_ctx, str(error))
                 raise error
+        if "nopeek_weight" in self.minimum and train.get("nopeek_levels") is not None:
+            # The required weight holds on every level the site sends: a job may not exempt some of them.
+            error = ProtocolError(f"this site's privacy policy requires NoPeek on every level it sends; the job "
+                                  f"limits it to levels {train['nopeek_levels']!r}", site=site,
+                                  field="train.nopeek_levels")
+            self.log_error(fl_ctx, str(error))
+            raise error
         return None

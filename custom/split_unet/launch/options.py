@@ -21,6 +21,9 @@ def train_overrides(args: argparse.Namespace) -> dict:
         network["levels"] = [int(level) for level in args.levels.split(",")]
     if getattr(args, "fusion", None):
         network["fusion"] = args.fusion
+    for key in ("full_res_channels", "full_res_bits"):
+        if getattr(args, key, None) is not None:
+            network[key] = getattr(args, key)
     if network:
         train["network"] = network
     return train
@@ -39,6 +42,10 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--channels", help="feature channels per level, e.g. 8,16,32,64")
     group.add_argument("--levels", help="levels the sites send, e.g. 1,2,3 (default: all)")
     group.add_argument("--fusion", choices=("concat", "mean"))
+    group.add_argument("--full-res-channels", type=int,
+                       help="send the full-resolution level narrowed to this many learned channels (default: all)")
+    group.add_argument("--full-res-bits", type=int,
+                       help="quantise the narrowed full-resolution level to 2**bits values per channel")
     group.add_argument("--modality-dropout", type=float,
                        help="probability that one site, drawn per step, is left out of a training step (default 0)")
     group.add_argument("--micro-batches", type=int,

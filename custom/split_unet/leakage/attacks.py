@@ -227,7 +227,7 @@ def _inversion_decoder(encoder: ModalityEncoder, image: torch.Tensor, levels: Se
     strides = _level_strides(encoder, image)
     with _seeded(seed, image.device):
         return FusionDecoder(image.ndim - 2, 1, encoder.channels, strides, out_channels=1, levels=levels,
-                             fusion="mean").to(image.device)
+                             fusion="mean", full_res_channels=encoder.full_res_channels).to(image.device)
 
 
 def train_inversion_decoder(encoder: ModalityEncoder, aux_images: torch.Tensor, levels: Sequence[int],
@@ -316,8 +316,10 @@ def train_surrogate_autoencoder(make_encoder: Callable[[], ModalityEncoder], aux
 
 def _channel_moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (C,) and covariance (C, C) of a level's channels over every sample and voxel of (B, C, *S_l)."""
-    flat = features.transpose(0, 1).reshape(features.shape[1], -1).double()
-    return flat.mean(dim=1), torch.cov(flat, correction=0)
+    channels = features.shape[1]
+    flat = features.transpose(0, 1).reshape(channels, -1).double()
+    # torch.cov gives a 0-d tensor for one channel (a narrowed full-resolution level): keep it (1, 1).
+    return flat.mean(dim=1), torch.cov(flat, correction=0).reshape(channels, channels)
 
 
 def _matrix_power(covariance: torch.Tensor, power: float, floor: float = 1e-6) -> torch.Tensor:

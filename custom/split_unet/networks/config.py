@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from .split_unet import FusionDecoder, ModalityEncoder, SplitUNet
+from .split_unet import FusionDecoder, ModalityEncoder, SplitUNet, sent_widths
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class NetworkConfig:
     norm: str = "instance"
     act: str = "prelu"
     dropout: float = 0.0
+    full_res_channels: int | None = None
+    full_res_bits: int | None = None
 
     def __post_init__(self):
         # JSON gives lists; keep the dataclass hashable and comparable.
@@ -37,10 +39,16 @@ class NetworkConfig:
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
         if self.levels is not None:
             object.__setattr__(self, "levels", tuple(sorted(int(level) for level in self.levels)))
+        self.sent_channels  # refuses a narrowed full-resolution level the network cannot send
 
     @property
     def sent_levels(self) -> tuple[int, ...]:
         return self.levels if self.levels is not None else tuple(range(len(self.channels)))
+
+    @property
+    def sent_channels(self) -> tuple[int, ...]:
+        """Channels of each level as a site sends it (level 0 narrowed by ``full_res_channels``)."""
+        return sent_widths(self.channels, self.sent_levels, self.full_res_channels, self.full_res_bits)
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -55,8 +63,14 @@ class NetworkConfig:
         return cls(**values)
 
     def layer_args(self) -> dict:
+        """The arguments every part (encoder, decoder) shares."""
         return dict(channels=self.channels, strides=self.strides, levels=self.levels,
-                    num_res_units=self.num_res_units, norm=self.norm, act=self.act, dropout=self.dropout)
+                    num_res_units=self.num_res_units, norm=self.norm, act=self.act, dropout=self.dropout,
+                    full_res_channels=self.full_res_channels)
+
+    def encoder_args(self) -> dict:
+        """``ModalityEncoder``'s arguments after ``spatial_dims`` and ``in_channels``."""
+        return dict(self.layer_args(), full_res_bits=self.full_res_bits)
 
 
 def part_seed(seed: int, part: int, *stream: int) -> int:
@@ -69,7 +83,7 @@ def build_encoder(config: NetworkConfig, index: int, seed: int, in_channels: int
     """Encoder ``index`` (the site's position in the server's site list), initialised from ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(part_seed(seed, index + 1))
-        return ModalityEncoder(config.spatial_dims, in_channels, **config.layer_args())
+        return ModalityEncoder(config.spatial_dims, in_channels, **config.encoder_args())
 
 
 def build_decoder(config: NetworkConfig, num_inputs: int, seed: int) -> FusionDecoder:
@@ -80,7 +94,7 @@ def build_decoder(config: NetworkConfig, num_inputs: int, seed: int) -> FusionDe
 
 
 def build_inversion_decoder(config: NetworkConfig, index: int, seed: int, in_channels: int = 1) -> FusionDecoder:
-    """Site ``index``'s own inversion decoder: sent features ``{level: (B, channels[level], *S_level)}`` -> the site's
+    """Site ``index``'s own inversion decoder: sent features ``{level: (B, sent_channels[level], *S_level)}`` -> the site's
     images (B, in_channels, *S).
 
     The layout of the server's decoder with one input and the image as output: the learned inversion attack

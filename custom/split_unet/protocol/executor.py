@@ -177,7 +177,7 @@ class ModalitySiteExecutor(Executor):
                                                                    config.seed), atlas, config.lr, device)
         self.party = EncoderParty(encoder, config.lr, device, site=site, nopeek_weight=config.nopeek_weight,
                                   seed=config.seed, amp=config.amp, adversary=adversary,
-                                  adversarial_weight=config.adversarial_weight)
+                                  adversarial_weight=config.adversarial_weight, nopeek_levels=config.nopeek_levels)
         self.config = config
         self.wire_dtype = request["wire_dtype"]
         self.run_config = {"train": config.to_dict(), "site_index": int(request["site_index"]),

@@ -103,7 +103,7 @@ def activation_shapes(config: TrainConfig, batch: int, spatial: Sequence[int] | 
     of ``spatial`` shape (default: the training input, a patch or the whole grid)."""
     net = config.network
     shapes, spatial = {}, list(spatial or config.input_shape)
-    for level, channels in enumerate(net.channels):
+    for level, channels in enumerate(net.sent_channels):
         if level > 0:
             spatial = [side // net.strides[level - 1] for side in spatial]
         if level in net.sent_levels:

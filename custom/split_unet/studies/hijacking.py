@@ -82,10 +82,10 @@ class FeatureSpaceHijacker:
         levels = network.sent_levels
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.pilot = ModalityEncoder(network.spatial_dims, 1, **network.layer_args())
-            self.inverse = FusionDecoder(network.spatial_dims, 1, network.channels, network.strides, out_channels=1,
-                                         levels=levels, fusion="mean")
-            self.discriminator = LatentDiscriminator(network.spatial_dims, network.channels, levels)
+            self.pilot = ModalityEncoder(network.spatial_dims, 1, **network.encoder_args())
+            self.inverse = FusionDecoder(network.spatial_dims, 1, out_channels=1, fusion="mean",
+                                         **network.layer_args())
+            self.discriminator = LatentDiscriminator(network.spatial_dims, network.sent_channels, levels)
         self.autoencoder_optimizer = torch.optim.Adam([*self.pilot.parameters(), *self.inverse.parameters()], lr=lr)
         self.discriminator_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=lr)
         self.generator = torch.Generator().manual_seed(seed)

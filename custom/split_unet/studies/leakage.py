@@ -101,7 +101,7 @@ def _load_snapshot_encoder(workspace: Path, site: str, step: int, device: torch.
                         field=str(path))
     snapshot = torch.load(path, map_location=device, weights_only=True)
     config = NetworkConfig.from_dict(snapshot["network"])
-    encoder = ModalityEncoder(config.spatial_dims, 1, **config.layer_args())
+    encoder = ModalityEncoder(config.spatial_dims, 1, **config.encoder_args())
     encoder.load_state_dict(snapshot["encoder"])
     return encoder.to(device)
 
@@ -163,7 +163,7 @@ class _Context:
 
     def architecture(self) -> ModalityEncoder:
         """A fresh encoder of the site's architecture: the server knows it from its own job config, nothing else."""
-        return ModalityEncoder(self.network.spatial_dims, 1, **self.network.layer_args())
+        return ModalityEncoder(self.network.spatial_dims, 1, **self.network.encoder_args())
 
     def surrogate_pair(self, site: str, levels: Sequence[int]) -> tuple[ModalityEncoder, FusionDecoder]:
         """The attacker's surrogate encoder and decoder for ``site``'s modality, trained once on its auxiliary

@@ -57,6 +57,8 @@ class TrainConfig:
     amp: bool = True
     device: str | None = None
     nopeek_weight: float = 0.0  # sites' NoPeek distance-correlation penalty (0 = off)
+    # The sent levels NoPeek decorrelates from the image (None: every sent level).
+    nopeek_levels: tuple[int, ...] | None = None
     # Sites' adversarial training against their own inversion decoder (``training.adversarial``; 0 = off): the
     # weight of the encoder's term pulling that decoder's reconstruction to the site's mean image.
     adversarial_weight: float = 0.0
@@ -90,6 +92,11 @@ class TrainConfig:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
         if self.nopeek_weight < 0 or self.adversarial_weight < 0 or self.privacy_warmup_steps < 0:
             raise ValueError("nopeek_weight, adversarial_weight and privacy_warmup_steps must not be negative")
+        if self.nopeek_levels is not None:
+            self.nopeek_levels = tuple(sorted(set(int(level) for level in self.nopeek_levels)))
+            if not self.nopeek_levels or not set(self.nopeek_levels) <= set(self.network.sent_levels):
+                raise ValueError(f"nopeek_levels must be some of the sent levels {list(self.network.sent_levels)}, "
+                                 f"got {list(self.nopeek_levels)}")
         if self.privacy_warmup_steps and not (self.nopeek_weight or self.adversarial_weight):
             raise ValueError("privacy_warmup_steps needs a privacy term to warm up: nopeek_weight or adversarial_weight")
         if self.adversarial_weight and self.patch_size is not None:
@@ -115,7 +122,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         values = asdict(self)
-        for key in ("size", "patch_size"):
+        for key in ("size", "patch_size", "nopeek_levels"):
             if isinstance(values[key], tuple):
                 values[key] = list(values[key])
         values["network"] = self.network.to_dict()

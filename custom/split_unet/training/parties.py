@@ -57,7 +57,8 @@ class EncoderParty:
 
     def __init__(self, encoder: ModalityEncoder, lr: float, device: torch.device, site: str | None = None,
                  nopeek_weight: float = 0.0, seed: int = 0, amp: bool = False,
-                 adversary: InversionAdversary | None = None, adversarial_weight: float = 0.0):
+                 adversary: InversionAdversary | None = None, adversarial_weight: float = 0.0,
+                 nopeek_levels: Sequence[int] | None = None):
         self.encoder = encoder.to(device)
         self.optimizer = make_optimizer(self.encoder.parameters(), lr)
         self.device = device
@@ -65,6 +66,7 @@ class EncoderParty:
         self.scaler = grad_scaler(device, amp)
         self.site = site
         self.nopeek_weight = nopeek_weight
+        self.nopeek_levels = None if nopeek_levels is None else set(nopeek_levels)  # None: every sent level
         self._generator = torch.Generator().manual_seed(seed)
         self._pending: Features | None = None
         self.last_nopeek_loss: float | None = None  # the NoPeek term of the last backward pass (unweighted)
@@ -150,7 +152,9 @@ class EncoderParty:
         features = {level: t.float() for level, t in features.items()}
         terms = []
         if self.nopeek_weight > 0:
-            nopeek = spatial_nopeek_loss(images, features, generator=self._generator)
+            decorrelated = {level: t for level, t in features.items()
+                            if self.nopeek_levels is None or level in self.nopeek_levels}
+            nopeek = spatial_nopeek_loss(images, decorrelated, generator=self._generator)
             self.last_nopeek_loss = float(nopeek.detach())
             terms.append(self.nopeek_weight * nopeek)
         if self.adversarial_weight > 0:
