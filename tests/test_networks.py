@@ -5,6 +5,8 @@ import torch
 
 from split_unet.networks import (FusionDecoder, ModalityEncoder, NetworkConfig, SplitUNet, build_decoder,
                                  build_encoder, build_split_unet)
+from split_unet.protocol.rounds import activation_shapes
+from split_unet.training import TrainConfig
 
 
 @pytest.mark.parametrize("spatial_dims,size", [(2, 32), (3, 16)])
@@ -101,3 +103,10 @@ def test_bad_full_resolution_narrowing_is_refused():
         NetworkConfig(channels=(4, 8), strides=(2,), full_res_bits=2)
     with pytest.raises(ValueError, match="between 1 and 8"):
         ModalityEncoder(3, 1, (4, 8), (2,), full_res_channels=1, full_res_bits=9)
+
+
+def test_the_server_expects_the_narrowed_width_from_every_site():
+    """The server checks every received level against ``activation_shapes``: level 0 at its sent width."""
+    config = TrainConfig(size=16, network={"channels": [4, 8, 16], "strides": [2, 2], "full_res_channels": 1,
+                                           "full_res_bits": 2})
+    assert activation_shapes(config, 2) == {0: (2, 1, 16, 16, 16), 1: (2, 8, 8, 8, 8), 2: (2, 16, 4, 4, 4)}
