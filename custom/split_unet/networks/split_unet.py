@@ -68,7 +68,8 @@ class QuantisedProjection(nn.Module):
         self.project = Convolution(spatial_dims, in_channels, out_channels, kernel_size=1, conv_only=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.sigmoid(self.project(x))
+        # float32 whatever autocast gave the convolution: the rounding grid is exact there, and the wire casts anyway.
+        y = torch.sigmoid(self.project(x).float())
         if self.bits is None:
             return y
         top = 2 ** self.bits - 1
