@@ -77,7 +77,8 @@ def test_narrow_quantised_full_resolution_level(fusion):
     """Level 0 leaves the encoder as ``full_res_channels`` channels on the ``2**bits`` grid in [0, 1]; the deeper
     levels are unchanged; the decoder takes that width, and the rounding passes the gradient to the encoder."""
     config = NetworkConfig(channels=(4, 8, 16), strides=(2, 2), full_res_channels=1, full_res_bits=2, fusion=fusion)
-    encoder, plain = build_encoder(config, 0, seed=3), build_encoder(NetworkConfig(channels=(4, 8, 16), strides=(2, 2)), 0, seed=3)
+    encoder = build_encoder(config, 0, seed=3)
+    plain = build_encoder(NetworkConfig(channels=(4, 8, 16), strides=(2, 2)), 0, seed=3)
     x = torch.randn(2, 1, 16, 16, 16)
     features = encoder(x)
     assert config.sent_channels == encoder.sent_channels == (1, 8, 16)

@@ -49,15 +49,15 @@ class TrainingRequirements(DXOFilter):
         for key, least in self.minimum.items():
             value = train.get(key, self.defaults[key])
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= least:
-                error = ProtocolError(f"this site's privacy policy requires {key} >= {least:g}; the job asks for "
-                                      f"{value!r}", site=site, field=f"train.{key}")
-                self.log_error(fl_ctx, str(error))
-                raise error
+                self._refuse(fl_ctx, f"requires {key} >= {least:g}; the job asks for {value!r}", site, key)
         if "nopeek_weight" in self.minimum and train.get("nopeek_levels") is not None:
             # The required weight holds on every level the site sends: a job may not exempt some of them.
-            error = ProtocolError(f"this site's privacy policy requires NoPeek on every level it sends; the job "
-                                  f"limits it to levels {train['nopeek_levels']!r}", site=site,
-                                  field="train.nopeek_levels")
-            self.log_error(fl_ctx, str(error))
-            raise error
+            self._refuse(fl_ctx, f"requires NoPeek on every level it sends; the job limits it to levels "
+                                 f"{train['nopeek_levels']!r}", site, "nopeek_levels")
         return None
+
+    def _refuse(self, fl_ctx: FLContext, requirement: str, site: str | None, key: str) -> None:
+        """Log and raise the refusal of a training setting, naming the site and ``train.<key>``."""
+        error = ProtocolError(f"this site's privacy policy {requirement}", site=site, field=f"train.{key}")
+        self.log_error(fl_ctx, str(error))
+        raise error
