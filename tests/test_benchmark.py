@@ -58,7 +58,12 @@ def test_bench_runs_centralized_and_simulator(tmp_path):
     if extra > 0:
         assert simulator["mb_per_federation_cpu_second"] == round(simulator["bytes_per_step"] / 1e6 / extra, 1)
     assert len(simulator["server_resident_mb"]) == 3  # one per training step
-    assert "| simulator |" in bench_table(results)
+    # A step's time is the decoder's, the slowest site's and the rest's: each measured, none negative.
+    for part in ("decoder_seconds", "site_seconds", "outside_decoder_and_sites_seconds"):
+        assert simulator[part]["steps"] == 2 and simulator[part]["median"] > 0, part
+    assert simulator["site_seconds"]["median"] < simulator["step_seconds"]["median"]
+    table = bench_table(results)
+    assert "| simulator |" in table and "simulator, median seconds per step: decoder" in table
 
 
 def test_missing_modality_dice_of_a_trained_run(trained_tiny, tiny_data):

@@ -200,8 +200,15 @@ def describe(mode: str, summary: dict, config: BenchConfig, steps_per_epoch: int
         row["cpu_seconds"] = summary["cpu_seconds"]["process"]
         return row
     per_site = summary["bytes_per_step"]["per_site"]
-    row.update(decoder_seconds=step_statistics(summary["timing"]["decoder_seconds"]),
-               round_trips_per_step=summary["timing"]["round_trips_per_step"],
+    timing = summary["timing"]
+    # Where a step's time goes: the decoder, the slowest site's task, and the rest, which is the server's encoding
+    # and decoding of the payloads and NVFlare's dispatch, polling and transfers both ways.
+    elsewhere = [step - decoder - site for step, decoder, site
+                 in zip(seconds, timing["decoder_seconds"], timing["site_seconds"])]
+    row.update(decoder_seconds=step_statistics(timing["decoder_seconds"]),
+               site_seconds=step_statistics(timing["site_seconds"]),
+               outside_decoder_and_sites_seconds=step_statistics(elsewhere),
+               round_trips_per_step=timing["round_trips_per_step"],
                bytes_per_step_per_site={direction: max(counts[direction] for counts in per_site.values())
                                         for direction in ("to_server", "to_site")},
                peak_memory_mb={"server": summary["memory_mb"]["server"],
@@ -298,4 +305,9 @@ def bench_table(results: dict) -> str:
                      f"{row['epoch_seconds']:.1f} | {ratio} | {traffic} | {overhead} | {trips} | {peak} | "
                      f"{row['cpu_seconds_per_step']:.2f} | {row.get('federation_cpu_seconds_per_step', '-')} | "
                      f"{row.get('mb_per_federation_cpu_second') or '-'} |")
+    for mode, row in results["modes"].items():
+        if "site_seconds" in row and row["site_seconds"].get("steps"):
+            lines.append(f"\n{mode}, median seconds per step: decoder {row['decoder_seconds']['median']:.3f}, slowest "
+                         f"site {row['site_seconds']['median']:.3f}, neither (payload encoding, NVFlare's dispatch, "
+                         f"polling and transfers) {row['outside_decoder_and_sites_seconds']['median']:.3f}")
     return "\n".join(lines)

@@ -74,6 +74,7 @@ class SplitUNetController(SplitWorkflow):
         self._last_checkpoint: int | None = None
         self._step_seconds: list[float] = []  # per training step: the round trip and the decoder's step
         self._decoder_seconds: list[float] = []  # per training step: the decoder's step alone
+        self._site_seconds: list[float] = []  # per training step: the slowest site's time on its task
         self._resident_mb: list[float] = []  # per training step: the server's resident memory after it
         self._training_peak_mb: float | None = None
         self._cpu: defaultdict[str, CpuPerStep] = defaultdict(CpuPerStep)  # the server and each site process
@@ -180,7 +181,10 @@ class SplitUNetController(SplitWorkflow):
         # set-up frozen, a collection costs ~2 ms instead of ~170 ms.
         gc.collect()
         self._resident_mb.append(resident_memory_mb())
-        self._mark_cpu(self.rounds.answered())
+        answered = self.rounds.answered()
+        self._mark_cpu(answered)
+        self._site_seconds.append(max((self.rounds.reply_info[site].get("busy_seconds", 0.0) for site in answered),
+                                      default=0.0))
         self.rounds.hold_gradients(gradients, {"gradient_train_step": step.train_step,
                                                "train_steps": schedule.total_steps})
         del features, gradients  # this step's inputs and their gradients: not kept through the next round
@@ -212,6 +216,7 @@ class SplitUNetController(SplitWorkflow):
             history=history, lost_sites=self.rounds.lost,
             timing={"step_seconds": [round(s, 4) for s in self._step_seconds],
                     "decoder_seconds": [round(s, 4) for s in self._decoder_seconds],
+                    "site_seconds": self._site_seconds,
                     "server_resident_mb": self._resident_mb,
                     "round_trips_per_step": self.rounds.rounds_of[TASK_TRAIN] / max(1, len(self._step_seconds)),
                     "cpu_seconds_per_step": self._cpu_per_step()},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.private.privacy_manager import PrivacyService
 
-from split_unet.allocator import release_large_blocks
 from split_unet.data import SiteImages
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.files import save_atomically
@@ -138,7 +138,6 @@ class ModalitySiteExecutor(Executor):
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         start_profile()
-        release_large_blocks()  # the resident memory stays flat across steps (see split_unet.allocator)
         short_received_buffer_repr()  # NVFlare formats every received payload for a debug line otherwise
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
         settings = load_site_settings(site, root)
@@ -189,6 +188,7 @@ class ModalitySiteExecutor(Executor):
         return DXO(data_kind=KIND_SITE_INFO, data=info).to_shareable()
 
     def _exchange(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, site: str) -> Shareable:
+        started = time.perf_counter()
         if self.party is None:
             raise ProtocolError(f"task '{task_name}' before '{TASK_INIT}'", site=site, field="task")
         # Gradients may only be as large as the activations waiting for them; nothing else is decoded.
@@ -222,6 +222,9 @@ class ModalitySiteExecutor(Executor):
         self.images.prefetch(prefetch)  # loaded on a background thread while the server works on this step
         echoed = {k: v for k, v in request.info.items() if k in ("train_step", "train_steps")}
         echoed["cpu_seconds"] = cpu_seconds()  # the server's benchmark figures: CPU per step, peak memory
+        # Seconds from the task's arrival to here (the reply's encoding comes after): what the step spends at the
+        # site, which the server tells apart from what it spends waiting on the wire.
+        echoed["busy_seconds"] = round(time.perf_counter() - started, 4)
         if (parent_seconds := process_cpu_seconds(os.getppid())) is not None:  # the process relaying our messages
             echoed.update(parent_pid=os.getppid(), parent_cpu_seconds=parent_seconds)
         if task_name == TASK_FINISH:

@@ -16,7 +16,6 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller
 from nvflare.apis.signal import Signal
 
-from split_unet.allocator import release_large_blocks
 from split_unet.data import DATALIST, SiteLabels
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.files import write_json
@@ -74,7 +73,6 @@ class SplitWorkflow(Controller):
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         start_profile()
-        release_large_blocks()  # the resident memory stays flat across steps (see split_unet.allocator)
         short_received_buffer_repr()  # NVFlare formats every received payload for a debug line otherwise
         self.run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
         self.telemetry.start(self.run_dir)
