@@ -222,8 +222,8 @@ class ModalitySiteExecutor(Executor):
         self.images.prefetch(prefetch)  # loaded on a background thread while the server works on this step
         echoed = {k: v for k, v in request.info.items() if k in ("train_step", "train_steps")}
         echoed["cpu_seconds"] = cpu_seconds()  # the server's benchmark figures: CPU per step, peak memory
-        # Seconds from the task's arrival to here (the reply's encoding comes after): what the step spends at the
-        # site, which the server tells apart from what it spends waiting on the wire.
+        # Seconds from the executor's receipt of the task (after the site's filters) to here; the reply's encoding
+        # comes after. The server tells what a step spends at the site from what it spends waiting on the wire.
         echoed["busy_seconds"] = round(time.perf_counter() - started, 4)
         if (parent_seconds := process_cpu_seconds(os.getppid())) is not None:  # the process relaying our messages
             echoed.update(parent_pid=os.getppid(), parent_cpu_seconds=parent_seconds)
