@@ -35,8 +35,8 @@ Features = dict[int, torch.Tensor]
 
 # Bounds on what a site reports about its own process: beyond them a number is not a measurement
 # (1e9 CPU seconds are 31 years, 1e9 MB a petabyte).
-REPORT_BOUNDS = {"cpu_seconds": 1e9, "busy_seconds": 1e9, "peak_memory_mb": 1e9, "gpu_peak_mb": 1e9, "parent_cpu_seconds": 1e9,
-                 "parent_pid": 2**31}
+REPORT_BOUNDS = {"cpu_seconds": 1e9, "busy_seconds": 1e9, "peak_memory_mb": 1e9, "gpu_peak_mb": 1e9,
+                 "parent_cpu_seconds": 1e9, "parent_pid": 2**31}
 # The server recomputes a site's epsilon with the site filter's own function and compares: the same code gives
 # the same float; the tolerance only leaves room for another machine's floating-point library.
 EPSILON_RELATIVE_TOLERANCE = 1e-6
