@@ -225,6 +225,22 @@ def test_the_init_task_waits_its_own_timeout_and_rounds_theirs():
     assert list(controller.rounds.broadcast(TASK_TRAIN, payloads, Signal(), FLContext())) == ["t1w"]
     assert timeouts == {TASK_INIT: 900, TASK_TRAIN: 7}
     assert "no answer within the task timeout of 7 s" in controller.rounds.lost["flair"]["reason"]
+    controller.rounds.broadcast(TASK_TRAIN, {"t1w": Shareable()}, Signal(), FLContext(), start_up=True)
+    assert timeouts[TASK_TRAIN] == 900
+
+
+@pytest.mark.parametrize("warmup_steps, start_up", [(0, [False, False]), (4, [True, False])])
+def test_the_round_in_which_the_sites_warm_up_is_a_start_up_round(warmup_steps, start_up):
+    """A site takes its privacy warm-up in its first training task, the one that names the agreed patients: with a
+    warm-up only that round may take as long as the init task."""
+    train = {**TRAIN.to_dict(), "nopeek_weight": 1.0, "privacy_warmup_steps": warmup_steps}
+    controller = SplitUNetController(sites=["flair"], train=train, task_timeout=7, init_timeout=900)
+    rounds = []
+    controller.rounds.broadcast = lambda *args, start_up: rounds.append(start_up) or {}  # flair answers nothing
+    controller.rounds.announce(["BRATS_001"])
+    for _ in range(2):
+        controller.rounds.exchange(TASK_TRAIN, ["BRATS_001"], Signal(), FLContext())
+    assert rounds == start_up
 
 
 def test_a_message_naming_an_escaping_patient_is_refused():
@@ -304,7 +320,7 @@ def _server_round(info: dict, controller: SplitUNetController | None = None, pat
     tensors = {level: torch.zeros(shape) for level, shape in activation_shapes(TRAIN, 1).items()}
     step = controller.rounds.step + 1
     reply = TensorMessage(KIND_ACTIVATIONS, step, [patient], tensors, info=info).to_shareable("float32")[0]
-    controller.rounds.broadcast = lambda *args: {"flair": reply}
+    controller.rounds.broadcast = lambda *args, **kwargs: {"flair": reply}
     controller.rounds.exchange(TASK_VALIDATE, [patient], Signal(), FLContext())
     return controller
 

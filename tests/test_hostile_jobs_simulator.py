@@ -38,12 +38,14 @@ def test_scope_without_privacy_file_and_a_hung_site(project_root, tiny_data, tmp
         if line.startswith("summary written"):
             events["summary_at"] = time.monotonic()
 
-    # The shipped job's defence on the tiny network (levels 1 and 2, NoPeek, gradient noise), under the sites'
-    # default scope. The init task (the sites read and check their data) has its own, long timeout; a training round
-    # of the tiny network takes about a second on an idle machine, so 20 s is generous for a busy one.
+    # The shipped job's defence on the tiny network (levels 1 and 2, NoPeek, warm-up, gradient noise), under the
+    # sites' default scope. The init task (the sites read and check their data) and the first training round (they
+    # warm up first: 96 tiny steps, seconds) have the init timeout, here 60 s, which t2w's silence then runs out;
+    # a later training round of the tiny network takes about a second on an idle machine, so 20 s is generous.
     train = {"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "val_fraction": 0.25}
     try:
-        job = training_settings(train, controller_args={"task_timeout": 20, "on_site_failure": "continue"})
+        job = training_settings(train, controller_args={"task_timeout": 20, "init_timeout": 60,
+                                                        "on_site_failure": "continue"})
         summary = run_simulation(sites, tmp_path / "ws", job, site_configs=project_root / "site_configs",
                                  progress=progress, grace_seconds=GRACE_S)
         returned_at = time.monotonic()
@@ -60,6 +62,7 @@ def test_scope_without_privacy_file_and_a_hung_site(project_root, tiny_data, tmp
     # The shipped job passed the sites' default scope (its TrainingRequirements and LevelBlocking).
     config = summary["config"]
     assert config["scope"] is None and config["network"]["levels"] == [1, 2] and config["nopeek_weight"] == 1.0
+    assert config["privacy_warmup_steps"] == 96
 
 
 def test_the_sites_default_scope_refuses_a_job_asking_for_the_level_it_blocks(project_root, tiny_data, tmp_path,

@@ -51,16 +51,16 @@ class Defence:
         return [level for level in range(depth) if level not in self.blocked_levels]
 
 
-# The recommended point of the privacy sweep (docs/privacy.md): no full-resolution level, NoPeek 1.0 at the
-# sites, gradient noise at ten times each sample's gradient RMS at the server. The privacy warm-up
-# (``privacy_warmup_steps``), the best step-1 point measured, is not part of it yet: 96 warm-up steps added
-# minutes at every site's start on CPU (docs/privacy.md). It stops the white-box inversion and the label attack, not a
-# decoder learned with query access (+0.38 SSIM over the prior at the last step); only sending the bottleneck alone
-# did, at 0.26 mean Dice (docs/privacy.md, the frontier against the learned attack).
+# The recommended point of the privacy sweep (docs/privacy.md): no full-resolution level; at the sites NoPeek 1.0
+# and a privacy warm-up of 96 local NoPeek steps before the first release (without it the white-box inversion
+# reads the random encoder's step-1 activations at SSIM 0.82-0.90); gradient noise at ten times each sample's
+# gradient RMS at the server. It stops the white-box inversion at every recorded step and the label attack, not a
+# decoder learned with query access (+0.2 to +0.4 SSIM over the prior); only sending the bottleneck alone did, at
+# 0.26 mean Dice (docs/privacy.md, the frontier against the learned attack).
 DEFENCE = Defence(
-    name="no full-res + NoPeek 1.0 + gradient noise x10",
+    name="no full-res + NoPeek 1.0 + warm-up 96 + gradient noise x10",
     blocked_levels=(0,),
-    site_training={"nopeek_weight": 1.0},
+    site_training={"nopeek_weight": 1.0, "privacy_warmup_steps": 96},
     server_filters=({"path": "split_unet.filters.GradientProtection",
                      "args": {"mode": "noise", "noise_multiplier": 10.0}},),
 )

@@ -143,7 +143,8 @@ class SiteRounds:
         wire_dtype: codec of the tensors the server sends (``codecs.CODECS``).
         task_timeout: seconds a site may take to answer one task before it counts as lost.
         on_site_failure: "stop" (a lost site ends the job) or "continue" (the rounds go on without it).
-        init_timeout: seconds a site may take to answer the init task (it checks all its data then).
+        init_timeout: seconds a site may take to answer the init task (it checks all its data then) and, with a
+            privacy warm-up, the first request (the site warms up then).
     """
 
     def __init__(self, controller: Controller, sites: Sequence[str], config: TrainConfig, wire_dtype: str,
@@ -214,7 +215,9 @@ class SiteRounds:
         active = [site for site in self.sites if site not in self.lost]
         requested = {site: [] if site == absent else patient_ids for site in active}
         info = {**(info or {}), **(self._gradient_info if self._gradients else {})}
-        if self._agreed is not None:  # once, with the first request: sites then refuse any other patient
+        # The first request (once): sites then refuse any other patient, and take their privacy warm-up first.
+        start_up = self._agreed is not None and self.config.privacy_warmup_steps > 0
+        if self._agreed is not None:
             info["agreed_patients"], self._agreed = self._agreed, None
         payloads = {}
         for site in active:
@@ -223,7 +226,7 @@ class SiteRounds:
             payloads[site], n_bytes = message.to_shareable(self.wire_dtype)
             self.bytes[site]["to_site"] += n_bytes
         self._gradients, self._gradient_step, self._gradient_info = {}, None, {}
-        replies = self.broadcast(task_name, payloads, abort_signal, fl_ctx)
+        replies = self.broadcast(task_name, payloads, abort_signal, fl_ctx, start_up=start_up)
         features = []
         for site in self.sites:
             if site not in replies:  # lost: nothing from it, in this round or since an earlier one
@@ -251,10 +254,11 @@ class SiteRounds:
         return features
 
     def broadcast(self, task_name: str, payloads: dict[str, Shareable], abort_signal: Signal,
-                  fl_ctx: FLContext) -> dict[str, Shareable]:
+                  fl_ctx: FLContext, start_up: bool = False) -> dict[str, Shareable]:
         """Every site its own task, all in flight at once; wait for all of them. A site that does not answer is
-        lost (``lose``): the job stops, or the round goes on with the others' replies."""
-        timeout = self.init_timeout if task_name == TASK_INIT else self.task_timeout
+        lost (``lose``): the job stops, or the round goes on with the others' replies. The init task and a
+        ``start_up`` round (the sites' privacy warm-up) may take ``init_timeout``, every other ``task_timeout``."""
+        timeout = self.init_timeout if task_name == TASK_INIT or start_up else self.task_timeout
         tasks = {site: Task(task_name, data, timeout=timeout) for site, data in payloads.items()}
         for site, task in tasks.items():
             self.controller.broadcast(task, fl_ctx, targets=[site], min_responses=1)

@@ -40,7 +40,9 @@ class SplitWorkflow(Controller):
         wire_dtype: "float32" (exact) or "float16" (half the bytes) for activations and gradients.
         task_timeout: seconds a site may take to answer one task; then it counts as lost (``on_site_failure``).
         init_timeout: seconds a site may take to answer the first task, in which it opens and checks every volume
-            it holds (minutes for a large real data set); a site that does not answer it stops the job.
+            it holds (minutes for a large real data set); a site that does not answer it stops the job. With a
+            privacy warm-up (``train.privacy_warmup_steps``) the first request, in which the sites warm up, has it
+            too.
         on_site_failure: "stop" ends the job; "continue" goes on without the lost site's modality.
         summary_file: file name of the results written to the server's run folder (relative, no '..').
         num_threads: torch CPU threads for the server (0: torch's default).
