@@ -2,7 +2,8 @@
 
 import pytest
 
-from split_unet.studies.leakage import is_complete, worst_case
+from split_unet.studies.leakage import steps_to_attack, worst_case
+from split_unet.leakage.record import RECORD_FOLDER, step_folder
 
 pytestmark = pytest.mark.unit
 
@@ -39,35 +40,26 @@ def test_worst_step_and_strongest_attack_per_metric():
     assert worst["labels"]["flair"] == {"dice_wt": 0.7, "random_dice_wt": 0.01, "step": 1, "level": 1}
 
 
-def test_missing_attacks_are_absent_and_old_entries_are_incomplete():
+def test_missing_attacks_are_absent():
     assert worst_case({"labels": ATTACKS["labels"]})["images"] == {}
-    assert is_complete("whitebox", ATTACKS["whitebox"]) and is_complete("labels", ATTACKS["labels"])
-    # Entries written before the prior and every level were scored: the sweep attacks those runs again.
-    assert not is_complete("whitebox", {"flair": {"1": {"ssim": 0.9, "psnr": 30.0, "nmi": 1.5}}})
-    assert not is_complete("labels", {"flair": {"1": {"level": 0, "dice_wt": 0.8, "random_dice_wt": 0.02}}})
-    assert not is_complete("whitebox", {})
 
 
-def _report_row(name, dice, excess, residual, labels, reference=False):
-    return {"name": name, "configuration": {"reference": reference}, "dice": dice,
-            "images": {"excess_ssim": {"value": excess, "ssim": 0.35 + excess, "prior_ssim": 0.35, "site": "flair",
-                                       "attack": "whitebox", "step": 1},
-                       "residual_ssim": {"value": residual, "site": "flair", "attack": "learned", "step": 1}},
-            "labels": {"mean": labels, "max": labels}}
-
-
-def test_the_report_judges_images_against_the_prior_not_a_raw_ssim():
-    from split_unet.studies.privacy_report import _row, recommend
-
-    row = _row("defended", {}, {"dice": {"mean": 0.8}}, {"attacks": ATTACKS})
-    assert row["images"]["excess_ssim"]["value"] == pytest.approx(0.5) and row["images"]["excess_ssim"]["step"] == 1
-    assert row["labels"] == {"per_site": worst_case(ATTACKS)["labels"], "max": 0.7, "mean": 0.7}
-
-    reference = _report_row("undefended", 0.80, 0.60, 0.90, 0.40, reference=True)
-    # SSIM 0.38 "looks" private but an attacker still recovers the patient's own content (residual 0.3).
-    knows_the_patient = _report_row("knows the patient", 0.79, 0.03, 0.30, 0.10)
-    at_the_prior = _report_row("at the prior", 0.78, 0.02, 0.05, 0.10)
-    best, verdict = recommend([reference, knows_the_patient, at_the_prior])
-    assert best is at_the_prior and "over the prior" in verdict
-    best, verdict = recommend([reference, knows_the_patient])
-    assert best is None and "No configuration meets the image targets" in verdict
+def test_a_step_is_attacked_again_until_every_recorded_site_has_a_complete_entry(tmp_path):
+    record = tmp_path / "simulator" / "server" / "simulate_job" / RECORD_FOLDER
+    for step in (1, 96, 192):
+        for site in ("flair", "t1w"):
+            (record / step_folder(step)).mkdir(parents=True, exist_ok=True)
+            (record / step_folder(step) / f"{site}.pt").touch()
+    both = {site: ATTACKS["whitebox"]["flair"] for site in ("flair", "t1w")}
+    assert steps_to_attack(tmp_path, "whitebox", both) == []
+    # learned: step 96 never attacked; t1w not at all.
+    assert steps_to_attack(tmp_path, "learned", ATTACKS["learned"]) == [1, 96, 192]
+    assert steps_to_attack(tmp_path, "learned", {site: ATTACKS["learned"]["flair"] for site in both}) == [96]
+    # Entries written before the prior and every level were scored: those steps are attacked again.
+    old = {**both, "t1w": {**both["t1w"], "1": {"ssim": 0.9, "psnr": 30.0, "nmi": 1.5}}}
+    assert steps_to_attack(tmp_path, "whitebox", old) == [1]
+    labels = {site: ATTACKS["labels"]["flair"] for site in both}
+    assert steps_to_attack(tmp_path, "labels", labels) == [96]
+    labels["t1w"] = {**labels["t1w"], "96": {"level": 0, "dice_wt": 0.8, "random_dice_wt": 0.02}}
+    assert steps_to_attack(tmp_path, "labels", labels) == [96]
+    assert steps_to_attack(tmp_path, "whitebox", {}) == [1, 96, 192]

@@ -39,7 +39,7 @@ from split_unet.leakage.metrics import mask_dice, prior_relative_similarity, tum
 from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, snapshot_path, step_folder
 
 __all__ = ["ATTACKS", "DEFAULT_ITERATIONS", "LEAKAGE_FILE", "MAX_AUX_IMAGES", "RECONSTRUCTIONS", "evaluate_leakage",
-           "is_complete", "worst_case"]
+           "steps_to_attack", "worst_case"]
 
 ATTACKS = ("whitebox", "unsplit", "learned", "surrogate", "labels")
 # Attacks that cannot tell the contrast's sign (an encoder they fit or train may negate it): scored sign-invariantly.
@@ -333,11 +333,15 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
     return results
 
 
-def is_complete(attack: str, per_site: dict) -> bool:
-    """Whether ``leakage.json``'s entries of ``attack`` hold what ``worst_case`` reads (older files did not score
-    the prior nor every level)."""
+def steps_to_attack(workspace: str | Path, attack: str, per_site: dict) -> list[int]:
+    """The recorded steps at which some recorded site has no complete entry of ``attack`` in ``per_site`` (its
+    ``leakage.json`` entries): never attacked there, or scored before the prior and every level were (older files).
+    An attacker takes the best step, so the worst case needs them all."""
     wanted = "per_level" if attack == "labels" else "excess_ssim"
-    return bool(per_site) and all(wanted in entry for steps in per_site.values() for entry in steps.values())
+    record_dir = _record_dir(Path(workspace))
+    return [step for step in _recorded_steps(record_dir)
+            if any(wanted not in per_site.get(path.stem, {}).get(str(step), {})
+                   for path in (record_dir / step_folder(step)).glob("*.pt"))]
 
 
 def worst_case(attacks: dict) -> dict:

@@ -53,7 +53,7 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path
               site_configs: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Run, attack and report every configuration; returns the report's rows."""
     from split_unet.defence import UNDEFENDED_SCOPE
-    from split_unet.studies.leakage import evaluate_leakage, is_complete
+    from split_unet.studies.leakage import evaluate_leakage, steps_to_attack
     from split_unet.jobs import training_settings
     from split_unet.launch.simulation import run_simulation
 
@@ -91,9 +91,10 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path
         leakage_path = workspace / "leakage.json"
         done = json.loads(leakage_path.read_text()).get("attacks", {}) if leakage_path.is_file() else {}
         for attack in attacks:
-            if not is_complete(attack, done.get(attack, {})):
-                log(f"[{index + 1}/{len(configurations)}] attack {attack}: {name}")
-                evaluate_leakage(workspace, sites_dir, attack, iterations=sweep.get("attack_iterations", {}).get(attack))
+            if missing := steps_to_attack(workspace, attack, done.get(attack, {})):
+                log(f"[{index + 1}/{len(configurations)}] attack {attack} at steps {missing}: {name}")
+                evaluate_leakage(workspace, sites_dir, attack, steps=missing,
+                                 iterations=sweep.get("attack_iterations", {}).get(attack))
         rows.append({**_row(name, configuration, summary, json.loads(leakage_path.read_text())),
                      "workspace": str(workspace)})
     report = write_report(rows, out_dir, sweep_file)
