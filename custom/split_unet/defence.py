@@ -55,8 +55,8 @@ class Defence:
 # and a privacy warm-up of 96 local NoPeek steps before the first release (without it the white-box inversion
 # reads the random encoder's step-1 activations at SSIM 0.82-0.90); gradient noise at ten times each sample's
 # gradient RMS at the server. It stops the white-box inversion at every recorded step and the label attack, not a
-# decoder learned with query access (+0.2 to +0.4 SSIM over the prior); only sending the bottleneck alone did, at
-# 0.26 mean Dice (docs/privacy.md, the frontier against the learned attack).
+# decoder learned with query access (+0.33 to +0.35 SSIM over the prior at the worst site, at steps 1, 96 and 192);
+# only sending the bottleneck alone did, at 0.26 mean Dice (docs/privacy.md, the frontier against the learned attack).
 DEFENCE = Defence(
     name="no full-res + NoPeek 1.0 + warm-up 96 + gradient noise x10",
     blocked_levels=(0,),
