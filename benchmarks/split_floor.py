@@ -31,16 +31,18 @@ import numpy as np
 import torch
 from nvflare.fuel.utils import fobs
 
+from split_unet.launch.benchmark import BenchConfig, site_threads
 from split_unet.networks import NetworkConfig, build_decoder, build_encoder
 from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage
 from split_unet.training.parties import DecoderParty, EncoderParty
 
-SITES, BATCH, SIZE, WIRE = 4, 2, 64, "float16"
+BENCH = BenchConfig()  # the bench's shapes, network and wire codec
+SITES, BATCH, SIZE, WIRE = BENCH.sites, BENCH.batch_size, BENCH.size, BENCH.wire_dtype
 CPU = torch.device("cpu")
 
 
 def network() -> NetworkConfig:
-    return NetworkConfig.from_dict({"channels": [8, 16, 32, 64], "strides": [2, 2, 2]})
+    return NetworkConfig.from_dict(BENCH.train()["network"])
 
 
 def images(index: int) -> np.ndarray:
@@ -132,15 +134,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    site_threads = max(1, cores // SITES)  # as the bench and the simulator share the cores
+    threads_per_site = site_threads(SITES)
     queue = mp.get_context("spawn").Queue()
     child = mp.get_context("spawn").Process(target=centralized, args=(args.steps, cores, queue))
     child.start()
     central = [{"step_s": wall, "cpu_s": cpu} for wall, cpu in queue.get()]
     child.join()
-    rows = split(args.steps, cores, site_threads)
+    rows = split(args.steps, cores, threads_per_site)
     result = {
-        "steps": args.steps, "cores": cores, "site_threads": site_threads,
+        "steps": args.steps, "cores": cores, "site_threads": threads_per_site,
         "centralized": {"step_s": median(central, "step_s"), "cpu_s": median(central, "cpu_s")},
         "split": {key: median(rows, key) for key in ("step_s", "decoder_s", "slowest_site_s", "cpu_s")},
     }

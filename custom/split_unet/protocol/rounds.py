@@ -215,10 +215,10 @@ class SiteRounds:
         active = [site for site in self.sites if site not in self.lost]
         requested = {site: [] if site == absent else patient_ids for site in active}
         info = {**(info or {}), **(self._gradient_info if self._gradients else {})}
-        # The first request (once): sites then refuse any other patient, and take their privacy warm-up first.
-        start_up = self._agreed is not None and self.config.privacy_warmup_steps > 0
-        if self._agreed is not None:
+        start_up = False
+        if self._agreed is not None:  # once, with the first request: sites then refuse any other patient
             info["agreed_patients"], self._agreed = self._agreed, None
+            start_up = self.config.privacy_warmup_steps > 0  # and take their privacy warm-up first
         payloads = {}
         for site in active:
             message = TensorMessage(KIND_GRADIENTS, self.step, requested[site], self._gradients.get(site, {}),
