@@ -75,6 +75,9 @@ def test_evaluate_writes_results_and_figures_for_every_attack(recorded, tmp_path
         assert entry["prior_patients"] == 2 and -1 <= entry["prior_ssim"] <= 1
         assert entry["excess_ssim"] == pytest.approx(entry["ssim"] - entry["prior_ssim"])
         assert {"residual_ssim", "residual_nmi", "tumour_ssim", "excess_tumour_ssim"} <= set(entry)
+        # And next to the better of those two patients' own images, scored as reconstructions.
+        assert entry["other_patients"] == 2 and {"other_excess_ssim", "other_excess_tumour_ssim"} <= set(entry)
+        assert entry["excess_residual_ssim"] == pytest.approx(entry["residual_ssim"] - entry["other_residual_ssim"])
 
     saved = json.loads((tmp_path / "leakage.json").read_text())
     assert set(saved["attacks"]) == {"labels", "whitebox", "unsplit", "learned", "surrogate"}

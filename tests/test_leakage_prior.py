@@ -5,7 +5,8 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from split_unet.leakage.metrics import image_similarity, prior_relative_similarity, tumour_surroundings
+from split_unet.leakage.metrics import (image_similarity, other_patient_similarity, prior_relative_similarity,
+                                       tumour_surroundings)
 
 pytestmark = pytest.mark.unit
 
@@ -83,6 +84,25 @@ def test_the_lesion_alone_is_patient_specific_content(cohort):
     scores = prior_relative_similarity(partial, truth, atlas, region)
     assert scores["residual_ssim"] > 0.3 and scores["excess_tumour_ssim"] > 0.1
     assert sign_flipped == pytest.approx(scores)
+
+
+def test_another_patients_image_is_scored_as_a_reconstruction_and_the_best_one_is_kept(cohort):
+    truth, region, _ = cohort
+    others, _ = _patients(4, seed=2)
+    scores = other_patient_similarity(truth, others, region)
+    assert scores["other_patients"] == 4
+    # Each is scored against the atlas of the others (leave one out), and the maximum is taken.
+    each = [prior_relative_similarity(np.broadcast_to(others[i][None], truth.shape), truth,
+                                      np.delete(others, i, axis=0).mean(axis=0), region) for i in range(4)]
+    for name in ("excess_ssim", "residual_ssim", "excess_tumour_ssim"):
+        assert scores[f"other_{name}"] == pytest.approx(max(s[name] for s in each))
+    # Another patient's lesion lies elsewhere: less patient-specific content than the truth's own 1.
+    assert scores["other_residual_ssim"] < 0.9
+    # The patient's own image among the others scores the truth's maximum.
+    assert other_patient_similarity(truth[:1], np.concatenate([others, truth[:1]]))["other_residual_ssim"] == \
+        pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        other_patient_similarity(truth, others[:1])
 
 
 def test_tumour_surroundings_grow_the_mask_and_keep_an_empty_one_empty():

@@ -8,8 +8,9 @@ from split_unet.leakage.record import RECORD_FOLDER, step_folder
 pytestmark = pytest.mark.unit
 
 
-def _image(ssim, prior, residual, tumour):
+def _image(ssim, prior, residual, tumour, other_residual=0.30):
     return {"ssim": ssim, "prior_ssim": prior, "excess_ssim": ssim - prior, "residual_ssim": residual,
+            "other_residual_ssim": other_residual, "excess_residual_ssim": residual - other_residual,
             "excess_tumour_ssim": tumour}
 
 
@@ -24,7 +25,9 @@ ATTACKS = {
     "whitebox": {"flair": {"1": _image(0.85, 0.35, 0.60, 0.40), "96": _image(0.50, 0.35, 0.20, 0.10),
                            "192": _image(0.30, 0.35, 0.05, 0.00)}},
     # A weaker attack overall that still knows most about the tumour at the last step.
-    "learned": {"flair": {"1": _image(0.60, 0.35, 0.30, 0.20), "192": _image(0.55, 0.35, 0.25, 0.45)}},
+    # Its step-192 batch happens to resemble the auxiliary patients less: the most residual over another patient's.
+    "learned": {"flair": {"1": _image(0.60, 0.35, 0.30, 0.20),
+                          "192": _image(0.55, 0.35, 0.25, 0.45, other_residual=-0.40)}},
     "labels": {"flair": {"1": _labels({0: 0.2, 1: 0.7}), "192": _labels({0: 0.4, 1: 0.3})}},
 }
 
@@ -35,6 +38,7 @@ def test_worst_step_and_strongest_attack_per_metric():
     assert images["excess_ssim"] == {"value": pytest.approx(0.50), "attack": "whitebox", "step": 1,
                                      "ssim": 0.85, "prior_ssim": 0.35}
     assert images["residual_ssim"] == {"value": 0.60, "attack": "whitebox", "step": 1}
+    assert images["excess_residual_ssim"] == {"value": pytest.approx(0.65), "attack": "learned", "step": 192}
     assert images["excess_tumour_ssim"] == {"value": 0.45, "attack": "learned", "step": 192}
     # Label leakage: the step and level whose estimate matches the tumour most.
     assert worst["labels"]["flair"] == {"dice_wt": 0.7, "random_dice_wt": 0.01, "step": 1, "level": 1}
@@ -55,9 +59,12 @@ def test_a_step_is_attacked_again_until_every_recorded_site_has_a_complete_entry
     # learned: step 96 never attacked; t1w not at all.
     assert steps_to_attack(tmp_path, "learned", ATTACKS["learned"]) == [1, 96, 192]
     assert steps_to_attack(tmp_path, "learned", {site: ATTACKS["learned"]["flair"] for site in both}) == [96]
-    # Entries written before the prior and every level were scored: those steps are attacked again.
+    # Entries written before the prior, another patient's image and every level were scored: attacked again.
     old = {**both, "t1w": {**both["t1w"], "1": {"ssim": 0.9, "psnr": 30.0, "nmi": 1.5}}}
     assert steps_to_attack(tmp_path, "whitebox", old) == [1]
+    before_other = {key: value for key, value in _image(0.9, 0.3, 0.5, 0.1).items() if "other" not in key
+                    and key != "excess_residual_ssim"}
+    assert steps_to_attack(tmp_path, "whitebox", {**both, "flair": {**both["flair"], "96": before_other}}) == [96]
     labels = {site: ATTACKS["labels"]["flair"] for site in both}
     assert steps_to_attack(tmp_path, "labels", labels) == [96]
     labels["t1w"] = {**labels["t1w"], "96": {"level": 0, "dice_wt": 0.8, "random_dice_wt": 0.02}}

@@ -37,10 +37,13 @@ def test_sweep_trains_attacks_and_reports(project_root, tiny_data, trained_tiny,
         excess = row["images"]["excess_ssim"]
         assert -1 <= excess["value"] <= 1 and excess["attack"] == "whitebox" and excess["step"] >= 1
         assert excess["value"] == excess["ssim"] - excess["prior_ssim"]
+        assert -2 <= row["images"]["excess_residual_ssim"]["value"] <= 2
         assert 0 <= row["labels"]["mean"] <= row["labels"]["max"] <= 1
     # Both recorded steps were attacked in the trained configuration.
     leakage = json.loads((tmp_path / "report" / "runs" / "int8_gradient_noise" / "leakage.json").read_text())
     assert all(len(steps) == 2 for steps in leakage["attacks"]["whitebox"].values())
     out = tmp_path / "report"
-    assert (out / "privacy_utility.png").is_file() and "## Recommendation" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert (out / "privacy_utility.png").is_file() and "## Recommendation" in markdown
+    assert "residual SSIM over another patient's" in markdown
     assert json.loads((out / "report.json").read_text())["frontier"]

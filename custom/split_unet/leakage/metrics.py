@@ -7,7 +7,8 @@ use_sample_covariance=False)``; scikit-image's default settings give different v
 A similarity alone does not say what an attack learnt: every patient shares one anatomy, so the mean of
 other patients' images (an atlas, no activations at all) already scores well. ``prior_relative_similarity``
 scores a reconstruction next to that population prior, as the excess over it, on the residual from the
-atlas (patient-specific content) and inside the tumour and its surroundings.
+atlas (patient-specific content) and inside the tumour and its surroundings. ``other_patient_similarity`` scores
+another real patient's image the same way: what a real-looking image that knows nothing of the patient reaches.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from scipy import ndimage
 from skimage.metrics import normalized_mutual_information, peak_signal_noise_ratio, structural_similarity
 
-__all__ = ["image_similarity", "mask_dice", "orient_sign", "prior_relative_similarity", "residual_from",
-           "robust_unit_range", "tumour_surroundings"]
+__all__ = ["image_similarity", "mask_dice", "orient_sign", "other_patient_similarity", "prior_relative_similarity",
+           "residual_from", "robust_unit_range", "tumour_surroundings"]
 
 NMI_BINS = 64
 METRICS = ("ssim", "psnr", "nmi")
@@ -159,6 +160,42 @@ def prior_relative_similarity(reconstruction: torch.Tensor | np.ndarray, truth: 
                 scores[f"prior_tumour_{name}"] = baseline[name]
                 scores[f"excess_tumour_{name}"] = attack[name] - baseline[name]
     return scores
+
+
+def other_patient_similarity(truth: torch.Tensor | np.ndarray, others: torch.Tensor | np.ndarray,
+                             region: torch.Tensor | np.ndarray | None = None) -> dict[str, float]:
+    """The most that another patient's true image scores as a "reconstruction" of the attacked patients.
+
+    Each of ``others`` is scored by ``prior_relative_similarity`` against the atlas of the remaining ones (an
+    image inside the atlas would share its own part of it). No activation enters, so this is what an attacker
+    reaches who knows nothing of the patients but outputs a real image of the modality, and, taking the best of
+    ``others`` for these patients, an upper bound of it. On the phantom its residual SSIM is far from the atlas's
+    0: residuals from the shared anatomy resemble each other between patients.
+
+    Args:
+        truth: (B, 1, *S) the attacked patients' images.
+        others: (A, 1, *S) images of other patients of the same modality, A >= 2.
+        region: as in ``prior_relative_similarity``.
+
+    Returns:
+        ``other_<score>`` for ``excess_ssim``, ``residual_ssim`` and, with ``region``, ``excess_tumour_ssim``:
+        the maximum over ``others`` of that score (averaged over the B patients), and ``other_patients`` = A.
+    """
+    others = _numpy(others).astype(np.float64)
+    if len(others) < 2:
+        raise ValueError(f"need at least 2 other patients (one scored, the rest its atlas), got {len(others)}")
+    true = _numpy(truth)
+    names = ("excess_ssim", "residual_ssim") + (("excess_tumour_ssim",) if region is not None else ())
+    best = {name: float("-inf") for name in names}
+    for index in range(len(others)):
+        atlas = np.delete(others, index, axis=0).mean(axis=0)
+        guess = np.broadcast_to(others[index][None], true.shape)
+        scores = prior_relative_similarity(guess, true, atlas, region)
+        for name in names:
+            if name in scores:
+                best[name] = max(best[name], scores[name])
+    return {**{f"other_{name}": value for name, value in best.items() if np.isfinite(value)},
+            "other_patients": len(others)}
 
 
 def _ssim(reconstruction: np.ndarray, truth: np.ndarray, mask: np.ndarray | None) -> float:

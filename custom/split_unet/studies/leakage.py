@@ -13,7 +13,9 @@ which the true images and labels are joined by patient id. Results are merged in
 Every reconstruction is scored next to the population prior: the atlas (mean image) of the auxiliary
 patients of the same modality, the patients the server never saw from that site (the learned attack's
 training data), scored against each attacked patient the same way, with no activations at all
-(``leakage.metrics.prior_relative_similarity``).
+(``leakage.metrics.prior_relative_similarity``), and next to the best auxiliary patient's own image, scored
+as a reconstruction (``leakage.metrics.other_patient_similarity``): patient-specific content counts only where
+the residual from the atlas resembles the patient's more than another patient's does.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from split_unet.leakage.attacks import (gradient_label_leakage, learned_inversio
                                         surrogate_inversion, train_inversion_decoder, train_surrogate_autoencoder,
                                         unsplit_inversion, whitebox_inversion)
 from split_unet.leakage.figures import mask_grid, reconstruction_grid
-from split_unet.leakage.metrics import mask_dice, prior_relative_similarity, tumour_surroundings
+from split_unet.leakage.metrics import (mask_dice, other_patient_similarity, prior_relative_similarity,
+                                        tumour_surroundings)
 from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, snapshot_path, step_folder
 
 __all__ = ["ATTACKS", "DEFAULT_ITERATIONS", "LEAKAGE_FILE", "MAX_AUX_IMAGES", "RECONSTRUCTIONS", "evaluate_leakage",
@@ -45,8 +48,9 @@ ATTACKS = ("whitebox", "unsplit", "learned", "surrogate", "labels")
 # Attacks that cannot tell the contrast's sign (an encoder they fit or train may negate it): scored sign-invariantly.
 SIGN_BLIND = ("unsplit", "surrogate")
 # What the worst case of the image attacks is taken on: the excess over the prior, the patient-specific
-# content (residual from the atlas) and the tumour region's excess, each maximised on its own.
-IMAGE_LEAKAGE = ("excess_ssim", "residual_ssim", "excess_tumour_ssim")
+# content (residual from the atlas, raw and over another patient's image) and the tumour region's excess, each
+# maximised on its own.
+IMAGE_LEAKAGE = ("excess_ssim", "residual_ssim", "excess_residual_ssim", "excess_tumour_ssim")
 # Sized so that one attack on 4 sites x 2 steps x 2 patients of 64^3 (default network) takes about 5 minutes
 # on 2 shared CPU cores: measured ~0.9 s per encoder forward/backward of 2 patients (white-box), ~1.6 s per
 # UnSplit step, ~0.7 s per inversion-decoder step. Such budgets under-estimate leakage (UnSplit and the
@@ -123,6 +127,7 @@ class _Context:
         self._images: dict[str, SiteImages] = {}
         self._labels: SiteLabels | None = None
         self._atlases: dict[str, torch.Tensor] = {}
+        self._other_patients: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
         self._surrogates: dict[tuple[str, tuple[int, ...]], tuple[ModalityEncoder, FusionDecoder]] = {}
 
     @property
@@ -160,6 +165,14 @@ class _Context:
         if site not in self._atlases:
             self._atlases[site] = self.true_images(site, self.auxiliary_patients(site)).mean(dim=0)
         return self._atlases[site]
+
+    def other_patient_scores(self, site: str, patient_ids: Sequence[str], region: torch.Tensor) -> dict[str, float]:
+        """``other_patient_similarity`` of the auxiliary patients' images against ``patient_ids`` (once per batch)."""
+        key = (site, tuple(patient_ids))
+        if key not in self._other_patients:
+            self._other_patients[key] = other_patient_similarity(
+                self.true_images(site, patient_ids), self.true_images(site, self.auxiliary_patients(site)), region)
+        return self._other_patients[key]
 
     def architecture(self) -> ModalityEncoder:
         """A fresh encoder of the site's architecture: the server knows it from its own job config, nothing else."""
@@ -228,7 +241,9 @@ def _score_reconstruction(context: _Context, attack: str, exchange: RecordedExch
     entry = {"levels": sorted(exchange.activations), "patients": len(exchange.patient_ids),
              "iterations": context.iterations, "prior_patients": len(context.auxiliary_patients(exchange.site)),
              **prior_relative_similarity(reconstruction, truth, context.atlas(exchange.site), region,
-                                         sign_invariant=attack in SIGN_BLIND)}
+                                         sign_invariant=attack in SIGN_BLIND),
+             **context.other_patient_scores(exchange.site, exchange.patient_ids, region)}
+    entry["excess_residual_ssim"] = entry["residual_ssim"] - entry["other_residual_ssim"]
     row = (f"{exchange.site} step {exchange.step}", truth[0, 0].numpy(), reconstruction[0, 0].numpy())
     return entry, row
 
@@ -294,8 +309,11 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
         sign-invariantly), ``ssim``, ``psnr``, ``nmi`` with the prior's (``prior_<m>``, ``excess_<m>``), the
         residual's (``residual_ssim``, ``residual_nmi``) and the tumour region's (``tumour_<m>``,
         ``prior_tumour_<m>``, ``excess_tumour_<m>``), see ``prior_relative_similarity``, and
-        ``prior_patients``; or, for labels, ``dice_<region>`` and ``random_dice_<region>`` for WT, TC, ET
-        of the level that leaks most (``level``) and the same for every level received (``per_level``).
+        ``prior_patients``; the best auxiliary patient's image scored the same way (``other_excess_ssim``,
+        ``other_residual_ssim``, ``other_excess_tumour_ssim``, ``other_patients``: ``other_patient_similarity``)
+        and ``excess_residual_ssim`` = ``residual_ssim`` - ``other_residual_ssim``; or, for labels,
+        ``dice_<region>`` and ``random_dice_<region>`` for WT, TC, ET of the level that leaks most (``level``)
+        and the same for every level received (``per_level``).
 
     Raises:
         ValueError: an unknown attack or a step that was not recorded.
@@ -335,9 +353,9 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
 
 def steps_to_attack(workspace: str | Path, attack: str, per_site: dict) -> list[int]:
     """The recorded steps at which some recorded site has no complete entry of ``attack`` in ``per_site`` (its
-    ``leakage.json`` entries): never attacked there, or scored before the prior and every level were (older files).
-    An attacker takes the best step, so the worst case needs them all."""
-    wanted = "per_level" if attack == "labels" else "excess_ssim"
+    ``leakage.json`` entries): never attacked there, or scored before the prior, another patient's image and
+    every level were (older files). An attacker takes the best step, so the worst case needs them all."""
+    wanted = "per_level" if attack == "labels" else "excess_residual_ssim"
     record_dir = _record_dir(Path(workspace))
     return [step for step in _recorded_steps(record_dir)
             if any(wanted not in per_site.get(path.stem, {}).get(str(step), {})

@@ -38,9 +38,11 @@ from split_unet.files import load_json, write_json
 # Excess SSIM over the atlas: 0.05 is the spread of the atlas's own SSIM between patients on the 64^3
 # phantom (0.32-0.36, issue 14), so a smaller excess is within what picking another atlas would change.
 TARGET_EXCESS_SSIM = 0.05
-# SSIM of the residual from the atlas (patient-specific content; the atlas itself scores 0): provisional,
-# to be set from the residual SSIM of another patient's image once the sweep measures it.
-TARGET_RESIDUAL_SSIM = 0.1
+# Patient-specific content: the residual from the atlas may resemble the patient's no more than the best
+# auxiliary patient's own image does (``excess_residual_ssim`` <= 0). An absolute bound cannot be used: on the
+# phantom that image, knowing nothing of the patient, reaches residual SSIM 0.29-0.33 (session 11), above the
+# provisional 0.1 this replaced; its excess SSIM over the atlas stays below +0.02, within the margin above.
+TARGET_EXCESS_RESIDUAL_SSIM = 0.0
 TARGET_LABEL_FRACTION = 0.5
 TARGET_DICE_COST = 0.03
 
@@ -110,7 +112,7 @@ def _row(name: str, configuration: dict, summary: dict, leakage: dict) -> dict:
     """One configuration's utility and worst-case leakage: ``images`` (the maxima over sites of
     ``worst_case``'s image metrics, with the site, attack and step they come from) and ``labels`` (WT Dice at
     each site's worst step, ``max`` and ``mean`` over sites)."""
-    from split_unet.studies.leakage import worst_case
+    from split_unet.studies.leakage import IMAGE_LEAKAGE, worst_case
 
     worst = worst_case(leakage.get("attacks", {}))
     row = {"name": name, "configuration": configuration, "dice": summary["dice"]["mean"],
@@ -118,7 +120,7 @@ def _row(name: str, configuration: dict, summary: dict, leakage: dict) -> dict:
            "epsilon": max((p["epsilon"] for p in summary.get("privacy", {}).values()), default=None)}
     if worst["images"]:
         row["images"] = {}
-        for metric in ("excess_ssim", "residual_ssim", "excess_tumour_ssim"):
+        for metric in IMAGE_LEAKAGE:
             site, peak = max(((site, metrics[metric]) for site, metrics in worst["images"].items() if metric in metrics),
                              key=lambda item: item[1]["value"], default=(None, None))
             if peak is not None:
@@ -135,11 +137,12 @@ def _excess(row: dict) -> float:
 
 
 def _residual(row: dict) -> float:
-    return row["images"].get("residual_ssim", {}).get("value", float("nan"))
+    """The residual SSIM's excess over another patient's image (NaN, never private, where it was not scored)."""
+    return row["images"].get("excess_residual_ssim", {}).get("value", float("nan"))
 
 
 def _images_private(row: dict) -> bool:
-    return _excess(row) <= TARGET_EXCESS_SSIM and _residual(row) <= TARGET_RESIDUAL_SSIM
+    return _excess(row) <= TARGET_EXCESS_SSIM and _residual(row) <= TARGET_EXCESS_RESIDUAL_SSIM
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -166,7 +169,8 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
         best = max(meeting, key=lambda r: r["dice"])
         return best, (f"'{best['name']}' meets every target at its worst step against its strongest attack: SSIM "
                       f"{_excess(best):+.2f} over the prior (target at most {TARGET_EXCESS_SSIM}), residual SSIM "
-                      f"{_residual(best):.2f} (target at most {TARGET_RESIDUAL_SSIM}), label-leakage Dice "
+                      f"{_residual(best):+.2f} over another patient's image (target at most "
+                      f"{TARGET_EXCESS_RESIDUAL_SSIM}), label-leakage Dice "
                       f"{best.get('labels', {}).get('mean', float('nan')):.2f} (target at most {label_limit:.2f}), "
                       f"mean Dice {best['dice']:.3f} vs {reference['dice']:.3f} undefended.")
     return None, "no configuration meets all targets. " + frontier_summary(valid, reference, label_limit)
@@ -175,7 +179,8 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
 def frontier_summary(valid: list[dict], reference: dict, label_limit: float | None) -> str:
     """What the measured configurations do allow, target by target."""
     parts = [f"Targets, at the worst recorded step against the strongest attack: SSIM at most {TARGET_EXCESS_SSIM} "
-             f"over the population prior and residual SSIM at most {TARGET_RESIDUAL_SSIM} for every modality, "
+             f"over the population prior and residual SSIM at most {TARGET_EXCESS_RESIDUAL_SSIM} over another "
+             f"patient's image for every modality, "
              f"label-leakage Dice <= {TARGET_LABEL_FRACTION} x undefended, mean Dice cost <= {TARGET_DICE_COST} "
              f"(undefended: mean Dice {reference['dice']:.3f}, label Dice {reference.get('labels', {}).get('mean', float('nan')):.2f})."]
     private = [r for r in valid if _images_private(r)]
@@ -189,7 +194,7 @@ def frontier_summary(valid: list[dict], reference: dict, label_limit: float | No
     if cheap:
         best = min(cheap, key=_excess)
         parts.append(f"Within the Dice budget the lowest excess SSIM over the prior is {_excess(best):+.2f} "
-                     f"(residual SSIM {_residual(best):.2f}, '{best['name']}').")
+                     f"(residual SSIM {_residual(best):+.2f} over another patient's, '{best['name']}').")
     if label_limit is not None:
         def label_safe(rows: list[dict]) -> list[dict]:
             return [r for r in rows if r.get("labels", {}).get("mean", 1.0) <= label_limit]
@@ -236,24 +241,26 @@ def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dic
     lines = ["# Privacy-utility report", "", f"Sweep: `{sweep_file}`", "", "![privacy-utility](privacy_utility.png)", "",
              "Leakage is each configuration's worst recorded step against its strongest attack (site, attack and "
              "step in brackets): reconstruction SSIM and the population prior's (the atlas of auxiliary patients, "
-             "no activations), the residual from the atlas (patient-specific content; the atlas scores 0) and the "
-             "excess inside the tumour and its surroundings.", "",
-             "| configuration | mean Dice | SSIM (prior) | excess SSIM | residual SSIM | excess SSIM tumour | "
-             "label Dice WT (mean / max) | epsilon | bytes/step | frontier |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "no activations), the residual from the atlas (patient-specific content; the atlas scores 0), its "
+             "excess over the best auxiliary patient's own image scored the same way, and the excess inside the "
+             "tumour and its surroundings.", "",
+             "| configuration | mean Dice | SSIM (prior) | excess SSIM | residual SSIM | residual SSIM over another "
+             "patient's | excess SSIM tumour | label Dice WT (mean / max) | epsilon | bytes/step | frontier |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def where(peak: dict) -> str:
         return f" ({peak['site']}, {peak['attack']}, step {peak['step']})"
 
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 9)
             continue
         images, lb = r.get("images", {}), r.get("labels", {})
         excess = images.get("excess_ssim")
         cells = [f"{excess['ssim']:.2f} ({excess['prior_ssim']:.2f})" if excess else "-",
                  f"{excess['value']:+.2f}{where(excess)}" if excess else "-"]
-        cells += [f"{images[m]['value']:.2f}{where(images[m])}" if m in images else "-"
-                  for m in ("residual_ssim", "excess_tumour_ssim")]
+        cells += [f"{images[m]['value']:{'+' if m.startswith('excess') else ''}.2f}{where(images[m])}"
+                  if m in images else "-" for m in ("residual_ssim", "excess_residual_ssim", "excess_tumour_ssim")]
         cells.append(f"{lb['mean']:.2f} / {lb['max']:.2f}" if lb else "-")
         on_front = "yes" if r in valid and valid.index(r) in front else ""
         eps = f"{r['epsilon']:.3g}" if r.get("epsilon") is not None else "-"
