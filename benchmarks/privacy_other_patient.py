@@ -36,7 +36,8 @@ def main() -> None:
         images = SiteImages(folder, args.size, None, site=folder.name)
         ids = images.patient_ids
         auxiliary, attacked = ids[:MAX_AUX_IMAGES], ids[MAX_AUX_IMAGES:MAX_AUX_IMAGES + args.patients]
-        # One patient at a time: the best other image for each patient, as the attack entries' batches of 2 take it.
+        # One patient at a time: the best other image for each patient (an attack entry takes the best one for its
+        # batch of 2, which scores less).
         per_patient = [other_patient_similarity(torch.from_numpy(images.batch([pid])),
                                                 torch.from_numpy(images.batch(auxiliary))) for pid in attacked]
         results[folder.name] = {name: {"min": min(s[name] for s in per_patient),
