@@ -9,7 +9,8 @@ from helpers import make_dataset
 
 from split_unet.data import SiteImages, SiteLabels
 from split_unet.errors import DataError
-from split_unet.studies.leakage import evaluate_leakage
+from split_unet.studies import leakage as leakage_study
+from split_unet.studies.leakage import OTHER_PATIENTS_FILE, evaluate_leakage
 from split_unet.leakage.record import RECORD_FOLDER, SNAPSHOT_FOLDER, RecordedExchange, snapshot_path
 from split_unet.networks import NetworkConfig, build_decoder, build_encoder
 from split_unet.training import DecoderParty, EncoderParty
@@ -54,7 +55,7 @@ def recorded(tmp_path_factory):
     return workspace, data
 
 
-def test_evaluate_writes_results_and_figures_for_every_attack(recorded, tmp_path):
+def test_evaluate_writes_results_and_figures_for_every_attack(recorded, tmp_path, monkeypatch):
     workspace, data = recorded
     labels = evaluate_leakage(workspace, data, "labels", out_dir=tmp_path)
     assert set(labels) == set(SITES) and set(labels["flair"]) == {"1", "2"}  # every recorded step by default
@@ -78,6 +79,8 @@ def test_evaluate_writes_results_and_figures_for_every_attack(recorded, tmp_path
         # And next to the better of those two patients' own images, scored as reconstructions.
         assert entry["other_patients"] == 2 and {"other_excess_ssim", "other_excess_tumour_ssim"} <= set(entry)
         assert entry["excess_residual_ssim"] == pytest.approx(entry["residual_ssim"] - entry["other_residual_ssim"])
+        if attack == "learned":  # no job config here: the sites added no noise
+            assert entry["release_mechanism"] == []
 
     saved = json.loads((tmp_path / "leakage.json").read_text())
     assert set(saved["attacks"]) == {"labels", "whitebox", "unsplit", "learned", "surrogate"}
@@ -89,6 +92,14 @@ def test_evaluate_writes_results_and_figures_for_every_attack(recorded, tmp_path
     evaluate_leakage(workspace, data, "whitebox", steps=[1], max_patients=1, iterations=1, out_dir=tmp_path)
     saved = json.loads((tmp_path / "leakage.json").read_text())
     assert set(saved["attacks"]["whitebox"]["flair"]) == {"1", "2"}
+
+    # Another patient's image was scored once per site and batch (the same first patient at both steps), and a
+    # later attack takes it from the workspace.
+    assert len(json.loads((workspace / OTHER_PATIENTS_FILE).read_text())) == len(SITES)
+    monkeypatch.setattr(leakage_study, "other_patient_similarity", lambda *args: pytest.fail("scored again"))
+    again = evaluate_leakage(workspace, data, "unsplit", steps=[1], max_patients=1, iterations=1, out_dir=tmp_path)
+    reference = saved["attacks"]["whitebox"]["flair"]["1"]["other_residual_ssim"]
+    assert again["flair"]["1"]["other_residual_ssim"] == reference
 
 
 def test_evaluate_refuses_bad_requests(recorded, tmp_path):
@@ -119,6 +130,25 @@ def test_the_surrogate_attack_needs_no_encoder_of_the_site(recorded, tmp_path):
     assert set(results) == set(SITES) and "residual_ssim" in results["flair"]["1"]
     with pytest.raises(DataError, match="no encoder snapshot"):  # the attacks that do use it cannot run
         evaluate_leakage(copy, data, "learned", steps=[1], max_patients=1, iterations=1, out_dir=tmp_path)
+
+
+def test_the_learned_attack_trains_through_the_noise_the_job_put_on_the_site(recorded, tmp_path):
+    workspace, data = recorded
+    copy = tmp_path / "workspace"
+    shutil.copytree(workspace, copy)
+    config = _site_run_dir(copy, "t1gd") / "app_t1gd" / "config" / "config_fed_client.json"
+    config.parent.mkdir(parents=True)
+    noise = {"clip_norm": 10.0, "noise_multiplier": 0.1, "levels": [0]}
+    noise_filter = {"path": "split_unet.filters.ActivationClipNoise", "args": noise}
+    config.write_text(json.dumps({"task_result_filters": [{"tasks": ["split_unet_train"], "filters": [noise_filter]}]}))
+    results = evaluate_leakage(copy, data, "learned", steps=[1], max_patients=1, iterations=2, out_dir=tmp_path)
+    assert results["t1gd"]["1"]["release_mechanism"] == [noise] and results["flair"]["1"]["release_mechanism"] == []
+    # A mechanism the attacker cannot rebuild is refused naming the site, and nothing is written.
+    before = (tmp_path / "leakage.json").read_text()
+    config.write_text(config.read_text().replace('"clip_norm": 10.0', '"clip_norm": -1.0'))
+    with pytest.raises(DataError, match="t1gd.*ActivationClipNoise|ActivationClipNoise.*t1gd"):
+        evaluate_leakage(copy, data, "learned", steps=[2], max_patients=1, iterations=2, out_dir=tmp_path)
+    assert (tmp_path / "leakage.json").read_text() == before
 
 
 def test_the_command_line_offers_every_attack():

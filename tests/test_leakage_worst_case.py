@@ -1,8 +1,10 @@
 """The worst recorded step and the strongest attack, from hand-made leakage.json entries."""
 
+import json
+
 import pytest
 
-from split_unet.studies.leakage import steps_to_attack, worst_case
+from split_unet.studies.leakage import release_mechanism, steps_to_attack, worst_case
 from split_unet.leakage.record import RECORD_FOLDER, step_folder
 
 pytestmark = pytest.mark.unit
@@ -26,8 +28,8 @@ ATTACKS = {
                            "192": _image(0.30, 0.35, 0.05, 0.00)}},
     # A weaker attack overall that still knows most about the tumour at the last step.
     # Its step-192 batch happens to resemble the auxiliary patients less: the most residual over another patient's.
-    "learned": {"flair": {"1": _image(0.60, 0.35, 0.30, 0.20),
-                          "192": _image(0.55, 0.35, 0.25, 0.45, other_residual=-0.40)}},
+    "learned": {"flair": {"1": {**_image(0.60, 0.35, 0.30, 0.20), "release_mechanism": []},
+                          "192": {**_image(0.55, 0.35, 0.25, 0.45, other_residual=-0.40), "release_mechanism": []}}},
     "labels": {"flair": {"1": _labels({0: 0.2, 1: 0.7}), "192": _labels({0: 0.4, 1: 0.3})}},
 }
 
@@ -70,3 +72,40 @@ def test_a_step_is_attacked_again_until_every_recorded_site_has_a_complete_entry
     labels["t1w"] = {**labels["t1w"], "96": {"level": 0, "dice_wt": 0.8, "random_dice_wt": 0.02}}
     assert steps_to_attack(tmp_path, "labels", labels) == [96]
     assert steps_to_attack(tmp_path, "whitebox", {}) == [1, 96, 192]
+    # A learned decoder trained before it went through the site's noise: attacked again.
+    learned = {site: ATTACKS["learned"]["flair"] for site in both}
+    learned["t1w"] = {**learned["t1w"], "96": _image(0.6, 0.35, 0.3, 0.2)}
+    learned["flair"] = {**learned["flair"], "96": learned["flair"]["1"]}
+    assert steps_to_attack(tmp_path, "learned", learned) == [96]
+
+
+NOISE = {"path": "split_unet.filters.ActivationClipNoise", "args": {"clip_norm": 1000.0, "noise_multiplier": 0.003,
+                                                                   "levels": [0]}}
+BLOCKING = {"path": "split_unet.filters.LevelBlocking", "args": {"blocked_levels": [0]}}
+
+
+def _site_workspace(root, job_groups, scopes, job_scope=None):
+    run_dir = root / "simulator" / "flair" / "simulate_job"
+    (run_dir / "app_flair" / "config").mkdir(parents=True)
+    (run_dir / "app_flair" / "config" / "config_fed_client.json").write_text(
+        json.dumps({"task_result_filters": job_groups}))
+    (run_dir / "meta.json").write_text(json.dumps({"scope": job_scope} if job_scope else {}))
+    (root / "simulator" / "flair" / "local").mkdir(parents=True)
+    (root / "simulator" / "flair" / "local" / "privacy.json").write_text(
+        json.dumps({"scopes": scopes, "default_scope": "clinical"}))
+
+
+def test_the_learned_attack_knows_the_noise_of_the_job_and_of_the_scope_the_site_applied(tmp_path):
+    scope_noise = {**NOISE, "path": "split_unet.filters.activation_privacy.ActivationClipNoise",
+                   "args": {"clip_norm": 1.0, "noise_multiplier": 0.5}}
+    job_groups = [{"tasks": ["split_unet_train", "split_unet_validate"], "filters": [BLOCKING, NOISE]},
+                  {"tasks": ["split_unet_validate"], "filters": [{**NOISE, "args": {"clip_norm": 7.0}}]}]
+    scopes = [{"name": "clinical", "task_result_filters": [{"filters": [BLOCKING, scope_noise]}]},
+              {"name": "undefended", "task_result_filters": []}]
+    _site_workspace(tmp_path / "default", job_groups, scopes)
+    # The job's noise on training answers (not its validation-only filter), then the default scope's; no blocking.
+    assert release_mechanism(tmp_path / "default", "flair") == [NOISE["args"], scope_noise["args"]]
+    _site_workspace(tmp_path / "opt_out", job_groups, scopes, job_scope="undefended")
+    assert release_mechanism(tmp_path / "opt_out", "flair") == [NOISE["args"]]
+    _site_workspace(tmp_path / "none", [], [])
+    assert release_mechanism(tmp_path / "none", "flair") == []

@@ -78,7 +78,8 @@ class ActivationClipNoise(TensorMessageFilter):
             if self.levels is not None and level not in self.levels:
                 protected[level] = tensor
                 continue
-            noise = torch.randn(tensor.shape, generator=self.generator) * (self.noise_multiplier * self.clip_norm)
+            noise = torch.randn(tensor.shape, generator=self.generator).to(tensor.device, tensor.dtype)
+            noise = noise * (self.noise_multiplier * self.clip_norm)
             protected[level] = clip_per_sample(tensor, self.clip_norm) + noise
         return protected
 

@@ -231,8 +231,8 @@ def _inversion_decoder(encoder: ModalityEncoder, image: torch.Tensor, levels: Se
 
 
 def train_inversion_decoder(encoder: ModalityEncoder, aux_images: torch.Tensor, levels: Sequence[int],
-                            iterations: int = 300, lr: float = 2e-3, batch_size: int = 2,
-                            seed: int = 0) -> FusionDecoder:
+                            iterations: int = 300, lr: float = 2e-3, batch_size: int = 2, seed: int = 0,
+                            release: Callable[[Features], Features] | None = None) -> FusionDecoder:
     """Train a decoder from the encoder's features on ``levels`` back to its input.
 
     The attacker queries the site's encoder (weights unseen, ``encoder`` only evaluated) on auxiliary
@@ -245,6 +245,9 @@ def train_inversion_decoder(encoder: ModalityEncoder, aux_images: torch.Tensor, 
         levels: the observed levels; must include the encoder's bottleneck.
         iterations, lr, batch_size: Adam steps, step size and mini-batch size.
         seed: decoder initialisation and mini-batch sampling.
+        release: what the site's filters do to its features before they leave (e.g. ``ActivationClipNoise.protect``:
+            clipping and fresh noise), applied to every mini-batch: an attacker who knows the mechanism (the job
+            names it) trains on features as they arrive, not on clean ones. None: the features are sent as computed.
 
     Returns:
         The trained decoder, in eval mode, on the encoder's device: see ``learned_inversion``.
@@ -262,7 +265,8 @@ def train_inversion_decoder(encoder: ModalityEncoder, aux_images: torch.Tensor, 
     for _ in range(iterations):
         index = torch.randperm(len(images), generator=generator)[:batch_size].to(device)
         optimizer.zero_grad(set_to_none=True)
-        prediction = decoder([{level: t[index] for level, t in features.items()}])
+        batch = {level: t[index] for level, t in features.items()}
+        prediction = decoder([batch if release is None else release(batch)])
         F.mse_loss(prediction, images[index]).backward()
         optimizer.step()
     return decoder.eval()

@@ -29,8 +29,10 @@ import torch
 from split_unet.data import SiteImages, SiteLabels
 from split_unet.data.partition import SERVER_SITE
 from split_unet.errors import DataError
+from split_unet.filters import ActivationClipNoise
 from split_unet.networks import FusionDecoder, ModalityEncoder, NetworkConfig
-from split_unet.files import write_json
+from split_unet.files import load_json, write_json
+from split_unet.protocol.wire import TASK_TRAIN
 from split_unet.training import select_device
 
 from split_unet.leakage.attacks import (gradient_label_leakage, learned_inversion, random_mask_like,
@@ -59,6 +61,7 @@ IMAGE_LEAKAGE = ("excess_ssim", "residual_ssim", "excess_residual_ssim", "excess
 DEFAULT_ITERATIONS = {"whitebox": 40, "unsplit": 25, "learned": 50, "surrogate": 50}
 MAX_AUX_IMAGES = 16
 LEAKAGE_FILE = "leakage.json"
+OTHER_PATIENTS_FILE = "other_patient_reference.json"
 REGIONS = ("wt", "tc", "et")
 
 
@@ -97,6 +100,41 @@ def _recorded_patients(record_dir: Path, site: str) -> set[str]:
             for pid in torch.load(path, mmap=True, weights_only=True)["patient_ids"]}
 
 
+# The names a job or a privacy scope gives the site's noise mechanism (``protocol.settings.CLASS_ALLOW_LIST``).
+NOISE_FILTER_PATHS = ("split_unet.filters.ActivationClipNoise",
+                      "split_unet.filters.activation_privacy.ActivationClipNoise")
+
+
+def _noise_specs(filter_groups: list, where: Path) -> list[dict]:
+    """The ``ActivationClipNoise`` args of the ``task_result_filters`` groups that cover training answers."""
+    if not isinstance(filter_groups, list):
+        raise DataError("task_result_filters is not a list", field=str(where))
+    return [spec.get("args", {}) for group in filter_groups
+            if TASK_TRAIN in group.get("tasks", ["*"]) or "*" in group.get("tasks", ["*"])
+            for spec in group.get("filters", []) if spec.get("path") in NOISE_FILTER_PATHS]
+
+
+def release_mechanism(workspace: Path, site: str) -> list[dict]:
+    """The ``ActivationClipNoise`` args of the noise ``site`` put on its training activations, in the order applied:
+    the job's filters (the client config the server sent), then those of the privacy scope the site applied (the
+    scope the job's ``meta.json`` asks for, else the site's default). The server wrote the job; the scope's
+    parameters it is assumed to know (Kerckhoffs: the noise's multiplier arrives with every answer, its clip norm
+    can be read off the activations' norms)."""
+    run_dir = _site_run_dir(workspace, site)
+    client_config = run_dir / f"app_{site}" / "config" / "config_fed_client.json"
+    specs = _noise_specs(load_json(client_config).get("task_result_filters", []), client_config) \
+        if client_config.is_file() else []
+    policy_path = workspace / "simulator" / site / "local" / "privacy.json"
+    if policy_path.is_file():
+        policy = load_json(policy_path)
+        meta = run_dir / "meta.json"
+        scope_name = (load_json(meta).get("scope") if meta.is_file() else None) or policy.get("default_scope")
+        scopes = [scope for scope in policy.get("scopes", []) if scope.get("name") == scope_name]
+        specs += [args for scope in scopes for args in _noise_specs(scope.get("task_result_filters", []),
+                                                                    policy_path)]
+    return specs
+
+
 def _load_snapshot_encoder(workspace: Path, site: str, step: int, device: torch.device) -> ModalityEncoder:
     """The site's encoder with its weights of ``step`` (what produced the recorded activations)."""
     path = snapshot_path(_site_run_dir(workspace, site), step)
@@ -127,7 +165,6 @@ class _Context:
         self._images: dict[str, SiteImages] = {}
         self._labels: SiteLabels | None = None
         self._atlases: dict[str, torch.Tensor] = {}
-        self._other_patients: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
         self._surrogates: dict[tuple[str, tuple[int, ...]], tuple[ModalityEncoder, FusionDecoder]] = {}
 
     @property
@@ -167,12 +204,18 @@ class _Context:
         return self._atlases[site]
 
     def other_patient_scores(self, site: str, patient_ids: Sequence[str], region: torch.Tensor) -> dict[str, float]:
-        """``other_patient_similarity`` of the auxiliary patients' images against ``patient_ids`` (once per batch)."""
-        key = (site, tuple(patient_ids))
-        if key not in self._other_patients:
-            self._other_patients[key] = other_patient_similarity(
-                self.true_images(site, patient_ids), self.true_images(site, self.auxiliary_patients(site)), region)
-        return self._other_patients[key]
+        """``other_patient_similarity`` of the auxiliary patients' images against ``patient_ids``, once per batch
+        and workspace: kept in ``OTHER_PATIENTS_FILE`` under the data folder, the site and both patient lists, as
+        every attack of a sweep asks for the same reference (about 10 s per site and step on 64^3)."""
+        auxiliary = self.auxiliary_patients(site)
+        key = json.dumps([str(self.data_dir.resolve()), site, list(patient_ids), auxiliary])
+        cache_path = self.workspace / OTHER_PATIENTS_FILE
+        cache = load_json(cache_path) if cache_path.is_file() else {}
+        if key not in cache:
+            cache[key] = other_patient_similarity(
+                self.true_images(site, patient_ids), self.true_images(site, auxiliary), region)
+            write_json(cache_path, cache)
+        return cache[key]
 
     def architecture(self) -> ModalityEncoder:
         """A fresh encoder of the site's architecture: the server knows it from its own job config, nothing else."""
@@ -203,12 +246,31 @@ def _unsplit(context: _Context, exchange: RecordedExchange) -> torch.Tensor:
                              iterations=context.iterations, seed=context.seed, device=context.device)
 
 
+def _released(site: str, mechanism: Sequence[dict], seed: int) -> Callable[[dict], dict] | None:
+    """``release_mechanism``'s filters applied in turn to ``{level: features}`` (None where there are none), drawing
+    the attacker's own noise from ``seed``."""
+    if not mechanism:
+        return None
+    try:
+        filters = [ActivationClipNoise(**{**args, "seed": seed}) for args in mechanism]
+    except (TypeError, ValueError) as error:
+        raise DataError(f"not a usable ActivationClipNoise config: {error}", site=site,
+                        field=str(list(mechanism))) from error
+
+    def release(features: dict) -> dict:
+        for noise in filters:
+            features = noise.protect(features)
+        return features
+    return release
+
+
 def _learned(context: _Context, exchange: RecordedExchange) -> torch.Tensor:
     site = exchange.site
     encoder = _load_snapshot_encoder(context.workspace, site, exchange.step, context.device)
+    release = _released(site, release_mechanism(context.workspace, site), context.seed)
     decoder = train_inversion_decoder(encoder, context.true_images(site, context.auxiliary_patients(site)),
-                                      sorted(exchange.activations),
-                                      iterations=context.iterations, seed=context.seed)
+                                      sorted(exchange.activations), iterations=context.iterations,
+                                      seed=context.seed, release=release)
     return learned_inversion(decoder, exchange.activations)
 
 
@@ -244,6 +306,8 @@ def _score_reconstruction(context: _Context, attack: str, exchange: RecordedExch
                                          sign_invariant=attack in SIGN_BLIND),
              **context.other_patient_scores(exchange.site, exchange.patient_ids, region)}
     entry["excess_residual_ssim"] = entry["residual_ssim"] - entry["other_residual_ssim"]
+    if attack == "learned":  # what its decoder trained on: features as the site releases them
+        entry["release_mechanism"] = release_mechanism(context.workspace, exchange.site)
     row = (f"{exchange.site} step {exchange.step}", truth[0, 0].numpy(), reconstruction[0, 0].numpy())
     return entry, row
 
@@ -293,7 +357,8 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
         workspace: a ``split-unet simulate`` workspace whose server recorded the exchanges.
         data_dir: the partitioned data folder the run used (true images and labels).
         attack: ``"whitebox"`` (site's encoder weights, upper bound), ``"unsplit"`` (architecture only),
-            ``"learned"`` (decoder trained on held-out patients of the site through its encoder), ``"surrogate"``
+            ``"learned"`` (decoder trained on held-out patients of the site through its encoder and the noise it
+            adds, ``release_mechanism``), ``"surrogate"``
             (a surrogate encoder and decoder trained on those patients without the site's encoder, adapted to the
             recorded activations) or
             ``"labels"`` (tumour mask from the gradients the site received).
@@ -311,7 +376,8 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
         ``prior_tumour_<m>``, ``excess_tumour_<m>``), see ``prior_relative_similarity``, and
         ``prior_patients``; the best auxiliary patient's image scored the same way (``other_excess_ssim``,
         ``other_residual_ssim``, ``other_excess_tumour_ssim``, ``other_patients``: ``other_patient_similarity``)
-        and ``excess_residual_ssim`` = ``residual_ssim`` - ``other_residual_ssim``; or, for labels,
+        and ``excess_residual_ssim`` = ``residual_ssim`` - ``other_residual_ssim``, and for ``"learned"``
+        ``release_mechanism`` (the noise its decoder trained through); or, for labels,
         ``dice_<region>`` and ``random_dice_<region>`` for WT, TC, ET of the level that leaks most (``level``)
         and the same for every level received (``per_level``).
 
@@ -353,9 +419,10 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
 
 def steps_to_attack(workspace: str | Path, attack: str, per_site: dict) -> list[int]:
     """The recorded steps at which some recorded site has no complete entry of ``attack`` in ``per_site`` (its
-    ``leakage.json`` entries): never attacked there, or scored before the prior, another patient's image and
-    every level were (older files). An attacker takes the best step, so the worst case needs them all."""
-    wanted = "per_level" if attack == "labels" else "excess_residual_ssim"
+    ``leakage.json`` entries): never attacked there, or scored before the prior, another patient's image, every
+    level and (learned) the site's release mechanism were (older files). An attacker takes the best step, so the
+    worst case needs them all."""
+    wanted = {"labels": "per_level", "learned": "release_mechanism"}.get(attack, "excess_residual_ssim")
     record_dir = _record_dir(Path(workspace))
     return [step for step in _recorded_steps(record_dir)
             if any(wanted not in per_site.get(path.stem, {}).get(str(step), {})
