@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from split_unet.defence import DEFENCE, DEFENDED_SCOPE, UNDEFENDED_SCOPE
+from split_unet.defence import DEFENCE, DEFENDED_SCOPE, STRICT, STRICT_SCOPE, UNDEFENDED_SCOPE
+from split_unet.errors import ProtocolError
 from split_unet.jobs import (InferenceJob, PsiJob, TrainingJob, export, export_repository_jobs, job_sites,
                              native_settings, training_settings)
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE
+from split_unet.protocol.rounds import refuse_blocked_levels
 from split_unet.protocol.wire import TASK_INFER, TASK_INIT, TASK_TRAIN
 from split_unet.site_configs import write_site_configs
 
@@ -60,7 +62,8 @@ def test_the_shipped_job_and_sites_carry_the_one_defence(project_root):
     for site in ("flair", "t1w", "t1gd", "t2w"):
         policy = json.loads((project_root / "site_configs" / site / "local" / "privacy.json").read_text())
         scopes = {scope["name"]: scope for scope in policy["scopes"]}
-        assert policy["default_scope"] == DEFENDED_SCOPE and set(scopes) == {DEFENDED_SCOPE, UNDEFENDED_SCOPE}
+        assert policy["default_scope"] == DEFENDED_SCOPE
+        assert set(scopes) == {DEFENDED_SCOPE, STRICT_SCOPE, UNDEFENDED_SCOPE}
         defended = scopes[DEFENDED_SCOPE]
         assert {"path": "split_unet.filters.LevelBlocking", "args": {"blocked_levels": [0]}} in \
             defended["task_result_filters"]
@@ -68,6 +71,21 @@ def test_the_shipped_job_and_sites_carry_the_one_defence(project_root):
                                                   "args": {"minimum": dict(DEFENCE.site_training)}}]
         assert DEFENCE.site_training["nopeek_weight"] == 1.0
         assert scopes[UNDEFENDED_SCOPE]["task_data_filters"] == scopes[UNDEFENDED_SCOPE]["task_result_filters"] == []
+        # The strict opt-in: the same training requirements, every level but the bottleneck blocked.
+        assert scopes[STRICT_SCOPE]["task_data_filters"] == defended["task_data_filters"]
+        assert scopes[STRICT_SCOPE]["task_result_filters"] == [
+            {"path": "split_unet.filters.LevelBlocking", "args": {"blocked_levels": [0, 1, 2]}}]
+
+
+def test_a_job_for_the_strict_scope_sends_the_bottleneck_alone_and_a_strict_site_refuses_the_default_job():
+    strict = training_settings(scope=STRICT_SCOPE)
+    assert strict.train.network.sent_levels == (3,) == tuple(STRICT.sent_levels(4))
+    assert all(getattr(strict.train, key) == value for key, value in STRICT.site_training.items())
+    assert strict.server_filters == list(DEFENCE.server_filters) and strict.scope == STRICT_SCOPE
+    # A site whose default scope is strict refuses, at start, a job that sends the shipped defence's levels.
+    refuse_blocked_levels("flair", STRICT.blocked_levels, strict.train.network.sent_levels)
+    with pytest.raises(ProtocolError, match=r"site 'flair'.*blocks levels \[1, 2\]"):
+        refuse_blocked_levels("flair", STRICT.blocked_levels, training_settings().train.network.sent_levels)
 
 
 def test_a_job_for_the_undefended_scope_is_undefended_and_explicit_settings_win():

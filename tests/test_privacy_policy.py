@@ -10,7 +10,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.private.privacy_manager import PrivacyManager, PrivacyService, Scope
 
 from split_unet.data import MODALITIES
-from split_unet.defence import DEFENDED_SCOPE, UNDEFENDED_SCOPE
+from split_unet.defence import DEFENDED_SCOPE, STRICT_SCOPE, UNDEFENDED_SCOPE
 from split_unet.errors import ProtocolError
 from split_unet.protocol.rounds import refuse_blocked_levels
 from split_unet.protocol.executor import check_privacy_scope
@@ -64,6 +64,7 @@ def test_a_job_naming_a_scope_the_site_lacks_is_refused(project_root):
     previous = PrivacyService.manager
     try:
         for names, asked, allowed in ((shipped, DEFENDED_SCOPE, True), (shipped, UNDEFENDED_SCOPE, True),
+                                      (shipped, STRICT_SCOPE, True),
                                       (shipped, "research-only", False), (shipped, "public", False),
                                       (clinical_only, UNDEFENDED_SCOPE, False), (clinical_only, DEFENDED_SCOPE, True)):
             PrivacyService.initialize(PrivacyManager(scopes=[_scope(name) for name in names],

@@ -4,8 +4,9 @@ command finds them wherever it runs. The repository's ``site_configs/`` is what 
 
 Each modality site gets ``split_unet_site.json`` (its modality and data folder) and ``privacy.json`` (its
 privacy policy: the default scope ``clinical`` enforces the site's part of the shipped defence,
-``defence.DEFENCE``, whatever a job asks; the scope ``undefended`` has no filters and is an explicit opt-in for
-phantoms and studies only); the server gets its data folder.
+``defence.DEFENCE``, whatever a job asks; ``strict`` that of ``defence.STRICT`` (the bottleneck alone), for a job
+that asks for it or a site that makes it its default; the scope ``undefended`` has no filters and is an explicit
+opt-in for phantoms and studies only); the server gets its data folder.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from split_unet.data import MODALITIES, SERVER_SITE
-from split_unet.defence import DEFENCE, DEFENDED_SCOPE, UNDEFENDED, UNDEFENDED_SCOPE
+from split_unet.defence import DEFENCE, DEFENDED_SCOPE, STRICT, STRICT_SCOPE, UNDEFENDED, UNDEFENDED_SCOPE
 from split_unet.files import write_json
 from split_unet.protocol.settings import ENV_SITES, SETTINGS_FILE
 
@@ -22,6 +23,7 @@ PRIVACY_FILE = "privacy.json"
 PRIVACY_POLICY = {
     "scopes": [
         DEFENCE.site_scope(DEFENDED_SCOPE, {"data": "patient images", "defence": DEFENCE.name}),
+        STRICT.site_scope(STRICT_SCOPE, {"data": "patient images", "defence": STRICT.name}),
         UNDEFENDED.site_scope(UNDEFENDED_SCOPE, {"data": "phantoms and studies only: no patient images"}),
     ],
     "default_scope": DEFENDED_SCOPE,
