@@ -2,8 +2,10 @@
 
 import json
 
+import pytest
 from helpers import TINY_NETWORK, TINY_SIZE
 
+from split_unet.errors import DataError
 from split_unet.studies.privacy_report import pareto_front, run_sweep
 
 
@@ -47,3 +49,65 @@ def test_sweep_trains_attacks_and_reports(project_root, tiny_data, trained_tiny,
     assert (out / "privacy_utility.png").is_file() and "## Recommendation" in markdown
     assert "residual SSIM over another patient's" in markdown
     assert json.loads((out / "report.json").read_text())["frontier"]
+
+
+def _image_entry(excess, residual_over_other):
+    return {"ssim": 0.35 + excess, "prior_ssim": 0.35, "excess_ssim": excess, "residual_ssim": 0.3 + residual_over_other,
+            "excess_residual_ssim": residual_over_other, "excess_tumour_ssim": excess}
+
+
+def _labels_entry(dice):
+    return {"dice_wt": dice, "random_dice_wt": 0.02, "level": 1}
+
+
+def _stored_sweep(folder, defended_steps):
+    """A sweep of stored results only: an undefended reference (labels and Dice, no image attack, as the oldest
+    files hold) and a defended run whose white-box attack covers ``defended_steps``."""
+    summaries = {"undefended": {"dice": {"mean": 0.80}}, "defended": {"dice": {"mean": 0.75},
+                                                                     "bytes_per_step": {"total": 22}}}
+    (folder / "summaries.json").write_text(json.dumps(summaries))
+    (folder / "leakage_undefended.json").write_text(json.dumps(
+        {"attacks": {"labels": {"flair": {"1": _labels_entry(0.85)}}}}))
+    (folder / "leakage_defended.json").write_text(json.dumps({"attacks": {
+        "whitebox": {"flair": {str(step): _image_entry(0.01 * step, -0.1) for step in defended_steps}},
+        "labels": {"flair": {"1": _labels_entry(0.09)}}}}))
+    sweep = {"configurations": [
+        {"name": "undefended", "reference": True,
+         "stored": {"summary": "summaries.json", "entry": "undefended", "leakage": "leakage_undefended.json"}},
+        {"name": "defended", "stored": {"summary": "summaries.json", "entry": "defended",
+                                        "leakage": "leakage_defended.json"}}]}
+    sweep_file = folder / "sweep.json"
+    sweep_file.write_text(json.dumps(sweep))
+    return sweep_file, sweep
+
+
+def test_stored_results_are_reported_as_they_are_without_data_training_or_attacks(tmp_path):
+    sweep_file, _ = _stored_sweep(tmp_path, defended_steps=(1, 192))
+    report = run_sweep(sweep_file, None, tmp_path / "report", log=lambda line: pytest.fail(f"trained: {line}"))
+    rows = {row["name"]: row for row in report["rows"]}
+    # The worst step (192: excess 1.92) of the stored white-box entries, the reference's labels only.
+    assert rows["defended"]["images"]["excess_ssim"]["value"] == pytest.approx(1.92)
+    assert rows["defended"]["attacked"] == {"whitebox": [1, 192], "labels": [1]}
+    assert rows["defended"]["bytes_per_step"] == 22 and "images" not in rows["undefended"]
+    # The reference has no image attack and is still the reference: its Dice and labels set the targets.
+    assert "label-leakage Dice <= 0.5 x undefended, mean Dice cost <= 0.03 (undefended: mean Dice 0.800, " \
+           "label Dice 0.85)" in report["verdict"]
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| whitebox: 1/192; labels: 1 |" in markdown and "| labels: 1 |" in markdown
+
+
+@pytest.mark.parametrize("break_it, field", [
+    (lambda sweep: sweep["configurations"][1]["stored"].update(leakage="missing.json"), "missing.json"),
+    (lambda sweep: sweep["configurations"][1]["stored"].update(entry="nobody"), "stored.entry"),
+    (lambda sweep: sweep["configurations"][1]["stored"].pop("summary"), "stored.summary"),
+    (lambda sweep: sweep["configurations"].append({"name": "to train"}), "sites"),
+])
+def test_a_bad_stored_configuration_is_refused_naming_it_and_nothing_is_written(tmp_path, break_it, field):
+    sweep_file, sweep = _stored_sweep(tmp_path, defended_steps=(1,))
+    break_it(sweep)
+    sweep_file.write_text(json.dumps(sweep))
+    with pytest.raises(DataError) as refused:
+        run_sweep(sweep_file, None, tmp_path / "report", log=lambda _: None)
+    assert field in str(refused.value)
+    assert ("'defended'" in str(refused.value)) or ("'to train'" in str(refused.value))
+    assert not (tmp_path / "report").exists()

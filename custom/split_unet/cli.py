@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="privacy-utility sweep: train, attack and report each defence")
     report.add_argument("--sweep", required=True, help="sweep file (JSON), e.g. benchmarks/privacy_sweep.json")
-    report.add_argument("--sites", required=True, help="the partitioned data")
+    report.add_argument("--sites", help="the partitioned data (not needed where every configuration is stored)")
     report.add_argument("--out", required=True)
     report.add_argument("--site-configs", help="default: the package's")
     report.set_defaults(func=cmd_report)

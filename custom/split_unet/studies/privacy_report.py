@@ -16,8 +16,11 @@ the ``undefended`` scope unless a configuration names another (``scope``)::
 Every attack runs at every recorded step; a configuration's leakage is its worst step against its strongest
 attack, measured against the population prior (``studies.leakage.worst_case``). The reference (undefended)
 configuration is the one marked ``"reference": true``, else the first. A
-configuration may name a finished ``split-unet simulate --record-steps`` workspace instead of training.
-Finished runs and attacks are reused, so an interrupted sweep resumes where it stopped.
+configuration may name a finished ``split-unet simulate --record-steps`` workspace instead of training, or the
+stored results of a run whose workspace is gone (``stored``: its ``leakage.json`` and its summary, see
+``stored_results``), which are reported as they are, neither trained nor attacked: one report can then show every
+configuration measured (``docs/privacy_frontier/report_sweep.json``). Finished runs and attacks are reused, so an
+interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path,
+def run_sweep(sweep_file: str | Path, sites_dir: str | Path | None, out_dir: str | Path,
               site_configs: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Run, attack and report every configuration; returns the report's rows."""
     from split_unet.defence import UNDEFENDED_SCOPE
@@ -70,6 +73,13 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path
     rows = []
     for index, configuration in enumerate(configurations):
         name = configuration["name"]
+        if "stored" in configuration:
+            summary, leakage = stored_results(configuration["stored"], Path(sweep_file).parent, name)
+            rows.append(_row(name, configuration, summary, leakage))
+            continue
+        if sites_dir is None:
+            raise DataError(f"configuration {name!r} trains or attacks: the partitioned data folder is needed",
+                            field="sites")
         # A configuration may point at a finished `split-unet simulate --record-steps` workspace instead.
         workspace = Path(configuration.get("workspace") or out_dir / "runs" / slug(name))
         summary_path = workspace / "summary.json"
@@ -109,16 +119,49 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path, out_dir: str | Path
     return report
 
 
+def stored_results(stored: dict, base: Path, name: str) -> tuple[dict, dict]:
+    """(summary, leakage) of a configuration's ``stored`` results, paths relative to the sweep file's folder
+    (``base``): ``{"leakage": "leakage_x.json", "summary": "summary.json"}``, with ``"entry": key`` where the
+    summary file keeps many runs' summaries under their keys. The summary needs ``dice.mean`` and the leakage file
+    ``attacks``; anything else is refused, naming the configuration and the field."""
+    if not isinstance(stored, dict):
+        raise DataError(f"configuration {name!r}: stored must be an object", field="stored")
+
+    def load(field: str) -> dict:
+        relative = stored.get(field)
+        if not isinstance(relative, str):
+            raise DataError(f"configuration {name!r}: stored.{field} must name a file", field=f"stored.{field}")
+        path = base / relative
+        if not path.is_file():
+            raise DataError(f"configuration {name!r}: stored {field} file not found", field=str(path))
+        return load_json(path)
+
+    summary, leakage = load("summary"), load("leakage")
+    if "entry" in stored:
+        if stored["entry"] not in summary:
+            raise DataError(f"configuration {name!r}: no entry {stored['entry']!r} in the summary file",
+                            field="stored.entry")
+        summary = summary[stored["entry"]]
+    if not isinstance(summary.get("dice"), dict) or "mean" not in summary["dice"]:
+        raise DataError(f"configuration {name!r}: the stored summary has no dice.mean", field="stored.summary")
+    if not isinstance(leakage.get("attacks"), dict):
+        raise DataError(f"configuration {name!r}: the stored leakage file has no attacks", field="stored.leakage")
+    return summary, leakage
+
+
 def _row(name: str, configuration: dict, summary: dict, leakage: dict) -> dict:
     """One configuration's utility and worst-case leakage: ``images`` (the maxima over sites of
-    ``worst_case``'s image metrics, with the site, attack and step they come from) and ``labels`` (WT Dice at
-    each site's worst step, ``max`` and ``mean`` over sites)."""
+    ``worst_case``'s image metrics, with the site, attack and step they come from), ``labels`` (WT Dice at
+    each site's worst step, ``max`` and ``mean`` over sites) and ``attacked`` ({attack: steps attacked at any
+    site}: a worst case taken over fewer attacks or steps is a lower bound, and the report says so)."""
     from split_unet.studies.leakage import IMAGE_LEAKAGE, worst_case
 
     worst = worst_case(leakage.get("attacks", {}))
     row = {"name": name, "configuration": configuration, "dice": summary["dice"]["mean"],
            "dice_regions": summary["dice"], "bytes_per_step": summary.get("bytes_per_step", {}).get("total"),
-           "epsilon": max((p["epsilon"] for p in summary.get("privacy", {}).values()), default=None)}
+           "epsilon": max((p["epsilon"] for p in summary.get("privacy", {}).values()), default=None),
+           "attacked": {attack: sorted({int(step) for steps in sites.values() for step in steps})
+                        for attack, sites in leakage.get("attacks", {}).items()}}
     if worst["images"]:
         row["images"] = {}
         for metric in IMAGE_LEAKAGE:
@@ -157,11 +200,12 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def recommend(rows: list[dict]) -> tuple[dict | None, str]:
-    """The best-Dice configuration meeting the targets against the reference (undefended) row, and why."""
+    """The best-Dice configuration meeting the targets against the reference (undefended) row, and why. The
+    reference needs its Dice and, for the label target, its label leakage; its image attacks are not compared."""
     valid = [r for r in rows if "error" not in r and "images" in r]
     if not valid:
         return None, "no configuration finished with an image attack"
-    reference = next((r for r in valid if r["configuration"].get("reference")), valid[0])
+    reference = next((r for r in rows if "error" not in r and r["configuration"].get("reference")), valid[0])
     label_limit = TARGET_LABEL_FRACTION * reference["labels"]["mean"] if "labels" in reference else None
     meeting = [r for r in valid if r is not reference and _images_private(r)
                and (label_limit is None or r.get("labels", {}).get("mean", 1.0) <= label_limit)
@@ -213,6 +257,14 @@ def frontier_summary(valid: list[dict], reference: dict, label_limit: float | No
     return " ".join(parts)
 
 
+def _coverage(row: dict) -> str:
+    """The attacks a row's worst case was taken over, each with its steps: "whitebox, learned: 1/96/192"."""
+    by_steps: dict[str, list[str]] = {}
+    for attack, steps in row.get("attacked", {}).items():
+        by_steps.setdefault("/".join(map(str, steps)), []).append(attack)
+    return "; ".join(f"{', '.join(attacks)}: {steps}" for steps, attacks in by_steps.items()) or "-"
+
+
 def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dict:
     import matplotlib
 
@@ -244,17 +296,19 @@ def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dic
              "step in brackets): reconstruction SSIM and the population prior's (the atlas of auxiliary patients, "
              "no activations), the residual from the atlas (patient-specific content; the atlas scores 0), its "
              "excess over the best auxiliary patient's own image scored the same way, and the excess inside the "
-             "tumour and its surroundings.", "",
+             "tumour and its surroundings. The last column lists the attacks and steps each worst case was taken over: "
+             "where an attack or a step is missing, the row is a lower bound of its leakage.", "",
              "| configuration | mean Dice | SSIM (prior) | excess SSIM | residual SSIM | residual SSIM over another "
-             "patient's | excess SSIM tumour | label Dice WT (mean / max) | epsilon | bytes/step | frontier |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "patient's | excess SSIM tumour | label Dice WT (mean / max) | epsilon | bytes/step | frontier | "
+             "attacked at steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def where(peak: dict) -> str:
         return f" ({peak['site']}, {peak['attack']}, step {peak['step']})"
 
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 10)
             continue
         images, lb = r.get("images", {}), r.get("labels", {})
         excess = images.get("excess_ssim")
@@ -266,7 +320,7 @@ def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dic
         on_front = "yes" if r in valid and valid.index(r) in front else ""
         eps = f"{r['epsilon']:.3g}" if r.get("epsilon") is not None else "-"
         lines.append(f"| {r['name']} | {r['dice']:.3f} | " + " | ".join(cells)
-                     + f" | {eps} | {r.get('bytes_per_step') or 0:,} | {on_front} |")
+                     + f" | {eps} | {r.get('bytes_per_step') or 0:,} | {on_front} | {_coverage(r)} |")
     lines += ["", "## Recommendation", "", verdict, ""]
     (out_dir / "report.md").write_text("\n".join(lines))
     report = {"rows": rows, "frontier": [valid[i]["name"] for i in front],
