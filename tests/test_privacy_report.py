@@ -111,3 +111,25 @@ def test_a_bad_stored_configuration_is_refused_naming_it_and_nothing_is_written(
     assert field in str(refused.value)
     assert ("'defended'" in str(refused.value)) or ("'to train'" in str(refused.value))
     assert not (tmp_path / "report").exists()
+
+
+def test_a_row_attacked_at_fewer_steps_is_a_lower_bound_neither_recommended_nor_on_the_frontier(tmp_path):
+    sweep_file, sweep = _stored_sweep(tmp_path, defended_steps=(1, 192))
+    # Private at its one attacked step and as cheap as the undefended run: it would be recommended if its worst
+    # case were not a lower bound.
+    (tmp_path / "leakage_last_step.json").write_text(json.dumps({"attacks": {
+        "whitebox": {"flair": {"192": _image_entry(-0.2, -0.2)}}, "labels": {"flair": {"1": _labels_entry(0.05)}}}}))
+    summaries = json.loads((tmp_path / "summaries.json").read_text())
+    summaries["last step"] = {"dice": {"mean": 0.80}}
+    (tmp_path / "summaries.json").write_text(json.dumps(summaries))
+    sweep["configurations"].append({"name": "last step only", "stored": {
+        "summary": "summaries.json", "entry": "last step", "leakage": "leakage_last_step.json"}})
+    sweep_file.write_text(json.dumps(sweep))
+    report = run_sweep(sweep_file, None, tmp_path / "report", log=lambda _: None)
+    assert report["recommended"] is None and report["frontier"] == ["defended"]
+    assert "Left out as lower bounds (fewer attacks or steps than the others): last step only." in report["verdict"]
+    # What the complete row misses, and by how much.
+    assert "No configuration meets the image targets; the lowest excess SSIM over the prior is +1.92 " \
+           "('defended', mean Dice 0.750)" in report["verdict"]
+    assert "the least costly is 'defended' (mean Dice 0.750, cost 0.050; excess SSIM +1.92, residual SSIM -0.10" \
+           in report["verdict"]

@@ -185,6 +185,11 @@ def _residual(row: dict) -> float:
     return row["images"].get("excess_residual_ssim", {}).get("value", float("nan"))
 
 
+def _residual_text(row: dict) -> str:
+    residual = _residual(row)
+    return "not scored" if np.isnan(residual) else f"{residual:+.2f}"
+
+
 def _images_private(row: dict) -> bool:
     return _excess(row) <= TARGET_EXCESS_SSIM and _residual(row) <= TARGET_EXCESS_RESIDUAL_SSIM
 
@@ -199,15 +204,31 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def complete(valid: list[dict]) -> list[dict]:
+    """The rows whose worst case covers every image attack of the report at as many steps as any row: the others'
+    worst case is a lower bound (an attacker takes the best attack and step), so they can neither meet a target nor
+    stand on the frontier."""
+    from split_unet.studies.leakage import RECONSTRUCTIONS
+
+    def image_attacks(row: dict) -> dict[str, list[int]]:
+        return {attack: steps for attack, steps in row.get("attacked", {}).items() if attack in RECONSTRUCTIONS}
+
+    attacks = set().union(*(image_attacks(r) for r in valid)) if valid else set()
+    steps = max((len(s) for r in valid for s in image_attacks(r).values()), default=0)
+    return [r for r in valid if set(image_attacks(r)) == attacks
+            and all(len(s) == steps for s in image_attacks(r).values())]
+
+
 def recommend(rows: list[dict]) -> tuple[dict | None, str]:
     """The best-Dice configuration meeting the targets against the reference (undefended) row, and why. The
-    reference needs its Dice and, for the label target, its label leakage; its image attacks are not compared."""
+    reference needs its Dice and, for the label target, its label leakage; its image attacks are not compared.
+    Only ``complete`` rows are candidates."""
     valid = [r for r in rows if "error" not in r and "images" in r]
     if not valid:
         return None, "no configuration finished with an image attack"
     reference = next((r for r in rows if "error" not in r and r["configuration"].get("reference")), valid[0])
     label_limit = TARGET_LABEL_FRACTION * reference["labels"]["mean"] if "labels" in reference else None
-    meeting = [r for r in valid if r is not reference and _images_private(r)
+    meeting = [r for r in complete(valid) if r is not reference and _images_private(r)
                and (label_limit is None or r.get("labels", {}).get("mean", 1.0) <= label_limit)
                and r["dice"] >= reference["dice"] - TARGET_DICE_COST]
     if meeting:
@@ -222,7 +243,10 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
 
 
 def frontier_summary(valid: list[dict], reference: dict, label_limit: float | None) -> str:
-    """What the measured configurations do allow, target by target."""
+    """What the measured configurations do allow, target by target, and by how much the nearest one misses."""
+    whole = complete(valid)
+    partial = [r["name"] for r in valid if r not in whole and r is not reference]
+    valid = [r for r in whole if r is not reference]
     parts = [f"Targets, at the worst recorded step against the strongest attack: SSIM at most {TARGET_EXCESS_SSIM} "
              f"over the population prior and residual SSIM at most {TARGET_EXCESS_RESIDUAL_SSIM} over another "
              f"patient's image for every modality, "
@@ -233,13 +257,20 @@ def frontier_summary(valid: list[dict], reference: dict, label_limit: float | No
         best = max(private, key=lambda r: r["dice"])
         parts.append(f"The image targets at the least cost: '{best['name']}', mean Dice {best['dice']:.3f} "
                      f"(cost {reference['dice'] - best['dice']:.3f}).")
-    else:
-        parts.append("No configuration meets the image targets.")
+    elif valid:
+        best = min(valid, key=_excess)
+        parts.append(f"No configuration meets the image targets; the lowest excess SSIM over the prior is "
+                     f"{_excess(best):+.2f} ('{best['name']}', mean Dice {best['dice']:.3f}).")
     cheap = [r for r in valid if r["dice"] >= reference["dice"] - TARGET_DICE_COST]
     if cheap:
         best = min(cheap, key=_excess)
         parts.append(f"Within the Dice budget the lowest excess SSIM over the prior is {_excess(best):+.2f} "
-                     f"(residual SSIM {_residual(best):+.2f} over another patient's, '{best['name']}').")
+                     f"(residual SSIM {_residual_text(best)} over another patient's, '{best['name']}').")
+    elif valid:
+        best = max(valid, key=lambda r: r["dice"])
+        parts.append(f"No defended configuration is within the Dice budget; the least costly is '{best['name']}' "
+                     f"(mean Dice {best['dice']:.3f}, cost {reference['dice'] - best['dice']:.3f}; excess SSIM "
+                     f"{_excess(best):+.2f}, residual SSIM {_residual_text(best)} over another patient's).")
     if label_limit is not None:
         def label_safe(rows: list[dict]) -> list[dict]:
             return [r for r in rows if r.get("labels", {}).get("mean", 1.0) <= label_limit]
@@ -247,13 +278,16 @@ def frontier_summary(valid: list[dict], reference: dict, label_limit: float | No
             best = max(both, key=lambda r: r["dice"])
             parts.append(f"Both leakage targets at the least cost: '{best['name']}', mean Dice {best['dice']:.3f} "
                          f"(cost {reference['dice'] - best['dice']:.3f}).")
-        if affordable := label_safe(r for r in cheap if r is not reference):
+        if affordable := label_safe(cheap):
             best = max(affordable, key=lambda r: r["dice"])
             parts.append(f"Within the Dice budget the label target alone is met by '{best['name']}' (label Dice "
                          f"{best['labels']['mean']:.2f}, mean Dice {best['dice']:.3f}).")
-        lowest = min((r for r in valid if "labels" in r), key=lambda r: r["labels"]["mean"])
-        parts.append(f"The lowest label-leakage Dice is {lowest['labels']['mean']:.2f} ('{lowest['name']}'; target "
-                     f"<= {label_limit:.2f}).")
+        if labelled := [r for r in valid if "labels" in r]:
+            lowest = min(labelled, key=lambda r: r["labels"]["mean"])
+            parts.append(f"The lowest label-leakage Dice is {lowest['labels']['mean']:.2f} ('{lowest['name']}'; "
+                         f"target <= {label_limit:.2f}).")
+    if partial:
+        parts.append(f"Left out as lower bounds (fewer attacks or steps than the others): {', '.join(partial)}.")
     return " ".join(parts)
 
 
@@ -274,10 +308,13 @@ def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dic
     out_dir.mkdir(parents=True, exist_ok=True)
     valid = [r for r in rows if "error" not in r and "images" in r]
     points = [(r["dice"], _excess(r)) for r in valid]
-    front = pareto_front(points)
+    complete_rows = complete(valid)
+    whole = [i for i, r in enumerate(valid) if r in complete_rows]
+    front = [whole[i] for i in pareto_front([points[i] for i in whole])]
     figure, axis = plt.subplots(figsize=(7, 5))
-    for r, (dice, leak) in zip(valid, points):
-        axis.scatter(dice, leak, s=40)
+    for index, (r, (dice, leak)) in enumerate(zip(valid, points)):
+        # Hollow: a lower bound (attacked with fewer attacks or at fewer steps).
+        axis.scatter(dice, leak, s=40, **({} if index in whole else {"facecolors": "none", "edgecolors": "C0"}))
         axis.annotate(r["name"], (dice, leak), fontsize=8, xytext=(4, 4), textcoords="offset points")
     if front:
         axis.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, label="frontier")
