@@ -299,33 +299,48 @@ def _coverage(row: dict) -> str:
     return "; ".join(f"{', '.join(attacks)}: {steps}" for steps, attacks in by_steps.items()) or "-"
 
 
-def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dict:
+def _plot(rows: list[dict], valid: list[dict], whole: list[int], front: list[int], path: Path) -> None:
+    """Dice against the worst excess SSIM, each point numbered as its row of ``report.md`` (the names are in the
+    legend), the frontier dashed and the region of the Dice and image targets shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    valid = [r for r in rows if "error" not in r and "images" in r]
     points = [(r["dice"], _excess(r)) for r in valid]
-    complete_rows = complete(valid)
-    whole = [i for i, r in enumerate(valid) if r in complete_rows]
-    front = [whole[i] for i in pareto_front([points[i] for i in whole])]
-    figure, axis = plt.subplots(figsize=(7, 5))
+    figure, axis = plt.subplots(figsize=(12, 6))
     for index, (r, (dice, leak)) in enumerate(zip(valid, points)):
+        number = rows.index(r) + 1
+        colour = f"C{index % 10}"
         # Hollow: a lower bound (attacked with fewer attacks or at fewer steps).
-        axis.scatter(dice, leak, s=40, **({} if index in whole else {"facecolors": "none", "edgecolors": "C0"}))
-        axis.annotate(r["name"], (dice, leak), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        axis.scatter(dice, leak, s=40, label=f"{number}. {r['name']}" + ("" if index in whole else " (lower bound)"),
+                     **({"color": colour} if index in whole else {"facecolors": "none", "edgecolors": colour}))
+        axis.annotate(str(number), (dice, leak), fontsize=8, xytext=(4, 4), textcoords="offset points")
     if front:
         axis.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, label="frontier")
-        axis.legend()
+    reference = next((r for r in rows if "error" not in r and r["configuration"].get("reference")), None)
+    if reference is not None:
+        low, high = axis.get_ylim()
+        axis.fill_between([reference["dice"] - TARGET_DICE_COST, reference["dice"]], low, TARGET_EXCESS_SSIM,
+                          color="green", alpha=0.15, label="Dice and image targets")
+        axis.set_ylim(low, high)
     axis.axhline(TARGET_EXCESS_SSIM, color="grey", lw=0.8)
     axis.set_xlabel("mean Dice (WT, TC, ET)")
-    axis.set_ylabel("reconstruction SSIM over the prior (worst modality, step, attack)")
+    axis.set_ylabel("reconstruction SSIM over the prior\n(worst modality, step, attack)")
     axis.set_title("Split-U-Net privacy-utility trade-off (64^3 phantom)")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
-    figure.savefig(out_dir / "privacy_utility.png", dpi=120)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    valid = [r for r in rows if "error" not in r and "images" in r]
+    complete_rows = complete(valid)
+    whole = [i for i, r in enumerate(valid) if r in complete_rows]
+    front = [whole[i] for i in pareto_front([(valid[i]["dice"], _excess(valid[i])) for i in whole])]
+    _plot(rows, valid, whole, front, out_dir / "privacy_utility.png")
 
     best, verdict = recommend(rows)
     lines = ["# Privacy-utility report", "", f"Sweep: `{sweep_file}`", "", "![privacy-utility](privacy_utility.png)", "",
@@ -335,17 +350,17 @@ def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dic
              "excess over the best auxiliary patient's own image scored the same way, and the excess inside the "
              "tumour and its surroundings. The last column lists the attacks and steps each worst case was taken over: "
              "where an attack or a step is missing, the row is a lower bound of its leakage.", "",
-             "| configuration | mean Dice | SSIM (prior) | excess SSIM | residual SSIM | residual SSIM over another "
+             "| # | configuration | mean Dice | SSIM (prior) | excess SSIM | residual SSIM | residual SSIM over another "
              "patient's | excess SSIM tumour | label Dice WT (mean / max) | epsilon | bytes/step | frontier | "
              "attacked at steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def where(peak: dict) -> str:
         return f" ({peak['site']}, {peak['attack']}, step {peak['step']})"
 
-    for r in rows:
+    for number, r in enumerate(rows, start=1):
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 10)
+            lines.append(f"| {number} | {r['name']} | failed: {r['error']} |" + " |" * 10)
             continue
         images, lb = r.get("images", {}), r.get("labels", {})
         excess = images.get("excess_ssim")
@@ -356,7 +371,7 @@ def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dic
         cells.append(f"{lb['mean']:.2f} / {lb['max']:.2f}" if lb else "-")
         on_front = "yes" if r in valid and valid.index(r) in front else ""
         eps = f"{r['epsilon']:.3g}" if r.get("epsilon") is not None else "-"
-        lines.append(f"| {r['name']} | {r['dice']:.3f} | " + " | ".join(cells)
+        lines.append(f"| {number} | {r['name']} | {r['dice']:.3f} | " + " | ".join(cells)
                      + f" | {eps} | {r.get('bytes_per_step') or 0:,} | {on_front} | {_coverage(r)} |")
     lines += ["", "## Recommendation", "", verdict, ""]
     (out_dir / "report.md").write_text("\n".join(lines))
