@@ -133,3 +133,16 @@ def test_a_row_attacked_at_fewer_steps_is_a_lower_bound_neither_recommended_nor_
            "('defended', mean Dice 0.750)" in report["verdict"]
     assert "the least costly is 'defended' (mean Dice 0.750, cost 0.050; excess SSIM +1.92, residual SSIM -0.10" \
            in report["verdict"]
+
+
+def test_the_committed_frontier_report_is_what_the_stored_results_give(project_root, tmp_path):
+    """docs/privacy_frontier/report is rebuilt from the stored results by this code: a change to either that
+    leaves the committed report stale fails here (rebuild it with the command in docs/privacy.md)."""
+    folder = project_root / "docs" / "privacy_frontier"
+    report = run_sweep(folder / "report_sweep.json", None, tmp_path, log=lambda _: None)
+    committed = json.loads((folder / "report" / "report.json").read_text())
+    assert report["verdict"] == committed["verdict"] and report["frontier"] == committed["frontier"]
+    assert [(r["name"], r["dice"]) for r in report["rows"]] == [(r["name"], r["dice"]) for r in committed["rows"]]
+    def table_and_verdict(path):  # every line but the one naming the sweep file's path
+        return [line for line in path.read_text().splitlines() if not line.startswith("Sweep: ")]
+    assert table_and_verdict(tmp_path / "report.md") == table_and_verdict(folder / "report" / "report.md")
