@@ -47,6 +47,11 @@ CONFIGURATIONS = {
                                                "privacy_warmup_steps": 192},
     "all levels + level-0 noise x3 + NoPeek 1.0 + warm-up 24": {"nopeek_weight": 1.0, "privacy_warmup_steps": 24,
                                                                 "level0_noise": LEVEL0_NOISE},
+    # The two narrow-skip runs of the frontier sweep that were never attacked on images (no warm-up).
+    "1-channel 2-bit full-res + NoPeek 1.0 (no warm-up)": {
+        "network": {"full_res_channels": 1, "full_res_bits": 2}, "nopeek_weight": 1.0},
+    "2-channel 1-bit full-res + NoPeek 1.0 (no warm-up)": {
+        "network": {"full_res_channels": 2, "full_res_bits": 1}, "nopeek_weight": 1.0},
     "1-channel 2-bit full-res + NoPeek 1.0 on levels 1-3 + warm-up 96": {
         "network": {"full_res_channels": 1, "full_res_bits": 2}, "nopeek_weight": 1.0, "nopeek_levels": [1, 2, 3],
         "privacy_warmup_steps": 96},
