@@ -47,6 +47,7 @@ CONFIGURATIONS = {
                                                "privacy_warmup_steps": 192},
     "all levels + level-0 noise x3 + NoPeek 1.0 + warm-up 24": {"nopeek_weight": 1.0, "privacy_warmup_steps": 24,
                                                                 "level0_noise": LEVEL0_NOISE},
+    "levels 2-3 (no warm-up)": {"network": {"levels": [2, 3]}},
     # The two narrow-skip runs of the frontier sweep that were never attacked on images (no warm-up).
     "1-channel 2-bit full-res + NoPeek 1.0 (no warm-up)": {
         "network": {"full_res_channels": 1, "full_res_bits": 2}, "nopeek_weight": 1.0},
