@@ -219,6 +219,11 @@ def complete(valid: list[dict]) -> list[dict]:
             and all(len(s) == steps for s in image_attacks(r).values())]
 
 
+def _marked_reference(rows: list[dict]) -> dict | None:
+    """The row marked ``"reference": true`` that finished, if any."""
+    return next((r for r in rows if "error" not in r and r["configuration"].get("reference")), None)
+
+
 def recommend(rows: list[dict]) -> tuple[dict | None, str]:
     """The best-Dice configuration meeting the targets against the reference (undefended) row, and why. The
     reference needs its Dice and, for the label target, its label leakage; its image attacks are not compared.
@@ -226,7 +231,7 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
     valid = [r for r in rows if "error" not in r and "images" in r]
     if not valid:
         return None, "no configuration finished with an image attack"
-    reference = next((r for r in rows if "error" not in r and r["configuration"].get("reference")), valid[0])
+    reference = _marked_reference(rows) or valid[0]
     label_limit = TARGET_LABEL_FRACTION * reference["labels"]["mean"] if "labels" in reference else None
     meeting = [r for r in complete(valid) if r is not reference and _images_private(r)
                and (label_limit is None or r.get("labels", {}).get("mean", 1.0) <= label_limit)
@@ -318,8 +323,7 @@ def _plot(rows: list[dict], valid: list[dict], whole: list[int], front: list[int
         axis.annotate(str(number), (dice, leak), fontsize=8, xytext=(4, 4), textcoords="offset points")
     if front:
         axis.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, label="frontier")
-    reference = next((r for r in rows if "error" not in r and r["configuration"].get("reference")), None)
-    if reference is not None:
+    if (reference := _marked_reference(rows)) is not None:
         low, high = axis.get_ylim()
         axis.fill_between([reference["dice"] - TARGET_DICE_COST, reference["dice"]], low, TARGET_EXCESS_SSIM,
                           color="green", alpha=0.15, label="Dice and image targets")
