@@ -233,7 +233,8 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
         return None, "no configuration finished with an image attack"
     reference = _marked_reference(rows) or valid[0]
     label_limit = TARGET_LABEL_FRACTION * reference["labels"]["mean"] if "labels" in reference else None
-    meeting = [r for r in complete(valid) if r is not reference and _images_private(r)
+    whole = complete(valid)
+    meeting = [r for r in whole if r is not reference and _images_private(r)
                and (label_limit is None or r.get("labels", {}).get("mean", 1.0) <= label_limit)
                and r["dice"] >= reference["dice"] - TARGET_DICE_COST]
     if meeting:
@@ -244,35 +245,36 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
                       f"{TARGET_EXCESS_RESIDUAL_SSIM}), label-leakage Dice "
                       f"{best.get('labels', {}).get('mean', float('nan')):.2f} (target at most {label_limit:.2f}), "
                       f"mean Dice {best['dice']:.3f} vs {reference['dice']:.3f} undefended.")
-    return None, "no configuration meets all targets. " + frontier_summary(valid, reference, label_limit)
+    return None, "no configuration meets all targets. " + frontier_summary(valid, whole, reference,
+                                                                             label_limit)
 
 
-def frontier_summary(valid: list[dict], reference: dict, label_limit: float | None) -> str:
-    """What the measured configurations do allow, target by target, and by how much the nearest one misses."""
-    whole = complete(valid)
+def frontier_summary(valid: list[dict], whole: list[dict], reference: dict, label_limit: float | None) -> str:
+    """What the measured configurations do allow, target by target, and by how much the nearest one misses.
+    ``whole``: the ``complete`` rows of ``valid``, the only ones weighed; the others are named as lower bounds."""
     partial = [r["name"] for r in valid if r not in whole and r is not reference]
-    valid = [r for r in whole if r is not reference]
+    candidates = [r for r in whole if r is not reference]
     parts = [f"Targets, at the worst recorded step against the strongest attack: SSIM at most {TARGET_EXCESS_SSIM} "
              f"over the population prior and residual SSIM at most {TARGET_EXCESS_RESIDUAL_SSIM} over another "
              f"patient's image for every modality, "
              f"label-leakage Dice <= {TARGET_LABEL_FRACTION} x undefended, mean Dice cost <= {TARGET_DICE_COST} "
              f"(undefended: mean Dice {reference['dice']:.3f}, label Dice {reference.get('labels', {}).get('mean', float('nan')):.2f})."]
-    private = [r for r in valid if _images_private(r)]
+    private = [r for r in candidates if _images_private(r)]
     if private:
         best = max(private, key=lambda r: r["dice"])
         parts.append(f"The image targets at the least cost: '{best['name']}', mean Dice {best['dice']:.3f} "
                      f"(cost {reference['dice'] - best['dice']:.3f}).")
-    elif valid:
-        best = min(valid, key=_excess)
+    elif candidates:
+        best = min(candidates, key=_excess)
         parts.append(f"No configuration meets the image targets; the lowest excess SSIM over the prior is "
                      f"{_excess(best):+.2f} ('{best['name']}', mean Dice {best['dice']:.3f}).")
-    cheap = [r for r in valid if r["dice"] >= reference["dice"] - TARGET_DICE_COST]
+    cheap = [r for r in candidates if r["dice"] >= reference["dice"] - TARGET_DICE_COST]
     if cheap:
         best = min(cheap, key=_excess)
         parts.append(f"Within the Dice budget the lowest excess SSIM over the prior is {_excess(best):+.2f} "
                      f"(residual SSIM {_residual_text(best)} over another patient's, '{best['name']}').")
-    elif valid:
-        best = max(valid, key=lambda r: r["dice"])
+    elif candidates:
+        best = max(candidates, key=lambda r: r["dice"])
         parts.append(f"No defended configuration is within the Dice budget; the least costly is '{best['name']}' "
                      f"(mean Dice {best['dice']:.3f}, cost {reference['dice'] - best['dice']:.3f}; excess SSIM "
                      f"{_excess(best):+.2f}, residual SSIM {_residual_text(best)} over another patient's).")
@@ -287,7 +289,7 @@ def frontier_summary(valid: list[dict], reference: dict, label_limit: float | No
             best = max(affordable, key=lambda r: r["dice"])
             parts.append(f"Within the Dice budget the label target alone is met by '{best['name']}' (label Dice "
                          f"{best['labels']['mean']:.2f}, mean Dice {best['dice']:.3f}).")
-        if labelled := [r for r in valid if "labels" in r]:
+        if labelled := [r for r in candidates if "labels" in r]:
             lowest = min(labelled, key=lambda r: r["labels"]["mean"])
             parts.append(f"The lowest label-leakage Dice is {lowest['labels']['mean']:.2f} ('{lowest['name']}'; "
                          f"target <= {label_limit:.2f}).")
