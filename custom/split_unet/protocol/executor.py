@@ -14,7 +14,7 @@ from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.private.privacy_manager import PrivacyService
 
@@ -34,7 +34,7 @@ from split_unet.training.schedule import PatchBatch
 from .checkpoint import load_checkpoint, save_site_checkpoint, site_checkpoint
 from .codecs import check_compression
 from .names import ENCODER_FILE
-from .nvflare_workarounds import short_received_buffer_repr
+from .nvflare_workarounds import screen_pushed_tasks, short_received_buffer_repr
 from .paths import inside
 from .psi import intersection_path, read_intersection
 from .settings import load_site_settings
@@ -110,10 +110,34 @@ class ModalitySiteExecutor(Executor):
         self.pending_step: int | None = None
         self.run_config: dict = {}
         self.agreed: set[str] | None = None  # the patients every party holds, once the server announced them
+        self.job_sites: set[str] = set()  # the clients of the running job: none of them may task this site
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            engine = fl_ctx.get_engine()
+            self.job_sites = {client.name for client in engine.get_clients()}
+            screen_pushed_tasks(engine, self.refuse_foreign_sender)
         if event_type == EventType.END_RUN and self.images is not None:
             self.images.close()  # the prefetch thread ends with the run (inference has no finish task)
+
+    def refuse_foreign_sender(self, request: Shareable, fl_ctx: FLContext) -> Shareable | None:
+        """Only the server may task this site: a task pushed by a site of the job (or by a sender that does not
+        name itself) is refused before the site's filters or this executor see it, so it changes nothing here.
+
+        The sender is the name NVFlare's aux channel carries with the request (the sending process's context);
+        any site's code that pushes a task through NVFlare is named so and refused. A site whose NVFlare itself is
+        altered to claim the server's name is beyond this check: NVFlare 2.9 does not hand a request's
+        authenticated origin (its cell) to the job's code.
+        """
+        peer = fl_ctx.get_peer_context()
+        sender = peer.get_identity_name() if peer is not None else None
+        if sender and sender not in self.job_sites:
+            return None
+        site = fl_ctx.get_identity_name()
+        error = ProtocolError(f"refused task '{request.get_header(ReservedHeaderKey.TASK_NAME)}' from '{sender}': "
+                              f"only the server may task a site", site=site, field="sender")
+        self.log_error(fl_ctx, str(error))
+        return error_reply(str(error))
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         site = fl_ctx.get_identity_name()

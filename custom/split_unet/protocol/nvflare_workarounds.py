@@ -3,6 +3,11 @@ their process starts. Each names the defect, what it costs, and the test that no
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from nvflare.apis.fl_constant import ReservedTopic
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
 from nvflare.fuel.utils.buffer_list import ConsumableBufferList
 
 
@@ -22,3 +27,26 @@ def short_received_buffer_repr() -> None:
     (``tests/test_metrics_and_wire.py`` fails once NVFlare stops formatting the payload: then remove this.)
     """
     ConsumableBufferList.__repr__ = _buffers_summary
+
+
+def screen_pushed_tasks(engine, refusal: Callable[[Shareable, FLContext], Shareable | None]) -> None:
+    """Let ``refusal`` see every task pushed to this site (``ReservedTopic.DO_TASK``) before NVFlare runs it.
+
+    NVFlare 2.9's ``ClientRunner._handle_do_task`` (``nvflare/private/fed/client/client_runner.py``) runs any
+    well-formed ``DO_TASK`` request through the site's filters and executor, whoever sent it: another site's code
+    can push a split request with ``engine.send_aux_request`` and read the activations in the reply, or hand the
+    site gradients to train on, without the server (measured in the simulator: ``tests/test_task_sender.py``). The
+    check must come before the site's filters, which keep state (the hijack detector's alarm), so it wraps the
+    handler in this process's aux table rather than the executor. ``refusal`` returns the reply that refuses the
+    request, or None to run it. (``tests/test_task_sender.py::test_nvflare_runs_a_task_pushed_by_any_sender``
+    fails once NVFlare checks the sender itself: then remove this.)
+    """
+    aux_runner = engine.aux_runner
+    with aux_runner.reg_lock:
+        handler = aux_runner.topic_table[ReservedTopic.DO_TASK]
+
+        def screened(topic: str, request: Shareable, fl_ctx: FLContext) -> Shareable:
+            refused = refusal(request, fl_ctx)
+            return refused if refused is not None else handler(topic=topic, request=request, fl_ctx=fl_ctx)
+
+        aux_runner.topic_table[ReservedTopic.DO_TASK] = screened
