@@ -7,7 +7,7 @@ from split_unet.errors import ProtocolError
 from split_unet.networks import NetworkConfig, build_decoder, build_encoder, build_split_unet
 from split_unet.training import (DecoderParty, EncoderParty, TrainConfig, amp_active, grad_scaler, make_optimizer,
                                  segmentation_loss)
-from split_unet.training.nopeek import spatial_nopeek_loss
+from split_unet.training.nopeek import distance_correlation, spatial_nopeek_loss
 
 CONFIG = NetworkConfig(channels=(4, 8, 16), strides=(2, 2))
 
@@ -176,3 +176,30 @@ def test_nopeek_decorrelates_only_the_levels_asked_for():
     with pytest.raises(ValueError, match="nopeek_levels must be some of the sent levels"):
         TrainConfig(network={"levels": [1, 2, 3]}, nopeek_levels=[0])
     assert TrainConfig.from_dict(TrainConfig(nopeek_levels=[2, 1]).to_dict()).nopeek_levels == (1, 2)
+
+
+def test_background_patches_warm_up_and_train_with_every_privacy_term_finite():
+    """A skull-stripped volume cut into patches gives patches of pure background (zeros after z-scoring over the
+    brain) and patches that hold a sliver of brain, whose NoPeek positions may all fall on background while the
+    features vary (instance norm spreads the sliver): the warm-up and training steps keep everything finite."""
+    background = torch.zeros(2, 1, 16, 16, 16)
+    sliver = background.clone()
+    sliver[:, :, :2, :2, :2] = torch.randn(2, 1, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    site = EncoderParty(build_encoder(CONFIG, 0, 3), 1e-2, torch.device("cpu"), nopeek_weight=1.0, seed=2)
+    assert site.warm_up([background, sliver, sliver]) == 3
+    server = DecoderParty(build_decoder(CONFIG, 1, 3), 1e-2, torch.device("cpu"))
+    for images in (background, sliver):
+        features = site.forward(images)
+        assert all(torch.isfinite(t).all() for t in features.values())
+        _, (gradient,) = server.train_step([features], torch.zeros(2, 3, 16, 16, 16))
+        site.backward(gradient)
+        assert site.last_nopeek_loss is not None and torch.isfinite(torch.tensor(site.last_nopeek_loss))
+    assert all(torch.isfinite(p).all() for p in site.encoder.parameters())
+    # Distance correlation with a constant sample is 0 (Szekely et al.), and its gradient is finite both ways.
+    for constant_x in (True, False):
+        x = torch.zeros(64, 1) if constant_x else torch.randn(64, 1)
+        y = torch.randn(64, 8) if constant_x else torch.zeros(64, 8)
+        x.requires_grad_(), y.requires_grad_()
+        value = distance_correlation(x, y)
+        value.backward()
+        assert value.item() == 0.0 and torch.isfinite(x.grad).all() and torch.isfinite(y.grad).all()

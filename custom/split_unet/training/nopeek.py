@@ -14,15 +14,23 @@ import torch.nn.functional as F
 
 
 def distance_correlation(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
-    """Sample distance correlation (Szekely et al. 2007) of x (N, P) and y (N, Q); 0 = independent, 1 = dependent."""
+    """Sample distance correlation (Szekely et al. 2007) of x (N, P) and y (N, Q); 0 = independent, 1 = dependent.
+
+    Defined as 0 when either sample is constant (zero distance variance), as Szekely et al. define it, with a
+    finite gradient: a patch of pure background (a constant image, or features a ReLU zeroed) is the common case
+    in skull-stripped volumes, and the plain formula's square roots at 0 give it an infinite gradient, NaN once
+    multiplied by the zero derivative of its argument.
+    """
     def centred(z: torch.Tensor) -> torch.Tensor:
         d = torch.cdist(z, z)
         return d - d.mean(dim=0, keepdim=True) - d.mean(dim=1, keepdim=True) + d.mean()
 
     a, b = centred(x), centred(y)
     dcov2 = (a * b).mean()
-    dvar = ((a * a).mean() * (b * b).mean()).sqrt()
-    return (dcov2.clamp_min(0) / (dvar + eps)).sqrt()
+    dvar2 = (a * a).mean() * (b * b).mean()  # dVar(x)^2 dVar(y)^2
+    # Clamped before each square root: where the clamp binds, its derivative is 0 and the root's stays finite.
+    dcor2 = dcov2.clamp_min(0) / dvar2.clamp_min(eps**4).sqrt()
+    return torch.where(dvar2 > eps**4, dcor2.clamp_min(eps**2).sqrt(), torch.zeros_like(dcor2))
 
 
 def spatial_nopeek_loss(images: torch.Tensor, features: dict[int, torch.Tensor], positions: int = 256,
