@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_dice
+from monai.metrics.utils import _get_neighbour_code_to_normals_table
 from monai.transforms import RemoveSmallObjects
-from scipy.ndimage import binary_dilation, generate_binary_structure, label
+from scipy.ndimage import binary_dilation, correlate, distance_transform_edt, generate_binary_structure, label
 
 from split_unet.data import REGION_NAMES, nest_regions
 from split_unet.networks import SplitUNet
@@ -24,6 +24,8 @@ LESION_DILATION = 3
 LESION_MIN_MM3 = 50.0
 _CONNECTED = generate_binary_structure(3, 3)  # 26-connectivity, as cc3d.connected_components(connectivity=26)
 _DILATION = generate_binary_structure(3, 2)
+# Bit of each voxel of a 2x2x2 neighbourhood in its code (MONAI's and DeepMind's encoding).
+_NEIGHBOUR_CODE_KERNEL = np.array([[[128, 64], [32, 16]], [[8, 4], [2, 1]]])
 
 
 def logits_to_masks(logits: torch.Tensor, threshold: float = 0.5, min_component_voxels: int = 0) -> torch.Tensor:
@@ -40,17 +42,57 @@ def logits_to_masks(logits: torch.Tensor, threshold: float = 0.5, min_component_
     return nest_regions(masks, axis=1)
 
 
-def _hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float:
-    """HD95 in mm of two 3D masks (MONAI); ``MISSING_HD95_MM`` when one is empty, 0 when both are."""
+def _surface_area_table(spacing: Sequence[float]) -> np.ndarray:
+    """Area (mm^2) of the surface through each of the 256 2x2x2 neighbourhood codes, in float64.
+
+    MONAI's table of marching-cubes normals (multiples of 1/8, exact in float32) scaled by the voxel faces, as
+    DeepMind's ``surface_distance`` computes it; MONAI's own area table is float32, whose rounding moves the
+    95th percentile across ties of the cumulative area (measured: 8.37 instead of 8.31 mm on a 1 mm fixture).
+    """
+    normals = _get_neighbour_code_to_normals_table().numpy().astype(np.float64)  # (256, 4, 3)
+    x, y, z = (float(s) for s in spacing)
+    return np.linalg.norm(normals * np.array([y * z, x * z, x * y]), axis=-1).sum(axis=-1)
+
+
+def _surfels(mask: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(border, area): the corners of ``mask``'s voxels (shape + 1 per axis) that its surface passes through, and
+    the surface area there (mm^2)."""
+    # One more voxel at the far end of each axis: scipy centres the 2x2x2 kernel on its second voxel, so the
+    # correlation then has a code for every corner, from before the first voxel to after the last.
+    codes = correlate(np.pad(mask.astype(np.uint8), ((0, 1),) * 3), _NEIGHBOUR_CODE_KERNEL, mode="constant", cval=0)
+    return (codes != 0) & (codes != 255), table[codes]
+
+
+def _robust_distance(distances: np.ndarray, areas: np.ndarray, percentile: float) -> float:
+    """The distance below which ``percentile`` % of the surface area lies (the first to reach it)."""
+    order = np.argsort(distances, kind="stable")
+    cumulative = np.cumsum(areas[order]) / areas.sum()
+    index = min(int(np.searchsorted(cumulative, percentile / 100.0)), len(order) - 1)
+    return float(distances[order][index])
+
+
+def _hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], percentile: float = 95.0) -> float:
+    """HD95 in mm of two 3D masks as the BraTS 2023 evaluation computes it; ``MISSING_HD95_MM`` when one is empty,
+    0 when both are.
+
+    The BraTS 2023 code (``surface_distance.compute_robust_hausdorff`` of DeepMind's library) measures between
+    surface elements on the voxel corners, each weighted by its area, and takes the larger of the two directed
+    area-weighted percentiles. MONAI's ``compute_hausdorff_distance`` takes an unweighted percentile over the
+    voxels of a binary-erosion edge: 0.5 mm more on good segmentations and up to 10 mm more on speckled ones,
+    hence written here on MONAI's surface table and scipy's exact Euclidean distance transform.
+    """
     if not pred.any() and not truth.any():
         return 0.0
     if not pred.any() or not truth.any():
         return MISSING_HD95_MM
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        distance = compute_hausdorff_distance(torch.from_numpy(pred)[None, None], torch.from_numpy(truth)[None, None],
-                                              include_background=True, percentile=95, spacing=list(spacing))
-    return float(distance)
+    union = pred | truth
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(union))
+    table = _surface_area_table(spacing)
+    (pred_border, pred_area), (truth_border, truth_area) = _surfels(pred[box], table), _surfels(truth[box], table)
+    to_truth = distance_transform_edt(~truth_border, sampling=spacing)[pred_border]
+    to_pred = distance_transform_edt(~pred_border, sampling=spacing)[truth_border]
+    return max(_robust_distance(to_pred, truth_area[truth_border], percentile),
+               _robust_distance(to_truth, pred_area[pred_border], percentile))
 
 
 def lesion_wise(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
@@ -97,9 +139,8 @@ class RegionMetrics:
     """Accumulates per-region Dice and HD95 over batches, global and lesion-wise; ``aggregate()`` sums up.
 
     Global Dice: MONAI ``compute_dice(include_background=True)``; a region empty in both prediction and truth
-    counts as 1. Global HD95: MONAI ``compute_hausdorff_distance(percentile=95)`` in mm (each case's grid
-    spacing); as in the BraTS evaluation a miss or a false alarm scores 374 mm (MONAI would return NaN and
-    silently drop the worst cases from the mean) and empty-vs-empty 0. Lesion-wise: :func:`lesion_wise`.
+    counts as 1. Global HD95: the BraTS 2023 evaluation's area-weighted surface HD95 (``_hd95``) in mm (each
+    case's voxel size); as there, a miss or a false alarm scores 374 mm and empty-vs-empty 0. Lesion-wise: :func:`lesion_wise`.
     """
 
     def __init__(self) -> None:
