@@ -21,9 +21,9 @@ from split_unet.training import DecoderParty, TrainConfig
 SERVER_CHECKPOINT = "server.pt"
 SITE_CHECKPOINTS_KEPT = 2
 # Settings a resumed run must share with the run that wrote its checkpoint (epochs may grow).
-RESUME_KEYS = ("batch_size", "lr", "seed", "size", "spacing", "val_fraction", "nopeek_weight", "modality_dropout",
-               "adversarial_weight", "privacy_warmup_steps", "patch_size", "patch_sampling", "patch_positive_fraction",
-               "augment", "network")
+RESUME_KEYS = ("batch_size", "steps_per_epoch", "lr", "lr_schedule", "seed", "size", "spacing", "val_fraction",
+               "nopeek_weight", "modality_dropout", "adversarial_weight", "privacy_warmup_steps", "patch_size",
+               "patch_sampling", "patch_positive_fraction", "augment", "network")
 
 
 def site_checkpoint(folder: str | Path, train_step: int) -> Path:

@@ -28,7 +28,7 @@ from split_unet.files import write_json
 from split_unet.profiling import CpuPerStep, cpu_seconds, peak_memory_mb, process_cpu_seconds, resident_memory_mb
 from split_unet.reports import make_summary
 from split_unet.training import RegionMetrics, chunks, gpu_peak_mb, logits_to_masks
-from split_unet.training.schedule import Schedule, Step
+from split_unet.training.schedule import Schedule, Step, learning_rate
 
 from .checkpoint import SERVER_CHECKPOINT, ServerCheckpoint
 from .executor import job_scope
@@ -52,15 +52,16 @@ class SplitUNetController(SplitWorkflow):
         checkpoint_interval: training steps between checkpoints (0: none).
         resume: start from the checkpoint in ``checkpoint_dir`` (if there is one): the same run continues, and
             ``train.epochs`` may be raised to train on.
+        transport: see ``SplitWorkflow``.
     """
 
     def __init__(self, sites: Sequence[str] = MODALITIES, train: dict | None = None, wire_dtype: str = "float32",
                  persistor_id: str = "persistor", task_timeout: int = 600, summary_file: str = "summary.json",
                  num_threads: int = 0, task_check_period: float = 0.01, checkpoint_dir: str = "",
                  checkpoint_interval: int = 0, resume: bool = False, on_site_failure: str = "stop",
-                 init_timeout: int = INIT_TIMEOUT):
+                 init_timeout: int = INIT_TIMEOUT, transport: str = "poll"):
         super().__init__(sites, train, wire_dtype, task_timeout, on_site_failure, summary_file, num_threads,
-                         task_check_period, init_timeout)
+                         task_check_period, init_timeout, transport)
         self.persistor_id = persistor_id
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_interval = int(checkpoint_interval)
@@ -173,6 +174,7 @@ class SplitUNetController(SplitWorkflow):
         absent = None if step.absent is None else self.sites[step.absent]
         features = self.rounds.exchange(TASK_TRAIN, step.patient_ids, abort_signal, fl_ctx, info=info, absent=absent)
         round_done = time.perf_counter()
+        self.party.set_learning_rate(learning_rate(self.config, step.train_step))
         loss, gradients = self.party.train_step(features, labels, self.rounds.present(step.absent))
         self._decoder_seconds.append(time.perf_counter() - round_done)
         self._training_peak_mb = peak_memory_mb()  # the peak up to here, before any validation

@@ -29,7 +29,7 @@ from split_unet.training import (EncoderParty, InversionAdversary, TrainConfig, 
                                  select_device, warmup_batches)
 from split_unet.training.augment import intensity_augment, intensity_seed
 from split_unet.training.patches import check_patch_starts, cut_patch, sample_patch_starts
-from split_unet.training.schedule import PatchBatch
+from split_unet.training.schedule import PatchBatch, learning_rate
 
 from .checkpoint import load_checkpoint, save_site_checkpoint, site_checkpoint
 from .codecs import check_compression
@@ -238,6 +238,11 @@ class ModalitySiteExecutor(Executor):
         if task_name == TASK_TRAIN and request.patient_ids:  # no patients: left out of this step (modality dropout)
             if self.config.privacy_warmup_steps and not self.party.warmed_up:  # before the first release
                 self._warm_up(agreed, fl_ctx)
+            train_step = request.info.get("train_step")
+            if not isinstance(train_step, int) or isinstance(train_step, bool) or train_step < 1:
+                raise ProtocolError(f"must be a positive integer, got {str(train_step)[:60]}", site=site,
+                                    field="info.train_step")
+            self.party.set_learning_rate(learning_rate(self.config, train_step))  # the server's, from the step
             self._snapshot(request, fl_ctx)
             features = self.party.forward(inputs())
             self.pending_step = request.step

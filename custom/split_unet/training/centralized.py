@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -26,9 +26,9 @@ from .augment import augment_image, intensity_seed, spatial_augment
 from .config import TrainConfig
 from .metrics import RegionMetrics, logits_to_masks
 from .objective import autocast, chunks, grad_scaler, segmentation_loss, select_device
-from .parties import make_optimizer, present_inputs
+from .parties import make_optimizer, present_inputs, set_learning_rate
 from .patches import cut_patch, sample_patch_starts, step_seeds
-from .schedule import Schedule
+from .schedule import Schedule, learning_rate
 from .sliding_window import sliding_window_logits
 
 MODES = ("late", "early", "single")
@@ -99,10 +99,11 @@ class CaseCache:
 
 def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "late", modality: str | None = None,
                       config: TrainConfig | None = None, log: Callable[[str], None] = print,
-                      encoders: int = len(MODALITIES)) -> dict:
+                      encoders: int = len(MODALITIES), snapshot_steps: Sequence[int] = ()) -> dict:
     """Train one centralized baseline, write ``out_dir/summary.json`` and TensorBoard events; return the summary.
 
-    ``encoders``: late fusion only, see ``mode_inputs``.
+    ``encoders``: late fusion only, see ``mode_inputs``. ``snapshot_steps``: after each of these training steps the
+    model's weights go to ``out_dir/model_step_<step>.pt`` (learning curves).
     """
     config = config or TrainConfig()
     in_channels, image_channels = mode_inputs(mode, modality, encoders)
@@ -137,6 +138,7 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
             else:
                 images, labels = data.patch_batch(scheduled.patient_ids, image_channels, config, step)
             model.train()
+            set_learning_rate(optimizer, learning_rate(config, step))
             # The same draw as the split job's; the left-out encoder gets no gradient, so Adam skips it.
             present = present_inputs(scheduled.absent, len(in_channels))
             with autocast(device, config.amp):
@@ -150,6 +152,8 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
             step_seconds.append(time.perf_counter() - step_started)
             step_cpu.mark(cpu_seconds())
             writer.add_scalar("train/loss", losses[-1], step)
+            if step in snapshot_steps:
+                torch.save(model.state_dict(), out_dir / f"model_step_{step:07d}.pt")
         entry = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)),
                  "seconds": time.perf_counter() - start}
         log(f"[centralized {name}] epoch {epoch + 1}/{config.epochs} loss {entry['loss']:.4f} "

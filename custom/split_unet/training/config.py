@@ -9,6 +9,7 @@ from split_unet.networks import NetworkConfig
 
 
 PATCH_SAMPLING = ("uniform", "label")
+LR_SCHEDULES = ("constant", "poly")
 
 
 def _shape_setting(name: str, value: object) -> int | tuple[int, int, int]:
@@ -25,8 +26,14 @@ class TrainConfig:
     """One training budget. ``split-unet centralized`` and the NVFlare job read the same fields."""
 
     epochs: int = 8
+    # Steps an epoch has (None: one pass over the training patients). Patch training counts in steps, as nnU-Net
+    # does (250 an epoch): one pass of a few patients is a few patches, too few to validate after each.
+    steps_per_epoch: int | None = None
     batch_size: int = 2
     lr: float = 5e-3
+    # "constant", or "poly": lr * (1 - (step - 1) / steps) ** 0.9 over the run's epochs * steps_per_epoch steps
+    # (nnU-Net's decay); every party computes it from the step number alone.
+    lr_schedule: str = "constant"
     val_fraction: float = 0.25
     val_interval: int = 2
     val_batch_size: int = 2  # as large as the training batch: validation must not raise the server's peak memory
@@ -82,6 +89,13 @@ class TrainConfig:
             self.patch_size = _shape_setting("patch_size", self.patch_size)
         if self.patch_sampling not in PATCH_SAMPLING:
             raise ValueError(f"patch_sampling must be one of {PATCH_SAMPLING}, got {self.patch_sampling!r}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be at least 1 or None, got {self.steps_per_epoch}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.lr_schedule == "poly" and self.steps_per_epoch is None:
+            # A site knows the run's length only from its settings; it does not know how many patients train.
+            raise ValueError("lr_schedule 'poly' needs steps_per_epoch (the run's length in steps)")
         if not 0.0 <= self.patch_positive_fraction <= 1.0:
             raise ValueError(f"patch_positive_fraction must be in [0, 1], got {self.patch_positive_fraction}")
         if not 0.0 <= self.sw_overlap < 1.0:
@@ -104,6 +118,11 @@ class TrainConfig:
             raise ValueError("adversarial_weight needs whole-volume training (patch_size None)")
         if not 1 <= self.micro_batches <= self.batch_size:
             raise ValueError(f"micro_batches must be in [1, batch_size={self.batch_size}], got {self.micro_batches}")
+
+    @property
+    def total_steps(self) -> int | None:
+        """The run's training steps when an epoch is counted in steps (``steps_per_epoch``), else None."""
+        return None if self.steps_per_epoch is None else self.epochs * self.steps_per_epoch
 
     @property
     def grid_shape(self) -> tuple[int, int, int]:

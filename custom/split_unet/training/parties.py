@@ -52,6 +52,12 @@ def make_optimizer(parameters, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(parameters, lr=lr)
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate of every parameter group (``schedule.learning_rate`` of the step about to be taken)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 class EncoderParty:
     """A site's encoder, its optimiser and the activations waiting for their gradient."""
 
@@ -172,6 +178,10 @@ class EncoderParty:
             features = self.encoder(torch.as_tensor(images, device=self.device))
         return {level: t.float().cpu() for level, t in features.items()}
 
+    def set_learning_rate(self, lr: float) -> None:
+        """The rate of the encoder's next optimiser steps (set before the forward pass of a training step)."""
+        set_learning_rate(self.optimizer, lr)
+
     def backward(self, gradients: Mapping[int, torch.Tensor]) -> None:
         """Finish the backward pass of the pending activations and take one optimiser step."""
         if self._pending is None:
@@ -210,6 +220,10 @@ class DecoderParty:
         self.micro_batches = micro_batches
         self.amp = amp
         self.scaler = grad_scaler(device, amp)
+
+    def set_learning_rate(self, lr: float) -> None:
+        """The rate of the decoder's next optimiser steps."""
+        set_learning_rate(self.optimizer, lr)
 
     def train_step(self, features: Sequence[Mapping[int, torch.Tensor]], target: np.ndarray | torch.Tensor,
                    present: Sequence[bool] | None = None) -> tuple[float, list[Features]]:

@@ -1,5 +1,6 @@
 """The training schedule: which patients each step trains on, which input modality dropout leaves out, which patch
-of each patient it trains on and how it is augmented, when to validate, and where a resumed run starts. Centralized
+of each patient it trains on and how it is augmented, the learning rate, when to validate, and where a resumed run
+starts. Centralized
 training and the split-learning server follow the same schedule, so both see the same batches, drops and patches
 step for step."""
 
@@ -77,14 +78,43 @@ class PatchBatch:
         return np.stack(patches).astype(np.float32, copy=False)
 
 
+#: nnU-Net's exponent of the polynomial learning-rate decay.
+POLY_EXPONENT = 0.9
+
+
+def learning_rate(config: TrainConfig, train_step: int) -> float:
+    """The learning rate of training step ``train_step`` (from 1): ``config.lr``, or with ``lr_schedule`` "poly"
+    nnU-Net's ``lr * (1 - (step - 1) / steps) ** 0.9`` over ``config.total_steps``. The step number alone
+    decides it, so the server and every site agree and a resumed run continues the same curve. (torch's
+    ``PolynomialLR`` counts its own ``step()`` calls: a site left out of a step would fall behind.)"""
+    if config.lr_schedule == "constant":
+        return config.lr
+    done = min(max(train_step - 1, 0), config.total_steps)
+    return config.lr * (1.0 - done / config.total_steps) ** POLY_EXPONENT
+
+
+def stepped_batches(patient_ids: list[str], config: TrainConfig, epoch: int) -> list[list[str]]:
+    """The batches of ``epoch``: one shuffled pass (``epoch_batches``), or with ``steps_per_epoch`` the next
+    ``steps_per_epoch`` batches of an endless run of shuffled passes (pass p shuffled as ``epoch_batches``'s
+    epoch p), so every patient trains equally often whatever an epoch's length."""
+    if config.steps_per_epoch is None:
+        return epoch_batches(patient_ids, config.batch_size, config.seed, epoch)
+    per_pass = -(-len(patient_ids) // config.batch_size)
+    first = epoch * config.steps_per_epoch
+    passes = {p: epoch_batches(patient_ids, config.batch_size, config.seed, p)
+              for p in range(first // per_pass, (first + config.steps_per_epoch - 1) // per_pass + 1)}
+    return [passes[g // per_pass][g % per_pass] for g in range(first, first + config.steps_per_epoch)]
+
+
 class Schedule:
     """The steps of ``config.epochs`` epochs over ``train_ids`` for a model with ``num_inputs`` inputs (sites)."""
 
     def __init__(self, train_ids: Sequence[str], config: TrainConfig, num_inputs: int):
+        if not train_ids:
+            raise ValueError("no training patients")
         self.config = config
         self.num_inputs = num_inputs
-        self.batches = [epoch_batches(list(train_ids), config.batch_size, config.seed, epoch)
-                        for epoch in range(config.epochs)]
+        self.batches = [stepped_batches(list(train_ids), config, epoch) for epoch in range(config.epochs)]
         self.total_steps = sum(len(batches) for batches in self.batches)
 
     def steps_before(self, epoch: int) -> int:
