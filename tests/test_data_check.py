@@ -1,5 +1,6 @@
 """`split-unet check`: every bad file named before a job starts; a re-oriented but co-registered file is fine."""
 
+import json
 import shutil
 
 import nibabel as nib
@@ -48,3 +49,27 @@ def test_check_names_corrupt_and_misregistered_files(tiny_data, tmp_path, capsys
     assert main(["check", "--sites", str(sites), "--size", str(TINY_SIZE)]) == 1
     output = capsys.readouterr().out
     assert "site 'flair', patient 'BRATS_002'" in output and "3 problems" in output
+
+
+def test_check_blames_the_one_volume_of_another_shape_and_names_the_reference(tiny_data, tmp_path, capsys):
+    sites = tmp_path / "sites"
+    shutil.copytree(tiny_data[1], sites)
+    odd = sites / "flair" / "images" / "BRATS_001.nii.gz"  # the first site: not the reference the others are blamed by
+    image = nib.load(odd)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[..., :-2], image.affine), odd)
+    _, problems, _ = check_sites(sites, TINY_SIZE)
+    assert [(p.site, p.patient, p.field) for p in problems] == [("flair", "BRATS_001", str(odd))]
+    assert problems[0].message == ("shape (32, 32, 30) differs from (32, 32, 32) of site 'server' "
+                                   "(server/labels/BRATS_001.nii.gz)")
+
+
+def test_check_wants_the_sites_label_convention_to_be_the_servers(tiny_data, tmp_path):
+    sites = tmp_path / "sites"
+    shutil.copytree(tiny_data[1], sites)
+    datalist_path = sites / "t2w" / "datalist.json"
+    datalist = json.loads(datalist_path.read_text())
+    assert datalist["convention"] == "msd"
+    datalist_path.write_text(json.dumps({**datalist, "convention": "brats2023"}))
+    _, problems, _ = check_sites(sites, TINY_SIZE)
+    assert [(p.site, p.field, p.message) for p in problems] == [
+        ("t2w", f"{datalist_path}:convention", "label convention 'brats2023' differs from the server's 'msd'")]

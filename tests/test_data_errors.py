@@ -140,15 +140,21 @@ def test_layouts(tmp_path):
     assert "dataset.json" in str(error)
 
 
-def test_brats_case_missing_modality(tmp_path):
-    case = tmp_path / "BraTS2021_00001"
+@pytest.mark.parametrize("pid, separator, present, t1gd", [
+    ("BraTS2021_00001", "_", ("flair", "t1", "t2"), "t1ce"),
+    ("BraTS-GLI-00001-000", "-", ("t2f", "t1n", "t2w"), "t1c"),
+])
+def test_brats_case_missing_modality_names_the_file(tmp_path, pid, separator, present, t1gd):
+    case = tmp_path / pid
     case.mkdir()
-    for suffix in ("flair", "t1", "t2"):
-        _volume(case / f"BraTS2021_00001_{suffix}.nii.gz")
-    _volume(case / "BraTS2021_00001_seg.nii.gz", value=0.0)
+    for suffix in present:
+        _volume(case / f"{pid}{separator}{suffix}.nii.gz")
+    _volume(case / f"{pid}{separator}seg.nii.gz", value=0.0)
     (found,) = find_cases(tmp_path)
     assert sorted(found.images) == ["flair", "t1w", "t2w"]
-    _raises(lambda: partition_dataset(tmp_path, tmp_path / "out", progress=False), patient="BraTS2021_00001",
-            field="t1gd")
+    expected = case / f"{pid}{separator}{t1gd}.nii.gz"  # the file the release names, not the modality
+    error = _raises(lambda: partition_dataset(tmp_path, tmp_path / "out", progress=False), patient=pid,
+                    field=expected)
+    assert "t1gd" in str(error)
     assert not (tmp_path / "out").exists()  # checked before anything is written
-    _raises(lambda: load_case(found, SIZE), patient="BraTS2021_00001", field="t1gd")
+    _raises(lambda: load_case(found, SIZE), patient=pid, field=expected)

@@ -7,10 +7,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from split_unet.data import REGION_NAMES, label_from_regions, label_to_source, load_label, regions
+from split_unet.data import (REGION_NAMES, generate_release, label_from_regions, label_to_source, load_label,
+                             partition_dataset, regions)
+from split_unet.errors import ProtocolError
 from split_unet.launch.inference import infer_in_simulator
+from split_unet.protocol.inference import SplitInferenceController
 from split_unet.protocol.names import ENCODER_FILE
-
 
 
 def test_label_to_source_inverts_the_grid_for_a_non_ras_affine(tmp_path):
@@ -40,6 +42,10 @@ def test_train_then_segment_in_the_simulator(project_root, tiny_data, trained_ti
     result = infer_in_simulator(train_ws, sites, tmp_path / "infer", site_configs=project_root / "site_configs",
                                 progress=None)
     assert "error" not in result, result.get("error")
+    # What the user is told and both inference.json files name the folder the files are in.
+    assert result["segmentations"] == str((tmp_path / "infer" / "segmentations").resolve())
+    for written in (tmp_path / "infer" / "inference.json", tmp_path / "infer" / "segmentations" / "inference.json"):
+        assert json.loads(written.read_text()) == result
     assert sorted(result["patients"]) == [f"BRATS_00{i}" for i in range(1, 9)] + ["NEW_001"]
     unlabelled = result["patients"].pop("NEW_001")
     assert "dice" not in unlabelled and (tmp_path / "infer" / "segmentations" / unlabelled["segmentation"]).is_file()
@@ -58,7 +64,51 @@ def test_train_then_segment_in_the_simulator(project_root, tiny_data, trained_ti
         for region, name in enumerate(REGION_NAMES):
             overlap, total = np.logical_and(truth[region], mine[region]).sum(), truth[region].sum() + mine[region].sum()
             assert entry["dice"][name] == pytest.approx(2 * overlap / total if total else 1.0, abs=1e-6)
-    assert json.loads((tmp_path / "infer" / "inference.json").read_text())["dice"] == result["dice"]
     job = json.loads((tmp_path / "infer" / "job" / "split_unet_infer" / "app_flair" / "config" /
                       "config_fed_client.json").read_text())
     assert job["executors"][0]["executor"]["args"]["encoder_path"] == f"local/{ENCODER_FILE}"
+
+
+def test_a_validation_folder_is_segmented_with_its_release_label_values(project_root, trained_tiny, tmp_path):
+    # A BraTS 2021 validation release: no case has a label; the networks see the centre of its 1 mm volumes.
+    data = generate_release(tmp_path / "brats2021", "brats2021", n_patients=1, unlabelled=1, size=24)
+    partition_dataset(data, tmp_path / "sites", progress=False)
+    train_ws, _ = trained_tiny
+    result = infer_in_simulator(train_ws, tmp_path / "sites", tmp_path / "infer",
+                                site_configs=project_root / "site_configs", progress=None)
+    assert "error" not in result, result.get("error")
+    assert result["convention"] == "brats" and result["label_values"] == {"oedema": 2, "non_enhancing": 1,
+                                                                           "enhancing": 4}
+    (pid,) = result["patients"]
+    written = nib.load(tmp_path / "infer" / "segmentations" / result["patients"][pid]["segmentation"])
+    source = nib.load(tmp_path / "sites" / "flair" / "images" / f"{pid}.nii.gz")
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2, 4}
+
+
+def test_inference_without_the_server_datalist_fails_with_its_reason(project_root, tiny_data, trained_tiny, tmp_path):
+    # Without the server's datalist nothing says which label values the data uses: no silent default.
+    sites = tmp_path / "sites"
+    shutil.copytree(tiny_data[1], sites, ignore=shutil.ignore_patterns("server"))
+    train_ws, _ = trained_tiny
+    result = infer_in_simulator(train_ws, sites, tmp_path / "infer", site_configs=project_root / "site_configs",
+                                progress=None)
+    assert "no datalist.json in the server's data folder" in result["error"], result
+    assert "label convention" in result["error"]
+    assert not (tmp_path / "infer" / "inference.json").exists()
+
+
+def test_inference_geometry_blames_the_site_that_differs_from_the_others():
+    controller = SplitInferenceController("decoder.pt")
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    for site in ("flair", "t1w", "t1gd", "t2w"):
+        shape = [240, 240, 150] if site == "flair" else [240, 240, 155]  # the first site is the odd one
+        controller.rounds.geometry[site]["P1"] = {"affine": affine.tolist(), "shape": shape}
+    with pytest.raises(ProtocolError) as info:
+        controller._geometry("P1")
+    assert info.value.site == "flair" and info.value.patient == "P1"
+    assert "shape (240, 240, 150) differs from (240, 240, 155) of site 't1w'" in str(info.value)
+    for site in ("flair", "t1w", "t1gd", "t2w"):  # agreeing sites: their grid
+        controller.rounds.geometry[site]["P2"] = {"affine": affine.tolist(), "shape": [240, 240, 155]}
+    found_affine, shape = controller._geometry("P2")
+    assert shape == (240, 240, 155) and np.array_equal(found_affine, affine)

@@ -39,16 +39,18 @@ def cmd_synth(args) -> int:
 
 
 def cmd_partition(args) -> int:
-    from split_unet.data import partition_dataset
+    from split_unet.data import DATALIST, partition_dataset
 
     folders = partition_dataset(args.data, args.out, overlap=args.overlap, seed=args.seed)
     for site, folder in folders.items():
-        print(f"{site:>8}: {folder}")
+        datalist = json.loads((folder / DATALIST).read_text())
+        kind = "labels" if site == "server" else "images"
+        print(f"{site:>8}: {folder} ({len(datalist['patients'])} {kind}, {datalist['convention']} label values)")
     return 0
 
 
 def cmd_check(args) -> int:
-    from split_unet.data.check import COVERAGE_WARNING, Coverage, check_sites, problems_as_dicts
+    from split_unet.data.check import COVERAGE_WARNING, Coverage, check_sites, datalist_conventions, problems_as_dicts
     from split_unet.errors import location
 
     loaded, problems, coverage = check_sites(args.sites, args.size, args.spacing,
@@ -67,6 +69,8 @@ def cmd_check(args) -> int:
         print(f"warning: site '{site}': the grid ({grid}) keeps only {100 * share:.1f} % of its "
               f"{'label' if site == 'server' else 'brain'} voxels; choose a spacing and a size that cover the brain "
               f"(README, 'Your own data')")
+    if convention := datalist_conventions(args.sites, ["server"]).get("server"):
+        print(f"label convention (server datalist): {convention}")
     for problem in problems:
         print(f"problem: {location(problem.site, problem.patient, problem.field)}: {problem.message}")
     if args.json:

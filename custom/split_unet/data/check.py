@@ -3,7 +3,9 @@
 Each site loads its volumes as training would (``SiteImages`` / ``SiteLabels``), so a corrupt, truncated or
 unreadable file shows here, named, instead of mid-run. A patient's volumes must also describe the same grid at
 every party (same shape and, after reorientation to RAS, the same affine): a site whose file has another shape
-or position holds a volume that does not line up with the others', which no loader can fix. Finally, how much of
+or position holds a volume that does not line up with the others', which no loader can fix; the file blamed is
+the one whose grid differs from the grid most of the patient's volumes share. Every datalist that names a label
+convention must name the server's. Finally, how much of
 the data the common grid keeps: the share of brain (non-zero) voxels of each site and of label voxels at the
 server that lie inside the grid's field of view (a small ``size`` without ``spacing`` keeps only the centre).
 """
@@ -14,16 +16,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from split_unet.errors import DataError
 
 from .partition import DATALIST, SERVER_SITE
-from .readers import GridSize, ImageRef, grid_shape, label_to_source, read_volume
+from .readers import GridSize, ImageRef, grid_mismatch, grid_shape, label_to_source, odd_grids, read_json, read_volume
 from .site_data import SiteImages, SiteLabels
 
-AFFINE_TOLERANCE_MM = 1e-3
 #: Below this share of brain or label voxels kept by the grid, ``split-unet check`` warns.
 COVERAGE_WARNING = 0.99
 
@@ -83,7 +83,8 @@ def check_sites(sites_dir: str | Path, size: GridSize = 64, spacing: float | Non
     coverage: dict[str, Coverage] = {}
     field_of_view = FieldOfView(size, spacing)
     problems: list[Problem] = []
-    grids: dict[str, dict[str, tuple[tuple[int, ...], np.ndarray, Path]]] = {}  # patient -> site -> grid
+    grids: dict[str, dict[str, tuple[tuple[int, ...], np.ndarray]]] = {}  # patient -> site -> (shape, affine)
+    files: dict[str, dict[str, Path]] = {}  # patient -> site -> file
     for name in names:
         try:
             kind = SiteLabels if name == SERVER_SITE else SiteImages
@@ -103,23 +104,41 @@ def check_sites(sites_dir: str | Path, size: GridSize = 64, spacing: float | Non
                 continue
             loaded[name] += 1
             coverage[name].add(field_of_view.coverage(data, image.affine))
-            grids.setdefault(patient, {})[name] = (shape, ras_affine(affine, shape), volumes.path(patient))
+            grids.setdefault(patient, {})[name] = (shape, affine)
+            files.setdefault(patient, {})[name] = volumes.path(patient)
     for patient, by_site in sorted(grids.items()):
-        reference_site, (shape, affine, _) = next(iter(by_site.items()))
-        for site, (other_shape, other_affine, path) in by_site.items():
-            if other_shape != shape:
-                problems.append(Problem(site, patient, str(path), f"shape {other_shape} differs from {shape} at "
-                                                                  f"'{reference_site}'"))
-            elif not np.allclose(other_affine, affine, atol=AFFINE_TOLERANCE_MM):
-                problems.append(Problem(site, patient, str(path), f"voxel grid (affine in RAS) differs from "
-                                                                  f"'{reference_site}': not co-registered"))
+        reference, odd = odd_grids(by_site)
+        reference_file = files[patient][reference]
+        shown = reference_file.relative_to(sites_dir) if reference_file.is_relative_to(sites_dir) else reference_file
+        where = f"site '{reference}' ({shown})"
+        for site in odd:
+            problems.append(Problem(site, patient, str(files[patient][site]),
+                                    grid_mismatch(by_site[site], by_site[reference], where)))
+    problems.extend(_convention_problems(sites_dir, names))
     return loaded, problems, coverage
 
 
-def ras_affine(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """The affine the volume would have after reorientation to RAS (from the header alone)."""
-    orientation = nib.orientations.io_orientation(affine)
-    return affine @ nib.orientations.inv_ornt_aff(orientation, shape)
+def datalist_conventions(sites_dir: str | Path, names: Sequence[str]) -> dict[str, str]:
+    """The label convention each party's datalist names (the server's always does; a site's may not)."""
+    found = {}
+    for name in names:
+        try:
+            convention = read_json(Path(sites_dir) / name / DATALIST, site=name).get("convention")
+        except DataError:
+            continue  # reported where the party's volumes are checked
+        if convention is not None:
+            found[name] = convention
+    return found
+
+
+def _convention_problems(sites_dir: Path, names: Sequence[str]) -> list[Problem]:
+    """Sites' datalists that name another label convention than the server's (where the server's folder is among
+    those checked: a hospital checks its own folder alone)."""
+    conventions = datalist_conventions(sites_dir, names)
+    server = conventions.get(SERVER_SITE)
+    return [Problem(site, None, f"{sites_dir / site / DATALIST}:convention",
+                    f"label convention '{convention}' differs from the server's '{server}'")
+            for site, convention in conventions.items() if server is not None and convention != server]
 
 
 def problems_as_dicts(problems: Sequence[Problem]) -> list[dict]:

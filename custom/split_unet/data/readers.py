@@ -9,8 +9,8 @@ channel first, RAS orientation, optional resampling to an isotropic spacing, cen
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from split_unet.errors import DataError
 
 __all__ = ["is_scanner_affine", "ImageRef", "Case", "GridSize", "find_cases", "check_header", "grid_shape", "max_source_voxels",
            "read_header", "read_volume", "read_label", "load_image", "load_label", "load_case", "label_to_source",
-           "grid_spacing", "write_nifti"]
+           "grid_spacing", "write_nifti", "ras_affine", "same_grid", "odd_grids", "grid_mismatch"]
 
 #: The common grid's size: a cube side, or three sides (voxels).
 GridSize = int | Sequence[int]
@@ -56,12 +56,26 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class Case:
-    """The files of one patient; ``images`` is keyed by modality (``MODALITIES``) and may be partial."""
+    """The files of one patient; ``images`` is keyed by modality (``MODALITIES``) and may be partial.
+
+    ``expected`` names, per modality, what the release holds it in (a BraTS file name, an MSD ``dataset.json``
+    entry), so that a missing modality is reported as the file a user has to look for.
+    """
 
     patient_id: str
     images: dict[str, ImageRef]
     label: Path | None
     convention: str
+    expected: dict[str, str] = field(default_factory=dict)
+
+    def image(self, modality: str) -> ImageRef:
+        """The modality's image; a DataError naming the file the release expects if the case lacks it."""
+        if modality not in self.images:
+            expected = self.expected.get(modality, modality)
+            what = "no 4D channel is named so in" if self.convention == "msd" else "expected the file"
+            raise DataError(f"no {modality} image: {what} {Path(expected).name}", patient=self.patient_id,
+                            field=expected)
+        return self.images[modality]
 
 
 def _strip_nifti_suffix(name: str) -> str:
@@ -96,12 +110,14 @@ def _find_msd(root: Path) -> list[Case]:
     unknown = sorted(set(channels) - set(MODALITIES))
     if unknown:
         raise DataError(f"unknown modalities {unknown}; expected {list(MODALITIES)}", field=f"{meta_path}:modality")
-    entries = meta.get("training")
-    if not isinstance(entries, list) or not entries:
-        raise DataError("'training' must be a non-empty list of cases", field=f"{meta_path}:training")
+    entries = meta.get("training", [])
+    if not isinstance(entries, list):
+        raise DataError("'training' must be a list of cases", field=f"{meta_path}:training")
     tests = meta.get("test", [])
     if not (isinstance(tests, list) and all(isinstance(entry, str) for entry in tests)):
         raise DataError("'test' must be a list of image paths", field=f"{meta_path}:test")
+    if not entries and not tests:  # a validation release lists its cases under 'test' only
+        raise DataError("neither 'training' nor 'test' lists a case", field=str(meta_path))
     cases = []
     for entry in entries:
         if not (isinstance(entry, dict) and all(isinstance(entry.get(key), str) for key in ("image", "label"))):
@@ -114,7 +130,8 @@ def _find_msd(root: Path) -> list[Case]:
             if path is not None and not path.is_file():
                 raise DataError(f"file listed in {meta_path.name} not found", patient=patient, field=str(path))
         images = {modality: ImageRef(image, channel) for modality, channel in channels.items()}
-        cases.append(Case(patient, images, label, "msd"))
+        expected = {modality: f"{meta_path}:modality" for modality in MODALITIES}
+        cases.append(Case(patient, images, label, "msd", expected))
     return cases
 
 
@@ -134,7 +151,9 @@ def _find_brats(root: Path) -> list[Case]:
                       if (path := _find_nifti(folder, f"{folder.name}{separator}{suffix}")) is not None}
             label = _find_nifti(folder, f"{folder.name}{separator}seg")
             if images or label:
-                cases.append(Case(folder.name, images, label, convention))
+                expected = {modality: str(folder / f"{folder.name}{separator}{suffix}.nii.gz")
+                            for suffix, modality in suffixes.items()}
+                cases.append(Case(folder.name, images, label, convention, expected))
                 break
     return cases
 
@@ -176,6 +195,46 @@ def is_scanner_affine(affine: np.ndarray) -> bool:
     """A 4x4 voxel-to-scanner matrix a grid can be built from: finite, its 3x3 part invertible."""
     affine = np.asarray(affine, dtype=np.float64)
     return affine.shape == (4, 4) and bool(np.isfinite(affine).all()) and np.linalg.matrix_rank(affine[:3, :3]) == 3
+
+
+#: Two volumes lie on the same voxel grid if their affines, reoriented to RAS, agree to this (mm).
+AFFINE_TOLERANCE_MM = 1e-3
+
+#: A volume's voxel grid: its 3D shape and its affine.
+Grid = tuple[Sequence[int], np.ndarray]
+
+
+def ras_affine(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """The affine the volume would have after reorientation to RAS (from the header alone)."""
+    orientation = nib.orientations.io_orientation(affine)
+    return affine @ nib.orientations.inv_ornt_aff(orientation, shape)
+
+
+def same_grid(grid: Grid, other: Grid) -> bool:
+    """The same shape and, reoriented to RAS, the same affine: one voxel grid, whatever the storage order."""
+    (shape, affine), (other_shape, other_affine) = grid, other
+    return tuple(shape) == tuple(other_shape) and np.allclose(
+        ras_affine(affine, shape), ras_affine(other_affine, other_shape), atol=AFFINE_TOLERANCE_MM)
+
+
+def odd_grids(grids: Mapping[str, Grid]) -> tuple[str, list[str]]:
+    """The volume one patient's volumes are compared with, and those (in order) whose grid differs from it.
+
+    The reference is a volume whose grid most of the others share (the first such on a tie), so that one odd file
+    among five is blamed, not the four that agree.
+    """
+    names = list(grids)
+    agreeing = {name: {other for other in names if same_grid(grids[name], grids[other])} for name in names}
+    reference = max(names, key=lambda name: len(agreeing[name]))  # the first of the largest
+    return reference, [name for name in names if name not in agreeing[reference]]
+
+
+def grid_mismatch(grid: Grid, reference: Grid, reference_name: str) -> str:
+    """How ``grid`` differs from ``reference``'s (named ``reference_name``), for an error message."""
+    shape, reference_shape = tuple(int(n) for n in grid[0]), tuple(int(n) for n in reference[0])
+    if shape != reference_shape:
+        return f"shape {shape} differs from {reference_shape} of {reference_name}"
+    return f"voxel grid (affine in RAS) differs from {reference_name}'s (both {shape}): not co-registered"
 
 
 def grid_shape(size: GridSize) -> tuple[int, int, int]:
@@ -421,12 +480,10 @@ def load_case(case: Case, size: GridSize, spacing: float | None = None) -> dict[
         ``"label"`` is left out when the case has none.
 
     Raises:
-        DataError: a missing modality (``field`` is the modality) or an unreadable file.
+        DataError: a missing modality (``field`` is the file the release expects) or an unreadable file.
     """
-    missing = [m for m in MODALITIES if m not in case.images]
-    if missing:
-        raise DataError(f"no image for modalities {missing}", patient=case.patient_id, field=missing[0])
-    images = [load_image(case.images[m], size, spacing, patient=case.patient_id)[0] for m in MODALITIES]
+    refs = [case.image(m) for m in MODALITIES]
+    images = [load_image(ref, size, spacing, patient=case.patient_id)[0] for ref in refs]
     out = {"image": np.stack(images)}
     if case.label is not None:
         out["label"] = load_label(case.label, size, case.convention, spacing, patient=case.patient_id)

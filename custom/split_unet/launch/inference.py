@@ -9,6 +9,7 @@ from pathlib import Path
 from split_unet.errors import DataError
 from split_unet.files import load_json, write_json
 from split_unet.jobs import InferenceJob, export, training_settings
+from split_unet.protocol.inference import RESULT_FILE
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, SEGMENTATIONS
 from split_unet.launch.simulation import SIMULATE_JOB, simulate
 from split_unet.site_configs import resolve_site_configs
@@ -69,16 +70,20 @@ def infer_in_simulator(train_workspace: str | Path, sites_dir: str | Path, works
 
 
 def collect_segmentations(found: Path, workspace: Path, failure: str) -> dict:
-    """Copy the server's segmentations to ``workspace/segmentations``; return ``inference.json`` (or the error)."""
-    result_path = found / "inference.json"
+    """Copy the server's segmentations (``found``, in its run folder) to ``workspace/segmentations`` and return
+    their ``inference.json``, written there and as ``workspace/inference.json`` with ``"segmentations"`` naming the
+    copy. A run that wrote no results gives ``{"error": ...}``: the server's reason (its run summary), else
+    ``failure``; nothing is written then, and an earlier run's results in ``workspace`` are left as they were."""
+    result_path = found / RESULT_FILE
     if not result_path.is_file():
-        result = {"error": failure}
-    else:
-        target = workspace / SEGMENTATIONS
-        if target != found:
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(found, target)
-        result = load_json(target / "inference.json")
-        result["segmentations"] = str(target)
-    write_json(workspace / "inference.json", result)
+        summary_path = found.parent / "summary.json"  # the workflow records why it stopped in its run summary
+        reason = load_json(summary_path).get("error") if summary_path.is_file() else None
+        return {"error": f"{reason} ({failure})" if reason else failure}
+    target = workspace / SEGMENTATIONS
+    if target != found:
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(found, target)
+    result = {**load_json(target / RESULT_FILE), "segmentations": str(target)}
+    write_json(target / RESULT_FILE, result)
+    write_json(workspace / RESULT_FILE, result)
     return result

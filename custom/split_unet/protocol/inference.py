@@ -4,8 +4,8 @@ The trained encoders stay at their sites (``ModalitySiteExecutor(encoder_path=..
 decoder at the server. Each round sends a batch of patient ids; every site answers with its encoder's
 features and, as header data only, the affine and shape of its source volumes; the server decodes, nests the
 regions (ET inside TC inside WT), writes each segmentation as NIfTI in that source geometry with the label values
-of the source's own convention (the server's labels; MSD values when it holds none), and scores the file it
-wrote, in source space, against the source label where it holds one.
+of the data's own release (the convention the server's datalist names, also where it holds no label, as for a
+validation release), and scores the file it wrote, in source space, against the source label where it holds one.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 
-from split_unet.data import (CONVENTIONS, MODALITIES, is_scanner_affine, label_from_regions, label_to_source, read_label,
-                             regions, write_nifti)
+from split_unet.data import (CONVENTIONS, DATALIST, MODALITIES, is_scanner_affine, label_from_regions, label_to_source,
+                             read_label, regions, write_nifti)
+from split_unet.data.readers import grid_mismatch, odd_grids
 from split_unet.errors import ProtocolError
 from split_unet.files import write_json
 from split_unet.ids import check_patient_ids
@@ -66,9 +67,13 @@ class SplitInferenceController(SplitWorkflow):
         if unknown := sorted(set(patient_ids) - set(common)):
             raise ProtocolError(f"{len(unknown)} requested patients are not held by every site, e.g. {unknown[0]}",
                                 site="server", field="patients")
+        if self.labels is None:
+            raise ProtocolError(f"no {DATALIST} in the server's data folder: it names the label convention the "
+                                "segmentations are written with (split-unet partition writes it, also where no case "
+                                "is labelled)", site="server", field=DATALIST)
         out = inside(self.run_dir, self.output_folder, site="server", field="output_folder", where="run folder")
         out.mkdir(parents=True, exist_ok=True)
-        convention = self.labels.convention if self.labels is not None else "msd"
+        convention = self.labels.convention
         results, scored = {}, RegionMetrics()
         for batch_ids in chunks(patient_ids, self.config.val_batch_size):
             logits = self.segment(TASK_INFER, batch_ids, abort_signal, fl_ctx)
@@ -105,22 +110,23 @@ class SplitInferenceController(SplitWorkflow):
         self.log_info(fl_ctx, f"segmentations written to {out}")
 
     def _geometry(self, patient_id: str) -> tuple[np.ndarray, tuple[int, ...]]:
-        """The source affine and shape the sites reported; they must agree (one voxel grid per patient)."""
+        """The source affine and shape the sites reported; they must agree (one voxel grid per patient, as
+        ``split-unet check`` compares them): a site whose grid differs from the one most sites share is named."""
         reported = {}
         for site in self.sites:
             entry = self.rounds.geometry[site].pop(patient_id, None)
             if not isinstance(entry, dict):
                 raise ProtocolError("no geometry reported", site=site, patient=patient_id, field="info.geometry")
             reported[site] = self._checked_geometry(entry, site, patient_id)
-        affine, shape = reported[self.sites[0]]
-        for site, (other_affine, other_shape) in reported.items():
-            if other_shape != shape or not np.allclose(other_affine, affine, atol=1e-4):
-                raise ProtocolError(f"volume geometry differs from {self.sites[0]}'s", site=site, patient=patient_id,
-                                    field="info.geometry")
+        reference, odd = odd_grids(reported)
+        if odd:
+            raise ProtocolError(grid_mismatch(reported[odd[0]], reported[reference], f"site '{reference}'"),
+                                site=odd[0], patient=patient_id, field="info.geometry")
+        shape, affine = reported[reference]
         return affine, shape
 
-    def _checked_geometry(self, entry: dict, site: str, patient_id: str) -> tuple[np.ndarray, tuple[int, ...]]:
-        """A reported source geometry: a finite, invertible 4x4 affine and three dimensions, each 1 to
+    def _checked_geometry(self, entry: dict, site: str, patient_id: str) -> tuple[tuple[int, ...], np.ndarray]:
+        """A reported source grid, ``(shape, affine)``: a finite, invertible 4x4 affine and three dimensions, each 1 to
         ``MAX_SOURCE_DIM`` (the segmentation of that shape is allocated here)."""
         shape = entry.get("shape")
         if not isinstance(shape, list) or len(shape) != 3 or not all(
@@ -134,7 +140,7 @@ class SplitInferenceController(SplitWorkflow):
         if not is_scanner_affine(affine):
             raise ProtocolError("affine must be a finite, invertible 4x4 matrix", site=site, patient=patient_id,
                                 field="info.geometry.affine")
-        return affine, tuple(shape)
+        return tuple(shape), affine
 
     def load_decoder(self, decoder: torch.nn.Module, fl_ctx: FLContext) -> None:
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
