@@ -10,6 +10,7 @@ import sysconfig
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import torch
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
@@ -120,6 +121,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def simulator_worker(site: str) -> psutil.Process:
+    """The NVFlare simulator's worker process of ``site``: a descendant of this test's process."""
+    return next(p for p in psutil.Process().children(recursive=True)
+                if "simulator_worker" in " ".join(p.cmdline()) and f"--client {site}" in " ".join(p.cmdline()))
 
 
 def processes_mentioning(text: str) -> list[int]:

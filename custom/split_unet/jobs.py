@@ -92,6 +92,9 @@ class TrainingJob:
         server_filters: NVFlare filter configs on the gradients the server sends.
         scope: the sites' privacy scope the job asks for (``meta.json``; None: the sites' default, defended).
         task_request_interval: seconds a site waits before asking again when the server has no task for it.
+        transport: how the server's requests reach the sites: "poll" (NVFlare's task route: the sites ask for
+            work) or "push" (``protocol.transport.PushedTasks``: each request sent to its site at once). Both run
+            every site and server filter; the sites' asks go on with ``push`` but carry nothing.
         with_code: the job carries the ``split_unet`` package (see the module docstring).
         name: the job's name (its folder).
     """
@@ -107,6 +110,7 @@ class TrainingJob:
     server_filters: list[dict] = field(default_factory=lambda: list(DEFENCE.server_filters))
     scope: str | None = None
     task_request_interval: float = TASK_REQUEST_INTERVAL
+    transport: str = "poll"
     with_code: bool = False
     name: str = TRAINING_JOB
 
@@ -286,7 +290,7 @@ def _server_params(task_request_interval: float) -> dict:
 
 def _controller_args(settings: TrainingJob) -> dict:
     return {"sites": list(settings.sites), "train": settings.train.to_dict(), "wire_dtype": settings.wire_dtype,
-            "persistor_id": "persistor", **settings.controller_args}
+            "persistor_id": "persistor", "transport": settings.transport, **settings.controller_args}
 
 
 def _filter(spec: dict):

@@ -52,15 +52,16 @@ class SplitUNetController(SplitWorkflow):
         checkpoint_interval: training steps between checkpoints (0: none).
         resume: start from the checkpoint in ``checkpoint_dir`` (if there is one): the same run continues, and
             ``train.epochs`` may be raised to train on.
+        transport: see ``SplitWorkflow``.
     """
 
     def __init__(self, sites: Sequence[str] = MODALITIES, train: dict | None = None, wire_dtype: str = "float32",
                  persistor_id: str = "persistor", task_timeout: int = 600, summary_file: str = "summary.json",
                  num_threads: int = 0, task_check_period: float = 0.01, checkpoint_dir: str = "",
                  checkpoint_interval: int = 0, resume: bool = False, on_site_failure: str = "stop",
-                 init_timeout: int = INIT_TIMEOUT):
+                 init_timeout: int = INIT_TIMEOUT, transport: str = "poll"):
         super().__init__(sites, train, wire_dtype, task_timeout, on_site_failure, summary_file, num_threads,
-                         task_check_period, init_timeout)
+                         task_check_period, init_timeout, transport)
         self.persistor_id = persistor_id
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_interval = int(checkpoint_interval)

@@ -14,7 +14,6 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 
 import torch
-from nvflare.apis.controller_spec import ClientTask, Task, TaskCompletionStatus
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller
@@ -28,6 +27,7 @@ from split_unet.ids import check_patient_ids
 from split_unet.training import TrainConfig, present_inputs
 
 from .codecs import CODECS, check_compression
+from .transport import make_transport
 from .wire import (KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_INIT, TASK_TRAIN, TensorMessage, dxo_of,
                    read_activations)
 
@@ -145,10 +145,11 @@ class SiteRounds:
         on_site_failure: "stop" (a lost site ends the job) or "continue" (the rounds go on without it).
         init_timeout: seconds a site may take to answer the init task (it checks all its data then) and, with a
             privacy warm-up, the first request (the site warms up then).
+        transport: "poll" (NVFlare's task route) or "push" (``transport.PushedTasks``).
     """
 
     def __init__(self, controller: Controller, sites: Sequence[str], config: TrainConfig, wire_dtype: str,
-                 task_timeout: int, on_site_failure: str, init_timeout: int):
+                 task_timeout: int, on_site_failure: str, init_timeout: int, transport: str = "poll"):
         if wire_dtype not in CODECS:
             raise ValueError(f"wire_dtype must be one of {CODECS}, got {wire_dtype!r}")
         check_compression(config.activation_compression, "activation_compression")
@@ -156,6 +157,7 @@ class SiteRounds:
             raise ValueError(f"on_site_failure must be 'stop' or 'continue', got {on_site_failure!r}")
         self.controller = controller
         self.sites = list(sites)
+        self.transport = make_transport(transport, controller)
         self.config = config
         self.wire_dtype = wire_dtype
         self.task_timeout = int(task_timeout)
@@ -255,28 +257,21 @@ class SiteRounds:
 
     def broadcast(self, task_name: str, payloads: dict[str, Shareable], abort_signal: Signal,
                   fl_ctx: FLContext, start_up: bool = False) -> dict[str, Shareable]:
-        """Every site its own task, all in flight at once; wait for all of them. A site that does not answer is
-        lost (``lose``): the job stops, or the round goes on with the others' replies. The init task and a
-        ``start_up`` round (the sites' privacy warm-up) may take ``init_timeout``, every other ``task_timeout``."""
+        """Every site its own task, all in flight at once (``transport``); wait for all of them. A site that does
+        not answer is lost (``lose``): the job stops, or the round goes on with the others' replies. The init task
+        and a ``start_up`` round (the sites' privacy warm-up) may take ``init_timeout``, every other
+        ``task_timeout``."""
         timeout = self.init_timeout if task_name == TASK_INIT or start_up else self.task_timeout
-        tasks = {site: Task(task_name, data, timeout=timeout) for site, data in payloads.items()}
-        for site, task in tasks.items():
-            self.controller.broadcast(task, fl_ctx, targets=[site], min_responses=1)
+        answers = self.transport.exchange(task_name, payloads, timeout, abort_signal, fl_ctx)
+        if abort_signal.triggered:  # NVFlare's decision; its server log names the cause
+            raise ProtocolError("NVFlare aborted the job (it fails a job whose process at a site ends, naming the "
+                                "site in the server's log; or an admin aborted it)", field=task_name)
         replies = {}
-        for site, task in tasks.items():
-            self.controller.communicator.wait_for_task(task, abort_signal)
-            if abort_signal.triggered:  # NVFlare's decision; its server log names the cause
-                raise ProtocolError("NVFlare aborted the job (it fails a job whose process at a site ends, naming the "
-                                    "site in the server's log; or an admin aborted it)", field=task_name)
-            client_tasks: list[ClientTask] = task.client_tasks
-            result = client_tasks[0].result if client_tasks else None
-            if result is None:
-                reason = ("no answer within the task timeout of %d s" % timeout
-                          if task.completion_status == TaskCompletionStatus.TIMEOUT
-                          else f"task ended with status {task.completion_status}")
-                self.lose(site, reason, task_name, fl_ctx)
-                continue
-            replies[site] = result
+        for site, answer in answers.items():
+            if isinstance(answer, str):
+                self.lose(site, answer, task_name, fl_ctx)
+            else:
+                replies[site] = answer
         return replies
 
     def lose(self, site: str, reason: str, task_name: str, fl_ctx: FLContext) -> None:

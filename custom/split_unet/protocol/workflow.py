@@ -24,7 +24,7 @@ from split_unet.profiling import save_profile, start_profile
 from split_unet.training import DecoderParty, TrainConfig, select_device
 from split_unet.training.sliding_window import sliding_window_logits
 
-from .nvflare_workarounds import short_received_buffer_repr
+from .nvflare_workarounds import apply_task_check_period, short_received_buffer_repr
 from .paths import inside
 from .rounds import SiteRounds
 from .settings import load_site_settings
@@ -46,11 +46,13 @@ class SplitWorkflow(Controller):
         on_site_failure: "stop" ends the job; "continue" goes on without the lost site's modality.
         summary_file: file name of the results written to the server's run folder (relative, no '..').
         num_threads: torch CPU threads for the server (0: torch's default).
+        transport: how requests reach the sites: "poll" (NVFlare's task route) or "push" (each request pushed to
+            its site at once, ``transport.PushedTasks``); both run every site and server filter.
     """
 
     def __init__(self, sites: Sequence[str], train: dict | None, wire_dtype: str, task_timeout: int,
                  on_site_failure: str, summary_file: str, num_threads: int, task_check_period: float,
-                 init_timeout: int):
+                 init_timeout: int, transport: str = "poll"):
         super().__init__(task_check_period=task_check_period)
         self.sites = list(sites)
         self.config = TrainConfig.from_dict(train or {})
@@ -62,8 +64,9 @@ class SplitWorkflow(Controller):
         self.on_site_failure = on_site_failure
         self.summary_file = summary_file
         self.num_threads = num_threads
+        self.transport = transport
         self.rounds = SiteRounds(self, self.sites, self.config, wire_dtype, self.task_timeout, on_site_failure,
-                                 self.init_timeout)
+                                 self.init_timeout, transport)
         self.telemetry = Telemetry(self)
         self.party: DecoderParty | None = None
         self.labels: SiteLabels | None = None
@@ -76,6 +79,7 @@ class SplitWorkflow(Controller):
             torch.set_num_threads(self.num_threads)
         start_profile()
         short_received_buffer_repr()  # NVFlare formats every received payload for a debug line otherwise
+        apply_task_check_period(self, self._task_check_period)  # NVFlare 2.9 ignores the Controller's argument
         self.run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
         self.telemetry.start(self.run_dir)
 
