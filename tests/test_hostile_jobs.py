@@ -590,7 +590,7 @@ def test_a_simulator_that_hangs_after_the_job_ended_is_stopped_with_the_processe
         _follow(process, log, tmp_path / "progress.jsonl", None, grace_seconds=2)
         assert time.monotonic() - started < 60  # the 2 s grace, then SIGTERM (10 s before SIGKILL)
         assert process.poll() is not None and not worker.is_running()
-        assert "stopped it and the processes it started" in log.read_text()
+        assert "stopped the simulator and the processes it started" in log.read_text()
     finally:
         if process.poll() is None:
             stop_process_tree(process)

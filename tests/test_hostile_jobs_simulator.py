@@ -58,7 +58,7 @@ def test_scope_without_privacy_file_and_a_hung_site(project_root, tiny_data, tmp
     # process), with room for a busy machine.
     assert returned_at - events["summary_at"] < GRACE_S + 60, returned_at - events["summary_at"]
     assert not psutil.pid_exists(events["hung"]) or psutil.Process(events["hung"]).status() == psutil.STATUS_ZOMBIE
-    assert "stopped it and the processes it started" in (tmp_path / "ws" / "simulator.log").read_text()
+    assert "stopped the simulator and the processes it started" in (tmp_path / "ws" / "simulator.log").read_text()
     # The shipped job passed the sites' default scope (its TrainingRequirements and LevelBlocking).
     config = summary["config"]
     assert config["scope"] is None and config["network"]["levels"] == [1, 2] and config["nopeek_weight"] == 1.0

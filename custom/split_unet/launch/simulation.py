@@ -29,6 +29,10 @@ from split_unet.site_configs import PRIVACY_FILE, resolve_site_configs
 RECORDER_PATH = f"{LeakageRecorder.__module__}.{LeakageRecorder.__name__}"
 # The server's run is over (its workflow ended, END_RUN sent): from here the simulator only shuts down.
 JOB_END_PATTERN = re.compile(r"ServerRunner - INFO - \[[^]]*\] - Server runner finished")
+# A party's worker failed to start (split_unet.launch.simulator_runner.START_FAILED; that module imports NVFlare's
+# simulator, which the launcher does not need), and a line of a Python error, e.g. the worker's own.
+START_FAILED_PATTERN = re.compile(r"split_unet: party failed to start: (.*)$")
+ERROR_LINE_PATTERN = re.compile(r"^(?:[\w.]+(?:Error|Exception)): .+")
 STOP_GRACE_SECONDS = 60.0
 SIMULATE_JOB = "simulate_job"  # the simulator's name for the job's run folder
 
@@ -64,8 +68,7 @@ def run_simulation(sites_dir: str | Path, workspace: str | Path, job: TrainingJo
                            persistent=persistent, grace_seconds=grace_seconds)
     log_path = workspace / "simulator.log"
     summary_path = workspace / "simulator" / "server" / SIMULATE_JOB / "summary.json"
-    summary = load_json(summary_path) if summary_path.is_file() else {
-        "error": f"the simulator exited with code {return_code} before writing a summary; see {log_path}"}
+    summary = load_json(summary_path) if summary_path.is_file() else {"error": simulator_failure(log_path, return_code)}
     summary["artefacts"] = artefacts(workspace, clients)
     write_json(workspace / "summary.json", summary)
     return summary
@@ -148,10 +151,28 @@ def _party_local(folder: Path, parties: list[str], party_files: dict[str, dict[s
     return folder
 
 
+def simulator_failure(log_path: Path, return_code: int | None) -> str:
+    """Why a simulation ended without results, from its log: the party that failed to start and the last error line
+    before (e.g. its worker's "OSError: [Errno 98] Address already in use"), else the exit code."""
+    cause, last_error = None, None
+    with open(log_path, errors="replace") as log:
+        for line in log:
+            if match := START_FAILED_PATTERN.search(line):
+                cause = match.group(1).strip()
+                break
+            if ERROR_LINE_PATTERN.match(line.strip()):
+                last_error = line.strip()
+    if cause:
+        return f"{cause}" + (f" (last error before it: {last_error})" if last_error else "") + f"; see {log_path}"
+    return f"the simulator exited with code {return_code} before writing a summary; see {log_path}"
+
+
 def _follow(process: subprocess.Popen, log_path: Path, progress_path: Path,
             progress: Callable[[str], None] | None, grace_seconds: float) -> int:
     """Wait for the simulator, passing on the controller's progress events (``progress_path``) as they appear;
-    once the server's run has finished, wait at most ``grace_seconds`` more, then stop it and its processes."""
+    once the server's run has finished, wait at most ``grace_seconds`` more, then stop it and its processes. A party
+    that failed to start (``START_FAILED_PATTERN``) stops it at once: the server would wait for it until its
+    ``init_timeout``."""
     ended_at, position = None, 0
 
     def pass_on_progress() -> None:
@@ -160,6 +181,15 @@ def _follow(process: subprocess.Popen, log_path: Path, progress_path: Path,
         for event in events if progress else ():
             progress(event["message"])
 
+    def stop(note: str) -> int:
+        stopped = stop_process_tree(process)
+        with open(log_path, "a") as out:
+            out.write(f"split_unet.launch.simulation - WARNING - {note}: stopped the simulator and the processes it "
+                      f"started (PIDs {stopped})\n")
+        if progress:
+            progress(note)
+        return process.returncode
+
     with open(log_path) as log:
         while True:
             pass_on_progress()  # first, even while the log is busy: a caller may act on an event at once
@@ -167,19 +197,14 @@ def _follow(process: subprocess.Popen, log_path: Path, progress_path: Path,
             if line:
                 if ended_at is None and JOB_END_PATTERN.search(line):
                     ended_at = time.monotonic()
+                if failed := START_FAILED_PATTERN.search(line):
+                    return stop(failed.group(0))
                 continue
             if process.poll() is not None:
                 pass_on_progress()
                 return process.returncode
             if ended_at is not None and time.monotonic() - ended_at > grace_seconds:
-                stopped = stop_process_tree(process)
-                note = (f"the server's run ended {grace_seconds:g} s ago but the simulator had not exited: stopped "
-                        f"it and the processes it started (PIDs {stopped})")
-                with open(log_path, "a") as out:
-                    out.write(f"split_unet.launch.simulation - WARNING - {note}\n")
-                if progress:
-                    progress(note)
-                return process.returncode
+                return stop(f"the server's run ended {grace_seconds:g} s ago but the simulator had not exited")
             time.sleep(0.2)
 
 
