@@ -12,6 +12,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 
 from split_unet.filters import (ActivationClipNoise, ActivationQuantization, GradientProtection, LevelBlocking,
                                 clip_per_sample, gaussian_epsilon)
+from split_unet.filters.base import TensorMessageFilter
 from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_SITE_INFO, TensorMessage, error_reply
 from split_unet.training.nopeek import distance_correlation, spatial_nopeek_loss
 
@@ -148,3 +149,11 @@ def test_a_filter_keeps_the_compression_its_message_arrived_in():
         assert encoding["compression"] == "zstd" and torch.equal(_decode(out).tensors[0], tensor)
     plain = ActivationQuantization("int8").process(_activations({0: tensor}), _ctx())
     assert "compression" not in from_shareable(plain).meta["encodings"]["0"]
+
+
+def test_a_filter_without_transform_is_refused_at_construction():
+    class Forgetful(TensorMessageFilter):
+        kinds = (KIND_ACTIVATIONS,)
+
+    with pytest.raises(TypeError, match="abstract method 'transform'|abstract method transform"):
+        Forgetful()

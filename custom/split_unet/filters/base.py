@@ -9,6 +9,8 @@ filter that changed a DXO in the DXO's filter history (``meta["filter_history"]`
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from nvflare.apis.dxo import DXO
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_context import FLContext
@@ -40,6 +42,10 @@ class TensorMessageFilter(DXOFilter):
         return transformed.to_dxo(self.output_codec(encodings), self.keep_fraction,
                                   arrived_in(encodings, "compression"))[0]
 
+    @abstractmethod
+    def transform(self, message: TensorMessage, fl_ctx: FLContext) -> TensorMessage | None:
+        """Return the changed message, or None to pass the original on unchanged."""
+
     def output_codec(self, encodings: dict) -> str:
         """The codec the message arrived in (float32 when it had no tensors)."""
         return arrived_in(encodings, "codec") or "float32"
@@ -49,10 +55,6 @@ def arrived_in(encodings: dict, key: str) -> str | None:
     """The one value of ``key`` in every level's encoding header (None when the levels disagree or there are none)."""
     values = {header.get(key) for header in encodings.values() if isinstance(header, dict)}
     return values.pop() if len(values) == 1 else None
-
-    def transform(self, message: TensorMessage, fl_ctx: FLContext) -> TensorMessage | None:
-        """Return the changed message, or None to pass the original on unchanged."""
-        raise NotImplementedError
 
 
 def receiving_site(fl_ctx: FLContext) -> str | None:
