@@ -68,7 +68,8 @@ def test_the_shipped_job_and_sites_carry_the_one_defence(project_root):
         assert {"path": "split_unet.filters.LevelBlocking", "args": {"blocked_levels": [0]}} in \
             defended["task_result_filters"]
         assert defended["task_data_filters"] == [{"path": "split_unet.filters.TrainingRequirements",
-                                                  "args": {"minimum": dict(DEFENCE.site_training)}}]
+                                                  "args": {"minimum": dict(DEFENCE.site_training),
+                                                           "allow_label_sampling": False}}]
         assert DEFENCE.site_training["nopeek_weight"] == 1.0
         assert scopes[UNDEFENDED_SCOPE]["task_data_filters"] == scopes[UNDEFENDED_SCOPE]["task_result_filters"] == []
         # The strict opt-in: the same training requirements, every level but the bottleneck blocked.

@@ -9,7 +9,10 @@ written by ``site_configs``), whatever a job asks for, and a part the shipped jo
   weight; the job asks for exactly these, and a job asking for less is refused at the site;
 - ``site_filters``: further filters on what a site sends (e.g. ``ActivationClipNoise``), in the scope;
 - ``server_filters``: filters on the gradients the server sends back: the label holder protects its own labels
-  (a site cannot enforce them; a hostile server would simply leave them out).
+  (a site cannot enforce them; a hostile server would simply leave them out);
+- ``label_sampling``: whether the site accepts patch corners that the label holder centred on tumour (False: a
+  job asking for them is refused at start, naming the site); the job's patches are sampled so by default where
+  it is allowed (``jobs.train_config``).
 
 The undefended configuration is the explicit opt-in scope ``UNDEFENDED_SCOPE``: no filters, for phantoms and
 studies only (a job asking for it is undefended too: ``job_defence``). ``STRICT_SCOPE`` is the opt-in for a site
@@ -39,11 +42,15 @@ class Defence:
     site_training: Mapping[str, float] = field(default_factory=dict)
     site_filters: tuple[dict, ...] = ()
     server_filters: tuple[dict, ...] = ()
+    label_sampling: bool = True
 
     def site_scope(self, name: str, properties: dict) -> dict:
         """The privacy scope (``local/privacy.json``) that makes a site enforce its part."""
-        data_filters = [{"path": "split_unet.filters.TrainingRequirements",
-                         "args": {"minimum": dict(self.site_training)}}] if self.site_training else []
+        requirements = {"minimum": dict(self.site_training)} if self.site_training else {}
+        if not self.label_sampling:
+            requirements["allow_label_sampling"] = False
+        data_filters = [{"path": "split_unet.filters.TrainingRequirements", "args": requirements}] if requirements \
+            else []
         result_filters = [{"path": "split_unet.filters.LevelBlocking",
                            "args": {"blocked_levels": list(self.blocked_levels)}}] if self.blocked_levels else []
         return {"name": name, "properties": properties, "task_data_filters": data_filters,
@@ -54,6 +61,9 @@ class Defence:
         return [level for level in range(depth) if level not in self.blocked_levels]
 
 
+# Label sampling is refused by the defended scopes: the corners a site receives map the tumour far better than the
+# gradient attack the label holder's noise was chosen against (docs/performance/native.md, "What label sampling
+# tells the sites").
 # The recommended point of the privacy sweep (docs/privacy.md): no full-resolution level; at the sites NoPeek 1.0
 # and a privacy warm-up of 96 local NoPeek steps before the first release (without it the white-box inversion
 # reads the random encoder's step-1 activations at SSIM 0.82-0.90); gradient noise at ten times each sample's
@@ -66,6 +76,7 @@ DEFENCE = Defence(
     site_training={"nopeek_weight": 1.0, "privacy_warmup_steps": 96},
     server_filters=({"path": "split_unet.filters.GradientProtection",
                      "args": {"mode": "noise", "noise_multiplier": 10.0}},),
+    label_sampling=False,
 )
 # The only point of the frontier that kept every attack (white-box, UnSplit, learned, surrogate) at or below the
 # prior at every recorded step: the bottleneck alone, with the shipped warm-up (worst excess SSIM -0.07 over the
@@ -77,6 +88,7 @@ STRICT = Defence(
     blocked_levels=(0, 1, 2),
     site_training=DEFENCE.site_training,
     server_filters=DEFENCE.server_filters,
+    label_sampling=False,
 )
 UNDEFENDED = Defence(name="undefended")
 SCOPES = {DEFENDED_SCOPE: DEFENCE, STRICT_SCOPE: STRICT, UNDEFENDED_SCOPE: UNDEFENDED}

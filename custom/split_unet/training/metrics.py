@@ -37,8 +37,11 @@ def logits_to_masks(logits: torch.Tensor, threshold: float = 0.5, min_component_
     """
     masks = (torch.sigmoid(logits) > threshold).float()
     if min_component_voxels > 0:
-        remove = RemoveSmallObjects(min_component_voxels, connectivity=3, independent_channels=True)
-        masks = torch.stack([torch.as_tensor(remove(mask)) for mask in masks.cpu()]).to(masks.device)
+        # One region at a time: MONAI hands a (C, *S) mask to scikit-image whole, which labels it as one 4D image,
+        # so a region's component would count (and merge with) the other regions' voxels beside it.
+        remove = RemoveSmallObjects(min_component_voxels, connectivity=3)
+        masks = torch.stack([torch.cat([torch.as_tensor(remove(region[None])) for region in mask])
+                             for mask in masks.cpu()]).to(masks.device)
     return nest_regions(masks, axis=1)
 
 

@@ -49,3 +49,26 @@ def sliding_window_logits(grid_shape: tuple[int, int, int], roi: tuple[int, int,
 
     return sliding_window_inference(placeholder, roi, sw_batch_size, windows, overlap, mode="gaussian",
                                     with_coord=True)
+
+
+#: The spatial flips of test-time augmentation (axes of a (B, C, X, Y, Z) tensor): none, each axis, all three.
+FLIPS = ((), (2,), (3,), (4,), (2, 3, 4))
+
+
+def flip_averaged_logits(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                         flips: Sequence[Sequence[int]] = FLIPS) -> torch.Tensor:
+    """Test-time augmentation by mirroring, as nnU-Net's: ``predict`` on each flip of ``images`` (B, C, *S), each
+    result flipped back, the sigmoid probabilities averaged; returned as logits (``logits_to_masks`` reads them).
+
+    The flips are deterministic, so no MONAI ``TestTimeAugmentation`` (random transforms, for uncertainty) is
+    needed. Each flip costs one more full prediction (sliding window included)."""
+    if not flips:
+        raise ValueError("at least one flip (the identity is ())")
+    total = None
+    for axes in flips:
+        axes = list(axes)
+        flipped = torch.flip(images, axes) if axes else images
+        logits = predict(flipped).float()
+        probabilities = torch.sigmoid(torch.flip(logits, axes) if axes else logits)
+        total = probabilities if total is None else total + probabilities
+    return torch.logit(total / len(flips), eps=1e-6)

@@ -1,0 +1,56 @@
+"""Post-processing chosen on training patients (the smallest component kept) and flip test-time augmentation."""
+
+import numpy as np
+import pytest
+import torch
+
+from split_unet.training.postprocess import choose_min_component_voxels
+from split_unet.training.sliding_window import FLIPS, flip_averaged_logits
+
+pytestmark = pytest.mark.unit
+SHAPE = (24, 24, 24)
+
+
+def _patient(specks: int, speck_side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (1, 3, *SHAPE) that find a 6^3 tumour (all three regions) and add ``specks`` false cubes."""
+    truth = torch.zeros(1, 3, *SHAPE)
+    truth[..., 9:15, 9:15, 9:15] = 1
+    predicted = truth.clone()
+    for k in range(specks):
+        corner = 1 + 5 * k
+        predicted[..., corner:corner + speck_side, 1:1 + speck_side, 20:20 + speck_side] = 1
+    return predicted * 20 - 10, truth
+
+
+def test_the_size_that_removes_the_specks_but_not_the_tumour_is_chosen():
+    patients = [_patient(3, 2), _patient(2, 2)]  # specks of 8 voxels, a tumour of 216
+    logits, targets = [p[0] for p in patients], [p[1] for p in patients]
+    size, scores = choose_min_component_voxels(logits, targets, [(1.0, 1.0, 1.0)] * 2, candidates=(0, 9, 100, 300))
+    assert size == 9  # 0 keeps the specks; 300 also removes the tumour
+    assert scores[9] == pytest.approx(1.0) and scores[0] < scores[9] and scores[300] < scores[9]
+    assert scores[100] == scores[9]  # a tie: the smaller size wins
+
+
+def test_nothing_to_remove_keeps_zero_and_mismatched_inputs_are_refused():
+    logits, target = _patient(0, 2)
+    assert choose_min_component_voxels([logits], [target], [(1.0, 1.0, 1.0)], candidates=(0, 9))[0] == 0
+    with pytest.raises(ValueError, match="one logits, target and spacing"):
+        choose_min_component_voxels([logits], [], [(1.0, 1.0, 1.0)])
+
+
+def test_flip_averaging_maps_each_prediction_back_before_averaging_probabilities():
+    fixed = torch.randn(1, 3, 4, 5, 6, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(1, 2, 4, 5, 6)
+    seen = []
+
+    def predict(x):  # a predictor that ignores its input: only the flipping back can change what it returns
+        seen.append(x)
+        return fixed
+
+    averaged = flip_averaged_logits(predict, images)
+    expected = torch.stack([torch.sigmoid(torch.flip(fixed, list(a)) if a else fixed) for a in FLIPS]).mean(0)
+    assert torch.allclose(torch.sigmoid(averaged), expected, atol=1e-6)
+    assert len(seen) == len(FLIPS) and torch.equal(seen[1], torch.flip(images, [2]))
+    # a predictor that commutes with flips (voxel-wise) is left as it is
+    voxelwise = flip_averaged_logits(lambda x: x[:, :1].repeat(1, 3, 1, 1, 1), images)
+    assert torch.allclose(voxelwise, images[:, :1].repeat(1, 3, 1, 1, 1), atol=1e-4)
