@@ -1,6 +1,9 @@
 """Centralized baselines and the split-unet command on tiny phantoms."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -123,3 +126,26 @@ def test_centralized_command_takes_patch_options():
     assert TrainConfig.from_dict(train_overrides(plain)) == TrainConfig()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["centralized", "--data", "d", "--out", "o", "--patch-size", "96,96"])
+
+
+# Run in a fresh interpreter in which the extra's module cannot be imported, as after `pip install -e .` alone.
+WITHOUT_MODULE = """
+import sys
+sys.modules[sys.argv[1]] = None  # import of it raises ModuleNotFoundError, as if not installed
+from split_unet.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("module, extra, command", [
+    ("nilearn", "phantom", ["synth", "--out", "{tmp}/phantom", "--patients", "1", "--size", "16"]),
+    ("skimage", "studies", ["leakage", "--workspace", "{tmp}/ws", "--sites", "{tmp}/sites"]),
+    ("matplotlib", "studies", ["report", "--sweep", "{tmp}/sweep.json", "--out", "{tmp}/report"]),
+])
+def test_a_command_behind_a_missing_extra_names_the_extra_in_one_line(tmp_path, module, extra, command):
+    arguments = [part.format(tmp=tmp_path) for part in command]
+    done = subprocess.run([sys.executable, "-c", WITHOUT_MODULE, module, *arguments], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "SPLIT_UNET_CACHE": ""})  # the phantom's anatomy uncached
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (f"split-unet {command[0]} needs the {extra} extra: "
+                                   f"pip install 'split-unet[{extra}]'")

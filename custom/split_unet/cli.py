@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -416,12 +418,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Import name -> distribution name of the optional dependencies (setup.cfg's extras say which extra holds each).
+OPTIONAL_MODULES = {"skimage": "scikit-image", "matplotlib": "matplotlib", "nilearn": "nilearn", "yappi": "yappi"}
+
+
+def extra_providing(error: ModuleNotFoundError) -> str | None:
+    """The extra of this package's metadata (other than ``test``) that installs the module ``error`` misses."""
+    distribution = OPTIONAL_MODULES.get((error.name or "").split(".")[0])
+    for requirement in importlib.metadata.requires("split-unet") or () if distribution else ():
+        name, _, marker = requirement.partition(";")
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", marker)
+        if extra and extra.group(1) != "test" and re.match(rf"{re.escape(distribution)}(?![\w.-])", name.strip()):
+            return extra.group(1)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except SplitUNetError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        if (extra := extra_providing(error)) is None:
+            raise
+        print(f"split-unet {args.command} needs the {extra} extra: pip install 'split-unet[{extra}]'", file=sys.stderr)
         return 2
 
 

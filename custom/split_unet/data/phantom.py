@@ -24,7 +24,6 @@ from scipy.special import expit
 
 from split_unet.data.readers import write_nifti
 from split_unet.data.regions import MODALITIES
-from split_unet.errors import SplitUNetError
 from split_unet.files import write_atomically
 
 __all__ = ["generate_patient", "generate_dataset", "generate_release", "anatomy", "RELEASES", "RELEASE_SHAPE"]
@@ -55,11 +54,9 @@ def _cache_dir() -> Path | None:
 
 def _build_anatomy(size: int) -> tuple[np.ndarray, float]:
     """Tissue fractions of the ICBM152 template, cropped to the brain, padded to a cube, resampled."""
-    # Imported here: nilearn is slow to import, and only the phantom needs it (the `phantom` extra).
-    try:
-        from nilearn import datasets
-    except ImportError as err:
-        raise SplitUNetError("the phantom needs nilearn: pip install 'split-unet[phantom]'") from err
+    # Imported here: nilearn is slow to import, and only the phantom needs it (the `phantom` extra; the command line
+    # names the extra when it is missing).
+    from nilearn import datasets
 
     gm = datasets.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32)
     wm = datasets.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32)
