@@ -1,7 +1,8 @@
 """Faults in a real NVFlare federation on loopback (POC): a site's process and the server's process killed
 mid-training, the job's policy applied, and a resume that reaches the uninterrupted run's result.
 
-One federation (a module fixture) serves every test. The first three tests are one story told in order: the
+One federation (a module fixture) serves every test, and every test runs on both transports of the server's
+requests (polled and pushed tasks). The first three tests are one story told in order on each transport: the
 site-kill job leaves the checkpoints that the server-kill job resumes from, whose checkpoints the last resume
 finishes from; a test whose predecessor failed is skipped. Bounded: a hard alarm ends each test and the
 federation's start, and the federation is stopped in every case.
@@ -84,24 +85,31 @@ def federation(poc_root, sites_dir, project_root):
     assert processes_mentioning(str(poc_root / "federation")) == []
 
 
+@pytest.fixture(scope="module", params=["poll", "push"])
+def transport(request) -> str:
+    """Every story is told on both transports of the server's requests, in the one federation."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def story() -> dict:
+def story(transport) -> dict:
     """What the ordered tests hand on: each records its outcome under its own name."""
     return {}
 
 
-def job(poc_root: Path, name: str, **controller) -> Path:
+def job(poc_root: Path, name: str, transport: str, **controller) -> Path:
     # Each party keeps its checkpoints in its own workspace (a job may name no other folder).
     # Undefended: the shipped defence's gradient noise is drawn afresh in every run, and resuming must end exactly as
     # the uninterrupted run.
-    settings = training_settings(TRAIN, scope=UNDEFENDED_SCOPE, controller_args={
-        "checkpoint_dir": f"checkpoints/{name}", "checkpoint_interval": CHECKPOINT_INTERVAL,
-        "task_timeout": TASK_TIMEOUT, **controller}, executor_args={"checkpoint_dir": f"checkpoints/{name}"})
-    return export(settings, poc_root / "jobs" / name)
+    folder = f"checkpoints/{name}_{transport}"
+    settings = training_settings(TRAIN, scope=UNDEFENDED_SCOPE, transport=transport, controller_args={
+        "checkpoint_dir": folder, "checkpoint_interval": CHECKPOINT_INTERVAL, "task_timeout": TASK_TIMEOUT,
+        **controller}, executor_args={"checkpoint_dir": folder})
+    return export(settings, poc_root / "jobs" / f"{name}_{transport}")
 
 
-def server_checkpoint(federation: PocFederation, name: str) -> Path:
-    return federation.site_root("localhost") / "checkpoints" / name / SERVER_CHECKPOINT
+def server_checkpoint(federation: PocFederation, name: str, transport: str) -> Path:
+    return federation.site_root("localhost") / "checkpoints" / f"{name}_{transport}" / SERVER_CHECKPOINT
 
 
 def after(story: dict, previous: str) -> None:
@@ -109,10 +117,11 @@ def after(story: dict, previous: str) -> None:
         pytest.skip(f"needs what '{previous}' leaves (it failed or did not run)")
 
 
-def test_a_killed_site_fails_the_job_naming_it_and_keeps_its_checkpoints(federation, poc_root, story, hard_limit):
-    job_id = federation.submit(job(poc_root, "resumed"))
+def test_a_killed_site_fails_the_job_naming_it_and_keeps_its_checkpoints(federation, poc_root, transport, story,
+                                                                          hard_limit):
+    job_id = federation.submit(job(poc_root, "resumed", transport))
     # After the step-6 checkpoint is complete (the server saves last), so that it is the one to resume from.
-    wait_for_server_checkpoint(server_checkpoint(federation, "resumed"), 6)
+    wait_for_server_checkpoint(server_checkpoint(federation, "resumed", transport), 6)
     os.kill(job_process(federation, "t1w", job_id), signal.SIGKILL)
     killed_at = time.time()
     status = federation.wait(job_id, timeout=300)
@@ -128,10 +137,10 @@ def test_a_killed_site_fails_the_job_naming_it_and_keeps_its_checkpoints(federat
           f"{failed['train_step'] - failed['last_checkpoint']} steps after the last checkpoint to redo")
 
 
-def test_a_resumed_job_whose_server_is_killed_does_not_complete(federation, poc_root, story, hard_limit):
+def test_a_resumed_job_whose_server_is_killed_does_not_complete(federation, poc_root, transport, story, hard_limit):
     after(story, "site killed")
-    checkpoint = server_checkpoint(federation, "resumed")
-    job_id = federation.submit(job(poc_root, "resumed", resume=True))
+    checkpoint = server_checkpoint(federation, "resumed", transport)
+    job_id = federation.submit(job(poc_root, "resumed", transport, resume=True))
     before = checkpoint.stat().st_mtime_ns
     deadline = time.monotonic() + 300
     while checkpoint.stat().st_mtime_ns == before:  # a new checkpoint: this job is training
@@ -142,15 +151,16 @@ def test_a_resumed_job_whose_server_is_killed_does_not_complete(federation, poc_
     story["server killed"] = True
 
 
-def test_resuming_again_ends_as_the_uninterrupted_run(federation, poc_root, sites_dir, project_root, story,
+def test_resuming_again_ends_as_the_uninterrupted_run(federation, poc_root, sites_dir, project_root, transport, story,
                                                       hard_limit):
     after(story, "server killed")
     # The uninterrupted run, in the simulator (which POC reproduces to ~1e-7, test_poc).
-    reference = run_simulation(sites_dir, poc_root / "reference", training_settings(TRAIN, scope=UNDEFENDED_SCOPE),
+    reference = run_simulation(sites_dir, poc_root / f"reference_{transport}",
+                               training_settings(TRAIN, scope=UNDEFENDED_SCOPE, transport=transport),
                                site_configs=project_root / "site_configs", progress=None)
     assert reference["steps"] == TRAIN_STEPS
     started = time.monotonic()
-    job_id = federation.submit(job(poc_root, "resumed", resume=True))
+    job_id = federation.submit(job(poc_root, "resumed", transport, resume=True))
     assert "COMPLETED" in federation.wait(job_id, timeout=400)
     resumed = load_json(federation.download(job_id) / "workspace" / "summary.json")
     assert "error" not in resumed, resumed.get("error")
@@ -161,12 +171,12 @@ def test_resuming_again_ends_as_the_uninterrupted_run(federation, poc_root, site
           f"{resumed['dice']['mean']:.4f} vs {reference['dice']['mean']:.4f} uninterrupted")
 
 
-def test_policy_continue_trains_on_without_a_hung_site(federation, poc_root, hard_limit):
+def test_policy_continue_trains_on_without_a_hung_site(federation, poc_root, transport, hard_limit):
     # A site stops answering (its process hangs: SIGSTOP) and training goes on without its modality. (A site
     # whose process ends is the first test: NVFlare itself fails the job then.) The site comes back once the
     # server has finished (SIGCONT): its late answer is ignored and NVFlare ends the job.
-    job_id = federation.submit(job(poc_root, "continued", on_site_failure="continue"))
-    wait_for(site_checkpoint(federation.site_root("t2w") / "checkpoints" / "continued", 6))
+    job_id = federation.submit(job(poc_root, "continued", transport, on_site_failure="continue"))
+    wait_for(site_checkpoint(federation.site_root("t2w") / "checkpoints" / f"continued_{transport}", 6))
     hung = job_process(federation, "t2w", job_id)
     os.kill(hung, signal.SIGSTOP)
     stopped_at = time.time()

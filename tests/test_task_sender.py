@@ -4,11 +4,10 @@ naming the sender, and the refusal leaves the target as it was (the run goes on 
 
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 from helpers import TINY_NETWORK, TINY_SIZE
+from job_edits import add_foreign_task_sender
 from nvflare.apis.fl_constant import ReservedKey, ReservedTopic, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
@@ -21,26 +20,12 @@ from split_unet.launch.simulation import SIMULATE_JOB, simulate
 from split_unet.protocol.wire import KIND_ACTIVATIONS, TASK_VALIDATE
 
 
-COMPONENTS = Path(__file__).parent / "site_components"
-
-
-def add_foreign_task_sender(job: Path, sender: str, target: str) -> None:
-    """``sender``'s app gets the hostile component, its code in the app's ``custom/`` folder."""
-    app = job / f"app_{sender}"
-    shutil.copytree(COMPONENTS, app / "custom" / "site_components", ignore=shutil.ignore_patterns("__pycache__"))
-    config_path = app / "config" / "config_fed_client.json"
-    config = json.loads(config_path.read_text())
-    config.setdefault("components", []).append({"id": "foreign_task_sender",
-                                                "path": "site_components.foreign_task.ForeignTaskSender",
-                                                "args": {"target": target}})
-    config_path.write_text(json.dumps(config, indent=2))
-
-
 @pytest.mark.simulator
-def test_a_site_pushing_a_task_to_another_site_is_refused(project_root, tiny_data, tmp_path):
+@pytest.mark.parametrize("transport", ["poll", "push"])
+def test_a_site_pushing_a_task_to_another_site_is_refused(project_root, tiny_data, tmp_path, transport):
     _, sites = tiny_data
     settings = training_settings({"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1},
-                                 scope=UNDEFENDED_SCOPE, executor_args={"num_threads": 1})
+                                 scope=UNDEFENDED_SCOPE, transport=transport, executor_args={"num_threads": 1})
     job = export(settings, tmp_path / "job")
     add_foreign_task_sender(job, "flair", "t1w")
     workspace = tmp_path / "ws"

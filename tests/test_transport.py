@@ -5,67 +5,30 @@ refused, and a site that hangs past the task timeout is lost as the job's policy
 import contextlib
 import json
 import os
-import shutil
 import signal
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from helpers import TINY_NETWORK, TINY_SIZE, simulator_worker
-from site_components.filter_log import LOG_FILE
+from job_edits import EVERY_FILTER_POLICY, EVERY_SITE_FILTER, add_filter_logs, read_log
 
 from split_unet.data import MODALITIES as SITES
 from split_unet.jobs import export, training_settings
 from split_unet.launch.simulation import SIMULATE_JOB, run_simulation, simulate
 from split_unet.leakage.record import load_record
-from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, TASK_FINISH, TASK_INIT, TASK_TRAIN,
-                                      TASK_VALIDATE)
+from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_GRADIENTS, TASK_TRAIN
 
 pytestmark = pytest.mark.simulator
 
 HARD_LIMIT_S = 900
-COMPONENTS = Path(__file__).parent / "site_components"
-FILTER_LOG = {"path": "site_components.filter_log.FilterLog", "args": {}}
-# A site scope with every filter the project ships for sites: the training it requires and the hijack detector on
-# the way in, level blocking and activation noise on the way out.
-EVERY_SITE_FILTER = {
-    "name": "every_filter", "properties": {"data": "patient images"},
-    "task_data_filters": [
-        {"path": "split_unet.filters.TrainingRequirements",
-         "args": {"minimum": {"nopeek_weight": 1.0, "privacy_warmup_steps": 96}}},
-        {"path": "split_unet.filters.GradientAnomalyDetector", "args": {}}],
-    "task_result_filters": [
-        {"path": "split_unet.filters.LevelBlocking", "args": {"blocked_levels": [0]}},
-        {"path": "split_unet.filters.ActivationClipNoise", "args": {"clip_norm": 250.0, "noise_multiplier": 0.004}}]}
-TASKS = [TASK_INIT, TASK_TRAIN, TASK_VALIDATE, TASK_FINISH]
-
-
-def add_filter_logs(job: Path) -> None:
-    """The ``FilterLog`` last in every chain of every party: the server's data (out) and result (in) filters and
-    each site's data (in) and result (out) filters; its code in each app's ``custom/`` folder."""
-    for app in job.glob("app_*"):
-        shutil.copytree(COMPONENTS, app / "custom" / "site_components", ignore=shutil.ignore_patterns("__pycache__"))
-        config_path = next((app / "config").glob("config_fed_*.json"))
-        config = json.loads(config_path.read_text())
-        for chain in ("task_data_filters", "task_result_filters"):
-            entries = config.setdefault(chain, [])  # NVFlare takes one chain per task: the log ends each
-            for entry in entries:
-                entry["filters"].append(FILTER_LOG)
-            covered = {task for entry in entries for task in entry["tasks"]}
-            entries.append({"tasks": [task for task in TASKS if task not in covered], "filters": [FILTER_LOG]})
-        config_path.write_text(json.dumps(config, indent=2))
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]
 
 
 @pytest.mark.parametrize("transport", ["poll", "push"])
 def test_every_filter_runs_on_every_request_and_answer(project_root, tiny_data, tmp_path, transport, hard_limit):
     _, sites = tiny_data
     policy = tmp_path / "privacy.json"
-    policy.write_text(json.dumps({"scopes": [EVERY_SITE_FILTER], "default_scope": EVERY_SITE_FILTER["name"]}))
+    policy.write_text(json.dumps(EVERY_FILTER_POLICY))
     # The shipped defence (its server's gradient protection) under the scope, the leakage recorder on at step 1.
     train = {"size": TINY_SIZE, "network": TINY_NETWORK, "epochs": 1, "val_fraction": 0.25}
     settings = training_settings(train, scope=EVERY_SITE_FILTER["name"], record_steps=[1], transport=transport,
