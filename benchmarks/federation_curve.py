@@ -1,4 +1,4 @@
-"""The whole federation's bytes per CPU second against the payload of a step (issue 16): one point per
+"""The whole federation's bytes per CPU second against the payload of a step: one point per
 ``split-unet bench`` result, for the simulator and POC, from the CPU seconds per step of all their processes minus
 the centralized run's (``federation_figures``).
 
@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from split_unet.launch.benchmark import federation_figures  # noqa: E402
 
 FEDERATED = ("simulator", "poc")
-TARGET_MB_PER_CPU_SECOND = 450  # issue 16
+TARGET_MB_PER_CPU_SECOND = 450  # the federation's target: bytes moved per CPU second it spends
 
 
 def merged_modes(paths: list[Path]) -> dict:
@@ -81,7 +81,7 @@ def main() -> None:
         for p in mine:
             axis.annotate(p["point"], (p["mb_per_step"], p["mb_per_federation_cpu_second"]), fontsize=8,
                           textcoords="offset points", xytext=(4, 4))
-    axis.axhline(TARGET_MB_PER_CPU_SECOND, color="grey", linestyle="--", label="issue 16 target")
+    axis.axhline(TARGET_MB_PER_CPU_SECOND, color="grey", linestyle="--", label="target")
     axis.set(xscale="log", xlabel="tensor MB per training step (all sites, both directions)",
              ylabel="MB per federation CPU second", title="The whole federation: bytes per CPU second")
     axis.set_ylim(bottom=0)

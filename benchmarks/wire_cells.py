@@ -132,7 +132,7 @@ def plot(results: list[dict], path: Path, title: str) -> Path:
     figure, axis = plt.subplots(figsize=(7, 4))
     sizes = [r["megabytes_each_way"] for r in results]
     axis.plot(sizes, [r["mb_per_cpu_second"] for r in results], marker="o", label="NVFlare cells, two processes")
-    axis.axhline(450, color="red", linewidth=1, label="issue 16 target for the whole federation (450 MB/CPU s)")
+    axis.axhline(450, color="red", linewidth=1, label="target for the whole federation (450 MB/CPU s)")
     axis.set_xscale("log")
     axis.set_xlabel("payload per message (MB, each way)")
     axis.set_ylabel("MB moved per CPU second")

@@ -1,5 +1,5 @@
 """Does lossless compression of the float16 payload pay? Ratio and thread CPU of compressing and decompressing
-the bytes that one training step really sends (issue 16).
+the bytes that one training step really sends.
 
 The payload is made by the project's own parties on phantom patients (skull-stripped: exactly 0 outside the
 brain, normalised inside it as the readers do): four sites' ``EncoderParty`` -> float16 activations, the

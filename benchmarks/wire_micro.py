@@ -84,7 +84,7 @@ def main() -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.plot([p["megabytes"] for p in points], [p["mb_per_cpu_second"] for p in points], "o-",
               label="encode + FOBS both ways + decode (one message)")
-    axis.axhline(450, color="grey", linestyle="--", label="issue 16 target for the whole federation")
+    axis.axhline(450, color="grey", linestyle="--", label="target for the whole federation")
     axis.set(xscale="log", xlabel="tensor MB per message", ylabel="MB per CPU second",
              title=f"Wire path in one process ({args.codec}, {SIZE}^3, batch {BATCH})")
     axis.legend()

@@ -1,4 +1,4 @@
-"""Site-local adversarial training against an inversion decoder, and the privacy warm-up (issue 14).
+"""Site-local adversarial training against an inversion decoder, and the privacy warm-up.
 
 The site trains a decoder of its own to reconstruct its images from the activations it sends (what a
 learned inversion attack does with auxiliary images) and trains its encoder to defeat that decoder,
