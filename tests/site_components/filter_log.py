@@ -22,7 +22,8 @@ class FilterLog(Filter):
             return shareable
         peer = fl_ctx.get_peer_context()
         entry = {"party": fl_ctx.get_identity_name(), "peer": peer.get_identity_name() if peer else None,
-                 "task": fl_ctx.get_prop(FLContextKey.TASK_NAME), "direction": fl_ctx.get_prop(FLContextKey.FILTER_DIRECTION),
+                 "task": fl_ctx.get_prop(FLContextKey.TASK_NAME),
+                 "direction": fl_ctx.get_prop(FLContextKey.FILTER_DIRECTION),
                  "kind": dxo.data_kind, "step": (dxo.meta or {}).get("step"), "tensors": bool(dxo.data),
                  "history": dxo.get_filter_history() or []}
         run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))

@@ -60,6 +60,8 @@ class BenchConfig:
     seed: int = 0
     device: str | None = None
     job_timeout: float = 600.0  # seconds a POC job may take before its mode counts as failed
+    transport: str = "poll"  # how the server's requests reach the sites (TrainingJob.transport)
+    controller_args: dict = field(default_factory=dict)  # further SplitUNetController arguments
     comm: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)
 
@@ -117,7 +119,8 @@ def training_job(config: BenchConfig, sites: Sequence[str]) -> TrainingJob:
     """The training job of a configuration: these sites, its budget, its polling interval; undefended, as its sites
     have no privacy policy: the benchmark measures the protocol itself."""
     return training_settings(config.train(), UNDEFENDED, sites=list(sites), wire_dtype=config.wire_dtype,
-                             task_request_interval=config.task_request_interval,
+                             task_request_interval=config.task_request_interval, transport=config.transport,
+                             controller_args=dict(config.controller_args),
                              executor_args={"num_threads": site_threads(config.sites)})
 
 

@@ -83,9 +83,10 @@ class PushedTasks:
         take yet (no connection to its job, or no task handler yet) is sent again."""
         deadline = time.monotonic() + timeout
         while True:
+            left = max(1.0, deadline - time.monotonic())
             with engine.new_context() as send_ctx:
                 reply = engine.send_aux_request(targets=[site], topic=ReservedTopic.DO_TASK, request=request,
-                                                timeout=max(1.0, deadline - time.monotonic()), fl_ctx=send_ctx).get(site)
+                                                timeout=left, fl_ctx=send_ctx).get(site)
             code = reply.get_return_code(ReturnCode.OK) if reply is not None else None
             if reply is not None and code not in NOT_ANSWERED + NOT_READY:
                 self.reached.add(site)
