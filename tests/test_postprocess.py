@@ -54,3 +54,15 @@ def test_flip_averaging_maps_each_prediction_back_before_averaging_probabilities
     # a predictor that commutes with flips (voxel-wise) is left as it is
     voxelwise = flip_averaged_logits(lambda x: x[:, :1].repeat(1, 3, 1, 1, 1), images)
     assert torch.allclose(voxelwise, images[:, :1].repeat(1, 3, 1, 1, 1), atol=1e-4)
+
+
+def test_scores_without_hd95_have_the_same_dice_and_no_surface_distances():
+    from split_unet.training.metrics import RegionMetrics, logits_to_masks
+
+    logits, target = _patient(2, 2)
+    full, fast = RegionMetrics(), RegionMetrics(with_hd95=False)
+    for metrics in (full, fast):
+        metrics.update(logits_to_masks(logits), target)
+    full, fast = full.aggregate(), fast.aggregate()
+    assert fast["dice"] == full["dice"] and fast["lesion_dice"] == full["lesion_dice"]
+    assert fast["lesions"] == full["lesions"] and "hd95" not in fast and "lesion_hd95" not in fast

@@ -7,7 +7,8 @@ import argparse
 
 def train_overrides(args: argparse.Namespace) -> dict:
     """Only the options the user gave; the job config (or TrainConfig) supplies the rest."""
-    train = {key: getattr(args, key) for key in ("epochs", "batch_size", "lr", "seed", "size", "spacing",
+    train = {key: getattr(args, key) for key in ("epochs", "steps_per_epoch", "lr_schedule", "batch_size", "lr",
+                                                 "seed", "size", "spacing",
                                                  "val_interval", "val_fraction", "device", "modality_dropout",
                                                  "micro_batches", "decoder_checkpointing", "min_component_voxels",
                                                  "patch_size", "patch_sampling", "patch_positive_fraction", "augment",
@@ -32,8 +33,12 @@ def train_overrides(args: argparse.Namespace) -> dict:
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training budget (defaults: the job config / TrainConfig)")
     group.add_argument("--epochs", type=int)
+    group.add_argument("--steps-per-epoch", type=int,
+                       help="an epoch of this many steps (default: one pass over the training patients)")
     group.add_argument("--batch-size", type=int)
     group.add_argument("--lr", type=float)
+    group.add_argument("--lr-schedule", choices=("constant", "poly"),
+                       help="poly: nnU-Net's decay over epochs x steps-per-epoch steps (needs --steps-per-epoch)")
     group.add_argument("--seed", type=int)
     add_grid_options(group)
     group.add_argument("--val-interval", type=int)
@@ -80,8 +85,9 @@ def add_patch_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--patch-size", type=shape_option, help="train on patches of N^3 or X,Y,Z voxels; validate "
                                                                "with a sliding window of that size")
     group.add_argument("--patch-sampling", choices=("uniform", "label"),
-                       help="uniform (default; the corners tell the sites nothing) or label (a share of the patches "
-                            "centred on tumour: the sites learn roughly where it is)")
+                       help="uniform (the corners tell the sites nothing) or label (a share of the patches centred "
+                            "on tumour: the sites learn where it is). Default: label where the scope allows it "
+                            "('undefended'), else uniform")
     group.add_argument("--patch-positive-fraction", type=float, help="label sampling: share centred on tumour")
     group.add_argument("--augment", action="store_true", default=None,
                        help="spatial (flips, 90-degree rotations, small affine) and intensity augmentation")

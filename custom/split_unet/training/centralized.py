@@ -61,7 +61,9 @@ class CaseCache:
         self.get = functools.lru_cache(maxsize=cache_cases or None)(self._load)
 
     def _load(self, patient_id: str) -> dict:
-        return load_case(self.cases[patient_id], self.size, self.spacing)
+        case = load_case(self.cases[patient_id], self.size, self.spacing)
+        # Region masks kept as uint8, as the label holder keeps them: a quarter of float32 (107 -> 27 MB at 1 mm).
+        return {**case, "label": case["label"].astype(np.uint8)} if "label" in case else case
 
     def grid_spacing(self, patient_id: str) -> tuple[float, float, float]:
         """Voxel size (mm) of one case on the common grid, from its label's header."""
@@ -70,7 +72,7 @@ class CaseCache:
     def batch(self, patient_ids: list[str], image_channels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         items = [self.get(pid) for pid in patient_ids]
         images = np.stack([item["image"][image_channels] for item in items])
-        labels = np.stack([item["label"] for item in items])
+        labels = np.stack([item["label"] for item in items]).astype(np.float32)
         return torch.from_numpy(images), torch.from_numpy(labels)
 
     def patch_batch(self, patient_ids: list[str], image_channels: list[int], config: TrainConfig,
@@ -87,7 +89,7 @@ class CaseCache:
         images, labels = [], []
         for k, (item, corner) in enumerate(zip(items, corners)):
             image = cut_patch(item["image"], corner, patch)[image_channels]
-            label = cut_patch(item["label"], corner, patch)
+            label = cut_patch(item["label"], corner, patch).astype(np.float32)
             if config.augment:
                 image = augment_image(image, spatial[k], [intensity_seed(config.seed, j, train_step, k)
                                                           for j in range(len(image))])

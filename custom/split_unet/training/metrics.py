@@ -99,7 +99,8 @@ def _hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], percent
 
 
 def lesion_wise(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                dilation: int = LESION_DILATION, min_volume_mm3: float = LESION_MIN_MM3) -> dict:
+                dilation: int = LESION_DILATION, min_volume_mm3: float = LESION_MIN_MM3,
+                with_hd95: bool = True) -> dict:
     """BraTS 2023 lesion-wise Dice and HD95 of one region of one case.
 
     Follows ``get_lesion_wise_score`` / ``get_lesion_wise_results`` of the official BraTS 2023 metrics
@@ -113,7 +114,7 @@ def lesion_wise(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = 
 
     Returns:
         ``{"dice", "hd95", "tp", "fn", "fp"}``: the scores and the counts of scored lesions found and missed and
-        of false lesions.
+        of false lesions (``with_hd95`` False: "hd95" is None, its surface distances are not computed).
     """
     pred_cc, n_pred = label(pred, _CONNECTED)
     merged, n_lesions = label(binary_dilation(truth, _DILATION, iterations=dilation), _CONNECTED)
@@ -129,12 +130,13 @@ def lesion_wise(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = 
             continue
         prediction = np.isin(pred_cc, hits)
         dice.append(2.0 * np.logical_and(prediction, lesion).sum() / (prediction.sum() + lesion.sum()))
-        hd95.append(_hd95(prediction, lesion, spacing))
+        if with_hd95:
+            hd95.append(_hd95(prediction, lesion, spacing))
         found, missed = found + (len(hits) > 0), missed + (len(hits) == 0)
     false = n_pred - len(matched)
     scored = len(dice) + false
     return {"dice": float(sum(dice) / scored) if scored else 1.0,
-            "hd95": float((sum(hd95) + false * MISSING_HD95_MM) / scored) if scored else 0.0,
+            "hd95": (float((sum(hd95) + false * MISSING_HD95_MM) / scored) if scored else 0.0) if with_hd95 else None,
             "tp": found, "fn": missed, "fp": false}
 
 
@@ -144,10 +146,12 @@ class RegionMetrics:
     Global Dice: MONAI ``compute_dice(include_background=True)``; a region empty in both prediction and truth
     counts as 1. Global HD95: the BraTS 2023 evaluation's area-weighted surface HD95 (``_hd95``) in mm (each
     case's voxel size); as there, a miss or a false alarm scores 374 mm and empty-vs-empty 0. Lesion-wise: :func:`lesion_wise`.
+    ``with_hd95`` False leaves both HD95s out (their surface distances cost most of the scoring at 1 mm).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, with_hd95: bool = True) -> None:
         self._cases: list[dict] = []
+        self.with_hd95 = with_hd95
 
     def update(self, masks: torch.Tensor, target: torch.Tensor,
                spacing: Sequence[Sequence[float]] | None = None) -> list[dict]:
@@ -161,15 +165,18 @@ class RegionMetrics:
         cases = []
         for index, (pred, truth) in enumerate(zip(masks.numpy().astype(bool), target.numpy().astype(bool))):
             voxel = tuple(spacing[index]) if spacing is not None else (1.0, 1.0, 1.0)
-            lesions = {name: lesion_wise(p, t, voxel) for name, p, t in zip(REGION_NAMES, pred, truth)}
+            lesions = {name: lesion_wise(p, t, voxel, with_hd95=self.with_hd95)
+                       for name, p, t in zip(REGION_NAMES, pred, truth)}
             region_dice = {name: float(d) for name, d in zip(REGION_NAMES, dice[index])}
-            cases.append({
+            case = {
                 "dice": {**region_dice, "mean": float(np.mean(list(region_dice.values())))},
-                "hd95": {name: _hd95(p, t, voxel) for name, p, t in zip(REGION_NAMES, pred, truth)},
                 "lesion_dice": {name: lesions[name]["dice"] for name in REGION_NAMES},
-                "lesion_hd95": {name: lesions[name]["hd95"] for name in REGION_NAMES},
                 "lesions": {name: {k: lesions[name][k] for k in ("tp", "fn", "fp")} for name in REGION_NAMES},
-            })
+            }
+            if self.with_hd95:
+                case["hd95"] = {name: _hd95(p, t, voxel) for name, p, t in zip(REGION_NAMES, pred, truth)}
+                case["lesion_hd95"] = {name: lesions[name]["hd95"] for name in REGION_NAMES}
+            cases.append(case)
         self._cases.extend(cases)
         return cases
 
@@ -177,7 +184,8 @@ class RegionMetrics:
         """Means over cases: {"dice", "lesion_dice": {WT, TC, ET, mean}, "hd95", "lesion_hd95" (mm): {WT, TC, ET},
         "lesions": {region: summed tp/fn/fp}, "cases": n}."""
         result: dict = {"cases": len(self._cases)}
-        for key in ("dice", "hd95", "lesion_dice", "lesion_hd95"):
+        keys = ("dice", "hd95", "lesion_dice", "lesion_hd95") if self.with_hd95 else ("dice", "lesion_dice")
+        for key in keys:
             result[key] = {name: float(np.mean([case[key][name] for case in self._cases])) for name in REGION_NAMES}
         for key in ("dice", "lesion_dice"):
             result[key]["mean"] = float(np.mean([result[key][name] for name in REGION_NAMES]))

@@ -39,7 +39,7 @@ def choose_min_component_voxels(logits: Sequence[torch.Tensor], targets: Sequenc
         raise ValueError("one logits, target and spacing per patient, at least one patient")
     scores = {}
     for size in sorted(set(int(c) for c in candidates)):
-        metrics = RegionMetrics()
+        metrics = RegionMetrics(with_hd95=False)
         for patient_logits, target, spacing in zip(logits, targets, spacings):
             metrics.update(logits_to_masks(patient_logits, min_component_voxels=size), target, [spacing])
         aggregate = metrics.aggregate()
