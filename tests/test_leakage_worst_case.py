@@ -10,10 +10,19 @@ from split_unet.leakage.record import RECORD_FOLDER, step_folder
 pytestmark = pytest.mark.unit
 
 
-def _image(ssim, prior, residual, tumour, other_residual=0.30):
+def _image(ssim, prior, residual, tumour, other_residual=0.30, label_prior=None, corr=0.0, null_high=0.1):
+    """An entry; against the label-aware prior (``label_prior``, default the atlas's ``prior`` + 0.05) the same SSIM,
+    and a residual correlation ``corr`` (tumour: twice it) next to a null interval up to ``null_high``."""
+    label_prior = prior + 0.05 if label_prior is None else label_prior
+    correlation = {}
+    for prefix, value in (("", corr), ("tumour_", 2 * corr)):
+        correlation.update({f"{prefix}residual_corr": value, f"{prefix}residual_corr_ci": [value - 0.1, value + 0.1],
+                            f"{prefix}null_residual_corr_ci": [null_high - 0.2, null_high],
+                            f"{prefix}residual_corr_margin": value - null_high, f"{prefix}residual_corr_patients": 8})
     return {"ssim": ssim, "prior_ssim": prior, "excess_ssim": ssim - prior, "residual_ssim": residual,
             "other_residual_ssim": other_residual, "excess_residual_ssim": residual - other_residual,
-            "excess_tumour_ssim": tumour}
+            "excess_tumour_ssim": tumour, "label_prior_ssim": label_prior, "label_excess_ssim": ssim - label_prior,
+            "label_excess_tumour_ssim": tumour - 0.1, **correlation}
 
 
 def _labels(level_dice):
@@ -46,6 +55,24 @@ def test_worst_step_and_strongest_attack_per_metric():
     assert worst["labels"]["flair"] == {"dice_wt": 0.7, "random_dice_wt": 0.01, "step": 1, "level": 1}
 
 
+def test_the_worst_case_against_the_label_aware_prior_and_of_the_residual_correlation():
+    attacks = {**ATTACKS, "surrogate": {"flair": {"96": _image(0.40, 0.35, 0.1, 0.0, corr=0.35)}}}
+    images = worst_case(attacks)["images"]["flair"]
+    assert images["label_excess_ssim"] == {"value": pytest.approx(0.45), "attack": "whitebox", "step": 1}
+    assert images["label_excess_tumour_ssim"] == {"value": pytest.approx(0.35), "attack": "learned", "step": 192}
+    # The correlation's peak carries the correlation, its interval and the null's.
+    assert images["residual_corr_margin"] == {
+        "value": pytest.approx(0.25), "attack": "surrogate", "step": 96, "residual_corr": 0.35,
+        "residual_corr_ci": pytest.approx([0.25, 0.45]), "null_residual_corr_ci": pytest.approx([-0.1, 0.1]),
+        "residual_corr_patients": 8}
+    assert images["tumour_residual_corr_margin"]["residual_corr"] == pytest.approx(0.7)
+    # Only a threat model's attacks: the surrogate alone.
+    only = worst_case(attacks, only=("surrogate", "labels"))
+    assert {peak["attack"] for peak in only["images"]["flair"].values()} == {"surrogate"}
+    assert only["labels"]["flair"]["dice_wt"] == 0.7
+    assert worst_case(attacks, only=("surrogate",))["labels"] == {}
+
+
 def test_missing_attacks_are_absent():
     assert worst_case({"labels": ATTACKS["labels"]})["images"] == {}
 
@@ -61,6 +88,9 @@ def test_a_step_is_attacked_again_until_every_recorded_site_has_a_complete_entry
     # learned: step 96 never attacked; t1w not at all.
     assert steps_to_attack(tmp_path, "learned", ATTACKS["learned"]) == [1, 96, 192]
     assert steps_to_attack(tmp_path, "learned", {site: ATTACKS["learned"]["flair"] for site in both}) == [96]
+    # Entries written before the label-aware prior was scored: attacked again.
+    before_labels = {key: value for key, value in both["t1w"]["192"].items() if "corr" not in key}
+    assert steps_to_attack(tmp_path, "whitebox", {**both, "t1w": {**both["t1w"], "192": before_labels}}) == [192]
     # Entries written before the prior, another patient's image and every level were scored: attacked again.
     old = {**both, "t1w": {**both["t1w"], "1": {"ssim": 0.9, "psnr": 30.0, "nmi": 1.5}}}
     assert steps_to_attack(tmp_path, "whitebox", old) == [1]

@@ -146,3 +146,90 @@ def test_the_committed_frontier_report_is_what_the_stored_results_give(project_r
     def table_and_verdict(path):  # every line but the one naming the sweep file's path
         return [line for line in path.read_text().splitlines() if not line.startswith("Sweep: ")]
     assert table_and_verdict(tmp_path / "report.md") == table_and_verdict(folder / "report" / "report.md")
+
+
+def _scored(excess, corr, null_high=0.1, tumour_excess=None):
+    """An image entry scored against the label-aware prior too: SSIM ``excess`` over it (tumour: ``tumour_excess``,
+    default the same), a residual correlation ``corr`` (tumour alike) next to a null interval up to ``null_high``."""
+    entry = {**_image_entry(excess, -0.1), "patients": 8, "label_excess_ssim": excess,
+             "label_excess_tumour_ssim": excess if tumour_excess is None else tumour_excess}
+    for prefix in ("", "tumour_"):
+        entry.update({f"{prefix}residual_corr": corr, f"{prefix}residual_corr_ci": [corr - 0.05, corr + 0.05],
+                      f"{prefix}null_residual_corr_ci": [null_high - 0.15, null_high],
+                      f"{prefix}residual_corr_margin": corr - null_high, f"{prefix}residual_corr_patients": 8})
+    return entry
+
+
+STEPS = ("1", "96", "192")
+HIJACKING = {"runs": {**{f"honest, seed {seed}": {"alarm_step": None} for seed in range(5)},
+                      **{f"hijacking, seed {seed}": {"alarm_step": 1} for seed in range(3)}}}
+
+
+def _threat_attacks(completion_corr=0.0):
+    """Every attack at steps 1, 96, 192 on two sites: the honest server's within the targets except the model
+    completion's correlation (``completion_corr``, at step 192 on t1gd), a leaked encoder's far above."""
+    attacks = {attack: {site: {step: _scored(0.01, 0.02) for step in STEPS} for site in ("flair", "t1gd")}
+               for attack in ("unsplit", "surrogate", "completion", "learned", "whitebox")}
+    attacks["completion"]["t1gd"]["192"] = _scored(0.03, completion_corr)
+    attacks["learned"]["flair"]["96"] = _scored(0.30, 0.6, tumour_excess=0.5)
+    attacks["labels"] = {site: {step: _labels_entry(0.08) for step in STEPS} for site in ("flair", "t1gd")}
+    return attacks
+
+
+def test_threat_models_take_each_adversarys_attacks_only():
+    from split_unet.studies.privacy_report import threat_models
+
+    honest, malicious, leaked = threat_models(_threat_attacks(completion_corr=0.35), HIJACKING)
+    assert honest["name"] == "honest-but-curious server" and honest["promised"] and not leaked["promised"]
+    assert honest["attacks"] == ["completion", "labels", "surrogate", "unsplit"] and honest["complete"]
+    assert honest["steps"] == [1, 96, 192] and honest["patients"] == 8
+    # Within the SSIM targets, but the completion's correlation lies 0.25 above its null's interval: missed.
+    assert honest["label_excess_ssim"]["value"] == pytest.approx(0.03)
+    assert honest["residual_corr_margin"] == {**honest["residual_corr_margin"], "value": pytest.approx(0.25),
+                                              "attack": "completion", "site": "t1gd", "step": 192,
+                                              "null_residual_corr_ci": pytest.approx([-0.05, 0.1])}
+    assert not honest["met"]
+    # The leaked encoder's worst is its own attacks'.
+    assert leaked["attacks"] == ["learned", "whitebox"] and leaked["label_excess_ssim"]["value"] == pytest.approx(0.3)
+    assert leaked["label_excess_tumour_ssim"]["value"] == pytest.approx(0.5) and not leaked["met"]
+    # The hijacking server is stopped at step 1: it holds what an honest server holds at step 1, which is within.
+    assert malicious["attacks"][0] == "hijacking" and malicious["steps"] == [1]
+    assert malicious["detection"] == {"alarm_steps": [1, 1, 1], "honest_runs": 5, "false_alarms": 0, "met": True}
+    assert malicious["met"]
+
+
+def test_a_threat_model_meets_its_targets_only_when_every_attack_ran_at_every_step():
+    from split_unet.studies.privacy_report import threat_models
+
+    attacks = _threat_attacks()
+    honest, _, _ = threat_models(attacks, HIJACKING)
+    assert honest["met"]
+    del attacks["completion"]["flair"]["96"]
+    honest, _, _ = threat_models(attacks, HIJACKING)
+    assert not honest["complete"] and not honest["met"]
+    del attacks["completion"]
+    honest, malicious, _ = threat_models(attacks, {"runs": {**HIJACKING["runs"], "honest, seed 9": {"alarm_step": 3}}})
+    assert honest["missing_attacks"] == ["completion"] and not honest["met"]
+    assert malicious["detection"]["false_alarms"] == 1 and not malicious["met"]
+
+
+def test_the_shipped_configuration_is_reported_by_threat_model(tmp_path):
+    sweep_file, sweep = _stored_sweep(tmp_path, defended_steps=(1,))
+    (tmp_path / "leakage_defended.json").write_text(json.dumps({"attacks": _threat_attacks(completion_corr=0.35)}))
+    (tmp_path / "hijacking.json").write_text(json.dumps(HIJACKING))
+    sweep["hijacking"] = "hijacking.json"
+    sweep["configurations"][1]["shipped"] = True
+    sweep_file.write_text(json.dumps(sweep))
+    report = run_sweep(sweep_file, None, tmp_path / "report", log=lambda _: None)
+    assert [t["name"] for t in report["threat_models"]] == ["honest-but-curious server", "malicious server",
+                                                            "leaked encoder"]
+    assert [t["met"] for t in report["threat_models"]] == [False, True, False]
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["threat_models"] == json.loads(json.dumps(report["threat_models"]))
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "## By threat model" in markdown
+    assert "| honest-but-curious server | yes | completion, labels, surrogate, unsplit | 1/96/192 | 8 | +0.03 " \
+           "(t1gd, completion, step 192)" in markdown
+    assert "+0.35 [+0.30, +0.40] (-0.05 to +0.10; margin +0.25) (t1gd, completion, step 192)" in markdown
+    assert "Mean Dice cost of the shipped scope: 0.050 (0.750 against 0.800 undefended; target at most 0.03: " \
+           "missed by 0.020)." in markdown

@@ -13,7 +13,7 @@ from split_unet.errors import SplitUNetError
 from split_unet.launch.options import add_grid_options, add_train_options, train_overrides
 
 # ``studies.leakage.ATTACKS`` (a test keeps them equal): named here so that building the parser imports no torch.
-LEAKAGE_ATTACKS = ("whitebox", "unsplit", "learned", "surrogate", "labels")
+LEAKAGE_ATTACKS = ("whitebox", "unsplit", "learned", "surrogate", "completion", "labels")
 SCOPE_HELP = ("the sites' privacy scope the job asks for (meta.json scope). Default: the sites' default scope, "
               "'clinical', whose defence (split_unet.defence) the job then carries; 'strict': the bottleneck alone, "
               "the only defence measured to keep every attack at the prior (0.27 mean Dice lower); 'undefended': no "
@@ -152,7 +152,7 @@ def cmd_leakage(args) -> int:
 
     steps = [int(step) for step in args.steps.split(",")] if args.steps else None
     for attack in args.attack:
-        results = evaluate_leakage(args.workspace, args.sites, attack, steps=steps, max_patients=args.patients,
+        results = evaluate_leakage(args.workspace, args.sites, attack, steps=steps, patients=args.patients,
                                    seed=args.seed, iterations=args.iterations)
         for site, per_step in results.items():
             for step, entry in per_step.items():
@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     leakage.add_argument("--sites", required=True, help="the partitioned data the run used (true images)")
     leakage.add_argument("--attack", nargs="+", choices=LEAKAGE_ATTACKS, default=list(LEAKAGE_ATTACKS))
     leakage.add_argument("--steps", help="recorded training steps to attack (default: every recorded step)")
-    leakage.add_argument("--patients", type=int, default=2, help="patients attacked per recorded batch")
+    leakage.add_argument("--patients", type=int, default=8, help="patients per recorded step of the image attacks "
+                         "(the recorded batch, then what the site would have released for others at that step)")
     leakage.add_argument("--iterations", type=int, help="optimisation budget per attack")
     leakage.add_argument("--seed", type=int, default=0)
     leakage.set_defaults(func=cmd_leakage)

@@ -9,6 +9,10 @@ Input reconstruction from a site's activations, weakest attacker last:
   architecture and a decoder that inverts it on auxiliary images (``train_surrogate_autoencoder``), then maps
   the site's feature space into its surrogate's with a per-level 1x1x1 adaptor fitted on the recorded
   activations alone.
+- model completion (``train_completion_encoders``): the server completes its own trained decoder, frozen, with
+  surrogate encoders of its own trained through it on labelled auxiliary patients; their feature spaces are what the
+  decoder reads, the sites' too, so a decoder that inverts a surrogate (``train_inversion_decoder``) is applied to
+  the recorded activations as they are.
 - ``unsplit_inversion``: UnSplit (Erdogan et al., 2022): the attacker knows only the architecture and
   fits a surrogate encoder together with the input.
 
@@ -39,7 +43,8 @@ Features = Mapping[int, torch.Tensor]
 
 __all__ = [
     "FeatureAdaptor", "gradient_label_leakage", "gradient_magnitude", "learned_inversion", "random_mask_like",
-    "surrogate_inversion", "total_variation", "train_inversion_decoder", "train_surrogate_autoencoder",
+    "surrogate_inversion", "total_variation", "train_completion_encoders", "train_inversion_decoder",
+    "train_surrogate_autoencoder",
     "unsplit_inversion", "whitebox_inversion",
 ]
 
@@ -316,6 +321,51 @@ def train_surrogate_autoencoder(make_encoder: Callable[[], ModalityEncoder], aux
         F.mse_loss(decoder([features]), batch).backward()
         optimizer.step()
     return encoder.eval(), decoder.eval()
+
+
+def train_completion_encoders(make_encoder: Callable[[], ModalityEncoder], decoder: FusionDecoder,
+                              aux_images: torch.Tensor, aux_target: torch.Tensor, loss: nn.Module,
+                              iterations: int = 100, lr: float = 2e-3, batch_size: int = 2, seed: int = 0,
+                              device: torch.device | str | None = None) -> list[ModalityEncoder]:
+    """Model completion (Fu et al. 2022, "Label inference attacks against vertical federated learning"): the server's
+    trained decoder, frozen, completed with surrogate encoders trained through it on labelled auxiliary patients.
+
+    One fresh encoder of the sites' architecture per decoder input is trained, all together, so that the frozen
+    decoder segments the auxiliary patients from their features (``loss``, the job's segmentation loss): the only way
+    to do so is to speak the decoder's language, which is the sites' feature spaces, up to what the decoder ignores.
+    No site is asked anything; the decoder is the server's own.
+
+    Args:
+        make_encoder: builds an encoder of the sites' architecture (re-initialised from ``seed`` + its input index).
+        decoder: the server's trained decoder (left unchanged).
+        aux_images: (N, K, *S) auxiliary patients' images, one channel per decoder input, z-scored like the sites'.
+        aux_target: (N, C, *S) their region masks (the decoder's output channels).
+        loss: ``loss(logits, target)``, e.g. ``training.objective.segmentation_loss()``.
+        iterations, lr, batch_size: Adam steps, step size and mini-batch size.
+        seed: initialisation and mini-batch sampling.
+        device: where to run (default: CUDA when present).
+
+    Returns:
+        K encoders in eval mode, in the decoder's input order.
+    """
+    device = _attack_device(device)
+    images = aux_images.to(device=device, dtype=torch.float32)
+    target = aux_target.to(device=device, dtype=torch.float32)
+    if images.shape[1] != decoder.num_inputs:
+        raise ValueError(f"the decoder takes {decoder.num_inputs} inputs, the auxiliary images have {images.shape[1]}")
+    encoders = [_fresh_encoder(make_encoder, seed + index, device).train() for index in range(images.shape[1])]
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam([p for encoder in encoders for p in encoder.parameters()], lr=lr)
+    decoder = decoder.to(device)
+    with _frozen(decoder):
+        for _ in range(iterations):
+            index = torch.randperm(len(images), generator=generator)[:batch_size].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            features = [{level: t for level, t in encoder(images[index, k:k + 1]).items() if level in decoder.levels}
+                        for k, encoder in enumerate(encoders)]
+            loss(decoder(features), target[index]).backward()
+            optimizer.step()
+    return [encoder.eval() for encoder in encoders]
 
 
 def _channel_moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,17 +9,24 @@ other patients' images (an atlas, no activations at all) already scores well. ``
 scores a reconstruction next to that population prior, as the excess over it, on the residual from the
 atlas (patient-specific content) and inside the tumour and its surroundings. ``other_patient_similarity`` scores
 another real patient's image the same way: what a real-looking image that knows nothing of the patient reaches.
+
+The server holds more than the atlas: every patient's labels. ``label_aware_prior`` paints them on the atlas (each
+sub-region at the auxiliary patients' mean intensity in it), the best guess of a server that receives nothing, and
+``residual_correlation`` asks whether a reconstruction holds any patient-specific signal beyond a prior, weak or not:
+the correlation of what the prior does not explain in the reconstruction and in the truth, next to the same score
+for another patient's reconstruction of the batch (its null), with 95 % intervals over the patients.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import ndimage
+from scipy import ndimage, stats
 from skimage.metrics import normalized_mutual_information, peak_signal_noise_ratio, structural_similarity
 
-__all__ = ["image_similarity", "mask_dice", "orient_sign", "other_patient_similarity", "prior_relative_similarity",
-           "residual_from", "robust_unit_range", "tumour_surroundings"]
+__all__ = ["image_similarity", "label_aware_prior", "mask_dice", "mean_interval", "orient_sign",
+           "other_patient_similarity", "prior_relative_similarity", "residual_correlation", "residual_from",
+           "robust_unit_range", "subregion_means", "subregions", "tumour_surroundings"]
 
 NMI_BINS = 64
 METRICS = ("ssim", "psnr", "nmi")
@@ -27,6 +34,7 @@ METRICS = ("ssim", "psnr", "nmi")
 # reconstruction should not reveal (3 voxels: 3 mm at 1 mm, a tenth of a 32^3 phantom's tumour radius or more).
 TUMOUR_MARGIN = 3
 RESIDUAL_RELATIVE_PRECISION = 1e-9  # float64 least squares is exact to ~1e-13 of the volume's scale
+CONFIDENCE = 0.95
 
 
 def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -124,7 +132,7 @@ def prior_relative_similarity(reconstruction: torch.Tensor | np.ndarray, truth: 
     Args:
         reconstruction, truth: (B, 1, *S).
         atlas: (1, *S) or (1, 1, *S): the mean image of auxiliary patients of the same modality, the best
-            guess without any activation.
+            guess without any activation; or (B, 1, *S), a prior per patient (``label_aware_prior``).
         region: optional (B, *S) bool, the tumour and its surroundings (``tumour_surroundings``); samples
             whose region is empty are left out of the region's scores.
         sign_invariant: as in ``image_similarity`` (the sign is chosen once, against the whole image).
@@ -141,13 +149,13 @@ def prior_relative_similarity(reconstruction: torch.Tensor | np.ndarray, truth: 
     recon, true = _numpy(reconstruction).astype(np.float64), _numpy(truth).astype(np.float64)
     if sign_invariant:
         recon = orient_sign(recon, true)
-    prior = np.broadcast_to(_numpy(atlas).astype(np.float64).reshape(1, 1, *true.shape[2:]), true.shape)
+    prior = _per_patient(atlas, true.shape)
     scores = image_similarity(recon, true)
     for name, value in image_similarity(prior, true).items():
         scores[f"prior_{name}"] = value
         scores[f"excess_{name}"] = scores[name] - value
-    residual = image_similarity(np.stack([residual_from(r, prior[0, 0]) for r in recon[:, 0]])[:, None],
-                                np.stack([residual_from(t, prior[0, 0]) for t in true[:, 0]])[:, None])
+    residual = image_similarity(np.stack([residual_from(r, p) for r, p in zip(recon[:, 0], prior[:, 0])])[:, None],
+                                np.stack([residual_from(t, p) for t, p in zip(true[:, 0], prior[:, 0])])[:, None])
     scores.update(residual_ssim=residual["ssim"], residual_nmi=residual["nmi"])
     if region is not None:
         masks = _numpy(region).astype(bool).reshape(true[:, 0].shape)
@@ -159,6 +167,110 @@ def prior_relative_similarity(reconstruction: torch.Tensor | np.ndarray, truth: 
                 scores[f"tumour_{name}"] = attack[name]
                 scores[f"prior_tumour_{name}"] = baseline[name]
                 scores[f"excess_tumour_{name}"] = attack[name] - baseline[name]
+    return scores
+
+
+def _per_patient(prior: torch.Tensor | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A prior of (1, *S), (1, 1, *S) or (B, 1, *S) as float64 (B, 1, *S) for a batch of ``shape``."""
+    prior = _numpy(prior).astype(np.float64)
+    return np.broadcast_to(prior.reshape(-1, 1, *shape[2:]), shape)
+
+
+def subregions(regions: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(B, *S) uint8 label maps (MSD values: 1 oedema, 2 non-enhancing core, 3 enhancing) of (B, 3, *S) WT/TC/ET
+    region masks, as the server holds them."""
+    from split_unet.data import label_from_regions  # the data package is heavy: only the study needs it
+
+    return np.stack([label_from_regions(np.asarray(r) != 0, "msd") for r in _numpy(regions)])
+
+
+def subregion_means(images: torch.Tensor | np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """``{label: mean intensity}`` of each sub-region (label > 0) of (N, 1, *S) images with (N, *S) label maps: the
+    mean over the patients that have it of each patient's mean in it (every patient weighs alike)."""
+    images = _numpy(images)[:, 0].astype(np.float64)
+    means: dict[int, list[float]] = {}
+    for image, label in zip(images, labels):
+        for value in np.unique(label[label > 0]):
+            means.setdefault(int(value), []).append(float(image[label == value].mean()))
+    return {value: float(np.mean(values)) for value, values in sorted(means.items())}
+
+
+def label_aware_prior(atlas: torch.Tensor | np.ndarray, labels: np.ndarray, means: dict[int, float]) -> np.ndarray:
+    """(B, 1, *S): the atlas with each patient's sub-regions (``labels``, (B, *S)) painted at ``means``
+    (``subregion_means`` of the auxiliary patients): what a server that holds the labels and public images guesses
+    with no activation at all. A sub-region no auxiliary patient has keeps the atlas."""
+    labels = np.asarray(labels)
+    prior = np.repeat(_per_patient(atlas, (1, 1, *labels.shape[1:])), len(labels), axis=0).copy()
+    for value, mean in means.items():
+        prior[:, 0][labels == value] = mean
+    return prior
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two voxel sets; 0 where either is constant (it then carries no signal)."""
+    a, b = a - a.mean(), b - b.mean()
+    norm = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / norm) if norm > 0 else 0.0
+
+
+def mean_interval(values: list[float] | np.ndarray, confidence: float = CONFIDENCE) -> list[float]:
+    """[low, high]: Student's t interval of the mean of ``values`` (at least 2)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        raise ValueError(f"an interval needs at least 2 values, got {len(values)}")
+    half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return [float(values.mean() - half), float(values.mean() + half)]
+
+
+def residual_correlation(reconstruction: torch.Tensor | np.ndarray, truth: torch.Tensor | np.ndarray,
+                         prior: torch.Tensor | np.ndarray, region: torch.Tensor | np.ndarray | None = None
+                         ) -> dict[str, float | list[float]]:
+    """Patient-specific signal beyond ``prior``, however weak: corr(recon - prior, truth - prior), with its null.
+
+    Each residual is ``residual_from`` (the least-squares fit of the prior and a constant removed, so that a
+    reconstruction's arbitrary scale does not matter). Patient i scores ``r_i`` = the Pearson correlation of its
+    reconstruction's residual with its truth's over the volume (and over ``region``); its null ``n_i`` is the same
+    score for the other patients' reconstructions of the batch against patient i's truth (each residual from its
+    own patient's prior), averaged: what a reconstruction holding nothing of patient i but everything else (the
+    anatomy, the attack's artefacts) scores. SSIM's excess misses such weak signal: a correlation of 0.3 moves
+    SSIM little.
+
+    Args:
+        reconstruction, truth: (B, 1, *S), B >= 2 (the intervals need more than 2 to mean much).
+        prior: (1, *S), (1, 1, *S) or (B, 1, *S): the atlas or ``label_aware_prior``.
+        region: optional (B, *S) bool, the tumour and its surroundings; patients with an empty region are left out
+            of the region's scores (which then need 2 patients with one).
+
+    Returns:
+        ``residual_corr`` (mean of r_i) and ``residual_corr_ci`` (its 95 % interval over patients),
+        ``null_residual_corr`` and ``null_residual_corr_ci`` likewise for n_i, ``residual_corr_margin`` =
+        ``residual_corr`` minus the null interval's upper end (at most 0: within the null's interval or below it),
+        ``residual_corr_patients``; with ``region``, the same names with ``tumour_`` in front.
+    """
+    recon, true = _numpy(reconstruction).astype(np.float64), _numpy(truth).astype(np.float64)
+    if recon.shape != true.shape or len(true) < 2:
+        raise ValueError(f"need reconstruction and truth of one shape with at least 2 patients (a null from another "
+                         f"patient of the batch), got {recon.shape} and {true.shape}")
+    priors = _per_patient(prior, true.shape)
+    recon_residual = np.stack([residual_from(r, p) for r, p in zip(recon[:, 0], priors[:, 0])])
+    true_residual = np.stack([residual_from(t, p) for t, p in zip(true[:, 0], priors[:, 0])])
+    scopes = {"": np.ones(true_residual.shape, dtype=bool)}
+    if region is not None:
+        scopes["tumour_"] = _numpy(region).astype(bool).reshape(true_residual.shape)
+    scores: dict[str, float | list[float]] = {}
+    for prefix, masks in scopes.items():
+        kept = [i for i in range(len(true)) if masks[i].any()]
+        if len(kept) < 2:
+            continue
+        own = [_pearson(recon_residual[i][masks[i]], true_residual[i][masks[i]]) for i in kept]
+        null = [float(np.mean([_pearson(recon_residual[j][masks[i]], true_residual[i][masks[i]])
+                               for j in range(len(true)) if j != i])) for i in kept]
+        null_interval = mean_interval(null)
+        scores.update({f"{prefix}residual_corr": float(np.mean(own)), f"{prefix}residual_corr_ci": mean_interval(own),
+                       f"{prefix}null_residual_corr": float(np.mean(null)),
+                       f"{prefix}null_residual_corr_ci": null_interval,
+                       f"{prefix}residual_corr_margin": float(np.mean(own)) - null_interval[1],
+                       f"{prefix}residual_corr_patients": len(kept)})
     return scores
 
 

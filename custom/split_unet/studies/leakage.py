@@ -15,7 +15,16 @@ patients of the same modality, the patients the server never saw from that site 
 training data), scored against each attacked patient the same way, with no activations at all
 (``leakage.metrics.prior_relative_similarity``), and next to the best auxiliary patient's own image, scored
 as a reconstruction (``leakage.metrics.other_patient_similarity``): patient-specific content counts only where
-the residual from the atlas resembles the patient's more than another patient's does.
+the residual from the atlas resembles the patient's more than another patient's does. The server holds each
+patient's labels too: every reconstruction is also scored against the label-aware prior (the atlas with the
+patient's labels painted on it, ``leakage.metrics.label_aware_prior``), on the whole volume and in the tumour region,
+and by the residual correlation over it with its null from the batch's other patients
+(``leakage.metrics.residual_correlation``).
+
+A recorded batch holds the job's batch size of patients (2 by default), too few for an interval over patients: the
+image attacks are run on ``patients`` per step (default 8), the recorded ones and, for the rest, what the site would
+have released for others of its patients at that step (its encoder snapshot of that step, the levels it sent and its
+release mechanism, ``release_mechanism``), never one of the auxiliary patients.
 """
 
 from __future__ import annotations
@@ -30,35 +39,50 @@ from split_unet.data import SiteImages, SiteLabels
 from split_unet.data.partition import SERVER_SITE
 from split_unet.errors import DataError
 from split_unet.filters import ActivationClipNoise
-from split_unet.networks import FusionDecoder, ModalityEncoder, NetworkConfig
+from split_unet.networks import FusionDecoder, ModalityEncoder, NetworkConfig, build_decoder
 from split_unet.files import load_json, write_json
 from split_unet.protocol.wire import TASK_TRAIN
 from split_unet.training import select_device
+from split_unet.training.objective import segmentation_loss
 
 from split_unet.leakage.attacks import (gradient_label_leakage, learned_inversion, random_mask_like,
-                                        surrogate_inversion, train_inversion_decoder, train_surrogate_autoencoder,
-                                        unsplit_inversion, whitebox_inversion)
+                                        surrogate_inversion, train_completion_encoders, train_inversion_decoder,
+                                        train_surrogate_autoencoder, unsplit_inversion, whitebox_inversion)
 from split_unet.leakage.figures import mask_grid, reconstruction_grid
-from split_unet.leakage.metrics import (mask_dice, other_patient_similarity, prior_relative_similarity,
+from split_unet.leakage.metrics import (label_aware_prior, mask_dice, orient_sign, other_patient_similarity,
+                                        prior_relative_similarity, residual_correlation, subregion_means, subregions,
                                         tumour_surroundings)
 from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, snapshot_path, step_folder
 
-__all__ = ["ATTACKS", "DEFAULT_ITERATIONS", "LEAKAGE_FILE", "MAX_AUX_IMAGES", "RECONSTRUCTIONS", "evaluate_leakage",
-           "steps_to_attack", "worst_case"]
+__all__ = ["ATTACKS", "DEFAULT_ITERATIONS", "DEFAULT_PATIENTS", "LEAKAGE_FILE", "MAX_AUX_IMAGES", "RECONSTRUCTIONS",
+           "THREAT_MODELS", "evaluate_leakage", "steps_to_attack", "worst_case"]
 
-ATTACKS = ("whitebox", "unsplit", "learned", "surrogate", "labels")
+ATTACKS = ("whitebox", "unsplit", "learned", "surrogate", "completion", "labels")
+# Who can run which attack. The honest-but-curious server holds what it receives and sends, its labels, its decoder
+# and public auxiliary data, never a site's encoder: the encoders stay at their sites for training and inference. A
+# leaked encoder (its weights, or query access to it) is the worst case if one ever left its site. The malicious
+# server's attack (feature-space hijacking) changes the training and is its own study (``studies.hijacking``).
+THREAT_MODELS = {"honest-but-curious server": ("unsplit", "surrogate", "completion", "labels"),
+                 "leaked encoder": ("whitebox", "learned")}
 # Attacks that cannot tell the contrast's sign (an encoder they fit or train may negate it): scored sign-invariantly.
 SIGN_BLIND = ("unsplit", "surrogate")
 # What the worst case of the image attacks is taken on: the excess over the prior, the patient-specific
 # content (residual from the atlas, raw and over another patient's image) and the tumour region's excess, each
 # maximised on its own.
 IMAGE_LEAKAGE = ("excess_ssim", "residual_ssim", "excess_residual_ssim", "excess_tumour_ssim")
+# The same against the label-aware prior, and the residual correlation over it: its margin over the null's interval
+# (at most 0: no more patient-specific signal than another patient's reconstruction), whole volume and tumour region.
+LABEL_PRIOR_LEAKAGE = ("label_excess_ssim", "label_excess_tumour_ssim", "residual_corr_margin",
+                       "tumour_residual_corr_margin")
+# Entries scored before the label-aware prior lack these: ``steps_to_attack`` attacks them again.
+SCORED = "residual_corr_margin"
+DEFAULT_PATIENTS = 8
 # Sized so that one attack on 4 sites x 2 steps x 2 patients of 64^3 (default network) takes about 5 minutes
 # on 2 shared CPU cores: measured ~0.9 s per encoder forward/backward of 2 patients (white-box), ~1.6 s per
 # UnSplit step, ~0.7 s per inversion-decoder step. Such budgets under-estimate leakage (UnSplit and the
 # learned decoder most): raise them for reported numbers. The surrogate attack spends its budget twice: on
 # training its surrogate pair (once per site) and on fitting the adaptor (per site and step).
-DEFAULT_ITERATIONS = {"whitebox": 40, "unsplit": 25, "learned": 50, "surrogate": 50}
+DEFAULT_ITERATIONS = {"whitebox": 40, "unsplit": 25, "learned": 50, "surrogate": 50, "completion": 50}
 MAX_AUX_IMAGES = 16
 LEAKAGE_FILE = "leakage.json"
 OTHER_PATIENTS_FILE = "other_patient_reference.json"
@@ -166,6 +190,8 @@ class _Context:
         self._labels: SiteLabels | None = None
         self._atlases: dict[str, torch.Tensor] = {}
         self._surrogates: dict[tuple[str, tuple[int, ...]], tuple[ModalityEncoder, FusionDecoder]] = {}
+        self._subregion_means: dict[str, dict[int, float]] = {}
+        self._completion: list[ModalityEncoder] | None = None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -202,6 +228,65 @@ class _Context:
         if site not in self._atlases:
             self._atlases[site] = self.true_images(site, self.auxiliary_patients(site)).mean(dim=0)
         return self._atlases[site]
+
+    def label_prior(self, site: str, patient_ids: Sequence[str]) -> torch.Tensor:
+        """(B, 1, *S): ``label_aware_prior`` of ``patient_ids``: the atlas with their labels (the server's) painted
+        at the auxiliary patients' mean intensity of each sub-region."""
+        if site not in self._subregion_means:
+            auxiliary = self.auxiliary_patients(site)
+            self._subregion_means[site] = subregion_means(self.true_images(site, auxiliary),
+                                                          subregions(self.labels().batch(auxiliary)))
+        return torch.from_numpy(label_aware_prior(self.atlas(site), subregions(self.labels().batch(patient_ids)),
+                                                  self._subregion_means[site]))
+
+    def sites(self) -> list[str]:
+        """The sites in the decoder's input order (the run's summary)."""
+        return list(self.config["sites"])
+
+    def completion_encoders(self) -> dict[str, ModalityEncoder]:
+        """Model completion: surrogate encoders trained through the server's own trained decoder (frozen) on the
+        patients no site's activations were recorded of (public auxiliary data), one per site, trained once."""
+        if self._completion is None:
+            sites = self.sites()
+            auxiliary = sorted(set.intersection(*(set(self.auxiliary_patients(site)) for site in sites)))
+            images = torch.cat([self.true_images(site, auxiliary) for site in sites], dim=1)
+            target = torch.from_numpy(self.labels().batch(auxiliary)).float()
+            self._completion = train_completion_encoders(
+                self.architecture, self.trained_decoder(), images, target, segmentation_loss(),
+                iterations=self.iterations, seed=self.seed, device=self.device)
+        return dict(zip(self.sites(), self._completion))
+
+    def trained_decoder(self) -> FusionDecoder:
+        """The server's decoder as training left it (its own file, ``summary.json``'s artefacts)."""
+        path = Path(load_json(self.workspace / "summary.json").get("artefacts", {}).get("decoder", ""))
+        if not path.is_file():
+            raise DataError("the server's trained decoder is not found", site=SERVER_SITE, field=str(path))
+        decoder = build_decoder(self.network, len(self.sites()), seed=self.seed)
+        weights = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        decoder.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
+        return decoder
+
+    def released(self, exchange: RecordedExchange, count: int) -> RecordedExchange:
+        """``exchange`` with up to ``count`` patients: the recorded ones first, then what the site would have released
+        at that step for its next patients that are neither recorded there nor auxiliary (its encoder snapshot of the
+        step, the levels it sent, its release mechanism and the wire's precision)."""
+        recorded = list(exchange.patient_ids[:count])
+        site = exchange.site
+        excluded = set(recorded) | set(self.auxiliary_patients(site))
+        extra = [pid for pid in self.images(site).patient_ids if pid not in excluded][:count - len(recorded)]
+        activations = {level: t[:len(recorded)].float() for level, t in exchange.activations.items()}
+        if extra:
+            encoder = _load_snapshot_encoder(self.workspace, site, exchange.step, self.device)
+            with torch.no_grad():
+                features = encoder.eval()(self.true_images(site, extra).to(self.device))
+            features = {level: features[level].cpu() for level in activations}
+            release = _released(site, release_mechanism(self.workspace, site), self.seed + exchange.step)
+            if release is not None:
+                features = release(features)
+            if self.config.get("wire_dtype") == "float16":
+                features = {level: t.half().float() for level, t in features.items()}
+            activations = {level: torch.cat([t, features[level]]) for level, t in activations.items()}
+        return RecordedExchange(exchange.step, site, recorded + extra, activations)
 
     def other_patient_scores(self, site: str, patient_ids: Sequence[str], region: torch.Tensor) -> dict[str, float]:
         """``other_patient_similarity`` of the auxiliary patients' images against ``patient_ids``, once per batch
@@ -282,28 +367,39 @@ def _surrogate(context: _Context, exchange: RecordedExchange) -> torch.Tensor:
                                exchange.activations, iterations=context.iterations)
 
 
+def _completion(context: _Context, exchange: RecordedExchange) -> torch.Tensor:
+    # The server's own decoder and labels, public images; neither the site's encoder nor its snapshot is loaded.
+    site = exchange.site
+    release = _released(site, release_mechanism(context.workspace, site), context.seed)
+    decoder = train_inversion_decoder(context.completion_encoders()[site],
+                                      context.true_images(site, context.auxiliary_patients(site)),
+                                      sorted(exchange.activations), iterations=context.iterations,
+                                      seed=context.seed, release=release)
+    return learned_inversion(decoder, exchange.activations)
+
+
 RECONSTRUCTIONS: dict[str, Reconstruct] = {"whitebox": _whitebox, "unsplit": _unsplit, "learned": _learned,
-                                           "surrogate": _surrogate}
+                                           "surrogate": _surrogate, "completion": _completion}
 
 
-def _first_patients(exchange: RecordedExchange, count: int) -> RecordedExchange:
-    """The exchange restricted to its first ``count`` patients."""
-    return RecordedExchange(
-        exchange.step, exchange.site, exchange.patient_ids[:count],
-        {level: t[:count] for level, t in exchange.activations.items()},
-        {level: t[:count] for level, t in exchange.gradients.items()},
-    )
-
-
-def _score_reconstruction(context: _Context, attack: str, exchange: RecordedExchange) -> tuple[dict, tuple]:
-    """(result entry, figure row) of one reconstruction attack on one exchange."""
+def _score_reconstruction(context: _Context, attack: str, exchange: RecordedExchange,
+                          recorded_patients: int) -> tuple[dict, tuple]:
+    """(result entry, figure row) of one reconstruction attack on one exchange (``context.released``), whose first
+    ``recorded_patients`` were recorded."""
     reconstruction = RECONSTRUCTIONS[attack](context, exchange).cpu()
     truth = context.true_images(exchange.site, exchange.patient_ids)
     region = tumour_surroundings(context.whole_tumour(exchange.patient_ids))
+    if attack in SIGN_BLIND:  # the sign chosen once, against the truth, for every score below
+        reconstruction = torch.from_numpy(orient_sign(reconstruction, truth))
+    label_prior = context.label_prior(exchange.site, exchange.patient_ids)
+    against_labels = prior_relative_similarity(reconstruction, truth, label_prior, region)
     entry = {"levels": sorted(exchange.activations), "patients": len(exchange.patient_ids),
+             "released_patients": len(exchange.patient_ids) - recorded_patients,
              "iterations": context.iterations, "prior_patients": len(context.auxiliary_patients(exchange.site)),
-             **prior_relative_similarity(reconstruction, truth, context.atlas(exchange.site), region,
-                                         sign_invariant=attack in SIGN_BLIND),
+             **prior_relative_similarity(reconstruction, truth, context.atlas(exchange.site), region),
+             **{f"label_{name}": against_labels[name] for name in
+                ("prior_ssim", "excess_ssim", "prior_tumour_ssim", "excess_tumour_ssim") if name in against_labels},
+             **residual_correlation(reconstruction, truth, label_prior, region),
              **context.other_patient_scores(exchange.site, exchange.patient_ids, region)}
     entry["excess_residual_ssim"] = entry["residual_ssim"] - entry["other_residual_ssim"]
     if attack == "learned":  # what its decoder trained on: features as the site releases them
@@ -349,7 +445,7 @@ def _merge(path: Path, attack: str, results: dict) -> dict:
 
 
 def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, steps: Sequence[int] | None = None,
-                     max_patients: int = 2, seed: int = 0, iterations: int | None = None,
+                     patients: int = DEFAULT_PATIENTS, seed: int = 0, iterations: int | None = None,
                      out_dir: str | Path | None = None) -> dict:
     """Run ``attack`` on every recorded site at ``steps`` and score it against the true data.
 
@@ -363,7 +459,9 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
             recorded activations) or
             ``"labels"`` (tumour mask from the gradients the site received).
         steps: recorded steps to attack (default: every recorded step; an attacker takes the best).
-        max_patients: patients per batch to attack (the first ones of each recorded batch).
+        patients: patients per step of the image attacks: the recorded batch's and, where it holds fewer, what the
+            site would have released at that step for as many more (``_Context.released``). The label attack reads
+            the recorded batch (the gradients of others were never sent).
         seed: seed of every attack.
         iterations: optimisation budget (default ``DEFAULT_ITERATIONS[attack]``; unused for labels).
         out_dir: where ``leakage.json`` and ``leakage_<attack>.png`` go (default: ``workspace``).
@@ -400,11 +498,12 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
     rows = []
     for step in steps:
         for path in sorted((context.record_dir / step_folder(step)).glob("*.pt")):
-            exchange = _first_patients(RecordedExchange.load(path), max_patients)
+            exchange = RecordedExchange.load(path)
             if attack == "labels":
                 entry, row = _score_labels(context, exchange)
             else:
-                entry, row = _score_reconstruction(context, attack, exchange)
+                entry, row = _score_reconstruction(context, attack, context.released(exchange, patients),
+                                                   min(patients, len(exchange.patient_ids)))
             results.setdefault(exchange.site, {})[str(step)] = entry
             rows.append(row)
 
@@ -420,36 +519,49 @@ def evaluate_leakage(workspace: str | Path, data_dir: str | Path, attack: str, s
 def steps_to_attack(workspace: str | Path, attack: str, per_site: dict) -> list[int]:
     """The recorded steps at which some recorded site has no complete entry of ``attack`` in ``per_site`` (its
     ``leakage.json`` entries): never attacked there, or scored before the prior, another patient's image, every
-    level and (learned) the site's release mechanism were (older files). An attacker takes the best step, so the
+    level, (learned) the site's release mechanism and the label-aware prior were (older files). An attacker takes the best step, so the
     worst case needs them all."""
-    wanted = {"labels": "per_level", "learned": "release_mechanism"}.get(attack, "excess_residual_ssim")
+    wanted = ("per_level",) if attack == "labels" else ("excess_residual_ssim", SCORED) + (
+        ("release_mechanism",) if attack == "learned" else ())
     record_dir = _record_dir(Path(workspace))
     return [step for step in _recorded_steps(record_dir)
-            if any(wanted not in per_site.get(path.stem, {}).get(str(step), {})
+            if any(not set(wanted) <= set(per_site.get(path.stem, {}).get(str(step), {}))
                    for path in (record_dir / step_folder(step)).glob("*.pt"))]
 
 
-def worst_case(attacks: dict) -> dict:
+def worst_case(attacks: dict, only: Sequence[str] | None = None) -> dict:
     """The worst recorded step and the strongest attack, per site, from ``leakage.json``'s ``attacks``.
 
+    Args:
+        attacks: ``leakage.json``'s ``attacks``.
+        only: the attacks to take the worst case over (default: all), e.g. a threat model's (``THREAT_MODELS``).
+
     Returns:
-        ``{"images": {site: {metric: {"value", "attack", "step"}}}`` for each of ``IMAGE_LEAKAGE``, maximised
-        over the reconstruction attacks and steps separately (with ``ssim`` and ``prior_ssim`` where
-        ``excess_ssim`` peaks), and ``{"labels": {site: {"dice_wt", "random_dice_wt", "step", "level"}}}`` at
+        ``{"images": {site: {metric: {"value", "attack", "step"}}}`` for each of ``IMAGE_LEAKAGE`` and
+        ``LABEL_PRIOR_LEAKAGE``, maximised over the reconstruction attacks and steps separately (with ``ssim`` and
+        ``prior_ssim`` where ``excess_ssim`` peaks, the correlation, its interval and the null's where a
+        ``residual_corr_margin`` peaks), and ``{"labels": {site: {"dice_wt", "random_dice_wt", "step", "level"}}}`` at
         the step whose best level matches WT most. Sites or attacks not in ``attacks`` are absent.
     """
     images: dict[str, dict] = {}
     for attack in RECONSTRUCTIONS:
+        if only is not None and attack not in only:
+            continue
         for site, steps in attacks.get(attack, {}).items():
             worst = images.setdefault(site, {})
             for step, entry in steps.items():
-                for metric in IMAGE_LEAKAGE:
+                for metric in IMAGE_LEAKAGE + LABEL_PRIOR_LEAKAGE:
                     if metric in entry and entry[metric] > worst.get(metric, {}).get("value", float("-inf")):
                         worst[metric] = {"value": entry[metric], "attack": attack, "step": int(step)}
                         if metric == "excess_ssim":
                             worst[metric].update(ssim=entry["ssim"], prior_ssim=entry["prior_ssim"])
+                        if metric.endswith("residual_corr_margin"):
+                            prefix = metric.removesuffix("residual_corr_margin")
+                            worst[metric].update({name: entry[f"{prefix}{name}"] for name in (
+                                "residual_corr", "residual_corr_ci", "null_residual_corr_ci",
+                                "residual_corr_patients")})
     labels = {}
-    for site, steps in attacks.get("labels", {}).items():
+    for site, steps in attacks.get("labels", {}).items() if only is None or "labels" in only else ():
         step, entry = max(steps.items(), key=lambda item: item[1]["dice_wt"])
         labels[site] = {"dice_wt": entry["dice_wt"], "random_dice_wt": entry["random_dice_wt"], "step": int(step),
                         "level": entry["level"]}

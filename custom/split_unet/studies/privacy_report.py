@@ -21,6 +21,11 @@ stored results of a run whose workspace is gone (``stored``: its ``leakage.json`
 ``stored_results``), which are reported as they are, neither trained nor attacked: one report can then show every
 configuration measured (``docs/privacy_frontier/report_sweep.json``). Finished runs and attacks are reused, so an
 interrupted sweep resumes where it stopped.
+
+The configuration marked ``"shipped": true`` (the shipped scope) is also reported by threat model
+(``threat_models``): what each adversary learns beyond what it already holds, against the label-aware prior, with the
+attacks it can run; the sweep's ``"hijacking"`` names the hijacking study's results (``studies.hijacking``) for the
+malicious server's detection.
 """
 
 from __future__ import annotations
@@ -49,6 +54,86 @@ TARGET_EXCESS_SSIM = 0.05
 TARGET_EXCESS_RESIDUAL_SSIM = 0.0
 TARGET_LABEL_FRACTION = 0.5
 TARGET_DICE_COST = 0.03
+# Threat-model targets, against what the adversary holds: SSIM at most 0.05 over the label-aware prior (the atlas
+# with the server's labels painted on it), on the whole volume and in the tumour region, and a residual correlation
+# over that prior within the 95 % interval of its null (another patient's reconstruction of the same batch), for
+# every modality; a hijacking server detected within 10 steps and no false alarm in 5 honest runs.
+TARGET_LABEL_EXCESS_SSIM = 0.05
+TARGET_DETECTION_STEPS = 10
+TARGET_HONEST_RUNS = 5
+MALICIOUS_SERVER = "malicious server"
+
+
+def _measured(attacks: dict, names: list[str], until_step: int | None = None) -> dict:
+    """``attacks`` restricted to ``names`` and, with ``until_step``, to the steps up to it."""
+    return {name: {site: {step: entry for step, entry in steps.items()
+                          if until_step is None or int(step) <= until_step}
+                   for site, steps in attacks[name].items()} for name in names if name in attacks}
+
+
+def _threat_row(name: str, attacks: dict, wanted: tuple[str, ...], until_step: int | None = None) -> dict:
+    """One threat model's worst case over its attacks (``wanted``), sites and steps, against the label-aware prior:
+    the excess SSIM (whole and tumour), the residual correlation's margin over its null's interval (whole and
+    tumour), each with the site, attack and step it comes from; ``complete`` when every attack ran at every step any
+    of them ran and was scored against the label-aware prior; ``met`` when it is complete and within every target."""
+    from split_unet.studies.leakage import LABEL_PRIOR_LEAKAGE, SCORED, worst_case
+
+    measured = _measured(attacks, list(wanted), until_step)
+    worst = worst_case(measured)
+    row: dict = {"name": name, "attacks": sorted(measured), "missing_attacks": [a for a in wanted if a not in measured]}
+    for metric in LABEL_PRIOR_LEAKAGE:
+        peaks = [(site, metrics[metric]) for site, metrics in worst["images"].items() if metric in metrics]
+        if peaks:
+            site, peak = max(peaks, key=lambda item: item[1]["value"])
+            row[metric] = {**peak, "site": site}
+    if worst["labels"]:
+        row["label_dice_wt"] = max(entry["dice_wt"] for entry in worst["labels"].values())
+    steps = {step for sites in measured.values() for per_step in sites.values() for step in per_step}
+    row["steps"] = sorted(int(step) for step in steps)
+    row["patients"] = min((entry.get("residual_corr_patients", entry["patients"])
+                           for attack, sites in measured.items() if attack != "labels"
+                           for per_step in sites.values() for entry in per_step.values()), default=0)
+    row["complete"] = not row["missing_attacks"] and all(
+        str(step) in per_step and (attack == "labels" or SCORED in per_step[str(step)])
+        for attack, sites in measured.items() for per_step in sites.values() for step in row["steps"])
+    row["met"] = row["complete"] and all(
+        metric in row and row[metric]["value"] <= (TARGET_LABEL_EXCESS_SSIM if "excess" in metric else 0.0)
+        for metric in LABEL_PRIOR_LEAKAGE)
+    return row
+
+
+def threat_models(attacks: dict, hijacking: dict | None = None) -> list[dict]:
+    """The report's rows by threat model, from a configuration's ``leakage.json`` ``attacks`` and the hijacking
+    study's results (``studies.hijacking``'s file, or None):
+
+    - the honest-but-curious server (``THREAT_MODELS``): what it receives and holds, never an encoder; promised;
+    - the malicious server: feature-space hijacking against the sites' detector. Until the alarm it has received
+      what an honest server would have (the alarm stops the site before it steps on a crafted gradient), so its
+      image measures are the honest server's attacks at the recorded steps up to the latest alarm step; ``met`` also
+      needs every hijacking run detected within ``TARGET_DETECTION_STEPS`` steps and no alarm in at least
+      ``TARGET_HONEST_RUNS`` honest runs; promised;
+    - a leaked encoder (white-box and query access): out of the server's reach by construction (encoders never leave
+      their sites), reported as the worst case if one ever did; not promised.
+    """
+    from split_unet.studies.leakage import THREAT_MODELS
+
+    honest, leaked = THREAT_MODELS["honest-but-curious server"], THREAT_MODELS["leaked encoder"]
+    rows = [{**_threat_row("honest-but-curious server", attacks, honest), "promised": True}]
+    runs = (hijacking or {}).get("runs", {})
+    alarms = [run.get("alarm_step") for key, run in runs.items() if key.startswith("hijacking")]
+    honest_alarms = [run.get("alarm_step") for key, run in runs.items() if key.startswith("honest")]
+    detected = bool(alarms) and all(step is not None and step <= TARGET_DETECTION_STEPS for step in alarms)
+    false_alarms = sum(step is not None for step in honest_alarms)
+    until = max(alarms) if detected else None
+    malicious = _threat_row(MALICIOUS_SERVER, attacks, honest, until_step=until) if detected else \
+        {"name": MALICIOUS_SERVER, "attacks": [], "complete": False, "met": False}
+    malicious["detection"] = {"alarm_steps": alarms, "honest_runs": len(honest_alarms), "false_alarms": false_alarms,
+                              "met": detected and false_alarms == 0 and len(honest_alarms) >= TARGET_HONEST_RUNS}
+    malicious["attacks"] = ["hijacking"] + malicious["attacks"]
+    malicious["met"] = malicious["met"] and malicious["detection"]["met"]
+    rows.append({**malicious, "promised": True})
+    rows.append({**_threat_row("leaked encoder", attacks, leaked), "promised": False})
+    return rows
 
 
 def slug(name: str) -> str:
@@ -70,12 +155,15 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path | None, out_dir: str
     attacks = sweep.get("attacks", ["whitebox", "labels"])
     record_steps = sweep.get("record_steps", [1, -1])
     out_dir = Path(out_dir)
-    rows = []
+    hijacking = load_json(Path(sweep_file).parent / sweep["hijacking"]) if "hijacking" in sweep else None
+    rows, threats = [], []
     for index, configuration in enumerate(configurations):
         name = configuration["name"]
         if "stored" in configuration:
             summary, leakage = stored_results(configuration["stored"], Path(sweep_file).parent, name)
             rows.append(_row(name, configuration, summary, leakage))
+            if configuration.get("shipped"):
+                threats = threat_models(leakage["attacks"], hijacking)
             continue
         if sites_dir is None:
             raise DataError(f"configuration {name!r} trains or attacks: the partitioned data folder is needed",
@@ -108,9 +196,11 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path | None, out_dir: str
                 log(f"[{index + 1}/{len(configurations)}] attack {attack} at steps {missing}: {name}")
                 evaluate_leakage(workspace, sites_dir, attack, steps=missing,
                                  iterations=sweep.get("attack_iterations", {}).get(attack))
-        rows.append({**_row(name, configuration, summary, json.loads(leakage_path.read_text())),
-                     "workspace": str(workspace)})
-    report = write_report(rows, out_dir, sweep_file)
+        leakage = json.loads(leakage_path.read_text())
+        rows.append({**_row(name, configuration, summary, leakage), "workspace": str(workspace)})
+        if configuration.get("shipped"):
+            threats = threat_models(leakage["attacks"], hijacking)
+    report = write_report(rows, out_dir, sweep_file, threats)
     for row in rows:  # the reconstruction grids next to the report
         for attack in attacks:
             grid = Path(row.get("workspace", "")) / f"leakage_{attack}.png"
@@ -340,7 +430,56 @@ def _plot(rows: list[dict], valid: list[dict], whole: list[int], front: list[int
     plt.close(figure)
 
 
-def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dict:
+def _threat_lines(threats: list[dict], rows: list[dict]) -> list[str]:
+    """The report's section by threat model: the shipped scope's worst case per adversary."""
+    shipped = next((r for r in rows if r.get("configuration", {}).get("shipped") and "error" not in r), None)
+    reference = _marked_reference(rows)
+    named = f" ('{shipped['name']}')" if shipped else ""
+    lines = ["## By threat model", "",
+             f"The shipped scope{named} against each adversary, beyond what "
+             "it already holds: the worst site, step and attack against the label-aware prior (the atlas with the "
+             "server's labels painted on it, each sub-region at the auxiliary patients' mean intensity), SSIM over it "
+             "on the whole volume and in the tumour region (target at most "
+             f"+{TARGET_LABEL_EXCESS_SSIM}), and the residual correlation corr(recon - prior, truth - prior) with its "
+             "95 % interval over patients next to its null's (another patient's reconstruction of the same batch; "
+             "target: within the null's interval). A row not marked complete lacks an attack or a step.", "",
+             "| threat model | promised | attacks | steps | patients per step | excess SSIM | excess SSIM tumour | "
+             "residual correlation (null) | tumour residual correlation (null) | complete | met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def peak(row: dict, metric: str) -> str:
+        if metric not in row:
+            return "-"
+        p = row[metric]
+        where = f" ({p['site']}, {p['attack']}, step {p['step']})"
+        if "excess" in metric:
+            return f"{p['value']:+.2f}{where}"
+        low, high = p["residual_corr_ci"]
+        null_low, null_high = p["null_residual_corr_ci"]
+        return (f"{p['residual_corr']:+.2f} [{low:+.2f}, {high:+.2f}] ({null_low:+.2f} to {null_high:+.2f}; "
+                f"margin {p['value']:+.2f}){where}")
+
+    for t in threats:
+        attacks = ", ".join(t["attacks"]) + (f" (missing: {', '.join(t['missing_attacks'])})"
+                                             if t.get("missing_attacks") else "")
+        detection = t.get("detection")
+        if detection:
+            attacks += (f"; alarm at step {'/'.join(map(str, detection['alarm_steps'])) or '-'}, "
+                        f"{detection['false_alarms']} false alarms in {detection['honest_runs']} honest runs")
+        lines.append(f"| {t['name']} | {'yes' if t['promised'] else 'no'} | {attacks} | "
+                     f"{'/'.join(map(str, t.get('steps', []))) or '-'} | {t.get('patients', 0)} | "
+                     f"{peak(t, 'label_excess_ssim')} | {peak(t, 'label_excess_tumour_ssim')} | "
+                     f"{peak(t, 'residual_corr_margin')} | {peak(t, 'tumour_residual_corr_margin')} | "
+                     f"{'yes' if t.get('complete') else 'no'} | {'yes' if t['met'] else 'no'} |")
+    if shipped and reference:
+        cost = reference["dice"] - shipped["dice"]
+        lines += ["", f"Mean Dice cost of the shipped scope: {cost:.3f} ({shipped['dice']:.3f} against "
+                      f"{reference['dice']:.3f} undefended; target at most {TARGET_DICE_COST}: "
+                      f"{'met' if cost <= TARGET_DICE_COST else f'missed by {cost - TARGET_DICE_COST:.3f}'})."]
+    return lines + [""]
+
+
+def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path, threats: list[dict] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     valid = [r for r in rows if "error" not in r and "images" in r]
     complete_rows = complete(valid)
@@ -380,8 +519,10 @@ def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path) -> dic
         lines.append(f"| {number} | {r['name']} | {r['dice']:.3f} | " + " | ".join(cells)
                      + f" | {eps} | {r.get('bytes_per_step') or 0:,} | {on_front} | {_coverage(r)} |")
     lines += ["", "## Recommendation", "", verdict, ""]
+    if threats:
+        lines += _threat_lines(threats, rows)
     (out_dir / "report.md").write_text("\n".join(lines))
     report = {"rows": rows, "frontier": [valid[i]["name"] for i in front],
-              "recommended": best["name"] if best else None, "verdict": verdict}
+              "recommended": best["name"] if best else None, "verdict": verdict, "threat_models": threats or []}
     write_json(out_dir / "report.json", report)
     return report
