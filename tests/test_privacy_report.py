@@ -215,10 +215,16 @@ def test_a_threat_model_meets_its_targets_only_when_every_attack_ran_at_every_st
 
 def test_the_shipped_configuration_is_reported_by_threat_model(tmp_path):
     sweep_file, sweep = _stored_sweep(tmp_path, defended_steps=(1,))
-    (tmp_path / "leakage_defended.json").write_text(json.dumps({"attacks": _threat_attacks(completion_corr=0.35)}))
+    (tmp_path / "leakage_threats.json").write_text(json.dumps({"attacks": _threat_attacks(completion_corr=0.35)}))
+    (tmp_path / "leakage_stronger.json").write_text(json.dumps({"attacks": _threat_attacks()}))
+    summaries = json.loads((tmp_path / "summaries.json").read_text())
+    summaries["stronger"] = {"dice": {"mean": 0.70}}
+    (tmp_path / "summaries.json").write_text(json.dumps(summaries))
     (tmp_path / "hijacking.json").write_text(json.dumps(HIJACKING))
-    sweep["hijacking"] = "hijacking.json"
-    sweep["configurations"][1]["shipped"] = True
+    stored = {"summary": "summaries.json", "entry": "defended", "leakage": "leakage_threats.json"}
+    sweep["threat_models"] = {"hijacking": "hijacking.json", "configurations": [
+        {"name": "stronger", "stored": {**stored, "entry": "stronger", "leakage": "leakage_stronger.json"}},
+        {"name": "defended", "shipped": True, "stored": stored}]}
     sweep_file.write_text(json.dumps(sweep))
     report = run_sweep(sweep_file, None, tmp_path / "report", log=lambda _: None)
     assert [t["name"] for t in report["threat_models"]] == ["honest-but-curious server", "malicious server",
@@ -233,3 +239,12 @@ def test_the_shipped_configuration_is_reported_by_threat_model(tmp_path):
     assert "+0.35 [+0.30, +0.40] (-0.05 to +0.10; margin +0.25) (t1gd, completion, step 192)" in markdown
     assert "Mean Dice cost of the shipped scope: 0.050 (0.750 against 0.800 undefended; target at most 0.03: " \
            "missed by 0.020)." in markdown
+    # The candidates against the honest-but-curious server, the shipped scope first.
+    assert [c["name"] for c in saved["threat_model_configurations"]] == ["defended", "stronger"]
+    assert "| stronger | 0.700 | +0.03 (t1gd, completion, step 192) |" in markdown
+    assert markdown.count("| yes | yes |") == 2  # the malicious server's row and the stronger one's: complete, met
+    # Exactly one shipped configuration.
+    sweep["threat_models"]["configurations"][0]["shipped"] = True
+    sweep_file.write_text(json.dumps(sweep))
+    with pytest.raises(DataError, match="shipped"):
+        run_sweep(sweep_file, None, tmp_path / "again", log=lambda _: None)

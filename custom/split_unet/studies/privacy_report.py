@@ -22,10 +22,14 @@ stored results of a run whose workspace is gone (``stored``: its ``leakage.json`
 configuration measured (``docs/privacy_frontier/report_sweep.json``). Finished runs and attacks are reused, so an
 interrupted sweep resumes where it stopped.
 
-The configuration marked ``"shipped": true`` (the shipped scope) is also reported by threat model
-(``threat_models``): what each adversary learns beyond what it already holds, against the label-aware prior, with the
-attacks it can run; the sweep's ``"hijacking"`` names the hijacking study's results (``studies.hijacking``) for the
-malicious server's detection.
+The sweep's ``threat_models`` reports stored runs by threat model (``threat_models``): what each adversary learns
+beyond what it already holds, against the label-aware prior, with the attacks it can run. Its ``configurations`` are
+stored results as above, one marked ``"shipped": true`` (the shipped scope: the report's ``threat_models``), the others
+candidate defences weighed against the honest-but-curious server; its ``hijacking`` names the hijacking study's
+results (``studies.hijacking``) for the malicious server's detection::
+
+    "threat_models": {"hijacking": "../hijacking/hijacking.json",
+                      "configurations": [{"name": "shipped", "shipped": true, "stored": {...}}, ...]}
 """
 
 from __future__ import annotations
@@ -136,6 +140,23 @@ def threat_models(attacks: dict, hijacking: dict | None = None) -> list[dict]:
     return rows
 
 
+def threat_model_configurations(section: dict, base: Path) -> list[dict]:
+    """The sweep's ``threat_models`` section: ``{"name", "shipped", "dice", "threat_models"}`` per stored
+    configuration, the shipped one first."""
+    if not section:
+        return []
+    hijacking = load_json(base / section["hijacking"]) if "hijacking" in section else None
+    found = []
+    for configuration in section.get("configurations", []):
+        summary, leakage = stored_results(configuration.get("stored"), base, configuration["name"])
+        found.append({"name": configuration["name"], "shipped": bool(configuration.get("shipped")),
+                      "dice": summary["dice"]["mean"], "threat_models": threat_models(leakage["attacks"], hijacking)})
+    if sum(c["shipped"] for c in found) != 1:
+        raise DataError("threat_models: exactly one configuration must be marked shipped",
+                        field="threat_models.configurations")
+    return sorted(found, key=lambda c: not c["shipped"])
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
@@ -155,15 +176,13 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path | None, out_dir: str
     attacks = sweep.get("attacks", ["whitebox", "labels"])
     record_steps = sweep.get("record_steps", [1, -1])
     out_dir = Path(out_dir)
-    hijacking = load_json(Path(sweep_file).parent / sweep["hijacking"]) if "hijacking" in sweep else None
-    rows, threats = [], []
+    by_threat = threat_model_configurations(sweep.get("threat_models", {}), Path(sweep_file).parent)
+    rows = []
     for index, configuration in enumerate(configurations):
         name = configuration["name"]
         if "stored" in configuration:
             summary, leakage = stored_results(configuration["stored"], Path(sweep_file).parent, name)
             rows.append(_row(name, configuration, summary, leakage))
-            if configuration.get("shipped"):
-                threats = threat_models(leakage["attacks"], hijacking)
             continue
         if sites_dir is None:
             raise DataError(f"configuration {name!r} trains or attacks: the partitioned data folder is needed",
@@ -196,11 +215,9 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path | None, out_dir: str
                 log(f"[{index + 1}/{len(configurations)}] attack {attack} at steps {missing}: {name}")
                 evaluate_leakage(workspace, sites_dir, attack, steps=missing,
                                  iterations=sweep.get("attack_iterations", {}).get(attack))
-        leakage = json.loads(leakage_path.read_text())
-        rows.append({**_row(name, configuration, summary, leakage), "workspace": str(workspace)})
-        if configuration.get("shipped"):
-            threats = threat_models(leakage["attacks"], hijacking)
-    report = write_report(rows, out_dir, sweep_file, threats)
+        rows.append({**_row(name, configuration, summary, json.loads(leakage_path.read_text())),
+                     "workspace": str(workspace)})
+    report = write_report(rows, out_dir, sweep_file, by_threat)
     for row in rows:  # the reconstruction grids next to the report
         for attack in attacks:
             grid = Path(row.get("workspace", "")) / f"leakage_{attack}.png"
@@ -430,56 +447,67 @@ def _plot(rows: list[dict], valid: list[dict], whole: list[int], front: list[int
     plt.close(figure)
 
 
-def _threat_lines(threats: list[dict], rows: list[dict]) -> list[str]:
-    """The report's section by threat model: the shipped scope's worst case per adversary."""
-    shipped = next((r for r in rows if r.get("configuration", {}).get("shipped") and "error" not in r), None)
-    reference = _marked_reference(rows)
-    named = f" ('{shipped['name']}')" if shipped else ""
+def _peak(row: dict, metric: str) -> str:
+    """A threat-model row's worst ``metric`` as a table cell, with its site, attack and step."""
+    if metric not in row:
+        return "-"
+    p = row[metric]
+    where = f" ({p['site']}, {p['attack']}, step {p['step']})"
+    if "excess" in metric:
+        return f"{p['value']:+.2f}{where}"
+    low, high = p["residual_corr_ci"]
+    null_low, null_high = p["null_residual_corr_ci"]
+    return (f"{p['residual_corr']:+.2f} [{low:+.2f}, {high:+.2f}] ({null_low:+.2f} to {null_high:+.2f}; "
+            f"margin {p['value']:+.2f}){where}")
+
+
+def _threat_lines(by_threat: list[dict], reference: dict | None) -> list[str]:
+    """The report's section by threat model: the shipped scope's worst case per adversary, then the candidate
+    defences against the honest-but-curious server."""
+    shipped = by_threat[0]
     lines = ["## By threat model", "",
-             f"The shipped scope{named} against each adversary, beyond what "
-             "it already holds: the worst site, step and attack against the label-aware prior (the atlas with the "
-             "server's labels painted on it, each sub-region at the auxiliary patients' mean intensity), SSIM over it "
-             "on the whole volume and in the tumour region (target at most "
-             f"+{TARGET_LABEL_EXCESS_SSIM}), and the residual correlation corr(recon - prior, truth - prior) with its "
-             "95 % interval over patients next to its null's (another patient's reconstruction of the same batch; "
-             "target: within the null's interval). A row not marked complete lacks an attack or a step.", "",
+             f"The shipped scope ('{shipped['name']}') against each adversary, beyond what it already holds: the worst "
+             "site, step and attack against the label-aware prior (the atlas with the server's labels painted on it, "
+             "each sub-region at the auxiliary patients' mean intensity), SSIM over it on the whole volume and in the "
+             f"tumour region (target at most +{TARGET_LABEL_EXCESS_SSIM}), and the residual correlation "
+             "corr(recon - prior, truth - prior) with its 95 % interval over patients next to its null's (another "
+             "patient's reconstruction of the same batch; target: within the null's interval, margin at most 0). A "
+             "row not marked complete lacks an attack or a step.", "",
              "| threat model | promised | attacks | steps | patients per step | excess SSIM | excess SSIM tumour | "
-             "residual correlation (null) | tumour residual correlation (null) | complete | met |",
+             "residual correlation [95 %] (null's interval) | tumour residual correlation [95 %] (null's interval) | "
+             "complete | met |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def peak(row: dict, metric: str) -> str:
-        if metric not in row:
-            return "-"
-        p = row[metric]
-        where = f" ({p['site']}, {p['attack']}, step {p['step']})"
-        if "excess" in metric:
-            return f"{p['value']:+.2f}{where}"
-        low, high = p["residual_corr_ci"]
-        null_low, null_high = p["null_residual_corr_ci"]
-        return (f"{p['residual_corr']:+.2f} [{low:+.2f}, {high:+.2f}] ({null_low:+.2f} to {null_high:+.2f}; "
-                f"margin {p['value']:+.2f}){where}")
-
-    for t in threats:
+    for t in shipped["threat_models"]:
         attacks = ", ".join(t["attacks"]) + (f" (missing: {', '.join(t['missing_attacks'])})"
                                              if t.get("missing_attacks") else "")
-        detection = t.get("detection")
-        if detection:
+        if detection := t.get("detection"):
             attacks += (f"; alarm at step {'/'.join(map(str, detection['alarm_steps'])) or '-'}, "
                         f"{detection['false_alarms']} false alarms in {detection['honest_runs']} honest runs")
         lines.append(f"| {t['name']} | {'yes' if t['promised'] else 'no'} | {attacks} | "
                      f"{'/'.join(map(str, t.get('steps', []))) or '-'} | {t.get('patients', 0)} | "
-                     f"{peak(t, 'label_excess_ssim')} | {peak(t, 'label_excess_tumour_ssim')} | "
-                     f"{peak(t, 'residual_corr_margin')} | {peak(t, 'tumour_residual_corr_margin')} | "
+                     f"{_peak(t, 'label_excess_ssim')} | {_peak(t, 'label_excess_tumour_ssim')} | "
+                     f"{_peak(t, 'residual_corr_margin')} | {_peak(t, 'tumour_residual_corr_margin')} | "
                      f"{'yes' if t.get('complete') else 'no'} | {'yes' if t['met'] else 'no'} |")
-    if shipped and reference:
+    if reference:
         cost = reference["dice"] - shipped["dice"]
         lines += ["", f"Mean Dice cost of the shipped scope: {cost:.3f} ({shipped['dice']:.3f} against "
                       f"{reference['dice']:.3f} undefended; target at most {TARGET_DICE_COST}: "
                       f"{'met' if cost <= TARGET_DICE_COST else f'missed by {cost - TARGET_DICE_COST:.3f}'})."]
+    if len(by_threat) > 1:
+        lines += ["", "Against the honest-but-curious server, every configuration measured so:", "",
+                  "| configuration | mean Dice | excess SSIM | excess SSIM tumour | residual correlation | "
+                  "tumour residual correlation | complete | met |", "|---|---|---|---|---|---|---|---|"]
+        for configuration in by_threat:
+            t = configuration["threat_models"][0]
+            lines.append(f"| {configuration['name']}{' (shipped)' if configuration['shipped'] else ''} | "
+                         f"{configuration['dice']:.3f} | {_peak(t, 'label_excess_ssim')} | "
+                         f"{_peak(t, 'label_excess_tumour_ssim')} | {_peak(t, 'residual_corr_margin')} | "
+                         f"{_peak(t, 'tumour_residual_corr_margin')} | {'yes' if t.get('complete') else 'no'} | "
+                         f"{'yes' if t['met'] else 'no'} |")
     return lines + [""]
 
 
-def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path, threats: list[dict] | None = None) -> dict:
+def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path, by_threat: list[dict] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     valid = [r for r in rows if "error" not in r and "images" in r]
     complete_rows = complete(valid)
@@ -519,10 +547,12 @@ def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path, threat
         lines.append(f"| {number} | {r['name']} | {r['dice']:.3f} | " + " | ".join(cells)
                      + f" | {eps} | {r.get('bytes_per_step') or 0:,} | {on_front} | {_coverage(r)} |")
     lines += ["", "## Recommendation", "", verdict, ""]
-    if threats:
-        lines += _threat_lines(threats, rows)
+    if by_threat:
+        lines += _threat_lines(by_threat, _marked_reference(rows))
     (out_dir / "report.md").write_text("\n".join(lines))
     report = {"rows": rows, "frontier": [valid[i]["name"] for i in front],
-              "recommended": best["name"] if best else None, "verdict": verdict, "threat_models": threats or []}
+              "recommended": best["name"] if best else None, "verdict": verdict,
+              "threat_models": by_threat[0]["threat_models"] if by_threat else [],
+              "threat_model_configurations": by_threat or []}
     write_json(out_dir / "report.json", report)
     return report
