@@ -23,7 +23,8 @@ split run resumes from its last checkpoint.
     python benchmarks/native.py --out runs/native --phase eval      # may run beside training
     python benchmarks/native.py --out runs/native --phase report --docs docs/performance
 
-Writes ``native.json``, ``native.md`` and ``native_curves.png`` to ``--out`` (and ``--docs``).
+Writes ``native.json``, ``native_curves.md`` and ``native_curves.png`` to ``--out`` (and ``--docs``); the reading of
+the figures is docs/performance/native.md.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 
 from split_unet.data import (find_cases, generate_release, label_from_regions, label_to_source, load_case,
                              partition_dataset, regions, split_patients)
-from split_unet.data.readers import read_label
+from split_unet.data.readers import load_label, read_label
 from split_unet.defence import DEFENDED_SCOPE, UNDEFENDED, UNDEFENDED_SCOPE, job_defence
 from split_unet.files import load_json, write_json
 from split_unet.jobs import NATIVE_TRAIN, train_config, training_settings
@@ -326,7 +327,8 @@ def corner_leakage(release: Path, out: Path, args: argparse.Namespace) -> dict:
     labelled = next(run for run in RUNS if run.key == "native1_label")
     config = run_config(labelled, args)
     cases = {case.patient_id: case for case in find_cases(release)}
-    tumour = {pid: load_case(cases[pid], config.size, config.spacing)["label"][0].astype(bool) for pid in train_ids}
+    tumour = {pid: load_label(cases[pid].label, config.size, cases[pid].convention, config.spacing, patient=pid,
+                              dtype=np.uint8)[0].astype(bool) for pid in train_ids}  # the whole tumour on the grid
     result = {"steps": run_steps(labelled, args), "patch": labelled.patch,
               "positive_fraction": config.patch_positive_fraction}
     for sampling in SAMPLINGS:
@@ -339,8 +341,9 @@ def corner_leakage(release: Path, out: Path, args: argparse.Namespace) -> dict:
                 for pid, corner in zip(step.patient_ids, patches.starts):
                     received[pid].append(corner)
         per_patient = {pid: corner_label_leakage(received[pid], config.patch_shape, tumour[pid]) for pid in train_ids}
-        result[sampling] = {"mean_dice_wt": round(float(np.mean([r["dice"] for r in per_patient.values()])), 3),
-                            "corners_per_patient": round(float(np.mean([r["corners"] for r in per_patient.values()])), 1),
+        scores = list(per_patient.values())
+        result[sampling] = {"mean_dice_wt": round(float(np.mean([r["dice"] for r in scores])), 3),
+                            "corners_per_patient": round(float(np.mean([r["corners"] for r in scores])), 1),
                             "patients": per_patient}
         print(f"corner leakage, {sampling} sampling: mean Dice WT {result[sampling]['mean_dice_wt']:.3f}", flush=True)
     write_json(path, result)
@@ -430,7 +433,7 @@ def markdown(document: dict) -> str:
              f"{document['validation_patients']} of them validation; batch 2; scores in source space, sliding-window "
              f"overlap {document['eval_overlap']}.", "",
              "| run | mode | mm | patch | sampling | steps | train min | Dice WT | TC | ET | mean | lesion Dice WT | "
-             "TC | ET | mean | false WT lesions | min component | s/case |", "|" + "---|" * 19]
+             "TC | ET | mean | false WT lesions | min component | s/case |", "|" + "---|" * 18]
     for r in document["runs"]:
         d, ld = r["source_dice"], r["lesion_dice"]
         minutes = f"{r['train_seconds'] / 60:.1f}" if r["train_seconds"] else "-"
@@ -449,7 +452,7 @@ def markdown(document: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--docs", type=Path, help="also write native.json / native.md / native_curves.png here")
+    parser.add_argument("--docs", type=Path, help="also write native.json / native_curves.md / native_curves.png here")
     parser.add_argument("--phase", choices=("train", "eval", "leakage", "report", "all"), default="all")
     parser.add_argument("--only", help="comma-separated run keys (default: all)")
     parser.add_argument("--steps", type=int, default=240, help="training steps of each patch run")
@@ -483,7 +486,7 @@ def main() -> None:
                                                for s in SAMPLINGS})
         for folder in filter(None, (args.out, args.docs)):
             write_json(folder / "native.json", document)
-            (folder / "native.md").write_text(markdown(document))
+            (folder / "native_curves.md").write_text(markdown(document))
             plot(document, folder / "native_curves.png")
         print(markdown(document))
 

@@ -27,8 +27,10 @@ from helpers import TINY_NETWORK, assert_federated_step_equals, make_dataset
 pytestmark = pytest.mark.simulator
 
 GRID = [32, 28, 24]  # a cube phantom cropped to three different sides
-TRAIN = {"size": GRID, "patch_size": 16, "augment": True, "sw_batch_size": 3, "sw_overlap": 0.5,
-         "network": TINY_NETWORK, "epochs": 1, "batch_size": 2, "val_fraction": 0.34, "lr": 0.01, "seed": 5}
+# Uniform corners named: a job's default follows its scope (label sampling under "undefended").
+TRAIN = {"size": GRID, "patch_size": 16, "patch_sampling": "uniform", "augment": True, "sw_batch_size": 3,
+         "sw_overlap": 0.5, "network": TINY_NETWORK, "epochs": 1, "batch_size": 2, "val_fraction": 0.34, "lr": 0.01,
+         "seed": 5}
 
 
 @pytest.fixture(scope="module")
