@@ -201,6 +201,18 @@ def test_the_server_refuses_init_replies_with_bad_patient_ids(patient_ids, shown
         controller.rounds.initialize({}, Signal(), FLContext())
 
 
+@pytest.mark.parametrize("geometry, shown", [
+    (None, "must map every patient the site holds"), ({}, "must map every patient the site holds"),
+    ({"P1": {"shape": [240, 240], "affine": np.eye(4).tolist()}}, "patient 'P1', field 'info.geometry.shape'"),
+    ({"P1": {"shape": [240, 240, 155], "affine": np.zeros((4, 4)).tolist()}}, "field 'info.geometry.affine'")])
+def test_the_server_refuses_init_replies_without_each_patients_grid(geometry, shown):
+    controller = SplitUNetController(sites=["flair"], train=TRAIN.to_dict())
+    info = {"patient_ids": ["P1"], "modality": "flair", "geometry": geometry}
+    controller.rounds.broadcast = lambda *args: {"flair": _init_reply(info)}
+    with pytest.raises(ProtocolError, match=f"site 'flair', .*{re.escape(shown)}"):
+        controller.rounds.initialize({}, Signal(), FLContext())
+
+
 def test_the_init_task_waits_its_own_timeout_and_rounds_theirs():
     """Sites check all their data in the init task: it may take minutes where a round takes seconds, so a short
     ``task_timeout`` (a hung site is found quickly) must not fail a slow but healthy init."""

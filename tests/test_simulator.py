@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -144,6 +145,25 @@ def test_corrupt_file_at_a_site_stops_the_job_naming_site_patient_file(project_r
                              site_configs=project_root / "site_configs", progress=None)
     error = summary["error"]
     assert "t1gd" in error and "BRATS_003" in error and "BRATS_003.nii.gz" in error
+
+
+@pytest.mark.simulator
+def test_a_volume_of_another_shape_at_one_site_stops_the_job_naming_it_and_the_reference(project_root, tiny_data,
+                                                                                          tmp_path):
+    """Each site sees only its own modality: the server compares every patient's grid across the parties at start."""
+    _, sites = tiny_data
+    odd = tmp_path / "sites"
+    shutil.copytree(sites, odd)
+    victim = odd / "t2w" / "images" / "BRATS_003.nii.gz"
+    image = nib.load(victim)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[..., :-2], image.affine, image.header), victim)
+    summary = run_simulation(odd, tmp_path / "ws", training_settings({"size": TINY_SIZE, "network": TINY_NETWORK,
+                                                                     "epochs": 1}, scope=UNDEFENDED_SCOPE),
+                             site_configs=project_root / "site_configs", progress=None)
+    error = summary["error"]
+    assert "site 't2w', patient 'BRATS_003'" in error and "images/BRATS_003.nii.gz" in error, error
+    assert f"shape ({TINY_SIZE}, {TINY_SIZE}, {TINY_SIZE - 2}) differs from ({TINY_SIZE}, {TINY_SIZE}, {TINY_SIZE}) "\
+           "of site 'flair'" in error, error
 
 
 @pytest.mark.simulator

@@ -208,7 +208,12 @@ class ModalitySiteExecutor(Executor):
         if request.get("resume_step") is not None:
             self._resume(request["resume_step"], root, site, fl_ctx)
         self.last_step, self.pending_step, self.agreed = -1, None, None
-        info = {"patient_ids": self.images.patient_ids, "modality": self.images.modality}
+        # Each patient's source grid (header data, checked above), which the server compares across the parties:
+        # a volume of another shape or position at one site would otherwise train unnoticed.
+        geometry = {pid: {"affine": affine.tolist(), "shape": list(shape),
+                          "file": self.images.path(pid).relative_to(self.images.site_dir).as_posix()}
+                    for pid in self.images.patient_ids for affine, shape in [self.images.geometry(pid)]}
+        info = {"patient_ids": self.images.patient_ids, "modality": self.images.modality, "geometry": geometry}
         return DXO(data_kind=KIND_SITE_INFO, data=info).to_shareable()
 
     def _exchange(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, site: str) -> Shareable:

@@ -20,9 +20,8 @@ import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 
-from split_unet.data import (CONVENTIONS, DATALIST, MODALITIES, is_scanner_affine, label_from_regions, label_to_source,
+from split_unet.data import (CONVENTIONS, DATALIST, MODALITIES, label_from_regions, label_to_source,
                              read_label, regions, write_nifti)
-from split_unet.data.readers import grid_mismatch, odd_grids
 from split_unet.errors import ProtocolError
 from split_unet.files import write_json
 from split_unet.ids import check_patient_ids
@@ -32,11 +31,10 @@ from .checkpoint import load_checkpoint
 from .names import SEGMENTATIONS
 from .paths import inside
 from .wire import TASK_INFER
-from .rounds import INIT_TIMEOUT
+from .rounds import INIT_TIMEOUT, check_one_grid, reported_grid
 from .workflow import SplitWorkflow
 
 RESULT_FILE = "inference.json"
-MAX_SOURCE_DIM = 2048  # voxels along one axis of a source volume whose geometry a site reports
 
 
 class SplitInferenceController(SplitWorkflow):
@@ -110,37 +108,15 @@ class SplitInferenceController(SplitWorkflow):
         self.log_info(fl_ctx, f"segmentations written to {out}")
 
     def _geometry(self, patient_id: str) -> tuple[np.ndarray, tuple[int, ...]]:
-        """The source affine and shape the sites reported; they must agree (one voxel grid per patient, as
-        ``split-unet check`` compares them): a site whose grid differs from the one most sites share is named."""
+        """The source affine and shape the sites reported with the features; they must agree (``check_one_grid``)."""
         reported = {}
         for site in self.sites:
             entry = self.rounds.geometry[site].pop(patient_id, None)
             if not isinstance(entry, dict):
                 raise ProtocolError("no geometry reported", site=site, patient=patient_id, field="info.geometry")
-            reported[site] = self._checked_geometry(entry, site, patient_id)
-        reference, odd = odd_grids(reported)
-        if odd:
-            raise ProtocolError(grid_mismatch(reported[odd[0]], reported[reference], f"site '{reference}'"),
-                                site=odd[0], patient=patient_id, field="info.geometry")
-        shape, affine = reported[reference]
+            reported[site] = reported_grid(entry, site, patient_id)
+        shape, affine = check_one_grid(reported, patient_id)
         return affine, shape
-
-    def _checked_geometry(self, entry: dict, site: str, patient_id: str) -> tuple[tuple[int, ...], np.ndarray]:
-        """A reported source grid, ``(shape, affine)``: a finite, invertible 4x4 affine and three dimensions, each 1 to
-        ``MAX_SOURCE_DIM`` (the segmentation of that shape is allocated here)."""
-        shape = entry.get("shape")
-        if not isinstance(shape, list) or len(shape) != 3 or not all(
-                isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_SOURCE_DIM for n in shape):
-            raise ProtocolError(f"shape must be three integers in [1, {MAX_SOURCE_DIM}], got {str(shape)[:60]}",
-                                site=site, patient=patient_id, field="info.geometry.shape")
-        try:
-            affine = np.asarray(entry.get("affine"), dtype=np.float64)
-        except (TypeError, ValueError):
-            affine = np.zeros(0)
-        if not is_scanner_affine(affine):
-            raise ProtocolError("affine must be a finite, invertible 4x4 matrix", site=site, patient=patient_id,
-                                field="info.geometry.affine")
-        return tuple(shape), affine
 
     def load_decoder(self, decoder: torch.nn.Module, fl_ctx: FLContext) -> None:
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())

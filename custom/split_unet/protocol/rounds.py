@@ -13,6 +13,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from nvflare.apis.dxo import DXO
 from nvflare.apis.fl_context import FLContext
@@ -21,7 +22,8 @@ from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 
 from split_unet.accounting import gaussian_epsilon
-from split_unet.data import MODALITIES
+from split_unet.data import MODALITIES, is_scanner_affine
+from split_unet.data.readers import Grid, grid_mismatch, odd_grids
 from split_unet.errors import ProtocolError
 from split_unet.ids import check_patient_ids
 from split_unet.training import TrainConfig, present_inputs
@@ -44,6 +46,7 @@ MAX_RELEASES = 10**9
 
 # The first task: a site opens and checks every volume it holds (minutes for a large native data set).
 INIT_TIMEOUT = 1800
+MAX_SOURCE_DIM = 2048  # voxels along one axis of a source volume whose geometry a site reports
 
 
 def _is_number(value: object) -> bool:
@@ -89,6 +92,35 @@ def check_privacy_report(info: Mapping, site: str, releases_seen: int) -> dict:
                             f"(noise multiplier {noise}, {releases} releases, delta {delta})", site=site,
                             field="info.dp_epsilon")
     return {"epsilon": computed, "delta": delta, "noise_multiplier": noise, "releases_per_patient": releases}
+
+
+def reported_grid(entry: object, site: str, patient_id: str) -> Grid:
+    """A source grid a site reports for a patient, ``(shape, affine)``: three dimensions, each 1 to
+    ``MAX_SOURCE_DIM`` (a segmentation of that shape is allocated from it), and a finite, invertible 4x4 affine."""
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not isinstance(shape, list) or len(shape) != 3 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_SOURCE_DIM for n in shape):
+        raise ProtocolError(f"shape must be three integers in [1, {MAX_SOURCE_DIM}], got {str(shape)[:60]}",
+                            site=site, patient=patient_id, field="info.geometry.shape")
+    try:
+        affine = np.asarray(entry.get("affine"), dtype=np.float64)
+    except (TypeError, ValueError):
+        affine = np.zeros(0)
+    if not is_scanner_affine(affine):
+        raise ProtocolError("affine must be a finite, invertible 4x4 matrix", site=site, patient=patient_id,
+                            field="info.geometry.affine")
+    return tuple(shape), affine
+
+
+def check_one_grid(grids: Mapping[str, Grid], patient_id: str, files: Mapping[str, str] | None = None) -> Grid:
+    """One patient's grid, which every party's volume must share (as ``split-unet check`` compares them); a party
+    (key of ``grids``) whose grid differs from the one most share is named, with its file where ``files`` says."""
+    reference, odd = odd_grids(grids)
+    if odd:
+        where = f" ({files[odd[0]]})" if files and odd[0] in files else ""
+        raise ProtocolError(grid_mismatch(grids[odd[0]], grids[reference], f"site '{reference}'") + where, site=odd[0],
+                            patient=patient_id, field="info.geometry")
+    return grids[reference]
 
 
 def protected_levels(info: Mapping, received: Sequence[int], site: str) -> int:
@@ -170,6 +202,8 @@ class SiteRounds:
         self.reply_info: dict[str, dict] = {}  # each site's checked report of its last answer
         self.privacy: dict[str, dict] = {}  # each site's recomputed differential-privacy budget
         self.geometry: defaultdict[str, dict] = defaultdict(dict)  # per site: patient -> reported source geometry
+        self.grids: dict[str, dict[str, Grid]] = {}  # per site: patient -> source grid, as reported at init
+        self.files: dict[str, dict[str, str]] = {}  # per site: patient -> the file it reads (for messages)
         # Bytes as on the wire, per site: "to_server" (activations of training steps), "to_site" (all payloads).
         self.bytes = {site: {"to_server": 0, "to_site": 0} for site in self.sites}
         self._released: defaultdict[str, Counter] = defaultdict(Counter)  # per site: patient -> protected releases
@@ -179,7 +213,8 @@ class SiteRounds:
         self._agreed: list[str] | None = None  # announced to the sites with the next round, then None
 
     def initialize(self, request: dict, abort_signal: Signal, fl_ctx: FLContext) -> dict[str, list[str]]:
-        """Send every site the run's ``request`` (plus its ``site_index``); return the patient ids each holds."""
+        """Send every site the run's ``request`` (plus its ``site_index``); return the patient ids each holds (their
+        source grids stay in ``grids``)."""
         payloads = {site: DXO(KIND_INIT, data={**request, "site_index": index}).to_shareable()
                     for index, site in enumerate(self.sites)}
         site_ids = {}
@@ -187,6 +222,12 @@ class SiteRounds:
             info = dxo_of(reply, KIND_SITE_INFO, site=site).data
             site_ids[site] = check_patient_ids(info.get("patient_ids"), site=site, field="patient_ids",
                                                error=ProtocolError)
+            geometry = info.get("geometry")
+            if not isinstance(geometry, dict) or set(geometry) != set(site_ids[site]):
+                raise ProtocolError("must map every patient the site holds to its source geometry", site=site,
+                                    field="info.geometry")
+            self.grids[site] = {pid: reported_grid(entry, site, pid) for pid, entry in geometry.items()}
+            self.files[site] = {pid: str(entry.get("file", ""))[:200] for pid, entry in geometry.items()}
             if info.get("modality") not in MODALITIES:
                 raise ProtocolError(f"unknown modality {_shown(info.get('modality'))}", site=site, field="modality")
             refuse_blocked_levels(site, _levels(info, "blocked_levels", site) or [], self.config.network.sent_levels)

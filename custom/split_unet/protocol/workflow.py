@@ -26,7 +26,7 @@ from split_unet.training.sliding_window import sliding_window_logits
 
 from .nvflare_workarounds import apply_task_check_period, short_received_buffer_repr
 from .paths import inside
-from .rounds import SiteRounds
+from .rounds import SiteRounds, check_one_grid
 from .settings import load_site_settings
 from .telemetry import Telemetry
 
@@ -138,6 +138,13 @@ class SplitWorkflow(Controller):
         if not common:
             raise ProtocolError("no patient is held by every site" + (" and the server" if labels_required else ""),
                                 site="server", field="patient_ids")
+        for pid in sorted(common):  # one voxel grid per patient at every party, the server's label included
+            grids = {site: self.rounds.grids[site][pid] for site in self.sites}
+            files = {site: self.rounds.files[site][pid] for site in self.sites}
+            if self.labels is not None and pid in self.labels.patient_ids:
+                affine, shape = self.labels.geometry(pid)
+                grids["server"], files["server"] = (shape, affine), str(self.labels.path(pid))
+            check_one_grid(grids, pid, files)
         self.rounds.announce(sorted(common))
         return sorted(common)
 
