@@ -384,6 +384,16 @@ def report(out: Path, runs: list[Run], args: argparse.Namespace) -> dict:
             if result_path.is_file():
                 step = int(snapshot.name.split("_")[1])
                 curve.append({"step": step, "train_seconds": seconds[step], **load_json(result_path)})
+        summary_path = folder / "train" / "summary.json"
+        finished = summary_path.is_file() and "dice" in (summary := load_json(summary_path))
+        if finished and run.spacing == 1.0 and (not curve or curve[-1]["step"] < summary["steps"]):
+            # Not scored here (yet): the job's own validation of its last step. At 1 mm on the native geometry the
+            # grid is the source's voxels (axes flipped), so its Dice is the source-space Dice (without overlap
+            # or post-processing: the job validates with sw_overlap 0).
+            curve.append({"step": summary["steps"], "train_seconds": seconds.get(summary["steps"]),
+                          "source_dice": summary["dice"], "lesion_dice": summary["lesion_dice"],
+                          "false_lesions": summary["lesions"]["WT"]["fp"], "inference_seconds_per_case": None,
+                          "scored_by": "the job's validation, sw_overlap 0"})
         if not curve:
             continue
         last = curve[-1]
@@ -396,6 +406,7 @@ def report(out: Path, runs: list[Run], args: argparse.Namespace) -> dict:
                      "inference_seconds_per_case": best["inference_seconds_per_case"],
                      "min_component_voxels": last.get("postprocessed", {}).get("min_component_voxels"),
                      "without_postprocessing": {k: last[k] for k in ("source_dice", "lesion_dice", "false_lesions")},
+                     "scored_by": last.get("scored_by", f"in process, sw_overlap {args.eval_overlap}"),
                      "curve": [{k: point[k] for k in ("step", "train_seconds", "source_dice", "lesion_dice",
                                                       "false_lesions")} for point in curve]})
     return {"date": time.strftime("%Y-%m-%d"), "note": args.note, "patients": PATIENTS,
