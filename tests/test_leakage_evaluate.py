@@ -149,8 +149,10 @@ def test_model_completion_uses_the_servers_decoder_and_needs_no_encoder_of_the_s
     workspace, data = recorded
     copy = tmp_path / "workspace"
     shutil.copytree(workspace, copy, ignore=shutil.ignore_patterns(SNAPSHOT_FOLDER))
-    results = evaluate_leakage(copy, data, "completion", steps=[1], patients=2, iterations=2, out_dir=tmp_path)
+    results = evaluate_leakage(copy, data, "completion", steps=[1], patients=2, iterations=2, out_dir=tmp_path,
+                               reference=False)
     assert set(results) == set(SITES) and "residual_corr" in results["flair"]["1"]
+    assert "other_residual_ssim" not in results["flair"]["1"]  # another patient's image left out, as asked
     summary = json.loads((copy / "summary.json").read_text())
     Path(summary["artefacts"]["decoder"].replace(str(workspace), str(copy))).unlink()
     summary["artefacts"]["decoder"] = summary["artefacts"]["decoder"].replace(str(workspace), str(copy))

@@ -95,8 +95,11 @@ def test_a_step_is_attacked_again_until_every_recorded_site_has_a_complete_entry
     old = {**both, "t1w": {**both["t1w"], "1": {"ssim": 0.9, "psnr": 30.0, "nmi": 1.5}}}
     assert steps_to_attack(tmp_path, "whitebox", old) == [1]
     before_other = {key: value for key, value in _image(0.9, 0.3, 0.5, 0.1).items() if "other" not in key
-                    and key != "excess_residual_ssim"}
+                    and key != "excess_residual_ssim" and "corr" not in key}
     assert steps_to_attack(tmp_path, "whitebox", {**both, "flair": {**both["flair"], "96": before_other}}) == [96]
+    # Another patient's image is optional (``evaluate_leakage(reference=False)``).
+    without_other = {key: value for key, value in _image(0.9, 0.3, 0.5, 0.1).items() if "other" not in key}
+    assert steps_to_attack(tmp_path, "whitebox", {**both, "flair": {**both["flair"], "96": without_other}}) == []
     labels = {site: ATTACKS["labels"]["flair"] for site in both}
     assert steps_to_attack(tmp_path, "labels", labels) == [96]
     labels["t1w"] = {**labels["t1w"], "96": {"level": 0, "dice_wt": 0.8, "random_dice_wt": 0.02}}
