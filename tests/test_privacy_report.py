@@ -234,7 +234,7 @@ def test_the_shipped_configuration_is_reported_by_threat_model(tmp_path):
     assert saved["threat_models"] == json.loads(json.dumps(report["threat_models"]))
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "## By threat model" in markdown
-    assert "| honest-but-curious server | yes | completion, labels, surrogate, unsplit | 1/96/192 | 8 | +0.03 " \
+    assert "| honest-but-curious server | yes | completion, labels, surrogate, unsplit | 1/96/192 | 8 | 0.08 | +0.03 " \
            "(t1gd, completion, step 192)" in markdown
     assert "+0.35 [+0.30, +0.40] (-0.05 to +0.10; margin +0.25) (t1gd, completion, step 192)" in markdown
     assert "Mean Dice cost of the shipped scope: 0.050 (0.750 against 0.800 undefended; target at most 0.03: " \

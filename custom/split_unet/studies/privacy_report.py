@@ -473,18 +473,19 @@ def _threat_lines(by_threat: list[dict], reference: dict | None) -> list[str]:
              "corr(recon - prior, truth - prior) with its 95 % interval over patients next to its null's (another "
              "patient's reconstruction of the same batch; target: within the null's interval, margin at most 0). A "
              "row not marked complete lacks an attack or a step.", "",
-             "| threat model | promised | attacks | steps | patients per step | excess SSIM | excess SSIM tumour | "
-             "residual correlation [95 %] (null's interval) | tumour residual correlation [95 %] (null's interval) | "
-             "complete | met |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| threat model | promised | attacks | steps | patients per step | label Dice WT | excess SSIM | "
+             "excess SSIM tumour | residual correlation [95 %] (null's interval) | tumour residual correlation [95 %] "
+             "(null's interval) | complete | met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in shipped["threat_models"]:
         attacks = ", ".join(t["attacks"]) + (f" (missing: {', '.join(t['missing_attacks'])})"
                                              if t.get("missing_attacks") else "")
         if detection := t.get("detection"):
             attacks += (f"; alarm at step {'/'.join(map(str, detection['alarm_steps'])) or '-'}, "
                         f"{detection['false_alarms']} false alarms in {detection['honest_runs']} honest runs")
+        labels = f"{t['label_dice_wt']:.2f}" if "label_dice_wt" in t else "-"
         lines.append(f"| {t['name']} | {'yes' if t['promised'] else 'no'} | {attacks} | "
-                     f"{'/'.join(map(str, t.get('steps', []))) or '-'} | {t.get('patients', 0)} | "
+                     f"{'/'.join(map(str, t.get('steps', []))) or '-'} | {t.get('patients', 0)} | {labels} | "
                      f"{_peak(t, 'label_excess_ssim')} | {_peak(t, 'label_excess_tumour_ssim')} | "
                      f"{_peak(t, 'residual_corr_margin')} | {_peak(t, 'tumour_residual_corr_margin')} | "
                      f"{'yes' if t.get('complete') else 'no'} | {'yes' if t['met'] else 'no'} |")
