@@ -33,7 +33,9 @@ def _valid(kind: str, step: int, patient_ids: list[str], shapes: dict[int, tuple
            tensor_step: int | None, rng: random.Random) -> Shareable:
     tensors = {level: torch.randn(shape, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
                for level, shape in shapes.items()}
-    message = TensorMessage(kind, step, patient_ids, tensors, tensor_step=tensor_step)
+    # A training request carries its training step, as the server's do: a message is hostile by its mutations only.
+    info = {"train_step": step} if kind == KIND_GRADIENTS else {}
+    message = TensorMessage(kind, step, patient_ids, tensors, tensor_step=tensor_step, info=info)
     return message.to_shareable(codec, keep_fraction=0.3)[0]
 
 
@@ -212,8 +214,8 @@ def test_site_refuses_every_hostile_gradient_and_keeps_its_encoder(site):  # noq
     """The executor answers each case with an error reply naming the site and the field, never raises, and
     neither its encoder nor its step bookkeeping changes; afterwards a valid gradient still works."""
     executor, fl_ctx = site
-    reply = executor.execute(TASK_TRAIN, TensorMessage(KIND_GRADIENTS, 1, ["BRATS_001"]).to_shareable("float32")[0],
-                             fl_ctx, Signal())
+    first = TensorMessage(KIND_GRADIENTS, 1, ["BRATS_001"], info={"train_step": 1})
+    reply = executor.execute(TASK_TRAIN, first.to_shareable("float32")[0], fl_ctx, Signal())
     features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
     shapes = {level: tuple(t.shape) for level, t in features.items()}
     before = copy.deepcopy(executor.party.encoder.state_dict())
@@ -227,7 +229,8 @@ def test_site_refuses_every_hostile_gradient_and_keeps_its_encoder(site):  # noq
     assert all(torch.equal(before[name], after[name]) for name in before)
 
     gradients = {level: torch.zeros(shape) for level, shape in shapes.items()}
-    valid = TensorMessage(KIND_GRADIENTS, 2, ["BRATS_002"], gradients, tensor_step=1).to_shareable("float32")[0]
+    valid = TensorMessage(KIND_GRADIENTS, 2, ["BRATS_002"], gradients, tensor_step=1,
+                          info={"train_step": 2}).to_shareable("float32")[0]
     assert executor.execute(TASK_TRAIN, valid, fl_ctx, Signal()).get_return_code(ReturnCode.OK) == ReturnCode.OK
 
 

@@ -92,6 +92,18 @@ class OwnIdentityClientRunner(SimulatorClientRunner):
     worker that exits before it answers is reported at once in a ``START_FAILED`` line naming the site and port.
     """
 
+    @property
+    def build_ctx(self) -> dict:
+        own = self._thread_contexts
+        if not hasattr(own, "context"):
+            own.context = copy.deepcopy(self._build_ctx)
+        return own.context
+
+    @build_ctx.setter
+    def build_ctx(self, context: dict) -> None:
+        self._build_ctx = context
+        self._thread_contexts = threading.local()
+
     _start_lock = MachineLock(WORKER_START_LOCK)
     _starting = threading.local()  # the site this thread is starting
 
