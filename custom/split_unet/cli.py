@@ -128,6 +128,7 @@ def cmd_bench(args) -> int:
                          **({"task_request_interval": args.task_request_interval}
                             if args.task_request_interval is not None else {}),
                          direct_job_connections=not args.relayed, job_timeout=args.job_timeout,
+                         transport=args.transport,
                          device=args.device, comm=json.loads(args.comm) if args.comm else {})
     results = bench(args.out, config, args.modes.split(","), args.data_root)
     print()
@@ -334,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--task-request-interval", type=float,
                        help="seconds a site waits before asking again when the server has no task for it (default: "
                             "the shipped job's)")
+    bench.add_argument("--transport", choices=("poll", "push"), default="poll",
+                       help="how the server's requests reach the sites: polled by them or pushed to them")
     bench.add_argument("--job-timeout", type=float, default=600.0,
                        help="seconds a POC job may take before its mode counts as failed (a busy machine needs more)")
     bench.add_argument("--relayed", action="store_true",

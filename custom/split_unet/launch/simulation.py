@@ -22,16 +22,15 @@ from split_unet.jobs import TrainingJob, export, job_sites
 from split_unet.leakage.record import RECORD_FOLDER
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, TENSORBOARD_FOLDER
 from split_unet.protocol.recorder import LeakageRecorder
-from split_unet.protocol.telemetry import PROGRESS_FILE, read_progress
+from split_unet.protocol.telemetry import PROGRESS_FILE, START_FAILED, read_progress
 from split_unet.protocol.settings import CLASS_ALLOW_LIST, ENV_SITE_CONFIGS, ENV_SITES, RESEARCH_CLASSES
 from split_unet.site_configs import PRIVACY_FILE, resolve_site_configs
 
 RECORDER_PATH = f"{LeakageRecorder.__module__}.{LeakageRecorder.__name__}"
 # The server's run is over (its workflow ended, END_RUN sent): from here the simulator only shuts down.
 JOB_END_PATTERN = re.compile(r"ServerRunner - INFO - \[[^]]*\] - Server runner finished")
-# A party's worker failed to start (split_unet.launch.simulator_runner.START_FAILED; that module imports NVFlare's
-# simulator, which the launcher does not need), and a line of a Python error, e.g. the worker's own.
-START_FAILED_PATTERN = re.compile(r"split_unet: party failed to start: (.*)$")
+# A party's worker failed to start, and a line of a Python error, e.g. the worker's own.
+START_FAILED_PATTERN = re.compile(re.escape(START_FAILED) + r": (.*)$")
 ERROR_LINE_PATTERN = re.compile(r"^(?:[\w.]+(?:Error|Exception)): .+")
 STOP_GRACE_SECONDS = 60.0
 SIMULATE_JOB = "simulate_job"  # the simulator's name for the job's run folder

@@ -22,9 +22,8 @@ import psutil
 from nvflare.apis.fl_constant import RunnerTask
 from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRunner, SimulatorRunner
 
-#: Starts a line of the simulator's log that says a party's worker failed to start (``launch.simulation`` ends the
-#: run on it).
-START_FAILED = "split_unet: party failed to start"
+from split_unet.protocol.telemetry import START_FAILED
+
 #: The lock every simulation on this machine holds from choosing a worker's port until the worker answers on it.
 WORKER_START_LOCK = Path(tempfile.gettempdir()) / "split_unet_simulator_worker_start.lock"
 _POLL_SECONDS = 0.2

@@ -23,6 +23,10 @@ from nvflare.app_opt.tracking.tb.tb_event_writer import TensorBoardEventWriter
 
 from split_unet.reports import overlay_figure
 
+#: Starts the simulator log's line that says a party's worker failed to start (written by
+#: ``launch.simulator_runner``; ``launch.simulation`` ends the run when it reads one).
+START_FAILED = "split_unet: party failed to start"
+
 from .names import TENSORBOARD_FOLDER
 
 PROGRESS_FILE = "progress.jsonl"
