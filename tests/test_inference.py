@@ -86,6 +86,24 @@ def test_a_validation_folder_is_segmented_with_its_release_label_values(project_
     assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2, 4}
 
 
+def test_inference_pushes_its_requests_when_the_training_did(project_root, trained_tiny, tmp_path):
+    # The training's transport (its summary) carries over to its inference job: here as if it had pushed.
+    data = generate_release(tmp_path / "brats2023", "brats2023", n_patients=1, size=24)
+    partition_dataset(data, tmp_path / "sites", progress=False)
+    train_ws, summary = trained_tiny
+    pushed = tmp_path / "trained_push"
+    pushed.mkdir()
+    (pushed / "summary.json").write_text(json.dumps({**summary, "config": {**summary["config"], "transport": "push"}}))
+    result = infer_in_simulator(pushed, tmp_path / "sites", tmp_path / "infer",
+                                site_configs=project_root / "site_configs", progress=None)
+    assert "error" not in result, result.get("error")
+    assert result["convention"] == "brats2023" and result["scored_cases"] == 1
+    server = json.loads((tmp_path / "infer" / "job" / "split_unet_infer" / "app_server" / "config" /
+                         "config_fed_server.json").read_text())
+    (controller,) = [c for c in server["components"] + server["workflows"] if "Inference" in c.get("path", "")]
+    assert controller["args"]["transport"] == "push"
+
+
 def test_inference_without_the_server_datalist_fails_with_its_reason(project_root, tiny_data, trained_tiny, tmp_path):
     # Without the server's datalist nothing says which label values the data uses: no silent default.
     sites = tmp_path / "sites"

@@ -69,7 +69,7 @@ TRAINING_TASKS = [TASK_INIT, TASK_TRAIN, TASK_VALIDATE, TASK_FINISH]
 GRADIENT_TASKS = [TASK_TRAIN, TASK_VALIDATE, TASK_FINISH]
 # Controller arguments of a training job that its inference job keeps.
 INFERENCE_SHARED_ARGS = ("sites", "train", "wire_dtype", "task_timeout", "init_timeout", "on_site_failure",
-                         "num_threads")
+                         "num_threads", "transport")
 # Tasks whose results carry the sites' activations.
 ACTIVATION_TASKS = [TASK_TRAIN, TASK_VALIDATE]
 

@@ -41,7 +41,8 @@ def inference_job(summary: dict, decoder_path: str, encoder_path: str, patients:
     recorded = summary.get("config", {})
     # The training's scope: its networks send the levels that scope lets leave the sites.
     training = training_settings({**trained_config(summary), **(overrides or {})}, sites=list(recorded["sites"]),
-                                 wire_dtype=recorded["wire_dtype"], scope=recorded.get("scope"), with_code=with_code)
+                                 wire_dtype=recorded["wire_dtype"], scope=recorded.get("scope"),
+                                 transport=recorded.get("transport", "poll"), with_code=with_code)
     return InferenceJob(training, decoder_path, encoder_path, list(patients))
 
 

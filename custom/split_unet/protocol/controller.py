@@ -213,6 +213,7 @@ class SplitUNetController(SplitWorkflow):
         summary = make_summary(
             metrics, epochs=self.config.epochs, steps=train_steps, wall_seconds=wall_seconds,
             config={**self.config.to_dict(), "sites": self.sites, "wire_dtype": self.wire_dtype,
+                    "transport": self.transport,
                     "scope": job_scope(fl_ctx), "train_patients": n_train, "val_patients": n_val},
             bytes_per_step=self.rounds.bytes_per_step(len(self._step_seconds)), privacy=self.rounds.privacy,
             history=history, lost_sites=self.rounds.lost,

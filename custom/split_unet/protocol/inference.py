@@ -50,9 +50,10 @@ class SplitInferenceController(SplitWorkflow):
     def __init__(self, decoder_path: str, patients: Sequence[str] = (), output_folder: str = SEGMENTATIONS,
                  sites: Sequence[str] = MODALITIES, train: dict | None = None, wire_dtype: str = "float32",
                  task_timeout: int = 600, on_site_failure: str = "stop", summary_file: str = "summary.json",
-                 num_threads: int = 0, task_check_period: float = 0.01, init_timeout: int = INIT_TIMEOUT):
+                 num_threads: int = 0, task_check_period: float = 0.01, init_timeout: int = INIT_TIMEOUT,
+                 transport: str = "poll"):
         super().__init__(sites, train, wire_dtype, task_timeout, on_site_failure, summary_file, num_threads,
-                         task_check_period, init_timeout)
+                         task_check_period, init_timeout, transport)
         self.decoder_path = decoder_path
         # Each becomes a file name "<id>.nii.gz": the id rule keeps it in the output folder.
         self.patients = check_patient_ids(patients, site="server", field="patients", error=ProtocolError)
