@@ -7,8 +7,8 @@ Each point is ``LABEL=BENCH_JSON[,BENCH_JSON...]``: the modes of several results
 separate commands make one point.
 
     python benchmarks/federation_curve.py --out docs/performance/federation_curve \\
-        64=runs/c7_sim_none/bench.json,runs/c7_poc_fix_a/bench.json 96=runs/c7_size96/bench.json \\
-        128=runs/c7_size128/bench.json
+        64=runs/bench/default/bench.json 96=runs/bench/size96/bench.json \\
+        128=runs/bench/size128/bench.json
 """
 
 from __future__ import annotations

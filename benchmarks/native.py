@@ -24,7 +24,7 @@ split run resumes from its last checkpoint.
     python benchmarks/native.py --out runs/native --phase report --docs docs/performance
 
 Writes ``native.json``, ``native_curves.md`` and ``native_curves.png`` to ``--out`` (and ``--docs``); the reading of
-the figures is docs/performance/native.md.
+the figures is docs/performance.md, "Native resolution".
 """
 
 from __future__ import annotations

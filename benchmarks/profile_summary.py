@@ -6,7 +6,7 @@ and each site's executor then profile every thread of their process (CPU time) a
 stages of a step and writes a Markdown table (and JSON):
 
     SPLIT_UNET_PROFILE=runs/profile/before split-unet bench --out runs/bench/before --modes simulator,poc
-    python benchmarks/profile_summary.py runs/profile/before --steps 18 --out docs/performance/profile_before
+    python benchmarks/profile_summary.py runs/profile/before --steps 18 --out docs/performance/profile
 
 Each function's own CPU (its self time) goes to the stage of its module (``STAGES``, first match); a function of a
 general module (the standard library, numpy, torch's C functions, threading, logging) passes its self time on to

@@ -1,5 +1,5 @@
 """The server's requests polled or pushed, and the task check period: the simulator bench per arm, the arms
-alternated round by round (a shared machine's load drifts), one row per run (``docs/performance/wire.md`` 13).
+alternated round by round (a shared machine's load drifts), one row per run (``docs/performance.md``).
 
     python benchmarks/transport.py --out runs/bench/transport --rounds 2
     python benchmarks/transport.py --out runs/bench/transport_small --size 32 --channels 4,8,16 --rounds 3 \

@@ -62,7 +62,7 @@ class Defence:
 
 
 # Label sampling is refused by the defended scopes: the corners a site receives map the tumour far better than the
-# gradient attack the label holder's noise was chosen against (docs/performance/native.md, "What label sampling
+# gradient attack the label holder's noise was chosen against (docs/performance.md, "What label sampling
 # tells the sites").
 # The recommended point of the privacy sweep (docs/privacy.md): no full-resolution level; at the sites NoPeek 1.0
 # and a privacy warm-up of 96 local NoPeek steps before the first release (without it the white-box inversion

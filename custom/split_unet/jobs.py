@@ -58,7 +58,7 @@ NATIVE_TRAIN = {"size": [240, 240, 155], "spacing": 1.0, "patch_size": 128, "aug
 PACKAGE = Path(__file__).resolve().parent
 # The sites ask for work every 0.2 s instead of NVFlare's 2 s: each training step is one task round. Every ask is a
 # message the server answers; at 0.05 s the asks of four sites took CPU from the step itself (POC on 2 cores, means
-# of 4 and 3 runs: 0.05 s: 3.36 s and 6.04 CPU s per step; 0.2 s: 2.93 s and 5.13; docs/performance/wire.md 8.3).
+# of 4 and 3 runs: 0.05 s: 3.36 s and 6.04 CPU s per step; 0.2 s: 2.93 s and 5.13; docs/performance.md).
 # A site also sleeps this long after each task it answers: on a GPU, where the server's step is shorter, set it lower.
 TASK_REQUEST_INTERVAL = 0.2
 # Seconds without a site's heartbeat before the server counts it as gone (NVFlare's default is 60): a site busy
@@ -170,7 +170,7 @@ def train_config(overrides: dict, base: dict | None = None, defence: Defence = D
     lets leave the sites."""
     values = TrainConfig().to_dict()
     # Patches centred on tumour where the sites' scope lets the label holder send such corners (measured:
-    # docs/performance/native.md); a job may still ask for either.
+    # docs/performance.md, "What label sampling tells the sites"); a job may still ask for either.
     values["patch_sampling"] = "label" if defence.label_sampling else "uniform"
     for key, value in [*defence.site_training.items(), *(base or {}).items(), *overrides.items()]:
         values[key] = {**values["network"], **value} if key == "network" else value

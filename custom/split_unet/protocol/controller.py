@@ -179,7 +179,7 @@ class SplitUNetController(SplitWorkflow):
         self._decoder_seconds.append(time.perf_counter() - round_done)
         self._training_peak_mb = peak_memory_mb()  # the peak up to here, before any validation
         # NVFlare's message objects form reference cycles that hold each step's payload buffers until a full
-        # collection; collected every step the server stays flat (measured: docs/performance/wire.md). With the
+        # collection; collected every step the server stays flat (measured: docs/performance.md). With the
         # set-up frozen, a collection costs ~2 ms instead of ~170 ms.
         gc.collect()
         self._resident_mb.append(resident_memory_mb())

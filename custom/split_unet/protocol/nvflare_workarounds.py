@@ -22,7 +22,7 @@ def short_received_buffer_repr() -> None:
     NVFlare 2.9's ``Adapter.call`` (``nvflare/fuel/f3/cellnet/cell.py``) builds ``f"... incoming data={result}"``
     for a debug line on every streamed request it receives, whatever the log level. ``result`` is the received
     ``ConsumableBufferList``, a ``list`` of the payload's chunks, so the f-string is the repr of every byte of the
-    message: 118 ms of CPU and a 33 MB string for one site's 11 MB of activations (``docs/performance/wire.md``),
+    message: 118 ms of CPU and a 33 MB string for one site's 11 MB of activations (``docs/performance.md``),
     paid by the server for every site at every step. A job cannot set NVFlare's log level low enough to skip an
     f-string; the class's repr, used by nothing but such log lines, is what this process can change.
     (``tests/test_metrics_and_wire.py`` fails once NVFlare stops formatting the payload: then remove this.)
