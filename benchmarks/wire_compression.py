@@ -7,7 +7,7 @@ server's ``DecoderParty`` -> float16 gradients, at initialisation and after ``--
 Compressors: zlib (stdlib) and zstandard (``pip install zstandard``; skipped if absent), each on the bytes as
 sent and after a byte shuffle (the float16 values' low and high bytes as two planes, as Blosc and HDF5 do:
 the exponent bytes compress, the mantissa bytes hardly). A compressor pays only if the messaging CPU it saves
-(``--mb-per-cpu-second``: NVFlare's measured rate per byte, ``wire.md``) exceeds what it costs on both ends.
+(``--mb-per-cpu-second``: NVFlare's measured rate per byte, ``docs/performance.md``) exceeds what it costs on both ends.
 
     python benchmarks/wire_compression.py --out docs/performance/wire_compression
 """
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mb-per-cpu-second", type=float, default=80.0,
-                        help="NVFlare's messaging CPU per byte, both ends together (wire.md section 5.2)")
+                        help="NVFlare's messaging CPU per byte, both ends together (docs/performance.md)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = []

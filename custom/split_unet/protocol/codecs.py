@@ -11,7 +11,7 @@
 Each array travels as the contiguous little-endian bytes of the codec's dtype (``DTYPES``); the header
 (in the DXO meta) carries codec, shape and scale. Raw bytes, not numpy arrays: NVFlare 2.9's FOBS sends a
 numpy array through its download service (``np.save`` per array and a pull of 2 MB chunks per message), and
-bytes are carried in the message itself (measured in ``docs/performance/wire.md``). The receiver checks
+bytes are carried in the message itself (measured in ``docs/performance.md``). The receiver checks
 every byte count against the declared shape before it allocates anything. Conversions to and from float16
 run in torch, whose vectorised casts are several times faster than numpy's.
 
@@ -19,7 +19,7 @@ Lossless compression (``COMPRESSIONS``, ``header["compression"]``) is chosen by 
 compress their activations when ``TrainConfig.activation_compression`` says so (off by default). ``zstd`` (Zstandard
 level 1) shrinks activations to about 0.36 of their float16 bytes, because a skull-stripped volume's background makes
 every level's outer voxels constant, for about 0.1 CPU s per 45 MB at both ends together. Measured on one machine
-(loopback, ``docs/performance/wire.md`` section 8) it saves no CPU: the federation's CPU per step was the same within
+(loopback, ``docs/performance.md``) it saves no CPU: the federation's CPU per step was the same within
 run-to-run noise in POC and 0.2 s higher in the simulator. It is for links slower than the machine's memory, where
 the 2.7x fewer bytes from site to server are wall time. Gradients shrink only to about 0.9 and are never compressed.
 A receiver reads the decompressed size from the frame header and refuses any above the declared shape's bytes before

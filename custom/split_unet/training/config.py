@@ -58,7 +58,7 @@ class TrainConfig:
     # default so that a party's memory stops growing with the patients it holds (all 64 of the quick start fit).
     cache_cases: int = 64
     # Lossless compression of the activations a site sends (``protocol.codecs.COMPRESSIONS``; None: raw bytes). Off:
-    # on loopback it saved no CPU (docs/performance/wire.md); "zstd" sends 2.7x fewer bytes over a slow link.
+    # on loopback it saved no CPU (docs/performance.md); "zstd" sends 2.7x fewer bytes over a slow link.
     activation_compression: str | None = None
     # Mixed precision (autocast) where the device is CUDA.
     amp: bool = True
