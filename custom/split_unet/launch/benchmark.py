@@ -30,6 +30,7 @@ from split_unet.defence import UNDEFENDED
 from split_unet.errors import SplitUNetError
 from split_unet.files import load_json, write_json
 from split_unet.jobs import TASK_REQUEST_INTERVAL, TrainingJob, export, training_settings
+from split_unet.launch.delayed_link import DelayedLink
 from split_unet.launch.poc import PocFederation, run_job
 from split_unet.profiling import step_statistics
 from split_unet.launch.simulation import run_simulation
@@ -57,6 +58,7 @@ class BenchConfig:
     decoder_checkpointing: bool = False
     task_request_interval: float = TASK_REQUEST_INTERVAL
     direct_job_connections: bool = True  # POC: see PocFederation
+    link_delay_ms: float = 0.0  # POC: the sites reach the server this late each way (launch.delayed_link; relayed)
     seed: int = 0
     device: str | None = None
     job_timeout: float = 600.0  # seconds a POC job may take before its mode counts as failed
@@ -178,9 +180,19 @@ def run_in_poc(sites_dir: Path, workspace: Path, job: TrainingJob, site_configs:
         port = probe.getsockname()[1]
     federation = PocFederation(workspace / "federation", sites_dir, site_configs, job.sites, port=port,
                                direct_job_connections=config.direct_job_connections)
+    if config.link_delay_ms and config.direct_job_connections:
+        # The sites' job processes would open their own connections to the server's job process, past the link.
+        raise ValueError("a delayed link needs the relayed route (direct_job_connections=False)")
+    link = DelayedLink(port, config.link_delay_ms) if config.link_delay_ms else contextlib.nullcontext()
     report: dict = {}
-    with federation:
+    with link, federation:
         federation.prepare()
+        if config.link_delay_ms:
+            for site in job.sites:  # each site's connection to the server goes through the link
+                startup = federation.prod_dir / site / "startup" / "fed_client.json"
+                client = load_json(startup)
+                client["servers"][0]["service"]["target"] = f"localhost:{link.port}"
+                write_json(startup, client)
         federation.start()
         summary = load_json(run_job(federation, "train", export(job, workspace / "job"), "cli", report, progress,
                                        timeout=config.job_timeout) / "summary.json")
