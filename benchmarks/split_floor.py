@@ -33,7 +33,7 @@ from nvflare.fuel.utils import fobs
 
 from split_unet.launch.benchmark import BenchConfig, site_threads
 from split_unet.networks import NetworkConfig, build_decoder, build_encoder
-from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage
+from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_REQUEST, TensorMessage
 from split_unet.training.parties import DecoderParty, EncoderParty
 
 BENCH = BenchConfig()  # the bench's shapes, network and wire codec
@@ -75,7 +75,7 @@ def site(index: int, threads: int, connection) -> None:
     party, inputs = EncoderParty(build_encoder(network(), index, 0), 1e-3, CPU), images(index)
     while data := connection.recv_bytes():
         start = time.perf_counter()
-        task = TensorMessage.from_shareable(fobs.loads(data), KIND_GRADIENTS, site=f"site{index}")
+        task = TensorMessage.from_shareable(fobs.loads(data), KIND_REQUEST, site=f"site{index}")
         if task.tensors:
             party.backward(task.tensors)
         features = party.forward(inputs)
@@ -100,7 +100,7 @@ def split(steps: int, threads: int, site_threads: int) -> list[dict]:
         for step in range(steps + 2):  # the first round only starts the sites' models
             start, cpu = time.perf_counter(), time.process_time()
             for k, (server_end, _) in enumerate(pipes):
-                task, _ = TensorMessage(KIND_GRADIENTS, step, [f"p{step}"], gradients[k],
+                task, _ = TensorMessage(KIND_REQUEST, step, [f"p{step}"], gradients[k],
                                         tensor_step=step - 1).to_shareable(WIRE)
                 server_end.send_bytes(fobs.dumps(task))
             replies, times = [], []

@@ -29,7 +29,7 @@ from wire_micro import cpu_ms  # thread CPU per call, after one unmeasured call
 from split_unet.data.phantom import generate_patient
 from split_unet.data.regions import regions
 from split_unet.networks import NetworkConfig, build_decoder, build_encoder
-from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage
+from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_REQUEST, TensorMessage
 from split_unet.training.parties import DecoderParty, EncoderParty
 
 try:  # optional: measured when installed, never a dependency of the package
@@ -78,7 +78,7 @@ def payloads(steps: int, seed: int) -> dict[str, list[bytes]]:
         features = [party.forward(images[:, k:k + 1]) for k, party in enumerate(encoders)]
         loss, gradients = decoder.train_step(features, target)
         if step in (0, steps):
-            for kind, tensors in ((KIND_ACTIVATIONS, features), (KIND_GRADIENTS, gradients)):
+            for kind, tensors in ((KIND_ACTIVATIONS, features), (KIND_REQUEST, gradients)):
                 name = f"{'activations' if kind == KIND_ACTIVATIONS else 'gradients'} after {step} steps"
                 found[name] = [value for site in tensors for value in
                                TensorMessage(kind, step, ["P"], site).to_dxo("float16")[0].data.values()]

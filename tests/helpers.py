@@ -22,7 +22,7 @@ from split_unet.data import generate_dataset, partition_dataset
 from split_unet.protocol.executor import ModalitySiteExecutor
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE
 from split_unet.protocol.settings import SETTINGS_FILE
-from split_unet.protocol.wire import ERROR_HEADER, KIND_GRADIENTS, KIND_INIT, TASK_INIT, TASK_TRAIN, TensorMessage
+from split_unet.protocol.wire import ERROR_HEADER, KIND_INIT, KIND_REQUEST, TASK_INIT, TASK_TRAIN, TensorMessage
 from split_unet.training import TrainConfig
 
 TINY_SIZE = 32
@@ -96,7 +96,7 @@ def send_task(executor, fl_ctx, task, step, patient_ids, gradients=None, tensor_
     training task carries its training step (``info.train_step``, from which the site takes its learning rate) as
     the server's does, ``step`` unless ``info`` gives one."""
     info = {"train_step": step, **(info or {})} if task == TASK_TRAIN else info or {}
-    message = TensorMessage(KIND_GRADIENTS, step, patient_ids, gradients or {}, tensor_step=tensor_step, info=info)
+    message = TensorMessage(KIND_REQUEST, step, patient_ids, gradients or {}, tensor_step=tensor_step, info=info)
     return executor.execute(task, message.to_shareable("float32")[0], fl_ctx, Signal())
 
 

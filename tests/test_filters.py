@@ -13,7 +13,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from split_unet.filters import (ActivationClipNoise, ActivationQuantization, GradientProtection, LevelBlocking,
                                 clip_per_sample, gaussian_epsilon)
 from split_unet.filters.base import TensorMessageFilter
-from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_SITE_INFO, TensorMessage, error_reply
+from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_REQUEST, KIND_SITE_INFO, TensorMessage, error_reply
 from split_unet.training.nopeek import distance_correlation, spatial_nopeek_loss
 
 
@@ -77,7 +77,7 @@ def test_gradient_protection(mode):
     gradient[0] = 1e-3
     gradient[1, :, 2:4, 2:4, 2:4] = 1e-2
     protection = GradientProtection(mode=mode, noise_multiplier=2.0, seed=0)
-    out = _decode(protection.process(_activations({0: gradient}, kind=KIND_GRADIENTS), _ctx()), KIND_GRADIENTS)
+    out = _decode(protection.process(_activations({0: gradient}, kind=KIND_REQUEST), _ctx()), KIND_REQUEST)
     norms = out.tensors[0].flatten(1).norm(dim=1)
     if mode == "maxnorm":
         assert norms[0].item() == pytest.approx(norms[1].item(), rel=0.1)
@@ -110,7 +110,7 @@ def test_filters_that_change_a_message_are_recorded_in_its_filter_history():
         message = filter_.process(message, _ctx())
     assert from_shareable(message).get_filter_history() == ["LevelBlocking", "ActivationClipNoise"]
     assert sorted(_decode(message).tensors) == [1]
-    gradients = GradientProtection(seed=0).process(_activations({1: torch.ones(2, 8, 4, 4, 4)}, kind=KIND_GRADIENTS),
+    gradients = GradientProtection(seed=0).process(_activations({1: torch.ones(2, 8, 4, 4, 4)}, kind=KIND_REQUEST),
                                                    _ctx())
     assert from_shareable(gradients).get_filter_history() == ["GradientProtection"]
     info = LevelBlocking([0]).process(DXO(KIND_SITE_INFO, data={"patient_ids": ["P1"]}).to_shareable(), _ctx())

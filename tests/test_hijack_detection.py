@@ -19,7 +19,7 @@ from split_unet.filters import GradientAnomalyDetector
 from split_unet.filters.gradient_protection import relative_noise
 from split_unet.filters.hijack_detection import ALARM_FILE, DEFAULT_THRESHOLD, spatial_mean_ratio
 from split_unet.networks import NetworkConfig, build_decoder, build_encoder
-from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage
+from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_REQUEST, TensorMessage
 from split_unet.studies.hijacking import FeatureSpaceHijacker
 from split_unet.training import DecoderParty
 
@@ -38,7 +38,7 @@ def _ctx(tmp_path, site="flair"):
 
 
 def _gradient_task(gradients, step=3, codec="float32"):
-    return TensorMessage(KIND_GRADIENTS, step + 1, ["P1", "P2"], gradients, tensor_step=step).to_shareable(codec)[0]
+    return TensorMessage(KIND_REQUEST, step + 1, ["P1", "P2"], gradients, tensor_step=step).to_shareable(codec)[0]
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +82,10 @@ def test_honest_gradients_pass_untouched_even_noised_and_in_float16(honest, tmp_
     detector = GradientAnomalyDetector()
     for gradients, codec in ((honest, "float32"), (honest, "float16"), (noised, "float16")):
         task = _gradient_task(gradients, codec=codec)
-        before = TensorMessage.from_shareable(task, KIND_GRADIENTS, site="flair").tensors
+        before = TensorMessage.from_shareable(task, KIND_REQUEST, site="flair").tensors
         after = detector.process(task, _ctx(tmp_path))
         assert all(torch.equal(before[level], t) for level, t in
-                   TensorMessage.from_shareable(after, KIND_GRADIENTS, site="flair").tensors.items())
+                   TensorMessage.from_shareable(after, KIND_REQUEST, site="flair").tensors.items())
     assert not (tmp_path / "job1" / ALARM_FILE).exists()
 
 

@@ -45,7 +45,7 @@ from split_unet.protocol.executor import ModalitySiteExecutor, check_privacy_sco
 from split_unet.protocol.inference import SplitInferenceController
 from split_unet.protocol.recorder import LeakageRecorder
 from split_unet.protocol.settings import CLASS_ALLOW_LIST, SETTINGS_FILE
-from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_INIT,
+from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_INIT, KIND_REQUEST, KIND_SITE_INFO, TASK_INIT,
                                       TASK_TRAIN, TASK_VALIDATE, TensorMessage)
 from split_unet.launch.simulation import _follow, simulation_policy, stop_process_tree
 from split_unet.training import TrainConfig
@@ -256,9 +256,9 @@ def test_the_round_in_which_the_sites_warm_up_is_a_start_up_round(warmup_steps, 
 
 
 def test_a_message_naming_an_escaping_patient_is_refused():
-    message = TensorMessage(KIND_GRADIENTS, 1, ["../../ESCAPED"])
+    message = TensorMessage(KIND_REQUEST, 1, ["../../ESCAPED"])
     with pytest.raises(ProtocolError, match="site 'flair', field 'patient_ids': patient id '../../ESCAPED'"):
-        TensorMessage.from_shareable(message.to_shareable("float32")[0], KIND_GRADIENTS, site="flair")
+        TensorMessage.from_shareable(message.to_shareable("float32")[0], KIND_REQUEST, site="flair")
 
 
 # Row 4: a refused message leaves the site as it was, so the server's correct retry is accepted ----------------------

@@ -15,7 +15,7 @@ from nvflare.fuel.utils.buffer_list import ConsumableBufferList
 from split_unet.errors import ProtocolError
 from split_unet.protocol.codecs import CODECS, DTYPES
 from split_unet.protocol.nvflare_workarounds import short_received_buffer_repr
-from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage, check_features, dxo_of,
+from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_REQUEST, TensorMessage, check_features, dxo_of,
                                       error_reply)
 from split_unet.training import RegionMetrics, epoch_batches, logits_to_masks
 from split_unet.training.metrics import MISSING_HD95_MM, lesion_wise
@@ -142,7 +142,7 @@ def _activations(**meta):
 
 @pytest.mark.parametrize("payload,field", [
     (Shareable(), "split_unet.activations"),
-    (DXO(KIND_GRADIENTS, data={}).to_shareable(), "data_kind"),
+    (DXO(KIND_REQUEST, data={}).to_shareable(), "data_kind"),
     (_activations(step="1"), "step"),
     (_activations(patient_ids="P1"), "patient_ids"),
     (_activations(encodings={"0": {"codec": "float32", "shape": [1, 4, 8, 8, 8], "scale": -1.0}}), "scale"),

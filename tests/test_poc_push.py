@@ -15,7 +15,7 @@ from split_unet.files import load_json
 from split_unet.jobs import export, training_settings
 from split_unet.launch.poc import PocFederation
 from split_unet.leakage.record import RECORD_FOLDER, load_record
-from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_GRADIENTS, TASK_TRAIN
+from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_REQUEST, TASK_TRAIN
 from split_unet.site_configs import write_site_configs
 
 pytestmark = pytest.mark.poc
@@ -49,7 +49,7 @@ def test_push_in_poc_filters_at_every_party_and_refuses_a_foreign_sender(tmp_pat
         # In POC the site's scope runs in the site's process: its noise is in the history of every activation the
         # site sent, before it left, and the server's gradient protection in every gradient it received.
         activations = [e for e in site_log if e["kind"] == KIND_ACTIVATIONS and e["tensors"]]
-        gradients = [e for e in site_log if e["kind"] == KIND_GRADIENTS and e["tensors"]]
+        gradients = [e for e in site_log if e["kind"] == KIND_REQUEST and e["tensors"]]
         assert len(activations) >= summary["steps"] and all("ActivationClipNoise" in e["history"] for e in activations)
         assert gradients and all("GradientProtection" in e["history"] for e in gradients)
         # The server's own chains ran on each of those requests and answers.

@@ -10,7 +10,7 @@ from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
 
-from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, TASK_FINISH, TASK_INIT, TASK_TRAIN,
+from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_INIT, KIND_REQUEST, TASK_FINISH, TASK_INIT, TASK_TRAIN,
                                       TASK_VALIDATE, TensorMessage)
 from split_unet.protocol.names import ENCODER_FILE
 from split_unet.training import TrainConfig
@@ -66,9 +66,9 @@ def test_replayed_step_is_refused(site):
 def test_float16_wire_keeps_tiny_gradients():
     gradient = torch.full((2, 3), 3e-9)
     gradient[0, 0] = 1e-7
-    shareable, n_bytes = TensorMessage(KIND_GRADIENTS, 1, [], {0: gradient}).to_shareable("float16")
+    shareable, n_bytes = TensorMessage(KIND_REQUEST, 1, [], {0: gradient}).to_shareable("float16")
     assert n_bytes == gradient.numel() * 2
-    decoded = TensorMessage.from_shareable(shareable, KIND_GRADIENTS, site="s").tensors[0]
+    decoded = TensorMessage.from_shareable(shareable, KIND_REQUEST, site="s").tensors[0]
     assert torch.allclose(decoded, gradient, rtol=2e-3)
     assert np.float16(3e-9) == 0  # what plain float16 would have sent
 

@@ -17,7 +17,7 @@ from split_unet.data import MODALITIES as SITES
 from split_unet.jobs import export, training_settings
 from split_unet.launch.simulation import SIMULATE_JOB, run_simulation, simulate
 from split_unet.leakage.record import load_record
-from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_GRADIENTS, TASK_TRAIN
+from split_unet.protocol.wire import KIND_ACTIVATIONS, KIND_REQUEST, TASK_TRAIN
 
 pytestmark = pytest.mark.simulator
 
@@ -55,7 +55,7 @@ def test_every_filter_runs_on_every_request_and_answer(project_root, tiny_data, 
         # the server received through the site scope's noise (and its level blocking, which had nothing to block),
         # as the history shows. (The simulator applies the sites' scope in the server process, on the server's side
         # of each chain; POC at the sites: test_poc_push.)
-        gradients = [e for e in site_log if e["kind"] == KIND_GRADIENTS and e["tensors"]]
+        gradients = [e for e in site_log if e["kind"] == KIND_REQUEST and e["tensors"]]
         assert gradients and all("GradientProtection" in e["history"] for e in gradients)
         answers = [e for e in server if e["peer"] == site and e["kind"] == KIND_ACTIVATIONS and e["tensors"]]
         assert len(answers) >= steps and all("ActivationClipNoise" in e["history"] for e in answers)

@@ -18,7 +18,7 @@ from nvflare.apis.signal import Signal
 
 from split_unet.errors import ProtocolError
 from split_unet.protocol.codecs import CODECS, DTYPES, INDICES_DTYPE, INDICES_SUFFIX
-from split_unet.protocol.wire import (ERROR_HEADER, KIND_ACTIVATIONS, KIND_GRADIENTS, TASK_TRAIN, TensorMessage,
+from split_unet.protocol.wire import (ERROR_HEADER, KIND_ACTIVATIONS, KIND_REQUEST, TASK_TRAIN, TensorMessage,
                                       error_reply, read_activations)
 
 CASES = 300
@@ -34,7 +34,7 @@ def _valid(kind: str, step: int, patient_ids: list[str], shapes: dict[int, tuple
     tensors = {level: torch.randn(shape, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
                for level, shape in shapes.items()}
     # A training request carries its training step, as the server's do: a message is hostile by its mutations only.
-    info = {"train_step": step} if kind == KIND_GRADIENTS else {}
+    info = {"train_step": step} if kind == KIND_REQUEST else {}
     message = TensorMessage(kind, step, patient_ids, tensors, tensor_step=tensor_step, info=info)
     return message.to_shareable(codec, keep_fraction=0.3)[0]
 
@@ -156,7 +156,7 @@ def _mutate_payload(shareable: Shareable, rng: random.Random, kind: str) -> tupl
     if choice == "no_dxo":
         return Shareable(), choice
     if choice == "kind":
-        shareable["DXO"]["kind"] = rng.choice([KIND_ACTIVATIONS if kind == KIND_GRADIENTS else KIND_GRADIENTS,
+        shareable["DXO"]["kind"] = rng.choice([KIND_ACTIVATIONS if kind == KIND_REQUEST else KIND_REQUEST,
                                                None, 5, ""])
     elif choice == "error":
         return error_reply(rng.choice(["disk full", "", "x" * 10000])), choice
@@ -214,12 +214,12 @@ def test_site_refuses_every_hostile_gradient_and_keeps_its_encoder(site):  # noq
     """The executor answers each case with an error reply naming the site and the field, never raises, and
     neither its encoder nor its step bookkeeping changes; afterwards a valid gradient still works."""
     executor, fl_ctx = site
-    first = TensorMessage(KIND_GRADIENTS, 1, ["BRATS_001"], info={"train_step": 1})
+    first = TensorMessage(KIND_REQUEST, 1, ["BRATS_001"], info={"train_step": 1})
     reply = executor.execute(TASK_TRAIN, first.to_shareable("float32")[0], fl_ctx, Signal())
     features = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair").tensors
     shapes = {level: tuple(t.shape) for level, t in features.items()}
     before = copy.deepcopy(executor.party.encoder.state_dict())
-    for case, names, payload in hostile_messages(KIND_GRADIENTS, 2, ["BRATS_002"], shapes, 1, seed=3):
+    for case, names, payload in hostile_messages(KIND_REQUEST, 2, ["BRATS_002"], shapes, 1, seed=3):
         reply = executor.execute(TASK_TRAIN, payload, fl_ctx, Signal())
         assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION, (case, names)
         message = reply.get_header(ERROR_HEADER)
@@ -229,17 +229,17 @@ def test_site_refuses_every_hostile_gradient_and_keeps_its_encoder(site):  # noq
     assert all(torch.equal(before[name], after[name]) for name in before)
 
     gradients = {level: torch.zeros(shape) for level, shape in shapes.items()}
-    valid = TensorMessage(KIND_GRADIENTS, 2, ["BRATS_002"], gradients, tensor_step=1,
+    valid = TensorMessage(KIND_REQUEST, 2, ["BRATS_002"], gradients, tensor_step=1,
                           info={"train_step": 2}).to_shareable("float32")[0]
     assert executor.execute(TASK_TRAIN, valid, fl_ctx, Signal()).get_return_code(ReturnCode.OK) == ReturnCode.OK
 
 
 def test_declared_shape_beyond_the_limit_is_refused_before_decoding():
     indices = np.array([0], np.int32)
-    payload = DXO(KIND_GRADIENTS, data={"0": np.ones(1, np.float16).tobytes(), "0:indices": indices.tobytes()},
+    payload = DXO(KIND_REQUEST, data={"0": np.ones(1, np.float16).tobytes(), "0:indices": indices.tobytes()},
                   meta={"step": 1, "patient_ids": [], "encodings": {"0": {"codec": "topk", "shape": [2**30],
                                                                           "scale": 1.0}}}).to_shareable()
     with pytest.raises(ProtocolError, match=r"field 'split_unet.gradients\[0\].shape'.*more than the limit"):
-        TensorMessage.from_shareable(payload, KIND_GRADIENTS, site="flair")
+        TensorMessage.from_shareable(payload, KIND_REQUEST, site="flair")
     with pytest.raises(ProtocolError, match="more than the limit of 100"):
-        TensorMessage.from_shareable(payload, KIND_GRADIENTS, site="flair", max_elements=100)
+        TensorMessage.from_shareable(payload, KIND_REQUEST, site="flair", max_elements=100)

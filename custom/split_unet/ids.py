@@ -1,4 +1,5 @@
-"""The one rule for patient ids, applied wherever ids enter: datalists, partitions, PSI results, messages.
+"""The rules for values that enter from outside (datalists, partitions, PSI results, messages): patient ids, and
+integers and numbers that are not bools.
 
 A patient id becomes a file name (``<id>.nii.gz`` in a partition or a segmentation folder), a key in every
 party's lists and a log entry, so it must be a plain name: 1-128 letters, digits, '.', '_' or '-', starting
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from numbers import Integral
 
 from split_unet.errors import DataError, SplitUNetError
 
@@ -34,3 +36,14 @@ def check_patient_ids(values: object, *, site: str | None = None, field: str = "
     if len(set(ids)) != len(ids):
         raise error("patient ids repeat", site=site, field=field)
     return ids
+
+
+def is_integer(value: object, *, numpy: bool = False) -> bool:
+    """An ``int`` that is not a bool (Python's ``True`` is an ``int``, but never a step, count or size); with
+    ``numpy``, numpy's integers too (shapes and corners a party computes itself, besides those a message carries)."""
+    return isinstance(value, Integral if numpy else int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An ``int`` or ``float`` that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

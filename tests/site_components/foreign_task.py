@@ -13,7 +13,7 @@ from nvflare.apis.fl_constant import FLContextKey, ReservedTopic, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey
 
-from split_unet.protocol.wire import ERROR_HEADER, KIND_GRADIENTS, TASK_TRAIN, TASK_VALIDATE, TensorMessage
+from split_unet.protocol.wire import ERROR_HEADER, KIND_REQUEST, TASK_TRAIN, TASK_VALIDATE, TensorMessage
 
 REPORT_FILE = "foreign_task.json"
 FOREIGN_STEP = 10**6  # far ahead of the server's steps: a site that took it would refuse the server's next step
@@ -35,7 +35,7 @@ class ForeignTaskSender(FLComponent):
             return
         self.sent = True
         # Validation of one patient the site was just asked about: the target answers with its activations.
-        request, _ = TensorMessage(KIND_GRADIENTS, FOREIGN_STEP, patient_ids[:1]).to_shareable("float32")
+        request, _ = TensorMessage(KIND_REQUEST, FOREIGN_STEP, patient_ids[:1]).to_shareable("float32")
         request.set_header(ReservedHeaderKey.TASK_NAME, TASK_VALIDATE)
         request.set_header(ReservedHeaderKey.TASK_ID, str(uuid.uuid4()))
         replies = fl_ctx.get_engine().send_aux_request(targets=[self.target], topic=ReservedTopic.DO_TASK,

@@ -29,6 +29,7 @@ from monai.utils import convert_to_numpy
 
 from split_unet.data.regions import CONVENTIONS, MODALITIES, regions
 from split_unet.errors import DataError
+from split_unet.ids import is_integer
 
 __all__ = ["is_scanner_affine", "ImageRef", "Case", "GridSize", "find_cases", "check_header", "grid_shape", "max_source_voxels",
            "read_header", "read_volume", "read_label", "load_image", "load_label", "load_case", "label_to_source",
@@ -240,7 +241,7 @@ def grid_mismatch(grid: Grid, reference: Grid, reference_name: str) -> str:
 def grid_shape(size: GridSize) -> tuple[int, int, int]:
     """The grid's three sides: ``size`` repeated for a cube side, else the three sides given (each >= 1)."""
     shape = (size,) * 3 if isinstance(size, (int, np.integer)) else tuple(size)
-    if len(shape) != 3 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0
+    if len(shape) != 3 or not all(is_integer(n, numpy=True) and n > 0
                                   for n in shape):
         raise ValueError(f"a grid size is a positive integer or three of them, got {size!r}")
     return tuple(int(n) for n in shape)

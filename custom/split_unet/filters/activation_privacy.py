@@ -24,6 +24,7 @@ import torch
 from nvflare.apis.fl_context import FLContext
 
 from split_unet.accounting import gaussian_epsilon
+from split_unet.ids import is_integer
 from split_unet.protocol.telemetry import SiteTelemetry
 from split_unet.protocol.wire import KIND_ACTIVATIONS, TensorMessage
 
@@ -116,7 +117,7 @@ class ActivationClipNoise(TensorMessageFilter):
         """TensorBoard's epsilon at the training step a training answer carries (the executor echoes the
         server's); validation releases show in the next training step's value and in the budget file. The
         filter writes it, not the executor: a site's privacy policy adds the filter without the job knowing."""
-        if not isinstance(train_step, int) or isinstance(train_step, bool) or train_step < 0:
+        if not is_integer(train_step) or train_step < 0:
             return
         if self.telemetry is None or self.telemetry.run_dir != run_dir:
             if self.telemetry is not None:

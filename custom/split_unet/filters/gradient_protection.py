@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from nvflare.apis.fl_context import FLContext
 
-from split_unet.protocol.wire import KIND_GRADIENTS, TensorMessage
+from split_unet.protocol.wire import KIND_REQUEST, TensorMessage
 
 from .base import TensorMessageFilter
 
@@ -45,7 +45,7 @@ class GradientProtection(TensorMessageFilter):
         seed: noise seed (default: nondeterministic).
     """
 
-    kinds = (KIND_GRADIENTS,)
+    kinds = (KIND_REQUEST,)
 
     def __init__(self, mode: str = "noise", noise_multiplier: float = 1.0, seed: int | None = None):
         super().__init__()

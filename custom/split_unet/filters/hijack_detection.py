@@ -41,7 +41,7 @@ from nvflare.apis.shareable import Shareable
 
 from split_unet.errors import ProtocolError
 from split_unet.files import write_json
-from split_unet.protocol.wire import KIND_GRADIENTS, TensorMessage
+from split_unet.protocol.wire import KIND_REQUEST, TensorMessage
 
 from .base import receiving_site
 
@@ -90,7 +90,7 @@ class HijackMonitor:
     def observe(self, gradients: Mapping[int, torch.Tensor], step: int | None = None) -> dict:
         """The statistics of one received gradient ``{level: (B, C_l, *S_l)}``; raises ``HijackAlarm``."""
         statistics = {"step": step, "spatial_mean_ratio": spatial_mean_ratio(gradients), "threshold": self.threshold}
-        field = f"{KIND_GRADIENTS}[step {step}]" if step is not None else KIND_GRADIENTS
+        field = f"{KIND_REQUEST}[step {step}]" if step is not None else KIND_REQUEST
         if self.alarm is not None:
             raise HijackAlarm(f"gradients refused since the alarm at step {self.alarm['step']}", statistics,
                               site=self.site, field=field)
@@ -115,7 +115,7 @@ class GradientAnomalyDetector(DXOFilter):
     """
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD):
-        super().__init__(supported_data_kinds=[KIND_GRADIENTS], data_kinds_to_filter=[KIND_GRADIENTS])
+        super().__init__(supported_data_kinds=[KIND_REQUEST], data_kinds_to_filter=[KIND_REQUEST])
         HijackMonitor(threshold)  # refuses a bad threshold when the policy is loaded, not at the first task
         self.threshold = threshold
         # One monitor per receiving site: one at a site, every site's where the simulator runs the policy
@@ -125,7 +125,7 @@ class GradientAnomalyDetector(DXOFilter):
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         site = receiving_site(fl_ctx)
-        message = TensorMessage.from_shareable(dxo.to_shareable(), KIND_GRADIENTS, site=site)
+        message = TensorMessage.from_shareable(dxo.to_shareable(), KIND_REQUEST, site=site)
         if not message.tensors:
             return None
         with self._lock:

@@ -22,6 +22,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from split_unet.errors import ProtocolError
+from split_unet.ids import is_number
 from split_unet.protocol.wire import KIND_INIT
 from split_unet.training import TrainConfig
 
@@ -56,7 +57,7 @@ class TrainingRequirements(DXOFilter):
             raise ProtocolError("the run configuration has no training settings", site=site, field="train")
         for key, least in self.minimum.items():
             value = train.get(key, self.defaults[key])
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= least:
+            if not is_number(value) or not value >= least:
                 self._refuse(fl_ctx, f"requires {key} >= {least:g}; the job asks for {value!r}", site, key)
         if "nopeek_weight" in self.minimum and train.get("nopeek_levels") is not None:
             # The required weight holds on every level the site sends: a job may not exempt some of them.

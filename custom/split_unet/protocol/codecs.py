@@ -37,6 +37,7 @@ import torch
 import zstandard
 
 from split_unet.errors import ProtocolError
+from split_unet.ids import is_integer, is_number
 
 CODECS = ("float32", "float16", "int8", "topk")
 COMPRESSIONS = ("zstd",)
@@ -112,7 +113,7 @@ def decode(arrays: Mapping[str, object], header: object, *, site: str | None, fi
         raise fail(f"unknown encoding {header!r}", ".encoding")
     codec, shape, scale = header["codec"], header.get("shape"), header.get("scale")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or \
-            not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            not all(is_integer(s) and s >= 0 for s in shape):
         raise fail(f"invalid shape {str(shape)[:80]}", ".shape")
     numel = math.prod(shape)
     if numel > max_elements:
@@ -124,7 +125,7 @@ def decode(arrays: Mapping[str, object], header: object, *, site: str | None, fi
                    ".shape")
     # Scales before any value is read: int8 has one per channel, the other codecs one number.
     scales = scale if codec == "int8" and isinstance(scale, list) else [scale]
-    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s <= MAX_SCALE for s in scales):
+    if not all(is_number(s) and 0 < s <= MAX_SCALE for s in scales):
         raise fail(f"invalid scale {scale!r}", ".scale")
     if codec == "int8" and (len(shape) < 2 or len(scales) != shape[1]):
         raise fail(f"int8 needs one scale per channel, got {len(scales)}", ".scale")

@@ -31,7 +31,7 @@ from split_unet.training import RegionMetrics, chunks, gpu_peak_mb, logits_to_ma
 from split_unet.training.schedule import Schedule, Step, learning_rate
 
 from .checkpoint import SERVER_CHECKPOINT, ServerCheckpoint
-from .executor import job_scope
+from .settings import job_scope
 from .paths import inside
 from .wire import TASK_FINISH, TASK_TRAIN, TASK_VALIDATE
 from .rounds import INIT_TIMEOUT

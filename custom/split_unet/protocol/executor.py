@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from nvflare.apis.dxo import DXO
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -21,7 +22,7 @@ from nvflare.private.privacy_manager import PrivacyService
 from split_unet.data import SiteImages
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.files import save_atomically
-from split_unet.ids import check_patient_ids
+from split_unet.ids import check_patient_ids, is_integer
 from split_unet.leakage.record import snapshot_path
 from split_unet.networks import build_encoder, build_inversion_decoder
 from split_unet.profiling import cpu_seconds, peak_memory_mb, process_cpu_seconds, save_profile, start_profile
@@ -37,15 +38,10 @@ from .names import ENCODER_FILE
 from .nvflare_workarounds import screen_pushed_tasks, short_received_buffer_repr
 from .paths import inside
 from .psi import intersection_path, read_intersection
-from .settings import load_site_settings
+from .settings import job_scope, load_site_settings
 from .telemetry import SiteTelemetry
-from .wire import (KIND_ACTIVATIONS, KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_FINISH, TASK_INFER, TASK_INIT,
+from .wire import (KIND_ACTIVATIONS, KIND_INIT, KIND_REQUEST, KIND_SITE_INFO, TASK_FINISH, TASK_INFER, TASK_INIT,
                    TASK_TRAIN, TASK_VALIDATE, TensorMessage, dxo_of, error_reply, selected_step)
-
-
-def job_scope(fl_ctx: FLContext) -> str | None:
-    """The privacy scope the running job asks for (its ``meta.json`` ``scope``), None for the sites' default."""
-    return fl_ctx.get_prop(FLContextKey.JOB_SCOPE_NAME) or (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope")
 
 
 def check_privacy_scope(fl_ctx: FLContext, site: str) -> None:
@@ -73,8 +69,23 @@ def check_psi_policy(settings: dict, psi_job_id: str, site: str) -> None:
                             "server learns only the patients every party holds", site=site, field="psi_job_id")
 
 
+@dataclass
+class ReceivedRequest:
+    """A checked request of the server (train, validate, infer, finish) whose gradient the site has applied."""
+
+    request: TensorMessage
+    agreed: set[str] | None  # the patients every party holds, once announced
+    read_inputs: Callable[[], np.ndarray]  # reads the requested inputs (checked, not yet read)
+    prefetch: list[str]  # the next batch's patients, to load while the server works
+    received_at: float  # ``time.perf_counter()`` at the executor's receipt of the task
+
+
 class ModalitySiteExecutor(Executor):
     """Runs one site's encoder on its own modality; only activations leave the site.
+
+    The init task sets the site up (``_initialize``). Every later task is received and checked in one place
+    (``_receive``: its step, patients and inputs, then the gradient it carries applied), then answered by its own
+    handler: ``_train``, ``_validate``, ``_infer``, ``_finish``.
 
     Every path the job names is relative to the site's run folder (``encoder_file``) or workspace (the others),
     ``{site}`` replaced by the site name; absolute paths and '..' are refused (``paths.inside``).
@@ -144,9 +155,11 @@ class ModalitySiteExecutor(Executor):
         try:
             if task_name == TASK_INIT:
                 return self._initialize(shareable, fl_ctx, site)
-            if task_name in (TASK_TRAIN, TASK_VALIDATE, TASK_FINISH, TASK_INFER):
-                return self._exchange(task_name, shareable, fl_ctx, site)
-            return make_reply(ReturnCode.TASK_UNKNOWN)
+            handler = {TASK_TRAIN: self._train, TASK_VALIDATE: self._validate, TASK_INFER: self._infer,
+                       TASK_FINISH: self._finish}.get(task_name)
+            if handler is None:
+                return make_reply(ReturnCode.TASK_UNKNOWN)
+            return handler(self._receive(task_name, shareable, fl_ctx, site), fl_ctx, site)
         except SplitUNetError as error:
             self.log_error(fl_ctx, str(error))
             return error_reply(str(error))
@@ -216,16 +229,19 @@ class ModalitySiteExecutor(Executor):
         info = {"patient_ids": self.images.patient_ids, "modality": self.images.modality, "geometry": geometry}
         return DXO(data_kind=KIND_SITE_INFO, data=info).to_shareable()
 
-    def _exchange(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, site: str) -> Shareable:
-        started = time.perf_counter()
+    # The tasks after init: one shared receipt, then the task's own handler --------------------------------------------
+    def _receive(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, site: str) -> ReceivedRequest:
+        """Every task after init: the server's request decoded and checked (its step, the gradient it carries, its
+        patients, inputs and prefetch), then the gradient applied and any checkpoint saved."""
+        received_at = time.perf_counter()
         if self.party is None:
             raise ProtocolError(f"task '{task_name}' before '{TASK_INIT}'", site=site, field="task")
         # Gradients may only be as large as the activations waiting for them; nothing else is decoded.
-        request = TensorMessage.from_shareable(shareable, KIND_GRADIENTS, site=site,
+        request = TensorMessage.from_shareable(shareable, KIND_REQUEST, site=site,
                                                max_elements=self.party.largest_pending)
         self._check_order(task_name, request, fl_ctx, site)
         agreed = self._check_patients(task_name, request, site)
-        inputs = self._inputs_of(task_name, request, site)
+        read_inputs = self._inputs_of(task_name, request, site)
         prefetch = self._check_prefetch(request, agreed, site)
         # Every check above comes before the site changes: a refused message leaves it as it was, so the
         # server's correct retry is accepted. ``backward`` refuses mismatched gradients before it steps.
@@ -233,49 +249,76 @@ class ModalitySiteExecutor(Executor):
             self.party.backward(request.tensors)
             self.pending_step = None
             train_step = request.info.get("gradient_train_step")
-            if self.site_telemetry is not None and isinstance(train_step, int) and not isinstance(train_step, bool):
+            if self.site_telemetry is not None and is_integer(train_step):
                 self._log_privacy_terms(train_step)
         self.agreed, self.last_step = agreed, request.step
         if "checkpoint" in request.info:
             self._save_checkpoint(request.info["checkpoint"], fl_ctx, site)
+        return ReceivedRequest(request, agreed, read_inputs, prefetch, received_at)
 
-        features = {}
-        if task_name == TASK_TRAIN and request.patient_ids:  # no patients: left out of this step (modality dropout)
+    def _train(self, received: ReceivedRequest, fl_ctx: FLContext, site: str) -> Shareable:
+        """Activations of the training batch; a request without patients only delivered the gradient (a site left
+        out of the step by modality dropout)."""
+        request, features = received.request, {}
+        if request.patient_ids:
             if self.config.privacy_warmup_steps and not self.party.warmed_up:  # before the first release
-                self._warm_up(agreed, fl_ctx)
+                self._warm_up(received.agreed, fl_ctx)
             train_step = request.info.get("train_step")
-            if not isinstance(train_step, int) or isinstance(train_step, bool) or train_step < 1:
+            if not is_integer(train_step) or train_step < 1:
                 raise ProtocolError(f"must be a positive integer, got {str(train_step)[:60]}", site=site,
                                     field="info.train_step")
             self.party.set_learning_rate(learning_rate(self.config, train_step))  # the server's, from the step
             self._snapshot(request, fl_ctx)
-            features = self.party.forward(inputs())
+            features = self.party.forward(received.read_inputs())
             self.pending_step = request.step
-        elif task_name in (TASK_VALIDATE, TASK_INFER):
-            features = self.party.infer(inputs())
-        self.images.prefetch(prefetch)  # loaded on a background thread while the server works on this step
-        echoed = {k: v for k, v in request.info.items() if k in ("train_step", "train_steps")}
-        echoed["cpu_seconds"] = cpu_seconds()  # the server's benchmark figures: CPU per step, peak memory
+        return self._answer(request, features, self._end_step(received))
+
+    def _validate(self, received: ReceivedRequest, fl_ctx: FLContext, site: str) -> Shareable:
+        """Activations of validation patients (or windows of one), computed without a gradient."""
+        features = self.party.infer(received.read_inputs())
+        return self._answer(received.request, features, self._end_step(received))
+
+    def _infer(self, received: ReceivedRequest, fl_ctx: FLContext, site: str) -> Shareable:
+        """As validation, with each patient's source affine and shape (header data, no image) for the server's
+        segmentation files."""
+        features = self.party.infer(received.read_inputs())
+        report = self._end_step(received)
+        report["geometry"] = {}
+        for pid in received.request.patient_ids:
+            affine, shape = self.images.geometry(pid)
+            report["geometry"][pid] = {"affine": affine.tolist(), "shape": list(shape)}
+        return self._answer(received.request, features, report)
+
+    def _finish(self, received: ReceivedRequest, fl_ctx: FLContext, site: str) -> Shareable:
+        """The last gradient is applied: the encoder is saved in the site's run folder; the report adds the peak
+        memory."""
+        report = self._end_step(received)
+        self.images.close()
+        self._save_encoder(fl_ctx)
+        if self.site_telemetry is not None:
+            self.site_telemetry.close()
+        report["peak_memory_mb"] = peak_memory_mb()
+        if (gpu := gpu_peak_mb(self.party.device)) is not None:
+            report["gpu_peak_mb"] = gpu
+        save_profile(site)
+        return self._answer(received.request, {}, report)
+
+    def _end_step(self, received: ReceivedRequest) -> dict:
+        """The step's work is done: the next batch's volumes load on a background thread while the server works,
+        and the site's own report of this step is returned: the training step it answers (the server's, as sent),
+        its CPU seconds and the seconds it was busy (the server's benchmark figures)."""
+        self.images.prefetch(received.prefetch)
+        report = {k: v for k, v in received.request.info.items() if k in ("train_step", "train_steps")}
+        report["cpu_seconds"] = cpu_seconds()
         # Seconds from the executor's receipt of the task (after the site's filters) to here; the reply's encoding
         # comes after. The server tells what a step spends at the site from what it spends waiting on the wire.
-        echoed["busy_seconds"] = round(time.perf_counter() - started, 4)
+        report["busy_seconds"] = round(time.perf_counter() - received.received_at, 4)
         if (parent_seconds := process_cpu_seconds(os.getppid())) is not None:  # the process relaying our messages
-            echoed.update(parent_pid=os.getppid(), parent_cpu_seconds=parent_seconds)
-        if task_name == TASK_FINISH:
-            self.images.close()
-            self._save_encoder(fl_ctx)
-            if self.site_telemetry is not None:
-                self.site_telemetry.close()
-            echoed["peak_memory_mb"] = peak_memory_mb()
-            if (gpu := gpu_peak_mb(self.party.device)) is not None:
-                echoed["gpu_peak_mb"] = gpu
-            save_profile(site)
-        if task_name == TASK_INFER:
-            echoed["geometry"] = {}
-            for pid in request.patient_ids:
-                affine, shape = self.images.geometry(pid)
-                echoed["geometry"][pid] = {"affine": affine.tolist(), "shape": list(shape)}
-        reply = TensorMessage(KIND_ACTIVATIONS, request.step, request.patient_ids, features, info=echoed)
+            report.update(parent_pid=os.getppid(), parent_cpu_seconds=parent_seconds)
+        return report
+
+    def _answer(self, request: TensorMessage, features: dict[int, torch.Tensor], report: dict) -> Shareable:
+        reply = TensorMessage(KIND_ACTIVATIONS, request.step, request.patient_ids, features, info=report)
         return reply.to_shareable(self.wire_dtype, compression=self.config.activation_compression)[0]
 
     def _warm_up(self, agreed: set[str] | None, fl_ctx: FLContext) -> None:
@@ -317,7 +360,7 @@ class ModalitySiteExecutor(Executor):
         if task_name == TASK_TRAIN:
             patches = PatchBatch.from_message(request.info.get("patches"), config, len(ids), site=site)
             train_step = request.info.get("train_step")
-            if not isinstance(train_step, int) or isinstance(train_step, bool):
+            if not is_integer(train_step):
                 raise ProtocolError(f"must be an integer, got {str(train_step)[:60]}", site=site,
                                     field="info.train_step")
 
@@ -355,7 +398,7 @@ class ModalitySiteExecutor(Executor):
                                 f"gradient", site=site, field="patient_ids")
         if "checkpoint" in request.info:
             train_step = request.info["checkpoint"]
-            if not isinstance(train_step, int) or isinstance(train_step, bool) or train_step < 1:
+            if not is_integer(train_step) or train_step < 1:
                 raise ProtocolError(f"checkpoint step must be a positive integer, got {train_step!r}", site=site,
                                     field="checkpoint")
             self._checkpoint_folder(Path(fl_ctx.get_engine().get_workspace().get_root_dir()), site)
@@ -416,7 +459,7 @@ class ModalitySiteExecutor(Executor):
 
     def _resume(self, train_step: object, root: Path, site: str, fl_ctx: FLContext) -> None:
         """Load this site's checkpoint of the step the server resumes from; it must be of this very run."""
-        if not isinstance(train_step, int) or isinstance(train_step, bool):
+        if not is_integer(train_step):
             raise ProtocolError(f"resume step must be an integer, got {train_step!r}", site=site, field="resume_step")
         path = site_checkpoint(self._checkpoint_folder(root, site), train_step)
         if not path.is_file():

@@ -19,7 +19,7 @@ from nvflare.apis.shareable import Shareable
 from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, step_folder
 
 from .codecs import MAX_ELEMENTS
-from .wire import KIND_ACTIVATIONS, KIND_GRADIENTS, TensorMessage, selected_step
+from .wire import KIND_ACTIVATIONS, KIND_REQUEST, TensorMessage, selected_step
 
 
 class LeakageRecorder(Filter):
@@ -44,7 +44,7 @@ class LeakageRecorder(Filter):
             dxo = from_shareable(shareable)
         except Exception:  # not a DXO: not ours to record
             return shareable
-        if dxo.data_kind not in (KIND_ACTIVATIONS, KIND_GRADIENTS):
+        if dxo.data_kind not in (KIND_ACTIVATIONS, KIND_REQUEST):
             return shareable
         # Decide from the metadata alone, so that the payloads of steps not recorded are never decoded.
         info = (dxo.meta or {}).get("info")

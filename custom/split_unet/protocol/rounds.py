@@ -25,12 +25,12 @@ from split_unet.accounting import gaussian_epsilon
 from split_unet.data import MODALITIES, is_scanner_affine
 from split_unet.data.readers import Grid, grid_mismatch, odd_grids
 from split_unet.errors import ProtocolError
-from split_unet.ids import check_patient_ids
+from split_unet.ids import check_patient_ids, is_integer, is_number
 from split_unet.training import TrainConfig, present_inputs
 
 from .codecs import CODECS, check_compression
 from .transport import make_transport
-from .wire import (KIND_GRADIENTS, KIND_INIT, KIND_SITE_INFO, TASK_INIT, TASK_TRAIN, TensorMessage, dxo_of,
+from .wire import (KIND_INIT, KIND_REQUEST, KIND_SITE_INFO, TASK_INIT, TASK_TRAIN, TensorMessage, dxo_of,
                    read_activations)
 
 Features = dict[int, torch.Tensor]
@@ -50,7 +50,7 @@ MAX_SOURCE_DIM = 2048  # voxels along one axis of a source volume whose geometry
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 def _shown(value: object) -> str:
@@ -82,11 +82,11 @@ def check_privacy_report(info: Mapping, site: str, releases_seen: int) -> dict:
                             field="info.dp_noise_multiplier")
     if not _is_number(delta) or not 0 < delta < 1:
         raise ProtocolError(f"must be a number in (0, 1), got {_shown(delta)}", site=site, field="info.dp_delta")
-    if not isinstance(releases, int) or isinstance(releases, bool) or not releases_seen <= releases <= MAX_RELEASES:
+    if not is_integer(releases) or not releases_seen <= releases <= MAX_RELEASES:
         raise ProtocolError(f"must be an integer of at least {releases_seen} (the releases per patient the server "
                             f"received), got {_shown(releases)}", site=site, field="info.dp_releases")
     computed = gaussian_epsilon(noise, releases, delta)
-    if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not (
+    if not is_number(epsilon) or not (
             epsilon == computed or math.isclose(epsilon, computed, rel_tol=EPSILON_RELATIVE_TOLERANCE)):
         raise ProtocolError(f"reported epsilon {_shown(epsilon)} is not the {computed:.6g} of the declared mechanism "
                             f"(noise multiplier {noise}, {releases} releases, delta {delta})", site=site,
@@ -99,7 +99,7 @@ def reported_grid(entry: object, site: str, patient_id: str) -> Grid:
     ``MAX_SOURCE_DIM`` (a segmentation of that shape is allocated from it), and a finite, invertible 4x4 affine."""
     shape = entry.get("shape") if isinstance(entry, dict) else None
     if not isinstance(shape, list) or len(shape) != 3 or not all(
-            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_SOURCE_DIM for n in shape):
+            is_integer(n) and 1 <= n <= MAX_SOURCE_DIM for n in shape):
         raise ProtocolError(f"shape must be three integers in [1, {MAX_SOURCE_DIM}], got {str(shape)[:60]}",
                             site=site, patient=patient_id, field="info.geometry.shape")
     try:
@@ -160,7 +160,7 @@ def _levels(info: Mapping, key: str, site: str) -> list[int] | None:
     """A list of U-Net levels a site reports (``blocked_levels``, ``dp_levels``), or None when it reports none."""
     levels = info.get(key)
     if levels is not None and (not isinstance(levels, list)
-                               or not all(isinstance(n, int) and not isinstance(n, bool) for n in levels)):
+                               or not all(is_integer(n) for n in levels)):
         raise ProtocolError(f"must be a list of levels, got {_shown(levels)}", site=site, field=f"info.{key}")
     return levels
 
@@ -264,7 +264,7 @@ class SiteRounds:
             start_up = self.config.privacy_warmup_steps > 0  # and take their privacy warm-up first
         payloads = {}
         for site in active:
-            message = TensorMessage(KIND_GRADIENTS, self.step, requested[site], self._gradients.get(site, {}),
+            message = TensorMessage(KIND_REQUEST, self.step, requested[site], self._gradients.get(site, {}),
                                     tensor_step=self._gradient_step if self._gradients else None, info=info)
             payloads[site], n_bytes = message.to_shareable(self.wire_dtype)
             self.bytes[site]["to_site"] += n_bytes

@@ -1,4 +1,5 @@
-"""Site-local settings: which modality a site holds and where its data lies.
+"""Site-local settings: which modality a site holds and where its data lies; and ``job_scope``, which of the sites'
+privacy-policy scopes a job asks for.
 
 They follow NVFlare's convention for site-local configuration (like ``privacy.json`` and
 ``resources.json``): a file in the site's ``local/`` folder, ``split_unet_site.json``, which never
@@ -13,6 +14,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
 
 from split_unet.errors import DataError
 
@@ -80,6 +84,12 @@ def load_site_settings(site: str, workspace_root: str | Path | None = None) -> d
     settings["data_dir"] = str((base / data_dir).resolve() if not os.path.isabs(data_dir) else Path(data_dir))
     settings["settings_file"] = str(path)
     return settings
+
+
+def job_scope(fl_ctx: FLContext) -> str | None:
+    """The privacy scope the running job asks for (its ``meta.json`` ``scope``), None for the sites' default: which
+    of a site's ``local/privacy.json`` scopes applies (the site checks it), and what the server's summary records."""
+    return fl_ctx.get_prop(FLContextKey.JOB_SCOPE_NAME) or (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("scope")
 
 
 def allow_job_classes(local_dir: str | Path) -> Path:

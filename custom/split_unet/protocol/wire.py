@@ -30,7 +30,7 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.shareable import Shareable, make_reply
 
 from split_unet.errors import ProtocolError
-from split_unet.ids import check_patient_ids
+from split_unet.ids import check_patient_ids, is_integer
 
 from . import codecs
 
@@ -42,7 +42,9 @@ TASK_INFER = "split_unet_infer"
 TASKS = (TASK_INIT, TASK_TRAIN, TASK_VALIDATE, TASK_FINISH, TASK_INFER)
 
 KIND_INIT = "split_unet.init"
-KIND_GRADIENTS = "split_unet.gradients"
+# The server's request of every task after init: the gradient of the site's last activations (possibly none) and the
+# next batch. The value is the one recorded runs and site logs carry.
+KIND_REQUEST = "split_unet.gradients"
 KIND_ACTIVATIONS = "split_unet.activations"
 KIND_SITE_INFO = "split_unet.site_info"
 
@@ -88,11 +90,11 @@ class TensorMessage:
         dxo = dxo_of(shareable, kind, site=site)
         meta = dxo.meta or {}
         step = meta.get("step")
-        if not isinstance(step, int) or isinstance(step, bool):
+        if not is_integer(step):
             raise ProtocolError(f"step must be an integer, got {step!r}", site=site, field="step")
         patient_ids = check_patient_ids(meta.get("patient_ids"), site=site, field="patient_ids", error=ProtocolError)
         tensor_step = meta.get("tensor_step")
-        if tensor_step is not None and (not isinstance(tensor_step, int) or isinstance(tensor_step, bool)):
+        if tensor_step is not None and not is_integer(tensor_step):
             raise ProtocolError(f"tensor_step must be an integer, got {tensor_step!r}", site=site,
                                 field="tensor_step")
         info = meta.get("info") or {}

@@ -12,11 +12,11 @@ server) holds no image and the parties that crop hold no label, so the corner is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from numbers import Integral
 
 import numpy as np
 
 from split_unet.errors import ProtocolError
+from split_unet.ids import is_integer
 
 Corner = tuple[int, int, int]
 
@@ -99,7 +99,7 @@ def check_patch_starts(starts: object, grid_shape: Sequence[int], patch_shape: S
     corners = []
     for i, start in enumerate(starts):
         if (not isinstance(start, (list, tuple)) or len(start) != 3
-                or not all(isinstance(s, Integral) and not isinstance(s, bool) for s in start)):
+                or not all(is_integer(s, numpy=True) for s in start)):
             raise ProtocolError(f"a patch corner must be three integers, got {start!r:.80}", site=site,
                                 field=f"{field}[{i}]")
         if not all(-p < s < g for s, p, g in zip(start, patch_shape, grid_shape)):

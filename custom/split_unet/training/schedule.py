@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from split_unet.errors import ProtocolError
+from split_unet.ids import is_integer
 
 from .augment import spatial_augment
 from .config import TrainConfig
@@ -59,7 +60,7 @@ class PatchBatch:
                                     field="info.patches.starts", count=count)
         seeds = message.get("seeds")
         if config.augment != (seeds is not None) or seeds is not None and not (
-                isinstance(seeds, list) and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**32
+                isinstance(seeds, list) and all(is_integer(n) and 0 <= n < 2**32
                                                 for n in seeds)):
             raise ProtocolError(f"must be {'a list of seeds' if config.augment else 'None (no augmentation)'}, got "
                                 f"{str(seeds)[:60]}", site=site, field="info.patches.seeds")
