@@ -1,5 +1,6 @@
 """Centralized baselines and the split-unet command on tiny phantoms."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 from helpers import TINY_NETWORK, TINY_SIZE
 
 from split_unet.cli import build_parser, main
-from split_unet.launch.options import train_overrides
+from split_unet.launch.options import NOT_OPTIONS, train_overrides
 from split_unet.training import TrainConfig
 from split_unet.training.centralized import CaseCache, mode_inputs, train_centralized
 from split_unet.training.patches import cut_patch, sample_patch_starts
@@ -114,6 +115,37 @@ def test_centralized_cache_keeps_at_most_cache_cases(tiny_data):
     data.get(third)  # evicts the least recently used: second
     assert data.get.cache_info().currsize == 2 and data.get(first) is kept
     assert data.get(second) is not dropped  # loaded again
+
+
+# The training options of the command line before they were made from TrainConfig's fields, each with a value: the
+# README's and the docs' commands use them.
+EARLIER_OPTIONS = {"--epochs": "3", "--steps-per-epoch": "5", "--batch-size": "4", "--lr": "0.01",
+                   "--lr-schedule": "poly", "--seed": "7", "--size": "96,96,64", "--spacing": "1.5",
+                   "--val-interval": "2", "--val-fraction": "0.2", "--device": "cpu", "--channels": "4,8,16,32",
+                   "--levels": "0,2,3", "--fusion": "mean", "--full-res-channels": "1", "--full-res-bits": "2",
+                   "--modality-dropout": "0.25", "--micro-batches": "2", "--decoder-checkpointing": None,
+                   "--min-component-voxels": "10", "--patch-size": "32", "--patch-sampling": "label",
+                   "--patch-positive-fraction": "0.3", "--augment": None, "--sw-batch-size": "3",
+                   "--sw-overlap": "0.25", "--no-amp": None, "--cache-cases": "8"}
+
+
+def test_every_training_field_is_an_option_with_its_docstring_as_help_and_the_earlier_options_remain():
+    parser = build_parser()
+    simulate = parser._subparsers._group_actions[0].choices["simulate"]
+    options = {action.dest: action for action in simulate._actions}
+    for field in dataclasses.fields(TrainConfig):
+        assert (field.name in options) == (field.name not in NOT_OPTIONS), field.name
+        assert field.name in NOT_OPTIONS or options[field.name].help, field.name
+    assert options["steps_per_epoch"].help == ("An epoch of this many steps (default: one pass over the training "
+                                               "patients).")
+    assert options["lr_schedule"].choices == ("constant", "poly") and options["amp"].default is None
+    given = [part for option, value in EARLIER_OPTIONS.items() for part in (option, value) if part is not None]
+    args = parser.parse_args(["simulate", "--sites", "s", "--workspace", "w", *given])
+    config = TrainConfig.from_dict(train_overrides(args))
+    assert (config.epochs, config.steps_per_epoch, config.lr_schedule, config.size, config.patch_size) == \
+        (3, 5, "poly", (96, 96, 64), 32)
+    assert config.network.channels == (4, 8, 16, 32) and config.network.fusion == "mean" and not config.amp
+    assert config.decoder_checkpointing and config.augment and config.cache_cases == 8
 
 
 def test_centralized_command_takes_patch_options():

@@ -15,6 +15,7 @@ from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE
 from split_unet.protocol.rounds import refuse_blocked_levels
 from split_unet.protocol.wire import TASK_INFER, TASK_INIT, TASK_TRAIN
 from split_unet.site_configs import write_site_configs
+from split_unet.training import merge_train_settings
 
 pytestmark = pytest.mark.unit
 
@@ -97,6 +98,13 @@ def test_a_job_for_the_undefended_scope_is_undefended_and_explicit_settings_win(
     asked = training_settings({"network": {"levels": [0, 1, 2, 3]}, "nopeek_weight": 0.0, "privacy_warmup_steps": 0},
                               server_filters=[])
     assert asked.train.network.levels == (0, 1, 2, 3) and asked.train.nopeek_weight == 0 and asked.server_filters == []
+
+
+def test_training_settings_are_merged_in_order_and_the_network_key_by_key():
+    base = {"epochs": 2, "network": {"channels": [4, 8], "fusion": "mean"}}
+    merged = merge_train_settings(base, {"network": {"fusion": "concat"}}, {"epochs": 3}, {})
+    assert merged == {"epochs": 3, "network": {"channels": [4, 8], "fusion": "concat"}}
+    assert base["network"] == {"channels": [4, 8], "fusion": "mean"}  # the layers are left as they were
 
 
 def test_training_job_settings_land_in_the_configs(tmp_path):

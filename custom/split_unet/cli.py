@@ -11,9 +11,7 @@ from pathlib import Path
 
 from split_unet.errors import SplitUNetError
 from split_unet.launch.options import add_grid_options, add_train_options, train_overrides
-
-# ``studies.leakage.ATTACKS`` (a test keeps them equal): named here so that building the parser imports no torch.
-LEAKAGE_ATTACKS = ("whitebox", "unsplit", "learned", "surrogate", "completion", "labels")
+from split_unet.studies import ATTACKS as LEAKAGE_ATTACKS
 SCOPE_HELP = ("the sites' privacy scope the job asks for (meta.json scope). Default: the sites' default scope, "
               "'clinical', whose defence (split_unet.defence) the job then carries; 'strict': the bottleneck alone, "
               "the only defence measured to keep every attack at the prior (0.27 mean Dice lower); 'undefended': no "
@@ -103,11 +101,7 @@ def cmd_centralized(args) -> int:
     from split_unet.training import TrainConfig
     from split_unet.training.centralized import train_centralized
 
-    overrides = train_overrides(args)
-    network = overrides.pop("network", {})
-    config = TrainConfig.from_dict(overrides)
-    if network:
-        config = TrainConfig.from_dict({**overrides, "network": {**config.network.to_dict(), **network}})
+    config = TrainConfig.from_dict(train_overrides(args))  # network options: NetworkConfig's defaults for the rest
     summary = train_centralized(args.data, args.out, mode=args.mode, modality=args.modality, config=config,
                                 encoders=args.encoders)
     _print_result(f"centralized {args.mode}" + (f" ({args.modality})" if args.modality else ""), summary)

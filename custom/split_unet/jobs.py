@@ -41,7 +41,7 @@ from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, SEGMENTATIONS,
 from split_unet.protocol.psi import PSI_OUTPUT, LabelHolderPSIController, SitePatients
 from split_unet.protocol.recorder import LeakageRecorder
 from split_unet.protocol.wire import TASK_FINISH, TASK_INFER, TASK_INIT, TASK_TRAIN, TASK_VALIDATE
-from split_unet.training import TrainConfig
+from split_unet.training import TrainConfig, merge_train_settings
 
 TRAINING_JOB = "split_unet"
 NATIVE_JOB = "split_unet_native"
@@ -168,12 +168,10 @@ def train_config(overrides: dict, base: dict | None = None, defence: Defence = D
     """``TrainConfig()`` with ``defence``'s training settings, then ``base``, then ``overrides`` applied; ``network``
     merged key by key. Unless ``base`` or ``overrides`` name the network's levels, it sends those ``defence``
     lets leave the sites."""
-    values = TrainConfig().to_dict()
     # Patches centred on tumour where the sites' scope lets the label holder send such corners (measured:
     # docs/performance.md, "What label sampling tells the sites"); a job may still ask for either.
-    values["patch_sampling"] = "label" if defence.label_sampling else "uniform"
-    for key, value in [*defence.site_training.items(), *(base or {}).items(), *overrides.items()]:
-        values[key] = {**values["network"], **value} if key == "network" else value
+    sampling = {"patch_sampling": "label" if defence.label_sampling else "uniform"}
+    values = merge_train_settings(TrainConfig().to_dict(), sampling, defence.site_training, base or {}, overrides)
     named_levels = any("levels" in settings.get("network", {}) for settings in (base or {}, overrides))
     if defence.blocked_levels and not named_levels:
         values["network"]["levels"] = defence.sent_levels(len(values["network"]["channels"]))

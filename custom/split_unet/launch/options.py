@@ -1,19 +1,34 @@
-"""Training options shared by the command-line launchers (``split-unet simulate``, ``centralized``, ``poc``, ...)."""
+"""Training options shared by the command-line launchers (``split-unet simulate``, ``centralized``, ``poc``, ...).
+
+One option per ``TrainConfig`` field, made from the field: its name (``--steps-per-epoch``), its type, its choices
+(the field's ``metadata["choices"]``) and its docstring as the help. Every option defaults to None: only the options a
+user gives override the job config (or ``TrainConfig``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
+import textwrap
+import typing
+from dataclasses import fields
+from functools import cache
+
+from split_unet.training.config import TrainConfig
+
+# Fields that are no option: the network has its own options below; the privacy terms are the job scope's
+# (``defence.py``; a study sets them in its sweep file); activation compression is measured by
+# ``split-unet bench --activation-compression``.
+NOT_OPTIONS = ("network", "nopeek_weight", "nopeek_levels", "adversarial_weight", "privacy_warmup_steps",
+               "activation_compression")
+GRID_FIELDS = ("size", "spacing")  # also the grid of commands that read data without training (check, infer)
 
 
 def train_overrides(args: argparse.Namespace) -> dict:
     """Only the options the user gave; the job config (or TrainConfig) supplies the rest."""
-    train = {key: getattr(args, key) for key in ("epochs", "steps_per_epoch", "lr_schedule", "batch_size", "lr",
-                                                 "seed", "size", "spacing",
-                                                 "val_interval", "val_fraction", "device", "modality_dropout",
-                                                 "micro_batches", "decoder_checkpointing", "min_component_voxels",
-                                                 "patch_size", "patch_sampling", "patch_positive_fraction", "augment",
-                                                 "sw_batch_size", "sw_overlap", "amp", "cache_cases")
-             if getattr(args, key, None) is not None}
+    train = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if f.name not in NOT_OPTIONS and getattr(args, f.name, None) is not None}
     network = {}
     if getattr(args, "channels", None):
         network["channels"] = [int(c) for c in args.channels.split(",")]
@@ -31,44 +46,56 @@ def train_overrides(args: argparse.Namespace) -> dict:
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training budget (defaults: the job config / TrainConfig)")
-    group.add_argument("--epochs", type=int)
-    group.add_argument("--steps-per-epoch", type=int,
-                       help="an epoch of this many steps (default: one pass over the training patients)")
-    group.add_argument("--batch-size", type=int)
-    group.add_argument("--lr", type=float)
-    group.add_argument("--lr-schedule", choices=("constant", "poly"),
-                       help="poly: nnU-Net's decay over epochs x steps-per-epoch steps (needs --steps-per-epoch)")
-    group.add_argument("--seed", type=int)
-    add_grid_options(group)
-    group.add_argument("--val-interval", type=int)
-    group.add_argument("--val-fraction", type=float)
-    group.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
-    group.add_argument("--channels", help="feature channels per level, e.g. 8,16,32,64")
-    group.add_argument("--levels", help="levels the sites send, e.g. 1,2,3 (default: all)")
-    group.add_argument("--fusion", choices=("concat", "mean"))
-    group.add_argument("--full-res-channels", type=int,
-                       help="send the full-resolution level narrowed to this many learned channels (default: all)")
-    group.add_argument("--full-res-bits", type=int,
-                       help="quantise the narrowed full-resolution level to 2**bits values per channel")
-    group.add_argument("--modality-dropout", type=float,
-                       help="probability that one site, drawn per step, is left out of a training step (default 0)")
-    group.add_argument("--micro-batches", type=int,
-                       help="the server's decoder runs each batch in this many parts (less memory, same step)")
-    group.add_argument("--decoder-checkpointing", action="store_true", default=None,
-                       help="the decoder recomputes activations in its backward pass (less server memory)")
-    group.add_argument("--min-component-voxels", type=int,
-                       help="post-processing: remove connected components smaller than this (grid voxels) from "
-                            "every segmentation (default 0: none)")
-    add_patch_options(parser)
+    group = parser.add_argument_group("training (defaults: the job config / TrainConfig)")
+    for name in (f.name for f in fields(TrainConfig) if f.name not in NOT_OPTIONS):
+        add_field_option(group, name)
+    network = parser.add_argument_group("network (defaults: the job config / NetworkConfig)")
+    network.add_argument("--channels", help="feature channels per level, e.g. 8,16,32,64")
+    network.add_argument("--levels", help="levels the sites send, e.g. 1,2,3 (default: all)")
+    network.add_argument("--fusion", choices=("concat", "mean"))
+    network.add_argument("--full-res-channels", type=int,
+                         help="send the full-resolution level narrowed to this many learned channels (default: all)")
+    network.add_argument("--full-res-bits", type=int,
+                         help="quantise the narrowed full-resolution level to 2**bits values per channel")
 
 
 def add_grid_options(parser, size_default: int | None = None) -> None:
     """``--size`` and ``--spacing``: the common voxel grid (README, "Your own data", on how to choose them)."""
-    parser.add_argument("--size", type=shape_option, default=size_default,
-                        help="the common grid after crop/pad: N (a cube) or X,Y,Z voxels, e.g. 240,240,155")
-    parser.add_argument("--spacing", type=float, help="isotropic spacing (mm) to resample to before the crop/pad "
-                                                      "(default: none, the source voxels; 1 mm for BraTS)")
+    for name in GRID_FIELDS:
+        add_field_option(parser, name, default=size_default if name == "size" else None)
+
+
+def add_field_option(parser, name: str, default: object = None) -> None:
+    """The option of ``TrainConfig``'s field ``name``: ``--name-with-dashes``, typed as the field, its docstring as
+    help. A bool field is a switch with its negation (``--amp`` / ``--no-amp``)."""
+    field = next(f for f in fields(TrainConfig) if f.name == name)
+    kinds = [kind for kind in typing.get_args(_type_hints()[name]) or (_type_hints()[name],) if kind is not type(None)]
+    flag, help_text = "--" + name.replace("_", "-"), field_help()[name].replace("%", "%%")  # argparse's formatting
+    if kinds == [bool]:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        return
+    if any(typing.get_origin(kind) is tuple for kind in kinds):
+        kind = shape_option
+    else:
+        kind = int if kinds == [int] else float if kinds == [float] else str
+    parser.add_argument(flag, type=kind, choices=field.metadata.get("choices"), default=default, help=help_text)
+
+
+@cache
+def _type_hints() -> dict[str, object]:
+    return typing.get_type_hints(TrainConfig)
+
+
+@cache
+def field_help() -> dict[str, str]:
+    """Each ``TrainConfig`` field's docstring (the string after the field, as Sphinx reads it), on one line. Python
+    keeps no such docstring at run time, so it is read from the class's source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig))).body[0].body
+    return {node.target.id: " ".join(following.value.value.split())
+            for node, following in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)}
 
 
 def shape_option(text: str) -> int | list[int]:
@@ -77,24 +104,3 @@ def shape_option(text: str) -> int | list[int]:
     if len(sides) not in (1, 3):
         raise argparse.ArgumentTypeError(f"expected N or X,Y,Z, got {text!r}")
     return sides[0] if len(sides) == 1 else sides
-
-
-def add_patch_options(parser: argparse.ArgumentParser) -> None:
-    """Patch training, augmentation, sliding-window validation and mixed precision (defaults: TrainConfig)."""
-    group = parser.add_argument_group("patches, augmentation and sliding window (default: whole volumes)")
-    group.add_argument("--patch-size", type=shape_option, help="train on patches of N^3 or X,Y,Z voxels; validate "
-                                                               "with a sliding window of that size")
-    group.add_argument("--patch-sampling", choices=("uniform", "label"),
-                       help="uniform (the corners tell the sites nothing) or label (a share of the patches centred "
-                            "on tumour: the sites learn where it is). Default: label where the scope allows it "
-                            "('undefended'), else uniform")
-    group.add_argument("--patch-positive-fraction", type=float, help="label sampling: share centred on tumour")
-    group.add_argument("--augment", action="store_true", default=None,
-                       help="spatial (flips, 90-degree rotations, small affine) and intensity augmentation")
-    group.add_argument("--sw-batch-size", type=int, help="sliding-window windows per batch (round trip)")
-    group.add_argument("--sw-overlap", type=float, help="sliding-window overlap in [0, 1)")
-    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                       help="mixed precision on CUDA (default on; no effect on the CPU)")
-    group.add_argument("--cache-cases", type=int,
-                       help="preprocessed volumes each party keeps in memory, least recently used out first "
-                            "(default 64; 0: all)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 from split_unet.data.readers import grid_shape
@@ -21,65 +22,104 @@ def _shape_setting(name: str, value: object) -> int | tuple[int, int, int]:
     return value if isinstance(value, int) else tuple(value)
 
 
+def merge_train_settings(*layers: Mapping) -> dict:
+    """Training settings (``TrainConfig`` fields) of ``layers`` applied in order, each later one winning; ``network``
+    merged key by key, so that a layer may change one network setting and keep the others."""
+    merged: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            merged[key] = {**merged.get("network", {}), **value} if key == "network" else value
+    return merged
+
+
 @dataclass
 class TrainConfig:
-    """One training budget. ``split-unet centralized`` and the NVFlare job read the same fields."""
+    """One training budget. ``split-unet centralized`` and the NVFlare job read the same fields; each field's docstring
+    is also its command-line help (``launch.options``)."""
 
     epochs: int = 8
-    # Steps an epoch has (None: one pass over the training patients). Patch training counts in steps, as nnU-Net
-    # does (250 an epoch): one pass of a few patients is a few patches, too few to validate after each.
+    """Training epochs."""
+    # Patch training counts in steps, as nnU-Net does (250 an epoch): one pass of a few patients is a few patches, too
+    # few to validate after each.
     steps_per_epoch: int | None = None
+    """An epoch of this many steps (default: one pass over the training patients)."""
     batch_size: int = 2
+    """Patients per training step."""
     lr: float = 5e-3
-    # "constant", or "poly": lr * (1 - (step - 1) / steps) ** 0.9 over the run's epochs * steps_per_epoch steps
-    # (nnU-Net's decay); every party computes it from the step number alone.
-    lr_schedule: str = "constant"
+    """Learning rate (Adam), of the decoder and every encoder."""
+    # Every party computes the poly rate from the step number alone.
+    lr_schedule: str = field(default="constant", metadata={"choices": LR_SCHEDULES})
+    """poly: nnU-Net's decay, lr * (1 - (step - 1) / steps) ** 0.9 over epochs x steps-per-epoch steps (needs
+    --steps-per-epoch)."""
     val_fraction: float = 0.25
+    """Share of the common patients held out for validation."""
     val_interval: int = 2
+    """Validate every this many epochs (and after the last)."""
     val_batch_size: int = 2  # as large as the training batch: validation must not raise the server's peak memory
+    """Patients per validation round trip (whole volumes)."""
     seed: int = 0
-    # The common voxel grid every party brings its volumes onto: a cube side, or three sides (e.g. BraTS's
-    # 240 x 240 x 155 at 1 mm). Whole-volume training trains on it; patch training cuts patches from it.
+    """Seed of the network weights, the patient split, the batches, the patches, augmentation and modality
+    dropout."""
+    # BraTS is 240 x 240 x 155 at 1 mm. Whole-volume training trains on the grid; patch training cuts patches from it.
     size: int | tuple[int, int, int] = 64
+    """The common grid every party brings its volumes onto after crop/pad: N (a cube) or X,Y,Z voxels, e.g.
+    240,240,155."""
     spacing: float | None = None
-    # Patch training (None: whole volumes). Each step the server draws one patch per patient and sends its corner;
-    # every site cuts the same patch. "uniform" sampling is content-independent; "label" centres a share
-    # (``patch_positive_fraction``) of the patches on tumour voxels and so tells the sites roughly where it is.
+    """Isotropic spacing (mm) to resample to before the crop/pad (default: none, the source voxels; 1 mm for
+    BraTS)."""
+    # Each step the server draws one patch per patient and sends its corner; every site cuts the same patch.
     patch_size: int | tuple[int, int, int] | None = None
-    patch_sampling: str = "uniform"
+    """Train on patches of N^3 or X,Y,Z voxels; validate with a sliding window of that size (default: whole
+    volumes)."""
+    # Label sampling tells the sites roughly where the tumour is; the job's default follows the sites' scope
+    # (``jobs.train_config``).
+    patch_sampling: str = field(default="uniform", metadata={"choices": PATCH_SAMPLING})
+    """uniform (the corners tell the sites nothing) or label (a share of the patches centred on tumour: the sites
+    learn where it is). A job's default: label where the scope allows it ('undefended'), else uniform."""
     patch_positive_fraction: float = 0.5
-    # Augmentation drawn from seeds the server sends: spatial (flips, 90-degree rotations, small affine) the same at
-    # every site and on the label; intensity (scale, shift, noise, gamma) at each site on its own.
+    """Label sampling: share of the patches centred on tumour."""
+    # Drawn from seeds the server sends: spatial the same at every site and on the label; intensity at each site on
+    # its own.
     augment: bool = False
-    # Sliding-window validation and inference (patch training): windows per round trip and their overlap.
+    """Spatial (flips, 90-degree rotations, small affine) and intensity (scale, shift, noise, gamma) augmentation."""
     sw_batch_size: int = 2
+    """Sliding-window validation and inference: windows per batch (round trip)."""
     sw_overlap: float = 0.5
-    # Preprocessed volumes a party keeps in memory, least recently used out first (0: all of them). Bounded by
-    # default so that a party's memory stops growing with the patients it holds (all 64 of the quick start fit).
+    """Sliding-window overlap in [0, 1)."""
+    # Bounded by default so that a party's memory stops growing with the patients it holds (all 64 of the quick start
+    # fit).
     cache_cases: int = 64
-    # Lossless compression of the activations a site sends (``protocol.codecs.COMPRESSIONS``; None: raw bytes). Off:
-    # on loopback it saved no CPU (docs/performance.md); "zstd" sends 2.7x fewer bytes over a slow link.
+    """Preprocessed volumes each party keeps in memory, least recently used out first (0: all)."""
+    # Off: on loopback it saved no CPU (docs/performance.md); "zstd" sends 2.7x fewer bytes over a slow link.
     activation_compression: str | None = None
-    # Mixed precision (autocast) where the device is CUDA.
+    """Lossless compression of the activations a site sends (``protocol.codecs.COMPRESSIONS``; None: raw bytes)."""
     amp: bool = True
+    """Mixed precision (autocast) on CUDA (no effect on the CPU)."""
     device: str | None = None
-    nopeek_weight: float = 0.0  # sites' NoPeek distance-correlation penalty (0 = off)
-    # The sent levels NoPeek decorrelates from the image (None: every sent level).
+    """cpu, cuda, cuda:1 (default: CUDA when available)."""
+    nopeek_weight: float = 0.0
+    """The sites' NoPeek distance-correlation penalty (0: off)."""
     nopeek_levels: tuple[int, ...] | None = None
-    # Sites' adversarial training against their own inversion decoder (``training.adversarial``; 0 = off): the
-    # weight of the encoder's term pulling that decoder's reconstruction to the site's mean image.
+    """The sent levels NoPeek decorrelates from the image (None: every sent level)."""
     adversarial_weight: float = 0.0
-    # Local steps on the sites' privacy terms (NoPeek, adversarial) before the first activations leave a site.
+    """The sites' adversarial training against their own inversion decoder (``training.adversarial``; 0: off): the
+    weight of the encoder's term pulling that decoder's reconstruction to the site's mean image."""
     privacy_warmup_steps: int = 0
-    modality_dropout: float = 0.0  # probability that one site, drawn per step, is left out of a training step
-    # The server's decoder runs each training batch in this many parts and accumulates their gradients before
-    # its one optimiser step: less server memory, the same step (the loss is a mean over patients).
+    """Local steps on the sites' privacy terms (NoPeek, adversarial) before the first activations leave a site."""
+    modality_dropout: float = 0.0
+    """Probability that one site, drawn per step, is left out of a training step."""
+    # The loss is a mean over patients, so the accumulated gradients make the same step.
     micro_batches: int = 1
-    # The decoder recomputes its activations in the backward pass instead of keeping them (server memory).
+    """The server's decoder runs each training batch in this many parts before its one optimiser step (less
+    server memory, the same step)."""
     decoder_checkpointing: bool = False
-    # Post-processing of every segmentation: connected components smaller than this (grid voxels) are removed.
+    """The decoder recomputes its activations in the backward pass instead of keeping them (less server
+    memory)."""
     min_component_voxels: int = 0
+    """Post-processing: remove connected components smaller than this (grid voxels) from every segmentation (0:
+    none)."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    """The encoders' and the decoder's shape (``networks.NetworkConfig``)."""
 
     def __post_init__(self):
         if isinstance(self.network, dict):
