@@ -148,6 +148,19 @@ def test_every_training_field_is_an_option_with_its_docstring_as_help_and_the_ea
     assert config.decoder_checkpointing and config.augment and config.cache_cases == 8
 
 
+def test_the_options_read_from_the_source_are_trainconfigs_fields_and_building_them_imports_no_torch():
+    from split_unet.launch.options import train_fields
+    from split_unet.training.config import LR_SCHEDULES, PATCH_SAMPLING
+
+    read = train_fields()
+    assert list(read) == [field.name for field in dataclasses.fields(TrainConfig)]
+    assert (read["lr_schedule"].choices, read["patch_sampling"].choices) == (LR_SCHEDULES, PATCH_SAMPLING)
+    assert read["patch_size"].kinds == ("int", "tuple", "None") and read["amp"].kinds == ("bool",)
+    script = "import sys; from split_unet.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
 def test_centralized_command_takes_patch_options():
     args = build_parser().parse_args(["centralized", "--data", "d", "--out", "o", "--patch-size", "96,96,64",
                                       "--patch-sampling", "label", "--augment", "--sw-overlap", "0.25", "--no-amp"])

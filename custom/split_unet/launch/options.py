@@ -3,20 +3,21 @@
 One option per ``TrainConfig`` field, made from the field: its name (``--steps-per-epoch``), its type, its choices
 (the field's ``metadata["choices"]``) and its docstring as the help. Every option defaults to None: only the options a
 user gives override the job config (or ``TrainConfig``).
+
+The fields are read from ``training/config.py``'s source, not imported: importing ``TrainConfig`` imports torch and
+MONAI (11 s on a busy 2-core machine, against 0.3 s for the whole command line without them), and every command,
+``--help`` included, builds all the options.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import inspect
-import textwrap
-import typing
-from dataclasses import fields
+from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
-from split_unet.training.config import TrainConfig
-
+TRAIN_CONFIG_SOURCE = Path(__file__).resolve().parents[1] / "training" / "config.py"
 # Fields that are no option: the network has its own options below; the privacy terms are the job scope's
 # (``defence.py``; a study sets them in its sweep file); activation compression is measured by
 # ``split-unet bench --activation-compression``.
@@ -25,10 +26,55 @@ NOT_OPTIONS = ("network", "nopeek_weight", "nopeek_levels", "adversarial_weight"
 GRID_FIELDS = ("size", "spacing")  # also the grid of commands that read data without training (check, infer)
 
 
+@dataclass(frozen=True)
+class FieldOption:
+    """What the command line needs of one ``TrainConfig`` field."""
+
+    name: str
+    kinds: tuple[str, ...]  # the annotation's types, e.g. ("int", "None") or ("int", "tuple")
+    choices: tuple | None
+    help: str
+
+
+@cache
+def train_fields() -> dict[str, FieldOption]:
+    """``TrainConfig``'s fields in their order, from the class's source (its annotations, ``metadata["choices"]``
+    naming a module constant, and the docstring after each field, as Sphinx reads it)."""
+    module = ast.parse(TRAIN_CONFIG_SOURCE.read_text())
+    constants = {node.targets[0].id: node.value for node in module.body
+                 if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    body = next(node for node in module.body if isinstance(node, ast.ClassDef) and node.name == "TrainConfig").body
+    options = {}
+    for node, following in zip(body, body[1:] + [None]):
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        choices = None
+        if isinstance(node.value, ast.Call):
+            metadata = next((k.value for k in node.value.keywords if k.arg == "metadata"), None)
+            entries = dict(zip((ast.literal_eval(key) for key in metadata.keys), metadata.values)) if metadata else {}
+            if "choices" in entries:
+                choices = tuple(ast.literal_eval(constants.get(getattr(entries["choices"], "id", None),
+                                                               entries["choices"])))
+        has_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant) and \
+            isinstance(following.value.value, str)
+        options[node.target.id] = FieldOption(node.target.id, _kinds(node.annotation), choices,
+                                              " ".join(following.value.value.split()) if has_doc else "")
+    return options
+
+
+def _kinds(annotation: ast.expr) -> tuple[str, ...]:
+    """The types of an annotation: ``int | tuple[int, int, int] | None`` -> ("int", "tuple", "None")."""
+    if isinstance(annotation, ast.BinOp):
+        return _kinds(annotation.left) + _kinds(annotation.right)
+    if isinstance(annotation, ast.Subscript):
+        return _kinds(annotation.value)
+    return (annotation.id if isinstance(annotation, ast.Name) else str(ast.literal_eval(annotation)),)
+
+
 def train_overrides(args: argparse.Namespace) -> dict:
     """Only the options the user gave; the job config (or TrainConfig) supplies the rest."""
-    train = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-             if f.name not in NOT_OPTIONS and getattr(args, f.name, None) is not None}
+    train = {name: getattr(args, name) for name in train_fields()
+             if name not in NOT_OPTIONS and getattr(args, name, None) is not None}
     network = {}
     if getattr(args, "channels", None):
         network["channels"] = [int(c) for c in args.channels.split(",")]
@@ -47,8 +93,9 @@ def train_overrides(args: argparse.Namespace) -> dict:
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training (defaults: the job config / TrainConfig)")
-    for name in (f.name for f in fields(TrainConfig) if f.name not in NOT_OPTIONS):
-        add_field_option(group, name)
+    for name in train_fields():
+        if name not in NOT_OPTIONS:
+            add_field_option(group, name)
     network = parser.add_argument_group("network (defaults: the job config / NetworkConfig)")
     network.add_argument("--channels", help="feature channels per level, e.g. 8,16,32,64")
     network.add_argument("--levels", help="levels the sites send, e.g. 1,2,3 (default: all)")
@@ -68,34 +115,14 @@ def add_grid_options(parser, size_default: int | None = None) -> None:
 def add_field_option(parser, name: str, default: object = None) -> None:
     """The option of ``TrainConfig``'s field ``name``: ``--name-with-dashes``, typed as the field, its docstring as
     help. A bool field is a switch with its negation (``--amp`` / ``--no-amp``)."""
-    field = next(f for f in fields(TrainConfig) if f.name == name)
-    kinds = [kind for kind in typing.get_args(_type_hints()[name]) or (_type_hints()[name],) if kind is not type(None)]
-    flag, help_text = "--" + name.replace("_", "-"), field_help()[name].replace("%", "%%")  # argparse's formatting
-    if kinds == [bool]:
+    field = train_fields()[name]
+    flag, help_text = "--" + name.replace("_", "-"), field.help.replace("%", "%%")  # argparse's formatting
+    kinds = set(field.kinds) - {"None"}
+    if kinds == {"bool"}:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         return
-    if any(typing.get_origin(kind) is tuple for kind in kinds):
-        kind = shape_option
-    else:
-        kind = int if kinds == [int] else float if kinds == [float] else str
-    parser.add_argument(flag, type=kind, choices=field.metadata.get("choices"), default=default, help=help_text)
-
-
-@cache
-def _type_hints() -> dict[str, object]:
-    return typing.get_type_hints(TrainConfig)
-
-
-@cache
-def field_help() -> dict[str, str]:
-    """Each ``TrainConfig`` field's docstring (the string after the field, as Sphinx reads it), on one line. Python
-    keeps no such docstring at run time, so it is read from the class's source."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig))).body[0].body
-    return {node.target.id: " ".join(following.value.value.split())
-            for node, following in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)}
+    kind = shape_option if "tuple" in kinds else int if kinds == {"int"} else float if kinds == {"float"} else str
+    parser.add_argument(flag, type=kind, choices=field.choices, default=default, help=help_text)
 
 
 def shape_option(text: str) -> int | list[int]:
