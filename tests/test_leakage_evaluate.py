@@ -161,6 +161,20 @@ def test_model_completion_uses_the_servers_decoder_and_needs_no_encoder_of_the_s
         evaluate_leakage(copy, data, "completion", steps=[1], patients=2, iterations=1, out_dir=tmp_path)
 
 
+def test_model_completion_inverts_each_sites_surrogate_once_for_every_step(recorded, tmp_path, monkeypatch):
+    # The completion encoders and the site's release mechanism are the run's, not the step's: one inversion decoder
+    # per site serves every step (it was trained again, to the same weights, at every step).
+    workspace, data = recorded
+    trained = []
+    train = leakage_study.train_inversion_decoder
+    monkeypatch.setattr(leakage_study, "train_inversion_decoder",
+                        lambda encoder, *args, **kwargs: trained.append(encoder) or train(encoder, *args, **kwargs))
+    results = evaluate_leakage(workspace, data, "completion", steps=[1, 2], patients=2, iterations=2,
+                               out_dir=tmp_path, reference=False)
+    assert {site: sorted(steps) for site, steps in results.items()} == {site: ["1", "2"] for site in SITES}
+    assert len(trained) == len(SITES) and len(set(map(id, trained))) == len(SITES)
+
+
 def test_evaluate_refuses_bad_requests(recorded, tmp_path):
     workspace, data = recorded
     with pytest.raises(ValueError, match="unknown attack"):

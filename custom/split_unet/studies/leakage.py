@@ -193,6 +193,7 @@ class _Context:
         self._surrogates: dict[tuple[str, tuple[int, ...]], tuple[ModalityEncoder, FusionDecoder]] = {}
         self._subregion_means: dict[str, dict[int, float]] = {}
         self._completion: list[ModalityEncoder] | None = None
+        self._completion_decoders: dict[tuple[str, tuple[int, ...]], FusionDecoder] = {}
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -256,6 +257,18 @@ class _Context:
                 self.architecture, self.trained_decoder(), images, target, segmentation_loss(),
                 iterations=self.iterations, seed=self.seed, device=self.device)
         return dict(zip(self.sites(), self._completion))
+
+    def completion_decoder(self, site: str, levels: Sequence[int]) -> FusionDecoder:
+        """The decoder that inverts ``site``'s completion encoder through the site's release mechanism, trained once
+        per site and levels: it depends on neither the step nor the patients attacked (the completion encoders are
+        trained once, the mechanism is the run's, its noise drawn from the same seed), so every step reuses it."""
+        key = (site, tuple(sorted(levels)))
+        if key not in self._completion_decoders:
+            self._completion_decoders[key] = train_inversion_decoder(
+                self.completion_encoders()[site], self.true_images(site, self.auxiliary_patients(site)), key[1],
+                iterations=self.iterations, seed=self.seed,
+                release=_released(site, release_mechanism(self.workspace, site), self.seed))
+        return self._completion_decoders[key]
 
     def trained_decoder(self) -> FusionDecoder:
         """The server's decoder as training left it (its own file, ``summary.json``'s artefacts)."""
@@ -370,13 +383,8 @@ def _surrogate(context: _Context, exchange: RecordedExchange) -> torch.Tensor:
 
 def _completion(context: _Context, exchange: RecordedExchange) -> torch.Tensor:
     # The server's own decoder and labels, public images; neither the site's encoder nor its snapshot is loaded.
-    site = exchange.site
-    release = _released(site, release_mechanism(context.workspace, site), context.seed)
-    decoder = train_inversion_decoder(context.completion_encoders()[site],
-                                      context.true_images(site, context.auxiliary_patients(site)),
-                                      sorted(exchange.activations), iterations=context.iterations,
-                                      seed=context.seed, release=release)
-    return learned_inversion(decoder, exchange.activations)
+    return learned_inversion(context.completion_decoder(exchange.site, sorted(exchange.activations)),
+                             exchange.activations)
 
 
 RECONSTRUCTIONS: dict[str, Reconstruct] = {"whitebox": _whitebox, "unsplit": _unsplit, "learned": _learned,

@@ -48,7 +48,7 @@ from split_unet.files import load_json, write_json
 # The targets are stated against the population prior (``leakage.metrics.prior_relative_similarity``), at
 # the worst recorded step and against the strongest attack (``studies.leakage.worst_case``).
 # Excess SSIM over the atlas: 0.05 is the spread of the atlas's own SSIM between patients on the 64^3
-# phantom (0.32-0.36, issue 14), so a smaller excess is within what picking another atlas would change.
+# phantom (0.32-0.36), so a smaller excess is within what picking another atlas would change.
 TARGET_EXCESS_SSIM = 0.05
 # Patient-specific content: the residual from the atlas may resemble the patient's no more than the best
 # auxiliary patient's own image does (``excess_residual_ssim`` <= 0). An absolute bound cannot be used: on the
