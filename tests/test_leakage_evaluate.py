@@ -222,10 +222,3 @@ def test_the_learned_attack_trains_through_the_noise_the_job_put_on_the_site(rec
     with pytest.raises(DataError, match="t1gd.*ActivationClipNoise|ActivationClipNoise.*t1gd"):
         evaluate_leakage(copy, data, "learned", steps=[2], patients=2, iterations=2, out_dir=tmp_path)
     assert (tmp_path / "leakage.json").read_text() == before
-
-
-def test_the_command_line_offers_every_attack():
-    from split_unet.cli import LEAKAGE_ATTACKS
-    from split_unet.studies.leakage import ATTACKS
-
-    assert LEAKAGE_ATTACKS == ATTACKS

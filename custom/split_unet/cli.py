@@ -11,7 +11,7 @@ from pathlib import Path
 
 from split_unet.errors import SplitUNetError
 from split_unet.launch.options import add_grid_options, add_train_options, train_overrides
-from split_unet.studies import ATTACKS as LEAKAGE_ATTACKS
+from split_unet.studies import ATTACKS
 SCOPE_HELP = ("the sites' privacy scope the job asks for (meta.json scope). Default: the sites' default scope, "
               "'clinical', whose defence (split_unet.defence) the job then carries; 'strict': the bottleneck alone, "
               "the only defence measured to keep every attack at the prior (0.27 mean Dice lower); 'undefended': no "
@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "from activations, tumour masks from gradients")
     leakage.add_argument("--workspace", required=True, help="a split-unet simulate workspace with a record")
     leakage.add_argument("--sites", required=True, help="the partitioned data the run used (true images)")
-    leakage.add_argument("--attack", nargs="+", choices=LEAKAGE_ATTACKS, default=list(LEAKAGE_ATTACKS))
+    leakage.add_argument("--attack", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     leakage.add_argument("--steps", help="recorded training steps to attack (default: every recorded step)")
     leakage.add_argument("--patients", type=int, default=8, help="patients per recorded step of the image attacks "
                          "(the recorded batch, then what the site would have released for others at that step)")

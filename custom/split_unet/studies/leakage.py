@@ -42,6 +42,7 @@ from split_unet.filters import ActivationClipNoise
 from split_unet.networks import FusionDecoder, ModalityEncoder, NetworkConfig, build_decoder
 from split_unet.files import load_json, write_json
 from split_unet.protocol.wire import TASK_TRAIN
+from split_unet.studies import ATTACKS
 from split_unet.training import select_device
 from split_unet.training.objective import segmentation_loss
 
@@ -57,7 +58,6 @@ from split_unet.leakage.record import RECORD_FOLDER, RecordedExchange, snapshot_
 __all__ = ["ATTACKS", "DEFAULT_ITERATIONS", "DEFAULT_PATIENTS", "LEAKAGE_FILE", "MAX_AUX_IMAGES", "RECONSTRUCTIONS",
            "THREAT_MODELS", "evaluate_leakage", "steps_to_attack", "worst_case"]
 
-ATTACKS = ("whitebox", "unsplit", "learned", "surrogate", "completion", "labels")
 # Who can run which attack. The honest-but-curious server holds what it receives and sends, its labels, its decoder
 # and public auxiliary data, never a site's encoder: the encoders stay at their sites for training and inference. A
 # leaked encoder (its weights, or query access to it) is the worst case if one ever left its site. The malicious

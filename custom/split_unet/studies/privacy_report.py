@@ -168,6 +168,7 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path | None, out_dir: str
     from split_unet.studies.leakage import evaluate_leakage, steps_to_attack
     from split_unet.jobs import training_settings
     from split_unet.launch.simulation import run_simulation
+    from split_unet.training import merge_train_settings
 
     sweep = json.loads(Path(sweep_file).read_text())
     configurations = sweep.get("configurations") or []
@@ -192,9 +193,7 @@ def run_sweep(sweep_file: str | Path, sites_dir: str | Path | None, out_dir: str
         summary_path = workspace / "summary.json"
         if not (summary_path.is_file() and "error" not in load_json(summary_path)):
             log(f"[{index + 1}/{len(configurations)}] training: {name}")
-            train = {**sweep.get("train", {}), **configuration.get("train", {})}
-            if "network" in sweep.get("train", {}) and "network" in configuration.get("train", {}):
-                train["network"] = {**sweep["train"]["network"], **configuration["train"]["network"]}
+            train = merge_train_settings(sweep.get("train", {}), configuration.get("train", {}))
             # The sites run the undefended scope unless a configuration names another: each configuration's
             # defences are its own job's.
             job = training_settings(train, scope=configuration.get("scope", UNDEFENDED_SCOPE),
