@@ -87,7 +87,7 @@ class SplitUNetController(SplitWorkflow):
         if self.persistor_id and not isinstance(self.persistor, ModelPersistor):
             self.system_panic(f"component '{self.persistor_id}' is not a ModelPersistor", fl_ctx)
 
-    def check_paths(self, fl_ctx: FLContext) -> None:
+    def open_checkpoint(self, fl_ctx: FLContext) -> None:
         if self.checkpoint_dir:
             self.checkpoint = ServerCheckpoint(self._checkpoint_path(fl_ctx), self.sites, self.config)
 
@@ -104,7 +104,7 @@ class SplitUNetController(SplitWorkflow):
             decoder.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
             self.log_info(fl_ctx, f"decoder initialised from the persistor ({len(weights)} tensors)")
 
-    def ready(self, fl_ctx: FLContext) -> int | None:
+    def resume_step(self, fl_ctx: FLContext) -> int | None:
         if not self.resume:
             return None
         self._resumed = self.checkpoint.load(self.party)

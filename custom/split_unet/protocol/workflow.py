@@ -95,7 +95,7 @@ class SplitWorkflow(Controller):
             # job before anything is written.
             summary_path = inside(self.run_dir, self.summary_file, site="server", field="summary_file",
                                   where="run folder")
-            self.check_paths(fl_ctx)
+            self.open_checkpoint(fl_ctx)
             self.summary_path = summary_path
             self.run_workflow(abort_signal, fl_ctx)
             save_profile("server")
@@ -108,8 +108,9 @@ class SplitWorkflow(Controller):
             if self.labels is not None:
                 self.labels.close()  # the prefetch thread ends with the workflow
 
-    def check_paths(self, fl_ctx: FLContext) -> None:
-        """Refuse (``ProtocolError``) any further path the job names outside the server's workspace."""
+    def open_checkpoint(self, fl_ctx: FLContext) -> None:
+        """Open the checkpoint the job names, if any; a path outside the server's workspace is refused
+        (``ProtocolError``) before anything is written."""
 
     def run_workflow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         raise NotImplementedError
@@ -127,7 +128,7 @@ class SplitWorkflow(Controller):
         self.load_decoder(decoder, fl_ctx)
         self.party = DecoderParty(decoder, config.lr, select_device(config.device), config.micro_batches,
                                   config.decoder_checkpointing, amp=config.amp)
-        request = {"train": config.to_dict(), "wire_dtype": self.wire_dtype, "resume_step": self.ready(fl_ctx)}
+        request = {"train": config.to_dict(), "wire_dtype": self.wire_dtype, "resume_step": self.resume_step(fl_ctx)}
         site_ids = self.rounds.initialize(request, abort_signal, fl_ctx)
         common = set.intersection(*(set(ids) for ids in site_ids.values()))
         if labels_required:
@@ -151,7 +152,7 @@ class SplitWorkflow(Controller):
     def load_decoder(self, decoder: torch.nn.Module, fl_ctx: FLContext) -> None:
         """Start the decoder from trained weights, if the workflow has any (default: as initialised)."""
 
-    def ready(self, fl_ctx: FLContext) -> int | None:
+    def resume_step(self, fl_ctx: FLContext) -> int | None:
         """The decoder party exists and the sites are not yet asked: restore what the run resumes from, and return
         the training step the sites resume from (None: a fresh start)."""
         return None
