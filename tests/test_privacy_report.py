@@ -203,14 +203,30 @@ def test_a_threat_model_meets_its_targets_only_when_every_attack_ran_at_every_st
 
     attacks = _threat_attacks()
     honest, _, _ = threat_models(attacks, HIJACKING)
-    assert honest["met"]
+    assert honest["met"] and honest["verdict"] == "met"
     del attacks["completion"]["flair"]["96"]
     honest, _, _ = threat_models(attacks, HIJACKING)
-    assert not honest["complete"] and not honest["met"]
+    assert not honest["complete"] and not honest["met"] and honest["verdict"] == "incomplete"
+    assert honest["not_run"] == {"completion": {"flair": [96]}}
+    # What was measured already misses: more attacks or steps cannot bring the worst case back within the target.
+    attacks["unsplit"]["flair"]["96"] = _scored(0.01, 0.3)
+    honest, malicious, leaked = threat_models(attacks, HIJACKING)
+    assert not honest["complete"] and honest["verdict"] == "missed"
+    assert malicious["verdict"] == "met" and leaked["verdict"] == "missed"  # alarm at step 1, before step 96
     del attacks["completion"]
     honest, malicious, _ = threat_models(attacks, {"runs": {**HIJACKING["runs"], "honest, seed 9": {"alarm_step": 3}}})
     assert honest["missing_attacks"] == ["completion"] and not honest["met"]
-    assert malicious["detection"]["false_alarms"] == 1 and not malicious["met"]
+    assert malicious["detection"]["false_alarms"] == 1 and not malicious["met"] and malicious["verdict"] == "missed"
+
+
+def test_a_threat_model_is_incomplete_while_an_attack_lacks_a_site():
+    from split_unet.studies.privacy_report import threat_models
+
+    attacks = _threat_attacks()
+    del attacks["surrogate"]["t1gd"]
+    honest, _, _ = threat_models(attacks, HIJACKING)
+    assert not honest["complete"] and honest["verdict"] == "incomplete"
+    assert honest["not_run"] == {"surrogate": {"t1gd": [1, 96, 192]}}
 
 
 def test_the_shipped_configuration_is_reported_by_threat_model(tmp_path):
@@ -242,7 +258,8 @@ def test_the_shipped_configuration_is_reported_by_threat_model(tmp_path):
     # The candidates against the honest-but-curious server, the shipped scope first.
     assert [c["name"] for c in saved["threat_model_configurations"]] == ["defended", "stronger"]
     assert "| stronger | 0.700 | +0.03 (t1gd, completion, step 192) |" in markdown
-    assert markdown.count("| yes | yes |") == 2  # the malicious server's row and the stronger one's: complete, met
+    assert markdown.count("| yes | met |") == 2  # the malicious server's row and the stronger one's: complete, met
+    assert markdown.count("| yes | missed |") == 3  # the honest server's and the leaked encoder's rows, the shipped one's
     # Exactly one shipped configuration.
     sweep["threat_models"]["configurations"][0]["shipped"] = True
     sweep_file.write_text(json.dumps(sweep))

@@ -78,8 +78,12 @@ def _measured(attacks: dict, names: list[str], until_step: int | None = None) ->
 def _threat_row(name: str, attacks: dict, wanted: tuple[str, ...], until_step: int | None = None) -> dict:
     """One threat model's worst case over its attacks (``wanted``), sites and steps, against the label-aware prior:
     the excess SSIM (whole and tumour), the residual correlation's margin over its null's interval (whole and
-    tumour), each with the site, attack and step it comes from; ``complete`` when every attack ran at every step any
-    of them ran and was scored against the label-aware prior; ``met`` when it is complete and within every target."""
+    tumour), each with the site, attack and step it comes from; ``not_run``: ``{attack: {site: [steps]}}`` where an
+    attack lacks a site and step that any attack of the configuration ran (or lacks the label-aware prior's scores
+    there); ``complete``
+    when no attack is missing or lacks anything; ``met`` when it is complete and within every target;
+    ``verdict``: "met", "missed" (a measured value is beyond its target, complete or not: the worst case over more
+    attacks or steps can only be worse) or "incomplete" (nothing measured misses, but something was not run)."""
     from split_unet.studies.leakage import LABEL_PRIOR_LEAKAGE, SCORED, worst_case
 
     measured = _measured(attacks, list(wanted), until_step)
@@ -97,13 +101,29 @@ def _threat_row(name: str, attacks: dict, wanted: tuple[str, ...], until_step: i
     row["patients"] = min((entry.get("residual_corr_patients", entry["patients"])
                            for attack, sites in measured.items() if attack != "labels"
                            for per_step in sites.values() for entry in per_step.values()), default=0)
-    row["complete"] = not row["missing_attacks"] and all(
-        str(step) in per_step and (attack == "labels" or SCORED in per_step[str(step)])
-        for attack, sites in measured.items() for per_step in sites.values() for step in row["steps"])
-    row["met"] = row["complete"] and all(
-        metric in row and row[metric]["value"] <= (TARGET_LABEL_EXCESS_SSIM if "excess" in metric else 0.0)
-        for metric in LABEL_PRIOR_LEAKAGE)
+    # Every site and step the configuration was attacked at, by any attack (up to ``until_step``).
+    everything = _measured(attacks, list(attacks), until_step)
+    every_site = sorted({site for sites in everything.values() for site in sites})
+    every_step = sorted({int(step) for sites in everything.values() for per_step in sites.values() for step in per_step})
+    not_run: dict = {}
+    for attack, sites in measured.items():
+        for site in every_site:
+            per_step = sites.get(site, {})
+            lacking = [step for step in every_step if str(step) not in per_step
+                       or (attack != "labels" and SCORED not in per_step[str(step)])]
+            if lacking:
+                not_run.setdefault(attack, {})[site] = lacking
+    row["not_run"] = not_run
+    row["complete"] = not row["missing_attacks"] and not not_run
+    within = {metric: row[metric]["value"] <= (TARGET_LABEL_EXCESS_SSIM if "excess" in metric else 0.0)
+              for metric in LABEL_PRIOR_LEAKAGE if metric in row}
+    row["met"] = row["complete"] and len(within) == len(LABEL_PRIOR_LEAKAGE) and all(within.values())
+    row["verdict"] = _verdict(row["met"], missed=not all(within.values()))
     return row
+
+
+def _verdict(met: bool, missed: bool) -> str:
+    return "met" if met else "missed" if missed else "incomplete"
 
 
 def threat_models(attacks: dict, hijacking: dict | None = None) -> list[dict]:
@@ -130,11 +150,13 @@ def threat_models(attacks: dict, hijacking: dict | None = None) -> list[dict]:
     false_alarms = sum(step is not None for step in honest_alarms)
     until = max(alarms) if detected else None
     malicious = _threat_row(MALICIOUS_SERVER, attacks, honest, until_step=until) if detected else \
-        {"name": MALICIOUS_SERVER, "attacks": [], "complete": False, "met": False}
+        {"name": MALICIOUS_SERVER, "attacks": [], "complete": False, "met": False, "verdict": "incomplete"}
     malicious["detection"] = {"alarm_steps": alarms, "honest_runs": len(honest_alarms), "false_alarms": false_alarms,
                               "met": detected and false_alarms == 0 and len(honest_alarms) >= TARGET_HONEST_RUNS}
     malicious["attacks"] = ["hijacking"] + malicious["attacks"]
     malicious["met"] = malicious["met"] and malicious["detection"]["met"]
+    detection_missed = (bool(alarms) and not detected) or false_alarms > 0
+    malicious["verdict"] = _verdict(malicious["met"], detection_missed or malicious["verdict"] == "missed")
     rows.append({**malicious, "promised": True})
     rows.append({**_threat_row("leaked encoder", attacks, leaked), "promised": False})
     return rows
@@ -471,10 +493,11 @@ def _threat_lines(by_threat: list[dict], reference: dict | None) -> list[str]:
              f"tumour region (target at most +{TARGET_LABEL_EXCESS_SSIM}), and the residual correlation "
              "corr(recon - prior, truth - prior) with its 95 % interval over patients next to its null's (another "
              "patient's reconstruction of the same batch; target: within the null's interval, margin at most 0). A "
-             "row not marked complete lacks an attack or a step.", "",
+             "row not marked complete lacks an attack or a step; its verdict is 'missed' where a measured value is "
+             "beyond its target already, else 'incomplete'.", "",
              "| threat model | promised | attacks | steps | patients per step | label Dice WT | excess SSIM | "
              "excess SSIM tumour | residual correlation [95 %] (null's interval) | tumour residual correlation [95 %] "
-             "(null's interval) | complete | met |",
+             "(null's interval) | complete | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in shipped["threat_models"]:
         attacks = ", ".join(t["attacks"]) + (f" (missing: {', '.join(t['missing_attacks'])})"
@@ -487,7 +510,12 @@ def _threat_lines(by_threat: list[dict], reference: dict | None) -> list[str]:
                      f"{'/'.join(map(str, t.get('steps', []))) or '-'} | {t.get('patients', 0)} | {labels} | "
                      f"{_peak(t, 'label_excess_ssim')} | {_peak(t, 'label_excess_tumour_ssim')} | "
                      f"{_peak(t, 'residual_corr_margin')} | {_peak(t, 'tumour_residual_corr_margin')} | "
-                     f"{'yes' if t.get('complete') else 'no'} | {'yes' if t['met'] else 'no'} |")
+                     f"{'yes' if t.get('complete') else 'no'} | {t['verdict']} |")
+    for t in shipped["threat_models"]:
+        if t.get("not_run"):
+            lacking = "; ".join(f"{attack} at {site} step {'/'.join(map(str, steps))}"
+                                for attack, sites in t["not_run"].items() for site, steps in sites.items())
+            lines += ["", f"Not run for the {t['name']}: {lacking}."]
     if reference:
         cost = reference["dice"] - shipped["dice"]
         lines += ["", f"Mean Dice cost of the shipped scope: {cost:.3f} ({shipped['dice']:.3f} against "
@@ -496,14 +524,14 @@ def _threat_lines(by_threat: list[dict], reference: dict | None) -> list[str]:
     if len(by_threat) > 1:
         lines += ["", "Against the honest-but-curious server, every configuration measured so:", "",
                   "| configuration | mean Dice | excess SSIM | excess SSIM tumour | residual correlation | "
-                  "tumour residual correlation | complete | met |", "|---|---|---|---|---|---|---|---|"]
+                  "tumour residual correlation | complete | verdict |", "|---|---|---|---|---|---|---|---|"]
         for configuration in by_threat:
             t = configuration["threat_models"][0]
             lines.append(f"| {configuration['name']}{' (shipped)' if configuration['shipped'] else ''} | "
                          f"{configuration['dice']:.3f} | {_peak(t, 'label_excess_ssim')} | "
                          f"{_peak(t, 'label_excess_tumour_ssim')} | {_peak(t, 'residual_corr_margin')} | "
                          f"{_peak(t, 'tumour_residual_corr_margin')} | {'yes' if t.get('complete') else 'no'} | "
-                         f"{'yes' if t['met'] else 'no'} |")
+                         f"{t['verdict']} |")
     return lines + [""]
 
 
