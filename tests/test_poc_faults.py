@@ -97,6 +97,16 @@ def story(transport) -> dict:
     return {}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(poc_root, sites_dir, project_root) -> dict:
+    """The uninterrupted run, in the simulator (which POC reproduces to ~1e-7, test_poc), on the polled route: one
+    reference for both transports, which compute the same steps."""
+    reference = run_simulation(sites_dir, poc_root / "reference", training_settings(TRAIN, scope=UNDEFENDED_SCOPE),
+                               site_configs=project_root / "site_configs", progress=None)
+    assert reference["steps"] == TRAIN_STEPS
+    return reference
+
+
 def job(poc_root: Path, name: str, transport: str, **controller) -> Path:
     # Each party keeps its checkpoints in its own workspace (a job may name no other folder).
     # Undefended: the shipped defence's gradient noise is drawn afresh in every run, and resuming must end exactly as
@@ -151,14 +161,10 @@ def test_a_resumed_job_whose_server_is_killed_does_not_complete(federation, poc_
     story["server killed"] = True
 
 
-def test_resuming_again_ends_as_the_uninterrupted_run(federation, poc_root, sites_dir, project_root, transport, story,
+def test_resuming_again_ends_as_the_uninterrupted_run(federation, poc_root, uninterrupted, transport, story,
                                                       hard_limit):
     after(story, "server killed")
-    # The uninterrupted run, in the simulator (which POC reproduces to ~1e-7, test_poc).
-    reference = run_simulation(sites_dir, poc_root / f"reference_{transport}",
-                               training_settings(TRAIN, scope=UNDEFENDED_SCOPE, transport=transport),
-                               site_configs=project_root / "site_configs", progress=None)
-    assert reference["steps"] == TRAIN_STEPS
+    reference = uninterrupted
     started = time.monotonic()
     job_id = federation.submit(job(poc_root, "resumed", transport, resume=True))
     assert "COMPLETED" in federation.wait(job_id, timeout=400)
