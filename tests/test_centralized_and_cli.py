@@ -82,6 +82,17 @@ def test_spacing_wherever_size_is_accepted(command):
         assert train_overrides(args)["spacing"] == 1.875
 
 
+@pytest.mark.parametrize("command", [["simulate", "--sites", "s", "--workspace", "w"],
+                                     ["poc", "--sites", "s", "--workspace", "w"], ["job", "export", "--out", "o"]])
+def test_the_transport_is_a_job_setting_of_every_command_that_builds_a_training_job(command):
+    from split_unet.cli import TRANSPORTS, training_job
+    from split_unet.protocol.transport import TRANSPORTS as PROTOCOL_TRANSPORTS
+
+    assert TRANSPORTS == PROTOCOL_TRANSPORTS
+    assert training_job(build_parser().parse_args([*command, "--transport", "push"])).transport == "push"
+    assert training_job(build_parser().parse_args(command)).transport == "poll"  # the job's default
+
+
 def test_centralized_patch_training_with_augmentation_and_sliding_window_validation(tiny_data, tmp_path):
     msd, _ = tiny_data
     config = TrainConfig(epochs=1, batch_size=3, size=TINY_SIZE, patch_size=16, patch_sampling="label",

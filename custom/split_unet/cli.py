@@ -12,6 +12,10 @@ from pathlib import Path
 from split_unet.errors import SplitUNetError
 from split_unet.launch.options import add_grid_options, add_train_options, train_overrides
 from split_unet.studies import ATTACKS
+# protocol.transport.TRANSPORTS (importing it would import NVFlare for every command; a test keeps the two equal).
+TRANSPORTS = ("poll", "push")
+TRANSPORT_HELP = ("how the server's requests reach the sites: 'poll' (NVFlare's task route, the default) or 'push' "
+                  "(each request sent to its site at once; every filter still runs; docs/performance.md)")
 SCOPE_HELP = ("the sites' privacy scope the job asks for (meta.json scope). Default: the sites' default scope, "
               "'clinical', whose defence (split_unet.defence) the job then carries; 'strict': the bottleneck alone, "
               "the only defence measured to keep every attack at the prior (0.27 mean Dice lower); 'undefended': no "
@@ -241,6 +245,8 @@ def training_job(args, native: bool = False, **settings):
         settings["wire_dtype"] = args.wire_dtype
     if getattr(args, "scope", None):
         settings["scope"] = args.scope
+    if getattr(args, "transport", None):
+        settings["transport"] = args.transport
     return (native_settings if native else training_settings)(train_overrides(args), **settings)
 
 
@@ -295,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--privacy", help="a privacy.json installed as every site's local privacy policy "
                                             "(default: the sites' own, site_configs/<site>/local/privacy.json)")
     simulate.add_argument("--scope", help=SCOPE_HELP)
+    simulate.add_argument("--transport", choices=TRANSPORTS, help=TRANSPORT_HELP)
     simulate.add_argument("--record-steps", help="leakage evaluation: training steps to record, e.g. 1,-1 "
                                                  "(-1 = last); sites keep encoder snapshots of them")
     add_train_options(simulate)
@@ -329,8 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--task-request-interval", type=float,
                        help="seconds a site waits before asking again when the server has no task for it (default: "
                             "the shipped job's)")
-    bench.add_argument("--transport", choices=("poll", "push"), default="poll",
-                       help="how the server's requests reach the sites: polled by them or pushed to them")
+    bench.add_argument("--transport", choices=TRANSPORTS, default="poll", help=TRANSPORT_HELP)
     bench.add_argument("--job-timeout", type=float, default=600.0,
                        help="seconds a POC job may take before its mode counts as failed (a busy machine needs more)")
     bench.add_argument("--relayed", action="store_true",
@@ -374,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     poc.add_argument("--site-configs", help="default: the package's")
     poc.add_argument("--port", type=int, help="server port (default: the project file's)")
     poc.add_argument("--scope", help=SCOPE_HELP)
+    poc.add_argument("--transport", choices=TRANSPORTS, help=TRANSPORT_HELP)
     poc.add_argument("--with-code", action="store_true", help="jobs carry the split_unet package (BYOC)")
     poc.add_argument("--job-timeout", type=float, default=1800, help="seconds to wait for each job (default 1800)")
     add_train_options(poc)
@@ -400,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "OUT/split_unet (the repository's jobs/ holds the defaults)")
     export.add_argument("--out", required=True)
     export.add_argument("--scope", help=SCOPE_HELP)
+    export.add_argument("--transport", choices=TRANSPORTS, help=TRANSPORT_HELP)
     export.add_argument("--psi-job-id", help="train on the intersection this PSI job found")
     export.add_argument("--wire-dtype", choices=("float32", "float16"))
     export.add_argument("--with-code", action="store_true", help="the jobs carry the split_unet package (BYOC)")
