@@ -81,7 +81,7 @@ DEFENCE = Defence(
 # The only point of the frontier that kept every attack (white-box, UnSplit, learned, surrogate) at or below the
 # prior at every recorded step: the bottleneck alone, with the shipped warm-up (worst excess SSIM -0.07 over the
 # atlas, residual -0.10 over another patient's image; labels 0.09), at a mean Dice cost of 0.272 (docs/privacy.md,
-# "Three more frontier points with the warm-up"). Levels 0-2 are blocked: the bottleneck of the default
+# "The frontier"). Levels 0-2 are blocked: the bottleneck of the default
 # four-level network.
 STRICT = Defence(
     name="bottleneck only + NoPeek 1.0 + warm-up 96 + gradient noise x10",
