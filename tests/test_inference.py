@@ -11,8 +11,8 @@ from split_unet.data import (REGION_NAMES, generate_release, label_from_regions,
                              partition_dataset, regions)
 from split_unet.errors import ProtocolError
 from split_unet.launch.inference import infer_in_simulator
-from split_unet.protocol.inference import SplitInferenceController
 from split_unet.protocol.names import ENCODER_FILE
+from split_unet.protocol.rounds import check_one_grid
 
 
 def test_label_to_source_inverts_the_grid_for_a_non_ras_affine(tmp_path):
@@ -70,11 +70,15 @@ def test_train_then_segment_in_the_simulator(project_root, tiny_data, trained_ti
 
 
 def test_a_validation_folder_is_segmented_with_its_release_label_values(project_root, trained_tiny, tmp_path):
-    # A BraTS 2021 validation release: no case has a label; the networks see the centre of its 1 mm volumes.
+    # A BraTS 2021 validation release: no case has a label; the networks see the centre of its 1 mm volumes. The
+    # training's transport (its summary) carries over to its inference job: here as if it had pushed.
     data = generate_release(tmp_path / "brats2021", "brats2021", n_patients=1, unlabelled=1, size=24)
     partition_dataset(data, tmp_path / "sites", progress=False)
-    train_ws, _ = trained_tiny
-    result = infer_in_simulator(train_ws, tmp_path / "sites", tmp_path / "infer",
+    train_ws, summary = trained_tiny
+    pushed = tmp_path / "trained_push"
+    pushed.mkdir()
+    (pushed / "summary.json").write_text(json.dumps({**summary, "config": {**summary["config"], "transport": "push"}}))
+    result = infer_in_simulator(pushed, tmp_path / "sites", tmp_path / "infer",
                                 site_configs=project_root / "site_configs", progress=None)
     assert "error" not in result, result.get("error")
     assert result["convention"] == "brats" and result["label_values"] == {"oedema": 2, "non_enhancing": 1,
@@ -84,20 +88,6 @@ def test_a_validation_folder_is_segmented_with_its_release_label_values(project_
     source = nib.load(tmp_path / "sites" / "flair" / "images" / f"{pid}.nii.gz")
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
     assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2, 4}
-
-
-def test_inference_pushes_its_requests_when_the_training_did(project_root, trained_tiny, tmp_path):
-    # The training's transport (its summary) carries over to its inference job: here as if it had pushed.
-    data = generate_release(tmp_path / "brats2023", "brats2023", n_patients=1, size=24)
-    partition_dataset(data, tmp_path / "sites", progress=False)
-    train_ws, summary = trained_tiny
-    pushed = tmp_path / "trained_push"
-    pushed.mkdir()
-    (pushed / "summary.json").write_text(json.dumps({**summary, "config": {**summary["config"], "transport": "push"}}))
-    result = infer_in_simulator(pushed, tmp_path / "sites", tmp_path / "infer",
-                                site_configs=project_root / "site_configs", progress=None)
-    assert "error" not in result, result.get("error")
-    assert result["convention"] == "brats2023" and result["scored_cases"] == 1
     server = json.loads((tmp_path / "infer" / "job" / "split_unet_infer" / "app_server" / "config" /
                          "config_fed_server.json").read_text())
     (controller,) = [c for c in server["components"] + server["workflows"] if "Inference" in c.get("path", "")]
@@ -116,17 +106,16 @@ def test_inference_without_the_server_datalist_fails_with_its_reason(project_roo
     assert not (tmp_path / "infer" / "inference.json").exists()
 
 
-def test_inference_geometry_blames_the_site_that_differs_from_the_others():
-    controller = SplitInferenceController("decoder.pt")
+def test_the_grid_check_blames_the_site_that_differs_from_the_others():
+    # The sites report every patient's source grid once, at init; the server writes each segmentation in the one
+    # grid all parties share (the training's setup and the inference's use the same check).
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])
-    for site in ("flair", "t1w", "t1gd", "t2w"):
-        shape = [240, 240, 150] if site == "flair" else [240, 240, 155]  # the first site is the odd one
-        controller.rounds.geometry[site]["P1"] = {"affine": affine.tolist(), "shape": shape}
+    grids = {site: ((240, 240, 150) if site == "flair" else (240, 240, 155), affine)  # the first site is the odd one
+             for site in ("flair", "t1w", "t1gd", "t2w")}
     with pytest.raises(ProtocolError) as info:
-        controller._geometry("P1")
+        check_one_grid(grids, "P1")
     assert info.value.site == "flair" and info.value.patient == "P1"
     assert "shape (240, 240, 150) differs from (240, 240, 155) of site 't1w'" in str(info.value)
-    for site in ("flair", "t1w", "t1gd", "t2w"):  # agreeing sites: their grid
-        controller.rounds.geometry[site]["P2"] = {"affine": affine.tolist(), "shape": [240, 240, 155]}
-    found_affine, shape = controller._geometry("P2")
-    assert shape == (240, 240, 155) and np.array_equal(found_affine, affine)
+    agreeing = {site: ((240, 240, 155), affine) for site in grids}
+    shape, found_affine = check_one_grid(agreeing, "P2")
+    assert tuple(shape) == (240, 240, 155) and np.array_equal(found_affine, affine)

@@ -85,7 +85,7 @@ class ModalitySiteExecutor(Executor):
 
     The init task sets the site up (``_initialize``). Every later task is received and checked in one place
     (``_receive``: its step, patients and inputs, then the gradient it carries applied), then answered by its own
-    handler: ``_train``, ``_validate``, ``_infer``, ``_finish``.
+    handler: ``_train``, ``_validate`` (also inference: the source grids went to the server at init), ``_finish``.
 
     Every path the job names is relative to the site's run folder (``encoder_file``) or workspace (the others),
     ``{site}`` replaced by the site name; absolute paths and '..' are refused (``paths.inside``).
@@ -155,7 +155,7 @@ class ModalitySiteExecutor(Executor):
         try:
             if task_name == TASK_INIT:
                 return self._initialize(shareable, fl_ctx, site)
-            handler = {TASK_TRAIN: self._train, TASK_VALIDATE: self._validate, TASK_INFER: self._infer,
+            handler = {TASK_TRAIN: self._train, TASK_VALIDATE: self._validate, TASK_INFER: self._validate,
                        TASK_FINISH: self._finish}.get(task_name)
             if handler is None:
                 return make_reply(ReturnCode.TASK_UNKNOWN)
@@ -274,20 +274,9 @@ class ModalitySiteExecutor(Executor):
         return self._answer(request, features, self._end_step(received))
 
     def _validate(self, received: ReceivedRequest, fl_ctx: FLContext, site: str) -> Shareable:
-        """Activations of validation patients (or windows of one), computed without a gradient."""
+        """Activations of validation or inference patients (or windows of one), computed without a gradient."""
         features = self.party.infer(received.read_inputs())
         return self._answer(received.request, features, self._end_step(received))
-
-    def _infer(self, received: ReceivedRequest, fl_ctx: FLContext, site: str) -> Shareable:
-        """As validation, with each patient's source affine and shape (header data, no image) for the server's
-        segmentation files."""
-        features = self.party.infer(received.read_inputs())
-        report = self._end_step(received)
-        report["geometry"] = {}
-        for pid in received.request.patient_ids:
-            affine, shape = self.images.geometry(pid)
-            report["geometry"][pid] = {"affine": affine.tolist(), "shape": list(shape)}
-        return self._answer(received.request, features, report)
 
     def _finish(self, received: ReceivedRequest, fl_ctx: FLContext, site: str) -> Shareable:
         """The last gradient is applied: the encoder is saved in the site's run folder; the report adds the peak

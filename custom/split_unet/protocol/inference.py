@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import torch
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
@@ -31,7 +30,7 @@ from .checkpoint import load_checkpoint
 from .names import SEGMENTATIONS
 from .paths import inside
 from .wire import TASK_INFER
-from .rounds import INIT_TIMEOUT, check_one_grid, reported_grid
+from .rounds import INIT_TIMEOUT
 from .workflow import SplitWorkflow
 
 RESULT_FILE = "inference.json"
@@ -78,7 +77,7 @@ class SplitInferenceController(SplitWorkflow):
             logits = self.segment(TASK_INFER, batch_ids, abort_signal, fl_ctx)
             masks = logits_to_masks(logits, min_component_voxels=self.config.min_component_voxels)
             for pid, mask in zip(batch_ids, masks):
-                affine, shape = self._geometry(pid)
+                shape, affine = self.grids[pid]
                 label = label_to_source(label_from_regions(mask.numpy(), convention), affine, shape,
                                         self.config.spacing)
                 write_nifti(label, affine, out / f"{pid}.nii.gz")
@@ -107,17 +106,6 @@ class SplitInferenceController(SplitWorkflow):
             self.log_info(fl_ctx, "Dice " + " ".join(f"{k} {v:.3f}" for k, v in aggregate["dice"].items()))
         write_json(out / RESULT_FILE, summary)
         self.log_info(fl_ctx, f"segmentations written to {out}")
-
-    def _geometry(self, patient_id: str) -> tuple[np.ndarray, tuple[int, ...]]:
-        """The source affine and shape the sites reported with the features; they must agree (``check_one_grid``)."""
-        reported = {}
-        for site in self.sites:
-            entry = self.rounds.geometry[site].pop(patient_id, None)
-            if not isinstance(entry, dict):
-                raise ProtocolError("no geometry reported", site=site, patient=patient_id, field="info.geometry")
-            reported[site] = reported_grid(entry, site, patient_id)
-        shape, affine = check_one_grid(reported, patient_id)
-        return affine, shape
 
     def load_decoder(self, decoder: torch.nn.Module, fl_ctx: FLContext) -> None:
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())

@@ -60,7 +60,7 @@ def _shown(value: object) -> str:
 
 def check_site_report(info: Mapping, site: str) -> dict:
     """What the server keeps of the ``info`` a site sends about its own process: CPU seconds and peak memory,
-    each a finite number within ``REPORT_BOUNDS`` (the geometry a site reports at inference is ``SiteRounds``')."""
+    each a finite number within ``REPORT_BOUNDS``."""
     report = {}
     for key, bound in REPORT_BOUNDS.items():
         if key in info:
@@ -201,7 +201,6 @@ class SiteRounds:
         self.lost: dict[str, dict] = {}  # sites lost during the run (policy "continue"): when and why
         self.reply_info: dict[str, dict] = {}  # each site's checked report of its last answer
         self.privacy: dict[str, dict] = {}  # each site's recomputed differential-privacy budget
-        self.geometry: defaultdict[str, dict] = defaultdict(dict)  # per site: patient -> reported source geometry
         self.grids: dict[str, dict[str, Grid]] = {}  # per site: patient -> source grid, as reported at init
         self.files: dict[str, dict[str, str]] = {}  # per site: patient -> the file it reads (for messages)
         # Bytes as on the wire, per site: "to_server" (activations of training steps), "to_site" (all payloads).
@@ -279,12 +278,6 @@ class SiteRounds:
             expected = activation_shapes(self.config, batch or len(ids), spatial) if ids else {}
             message = read_activations(replies[site], site=site, step=self.step, patient_ids=ids, expected=expected)
             self.reply_info[site] = check_site_report(message.info, site)
-            geometry = message.info.get("geometry")
-            if geometry is not None:  # inference: each patient's source geometry, kept until the server used it
-                if not isinstance(geometry, dict) or set(geometry) - set(ids):
-                    raise ProtocolError("must map the requested patients to their geometry", site=site,
-                                        field="info.geometry")
-                self.geometry[site].update(geometry)
             if any(key.startswith("dp_") for key in message.info):  # a site's ActivationClipNoise reports its budget
                 released = self._released[site]
                 levels = protected_levels(message.info, list(message.tensors), site)

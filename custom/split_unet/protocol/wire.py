@@ -12,8 +12,8 @@ per channel, top-k) that ``meta["encodings"]`` names with its scale, shape and a
   gradient (a site left out of the step by modality dropout; with ``info["checkpoint"]``, a checkpoint).
   The first batch's ``info["agreed_patients"]`` names the patients every party holds: the only ones a
   site then answers for.
-- server -> site, task ``split_unet_infer`` (inference job): as ``split_unet_validate``; the site's answer
-  also carries, in ``info["geometry"]``, each patient's source affine and shape (header data, no image).
+- server -> site, task ``split_unet_infer`` (inference job): as ``split_unet_validate``. Each patient's source
+  affine and shape (header data, no image) reached the server once, in the site's init reply.
 - site -> server: DXO ``split_unet.activations``: the site's features of the requested batch.
 """
 

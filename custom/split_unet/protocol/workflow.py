@@ -17,6 +17,7 @@ from nvflare.apis.impl.controller import Controller
 from nvflare.apis.signal import Signal
 
 from split_unet.data import DATALIST, SiteLabels
+from split_unet.data.readers import Grid
 from split_unet.errors import ProtocolError, SplitUNetError
 from split_unet.files import write_json
 from split_unet.networks import build_decoder
@@ -70,6 +71,7 @@ class SplitWorkflow(Controller):
         self.telemetry = Telemetry(self)
         self.party: DecoderParty | None = None
         self.labels: SiteLabels | None = None
+        self.grids: dict[str, Grid] = {}  # per common patient: the source grid every party shares (checked in setup)
         self.run_dir: Path | None = None
         self.summary_path: Path | None = None
 
@@ -145,7 +147,7 @@ class SplitWorkflow(Controller):
             if self.labels is not None and pid in self.labels.patient_ids:
                 affine, shape = self.labels.geometry(pid)
                 grids["server"], files["server"] = (shape, affine), str(self.labels.path(pid))
-            check_one_grid(grids, pid, files)
+            self.grids[pid] = check_one_grid(grids, pid, files)
         self.rounds.announce(sorted(common))
         return sorted(common)
 
