@@ -15,8 +15,9 @@ import torch
 
 from .metrics import RegionMetrics, logits_to_masks
 
-#: Sizes (grid voxels) tried by default: none, then from a few mm^3 at 1 mm to a small lesion at 2-4 mm.
-MIN_COMPONENT_CANDIDATES = (0, 8, 32, 128, 512, 2048)
+#: Sizes (grid voxels) tried by default: none, then from a few mm^3 at 1 mm to a small lesion at 2-4 mm, and 8 ml at
+#: 1 mm (a 1 mm model trained on patches leaves specks of a few ml; real whole tumours are tens of ml).
+MIN_COMPONENT_CANDIDATES = (0, 8, 32, 128, 512, 2048, 8192)
 
 
 def choose_min_component_voxels(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
