@@ -275,14 +275,15 @@ def score_in_source(logits: list[torch.Tensor], config: TrainConfig, patients: P
 
 
 def choose_postprocessing(model: torch.nn.Module, config: TrainConfig, patients: Patients, overlap: float) -> dict:
-    """The smallest component kept, chosen on training patients (grid scores)."""
+    """The smallest component kept per region (WT, TC, ET), chosen on training patients (grid scores)."""
     logits, targets, spacings = [], [], []
     for item in patients.items:
         logits.append(grid_logits(model, config, item["image"], overlap))
         targets.append(torch.from_numpy(item["grid_label"]).float()[None])
         spacings.append((config.spacing,) * 3)
-    size, scores = choose_min_component_voxels(logits, targets, spacings)
-    return {"min_component_voxels": size, "scores": {str(k): round(v, 4) for k, v in scores.items()}}
+    sizes, scores = choose_min_component_voxels(logits, targets, spacings)
+    return {"min_component_voxels": list(sizes),
+            "scores": {region: {str(k): round(v, 4) for k, v in by_size.items()} for region, by_size in scores.items()}}
 
 
 def evaluate_runs(release: Path, out: Path, runs: list[Run], args: argparse.Namespace) -> None:

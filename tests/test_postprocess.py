@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from split_unet.training import TrainConfig
+from split_unet.training.metrics import logits_to_masks
 from split_unet.training.postprocess import choose_min_component_voxels
 from split_unet.training.sliding_window import FLIPS, flip_averaged_logits
 
@@ -25,17 +27,43 @@ def _patient(specks: int, speck_side: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_the_size_that_removes_the_specks_but_not_the_tumour_is_chosen():
     patients = [_patient(3, 2), _patient(2, 2)]  # specks of 8 voxels, a tumour of 216
     logits, targets = [p[0] for p in patients], [p[1] for p in patients]
-    size, scores = choose_min_component_voxels(logits, targets, [(1.0, 1.0, 1.0)] * 2, candidates=(0, 9, 100, 300))
-    assert size == 9  # 0 keeps the specks; 300 also removes the tumour
-    assert scores[9] == pytest.approx(1.0) and scores[0] < scores[9] and scores[300] < scores[9]
-    assert scores[100] == scores[9]  # a tie: the smaller size wins
+    sizes, scores = choose_min_component_voxels(logits, targets, [(1.0, 1.0, 1.0)] * 2, candidates=(0, 9, 100, 300))
+    # WT: 0 keeps the specks, 300 also removes the tumour; a tie of 9 and 100: the smaller size wins. The TC and ET
+    # specks lie inside the WT ones and go with them (the masks nest): those regions need no size of their own.
+    assert sizes == (9, 0, 0)
+    assert scores["WT"][9] == pytest.approx(1.0) and scores["WT"][100] == scores["WT"][9]
+    assert scores["WT"][0] < scores["WT"][9] and scores["WT"][300] < scores["WT"][9]
+    for region in ("TC", "ET"):
+        assert scores[region][0] == pytest.approx(1.0) and scores[region][300] < scores[region][0]
 
 
-def test_nothing_to_remove_keeps_zero_and_mismatched_inputs_are_refused():
-    logits, target = _patient(0, 2)
-    assert choose_min_component_voxels([logits], [target], [(1.0, 1.0, 1.0)], candidates=(0, 9))[0] == 0
-    with pytest.raises(ValueError, match="one logits, target and spacing"):
-        choose_min_component_voxels([logits], [], [(1.0, 1.0, 1.0)])
+def test_each_region_gets_its_own_size():
+    # Whole-tumour specks of 64 voxels beside a true enhancing rim of 27: one size cannot remove the first and keep
+    # the second; one per region can.
+    truth = torch.zeros(1, 3, *SHAPE)
+    truth[:, 0, 4:12, 4:12, 4:12] = 1  # WT 512 voxels
+    truth[:, 1, 5:10, 5:10, 5:10] = 1  # TC 125
+    truth[:, 2, 6:9, 6:9, 6:9] = 1  # ET 27
+    predicted = truth.clone()
+    predicted[:, 0, 16:20, 16:20, 16:20] = 1  # a false WT lesion of 64 voxels
+    logits = predicted * 20 - 10
+    sizes, _ = choose_min_component_voxels([logits], [truth], [(1.0, 1.0, 1.0)], candidates=(0, 30, 100, 600))
+    assert sizes == (100, 0, 0)
+    masks = logits_to_masks(logits, min_component_voxels=sizes)
+    assert torch.equal(masks, truth)
+    assert logits_to_masks(logits, min_component_voxels=100)[:, 2].sum() == 0  # one size loses the rim
+
+
+@pytest.mark.parametrize("value, kept", [(0, 0), (512, 512), ([0, 8, 8], (0, 8, 8))])
+def test_the_config_takes_one_size_or_one_per_region(value, kept):
+    assert TrainConfig(min_component_voxels=value).min_component_voxels == kept
+    assert TrainConfig.from_dict(TrainConfig(min_component_voxels=value).to_dict()).min_component_voxels == kept
+
+
+@pytest.mark.parametrize("value", [-1, [1, 2], [1, 2, -3], True, "8", [1.5, 2, 3]])
+def test_the_config_refuses_other_sizes(value):
+    with pytest.raises(ValueError, match="min_component_voxels must be an integer >= 0 or three of them"):
+        TrainConfig(min_component_voxels=value)
 
 
 def test_flip_averaging_maps_each_prediction_back_before_averaging_probabilities():
@@ -57,7 +85,7 @@ def test_flip_averaging_maps_each_prediction_back_before_averaging_probabilities
 
 
 def test_scores_without_hd95_have_the_same_dice_and_no_surface_distances():
-    from split_unet.training.metrics import RegionMetrics, logits_to_masks
+    from split_unet.training.metrics import RegionMetrics
 
     logits, target = _patient(2, 2)
     full, fast = RegionMetrics(), RegionMetrics(with_hd95=False)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from split_unet.errors import SplitUNetError
-from split_unet.launch.options import add_grid_options, add_train_options, train_overrides
+from split_unet.launch.options import add_grid_options, add_train_options, shape_option, train_overrides
 from split_unet.studies import ATTACKS
 # protocol.transport.TRANSPORTS (importing it would import NVFlare for every command; a test keeps the two equal).
 TRANSPORTS = ("poll", "push")
@@ -396,9 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--patients", help="comma-separated patient ids (default: every patient all sites hold)")
     infer.add_argument("--site-configs", help="default: the package's")
     add_grid_options(infer)  # default: the training's grid
-    infer.add_argument("--min-component-voxels", type=int,
-                       help="post-processing: remove connected components smaller than this (grid voxels; default: "
-                            "the training's)")
+    infer.add_argument("--min-component-voxels", type=shape_option,
+                       help="post-processing: remove connected components smaller than this (grid voxels), one size "
+                            "or one per region, WT,TC,ET (default: the training's)")
     infer.set_defaults(func=cmd_infer)
 
     job = commands.add_parser("job", help="NVFlare jobs for a federation (nvflare job submit -j DIR)")

@@ -22,6 +22,15 @@ def _shape_setting(name: str, value: object) -> int | tuple[int, int, int]:
     return value if isinstance(value, int) else tuple(value)
 
 
+def region_sizes(value: object) -> int | tuple[int, int, int]:
+    """``min_component_voxels``: one size (int) or one per region (WT, TC, ET; a JSON list, kept as a tuple), each an
+    integer of at least 0."""
+    sizes = [value] if isinstance(value, int) else list(value) if isinstance(value, (list, tuple)) else []
+    if len(sizes) not in (1, 3) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes):
+        raise ValueError(f"min_component_voxels must be an integer >= 0 or three of them (WT, TC, ET), got {value!r}")
+    return sizes[0] if isinstance(value, int) else tuple(sizes)
+
+
 def merge_train_settings(*layers: Mapping) -> dict:
     """Training settings (``TrainConfig`` fields) of ``layers`` applied in order, each later one winning; ``network``
     merged key by key, so that a layer may change one network setting and keep the others."""
@@ -115,9 +124,9 @@ class TrainConfig:
     decoder_checkpointing: bool = False
     """The decoder recomputes its activations in the backward pass instead of keeping them (less server
     memory)."""
-    min_component_voxels: int = 0
-    """Post-processing: remove connected components smaller than this (grid voxels) from every segmentation (0:
-    none)."""
+    min_component_voxels: int | tuple[int, int, int] = 0
+    """Post-processing: remove connected components smaller than this (grid voxels) from every segmentation, one
+    size for every region or one per region (WT, TC, ET; 0: none)."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
     """The encoders' and the decoder's shape (``networks.NetworkConfig``)."""
 
@@ -127,6 +136,7 @@ class TrainConfig:
         self.size = _shape_setting("size", self.size)
         if self.patch_size is not None:
             self.patch_size = _shape_setting("patch_size", self.patch_size)
+        self.min_component_voxels = region_sizes(self.min_component_voxels)
         if self.patch_sampling not in PATCH_SAMPLING:
             raise ValueError(f"patch_sampling must be one of {PATCH_SAMPLING}, got {self.patch_sampling!r}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:

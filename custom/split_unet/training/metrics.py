@@ -28,19 +28,22 @@ _DILATION = generate_binary_structure(3, 2)
 _NEIGHBOUR_CODE_KERNEL = np.array([[[128, 64], [32, 16]], [[8, 4], [2, 1]]])
 
 
-def logits_to_masks(logits: torch.Tensor, threshold: float = 0.5, min_component_voxels: int = 0) -> torch.Tensor:
+def logits_to_masks(logits: torch.Tensor, threshold: float = 0.5,
+                    min_component_voxels: int | Sequence[int] = 0) -> torch.Tensor:
     """(B, 3, *S) logits -> (B, 3, *S) float masks: each region its own sigmoid, then nested (ET in TC in WT).
 
     Args:
         min_component_voxels: post-processing: connected components (26-connected) smaller than this are
-            removed from each region before nesting (0: none).
+            removed from each region before nesting; one size, or one per region (WT, TC, ET); 0: none.
     """
     masks = (torch.sigmoid(logits) > threshold).float()
-    if min_component_voxels > 0:
+    sizes = [min_component_voxels] * 3 if isinstance(min_component_voxels, int) else list(min_component_voxels)
+    if any(sizes):
         # One region at a time: MONAI hands a (C, *S) mask to scikit-image whole, which labels it as one 4D image,
         # so a region's component would count (and merge with) the other regions' voxels beside it.
-        remove = RemoveSmallObjects(min_component_voxels, connectivity=3)
-        masks = torch.stack([torch.cat([torch.as_tensor(remove(region[None])) for region in mask])
+        removers = [RemoveSmallObjects(size, connectivity=3) if size > 0 else None for size in sizes]
+        masks = torch.stack([torch.cat([region[None] if remove is None else torch.as_tensor(remove(region[None]))
+                                        for region, remove in zip(mask, removers)])
                              for mask in masks.cpu()]).to(masks.device)
     return nest_regions(masks, axis=1)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .metrics import RegionMetrics, logits_to_masks
+from .metrics import REGION_NAMES, RegionMetrics, logits_to_masks
 
 #: Sizes (grid voxels) tried by default: none, then from a few mm^3 at 1 mm to a small lesion at 2-4 mm, and 8 ml at
 #: 1 mm (a 1 mm model trained on patches leaves specks of a few ml; real whole tumours are tens of ml).
@@ -22,9 +22,10 @@ MIN_COMPONENT_CANDIDATES = (0, 8, 32, 128, 512, 2048, 8192)
 
 def choose_min_component_voxels(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
                                 spacings: Sequence[Sequence[float]],
-                                candidates: Sequence[int] = MIN_COMPONENT_CANDIDATES) -> tuple[int, dict[int, float]]:
-    """The candidate size whose post-processed masks score best on these (training) patients, and every
-    candidate's score.
+                                candidates: Sequence[int] = MIN_COMPONENT_CANDIDATES,
+                                ) -> tuple[tuple[int, int, int], dict[str, dict[int, float]]]:
+    """The size per region (WT, TC, ET) whose post-processed masks score best on these (training) patients, and
+    every candidate's score per region.
 
     Args:
         logits: per patient ``(1, 3, *S)`` logits on the grid.
@@ -32,18 +33,25 @@ def choose_min_component_voxels(logits: Sequence[torch.Tensor], targets: Sequenc
         spacings: per patient the grid's voxel size (mm).
         candidates: sizes in grid voxels.
 
-    The score is the mean of global and lesion-wise Dice over the three regions (the BraTS ranking uses the
-    lesion-wise one, which false lesions pull down; the global one guards against removing true tumour). Ties go
-    to the smaller size (the least that is removed).
+    One size per region, as nnU-Net chooses its post-processing per class: a size that clears a whole-tumour
+    speck also removes a true enhancing rim of that size. The regions are chosen in turn, WT, TC, then ET, each with
+    the earlier ones at their chosen size (the masks nest: a WT component removed takes the TC and ET inside it).
+    A region's score is the mean of its global and lesion-wise Dice (the BraTS ranking uses the lesion-wise one,
+    which false lesions pull down; the global one guards against removing true tumour). Ties go to the smaller size
+    (the least that is removed).
     """
     if not (len(logits) == len(targets) == len(spacings)) or not logits:
         raise ValueError("one logits, target and spacing per patient, at least one patient")
-    scores = {}
-    for size in sorted(set(int(c) for c in candidates)):
-        metrics = RegionMetrics(with_hd95=False)
-        for patient_logits, target, spacing in zip(logits, targets, spacings):
-            metrics.update(logits_to_masks(patient_logits, min_component_voxels=size), target, [spacing])
-        aggregate = metrics.aggregate()
-        scores[size] = float(np.mean([aggregate["dice"]["mean"], aggregate["lesion_dice"]["mean"]]))
-    best = max(scores.values())
-    return min(size for size, score in scores.items() if score == best), scores
+    chosen, scores = [0, 0, 0], {}
+    for index, region in enumerate(REGION_NAMES):
+        scores[region] = {}
+        for size in sorted(set(int(c) for c in candidates)):
+            sizes = [*chosen[:index], size, *chosen[index + 1:]]
+            metrics = RegionMetrics(with_hd95=False)
+            for patient_logits, target, spacing in zip(logits, targets, spacings):
+                metrics.update(logits_to_masks(patient_logits, min_component_voxels=sizes), target, [spacing])
+            aggregate = metrics.aggregate()
+            scores[region][size] = float(np.mean([aggregate["dice"][region], aggregate["lesion_dice"][region]]))
+        best = max(scores[region].values())
+        chosen[index] = min(size for size, score in scores[region].items() if score == best)
+    return tuple(chosen), scores
