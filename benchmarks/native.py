@@ -15,8 +15,8 @@ job's own checkpoints, copied as they appear. Every snapshot is scored the same 
 network segments the validation patients (Gaussian sliding window of the patch size, ``--eval-overlap``), the
 segmentation goes back to each source's geometry and is scored there against the source label (global and
 lesion-wise Dice as BraTS 2023 ranks them, false WT lesions). For the last snapshot of each run the smallest
-component kept (``min_component_voxels``) is chosen on ``POSTPROCESS_PATIENTS`` training patients and applied to
-the validation patients. Everything already trained or scored is read back, so the command resumes; an interrupted
+component kept per region (``min_component_voxels``: WT, TC, ET) is chosen on ``POSTPROCESS_PATIENTS`` training
+patients and applied to the validation patients. Everything already trained or scored is read back, so the command resumes; an interrupted
 split run resumes from its last checkpoint.
 
     python benchmarks/native.py --out runs/native --phase train --only native1_label,coarse
@@ -260,7 +260,7 @@ def patient_logits(model: torch.nn.Module, config: TrainConfig, patients: Patien
 
 
 def score_in_source(logits: list[torch.Tensor], config: TrainConfig, patients: Patients,
-                    min_component_voxels: int = 0) -> dict:
+                    min_component_voxels: int | list[int] = 0) -> dict:
     """Source-space scores of the segmentations the logits give, each back in its source's geometry."""
     metrics = RegionMetrics(with_hd95=False)  # Dice only: HD95's surface distances cost most
     for item, patient in zip(patients.items, logits):
