@@ -54,6 +54,13 @@ def test_each_region_gets_its_own_size():
     assert logits_to_masks(logits, min_component_voxels=100)[:, 2].sum() == 0  # one size loses the rim
 
 
+def test_nothing_to_remove_keeps_zero_and_mismatched_inputs_are_refused():
+    logits, target = _patient(0, 2)
+    assert choose_min_component_voxels([logits], [target], [(1.0, 1.0, 1.0)], candidates=(0, 9))[0] == (0, 0, 0)
+    with pytest.raises(ValueError, match="one logits, target and spacing"):
+        choose_min_component_voxels([logits], [], [(1.0, 1.0, 1.0)])
+
+
 @pytest.mark.parametrize("value, kept", [(0, 0), (512, 512), ([0, 8, 8], (0, 8, 8))])
 def test_the_config_takes_one_size_or_one_per_region(value, kept):
     assert TrainConfig(min_component_voxels=value).min_component_voxels == kept
