@@ -16,8 +16,8 @@ network segments the validation patients (Gaussian sliding window of the patch s
 segmentation goes back to each source's geometry and is scored there against the source label (global and
 lesion-wise Dice as BraTS 2023 ranks them, false WT lesions). For the last snapshot of each run the smallest
 component kept per region (``min_component_voxels``: WT, TC, ET) is chosen on ``POSTPROCESS_PATIENTS`` training
-patients and applied to the validation patients. Everything already trained or scored is read back, so the command resumes; an interrupted
-split run resumes from its last checkpoint.
+patients and applied to the validation patients. Everything already trained or scored is read back, so the command
+resumes; an interrupted split run resumes from its last checkpoint.
 
     python benchmarks/native.py --out runs/native --phase train --only native1_label,coarse
     python benchmarks/native.py --out runs/native --phase eval      # may run beside training
@@ -276,12 +276,9 @@ def score_in_source(logits: list[torch.Tensor], config: TrainConfig, patients: P
 
 def choose_postprocessing(model: torch.nn.Module, config: TrainConfig, patients: Patients, overlap: float) -> dict:
     """The smallest component kept per region (WT, TC, ET), chosen on training patients (grid scores)."""
-    logits, targets, spacings = [], [], []
-    for item in patients.items:
-        logits.append(grid_logits(model, config, item["image"], overlap))
-        targets.append(torch.from_numpy(item["grid_label"]).float()[None])
-        spacings.append((config.spacing,) * 3)
-    sizes, scores = choose_min_component_voxels(logits, targets, spacings)
+    logits, _ = patient_logits(model, config, patients, overlap)
+    targets = [torch.from_numpy(item["grid_label"]).float()[None] for item in patients.items]
+    sizes, scores = choose_min_component_voxels(logits, targets, [(config.spacing,) * 3] * len(logits))
     return {"min_component_voxels": list(sizes),
             "scores": {region: {str(k): round(v, 4) for k, v in by_size.items()} for region, by_size in scores.items()}}
 
