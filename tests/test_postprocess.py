@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from split_unet.training import TrainConfig
-from split_unet.training.metrics import logits_to_masks
+from split_unet.training.metrics import RegionMetrics, logits_to_masks
 from split_unet.training.postprocess import choose_min_component_voxels
 from split_unet.training.sliding_window import FLIPS, flip_averaged_logits
 
@@ -47,8 +47,15 @@ def test_each_region_gets_its_own_size():
     predicted = truth.clone()
     predicted[:, 0, 16:20, 16:20, 16:20] = 1  # a false WT lesion of 64 voxels
     logits = predicted * 20 - 10
-    sizes, _ = choose_min_component_voxels([logits], [truth], [(1.0, 1.0, 1.0)], candidates=(0, 30, 100, 600))
+    sizes, scores = choose_min_component_voxels([logits], [truth], [(1.0, 1.0, 1.0)], candidates=(0, 30, 100, 600))
     assert sizes == (100, 0, 0)
+    # Each candidate is scored as RegionMetrics scores its region, with the earlier regions at their chosen sizes.
+    for region, index, tried in (("WT", 0, (30, 0, 0)), ("ET", 2, (100, 0, 30))):
+        metrics = RegionMetrics(with_hd95=False)
+        metrics.update(logits_to_masks(logits, min_component_voxels=tried), truth)
+        aggregate = metrics.aggregate()
+        expected = (aggregate["dice"][region] + aggregate["lesion_dice"][region]) / 2
+        assert scores[region][tried[index]] == pytest.approx(expected, abs=1e-6)
     masks = logits_to_masks(logits, min_component_voxels=sizes)
     assert torch.equal(masks, truth)
     assert logits_to_masks(logits, min_component_voxels=100)[:, 2].sum() == 0  # one size loses the rim
