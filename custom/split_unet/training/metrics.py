@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -42,9 +43,13 @@ def logits_to_masks(logits: torch.Tensor, threshold: float = 0.5,
         # One region at a time: MONAI hands a (C, *S) mask to scikit-image whole, which labels it as one 4D image,
         # so a region's component would count (and merge with) the other regions' voxels beside it.
         removers = [RemoveSmallObjects(size, connectivity=3) if size > 0 else None for size in sizes]
-        masks = torch.stack([torch.cat([region[None] if remove is None else torch.as_tensor(remove(region[None]))
-                                        for region, remove in zip(mask, removers)])
-                             for mask in masks.cpu()]).to(masks.device)
+        with warnings.catch_warnings():
+            # MONAI 1.6 hands its size to scikit-image 0.26 as ``min_size``, which warns that it is deprecated for
+            # ``max_size``; the meaning (smaller than the size is removed) is unchanged in both versions.
+            warnings.filterwarnings("ignore", message="Parameter `min_size` is deprecated", category=FutureWarning)
+            masks = torch.stack([torch.cat([region[None] if remove is None else torch.as_tensor(remove(region[None]))
+                                            for region, remove in zip(mask, removers)])
+                                 for mask in masks.cpu()]).to(masks.device)
     return nest_regions(masks, axis=1)
 
 
