@@ -10,8 +10,10 @@ import pytest
 from split_unet.data import (REGION_NAMES, generate_release, label_from_regions, label_to_source, load_label,
                              partition_dataset, regions)
 from split_unet.errors import ProtocolError
+from split_unet.cli import build_parser
 from split_unet.launch.inference import infer_in_simulator
 from split_unet.protocol.names import ENCODER_FILE
+from split_unet.protocol.inference import check_labelled
 from split_unet.protocol.rounds import check_one_grid
 
 
@@ -38,10 +40,15 @@ def test_train_then_segment_in_the_simulator(project_root, tiny_data, trained_ti
             shutil.copy(folder / datalist["patients"]["BRATS_001"], folder / "images/NEW_001.nii.gz")
             datalist["patients"]["NEW_001"] = "images/NEW_001.nii.gz"
             datalist_path.write_text(json.dumps(datalist))
-    train_ws, _ = trained_tiny
+    train_ws, summary = trained_tiny
+    # The training names its patients (to choose the post-processing on training patients only).
+    named = summary["patients"]
+    assert sorted(named["training"] + named["validation"]) == [f"BRATS_00{i}" for i in range(1, 9)]
+    assert len(named["validation"]) == summary["config"]["val_patients"]
     result = infer_in_simulator(train_ws, sites, tmp_path / "infer", site_configs=project_root / "site_configs",
                                 progress=None)
     assert "error" not in result, result.get("error")
+    assert result["postprocessing"] == {"min_component_voxels": 0}  # the training's, not chosen
     # What the user is told and both inference.json files name the folder the files are in.
     assert result["segmentations"] == str((tmp_path / "infer" / "segmentations").resolve())
     for written in (tmp_path / "infer" / "inference.json", tmp_path / "infer" / "segmentations" / "inference.json"):
@@ -119,3 +126,17 @@ def test_the_grid_check_blames_the_site_that_differs_from_the_others():
     agreeing = {site: ((240, 240, 155), affine) for site in grids}
     shape, found_affine = check_one_grid(agreeing, "P2")
     assert tuple(shape) == (240, 240, 155) and np.array_equal(found_affine, affine)
+
+
+@pytest.mark.unit
+def test_the_post_processing_is_chosen_on_named_labelled_patients_only(capsys):
+    # Named: choosing on every patient would choose on the ones scored too. Labelled: the server scores each size.
+    with pytest.raises(ProtocolError, match="1 of the 2 have no label at the server, e.g. NEW_001"):
+        check_labelled(["BRATS_001", "NEW_001"], ["BRATS_001", "BRATS_002"])
+    check_labelled(["BRATS_002"], ["BRATS_001", "BRATS_002"])
+    parser = build_parser()
+    base = ["infer", "--sites", "s", "--workspace", "w", "--train-workspace", "t", "--choose-postprocessing"]
+    for extra in ([], ["--patients", "BRATS_001", "--min-component-voxels", "8"]):
+        args = parser.parse_args(base + extra)
+        assert args.func(args) == 2
+        assert "--choose-postprocessing needs --patients" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from split_unet.data import MODALITIES as SITES
-from split_unet.data import find_cases, load_case, load_label, split_patients
+from split_unet.data import REGION_NAMES, find_cases, load_case, load_label, split_patients
 from split_unet.defence import UNDEFENDED_SCOPE
 from split_unet.jobs import training_settings
 from split_unet.launch.inference import infer_in_simulator
@@ -20,6 +20,7 @@ from split_unet.networks import build_split_unet
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE
 from split_unet.training import TrainConfig, logits_to_masks, make_optimizer, segmentation_loss
 from split_unet.training.augment import intensity_augment, intensity_seed
+from split_unet.training.postprocess import MIN_COMPONENT_CANDIDATES
 from split_unet.training.schedule import Schedule
 
 from helpers import TINY_NETWORK, assert_federated_step_equals, make_dataset
@@ -89,20 +90,29 @@ def test_a_patch_step_equals_the_composed_network_on_the_same_patches(patch_run)
 
 
 def test_split_sliding_window_inference_equals_monai_on_the_composed_network(patch_run, project_root):
-    """The segmentations the inference job writes are MONAI's Gaussian sliding window of the composed network.
+    """The segmentations the inference job writes are MONAI's Gaussian sliding window of the composed network,
+    post-processed with the sizes the job chose on the patients it segmented (all labelled here).
     float32 on the wire and the same windows: the logits agree to rounding (the unit test bounds them by 1e-5), so
     a voxel may differ only where a logit lies within that of the threshold."""
     root, msd, sites, _ = patch_run
+    cases = find_cases(msd)
     result = infer_in_simulator(root / "ws", sites, root / "infer", site_configs=project_root / "site_configs",
-                                progress=None)
+                                patients=[case.patient_id for case in cases], progress=None,
+                                choose_postprocessing=True)
     assert "error" not in result, result.get("error")
+    chosen = result["postprocessing"]
+    assert chosen["chosen_on"] == [case.patient_id for case in cases]
+    for region, size in zip(REGION_NAMES, chosen["min_component_voxels"]):
+        scores = {int(candidate): score for candidate, score in chosen["scores"][region].items()}
+        assert sorted(scores) == sorted(MIN_COMPONENT_CANDIDATES)
+        assert size == min(c for c, score in scores.items() if score == max(scores.values()))
     network = _trained_network(root / "ws")
     config = TrainConfig.from_dict(TRAIN)
-    for case in find_cases(msd):
+    for case in cases:
         images = torch.from_numpy(load_case(case, config.grid_shape)["image"][None])
         with torch.no_grad():
             logits = sliding_window_inference(images, config.patch_shape, 3, network, 0.5, mode="gaussian")
-        expected = logits_to_masks(logits)[0].numpy()
+        expected = logits_to_masks(logits, min_component_voxels=chosen["min_component_voxels"])[0].numpy()
         written = load_label(root / "infer" / "segmentations" / f"{case.patient_id}.nii.gz", config.grid_shape,
                              "msd")
         undecided = (logits[0].abs() < 1e-4).numpy()

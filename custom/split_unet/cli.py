@@ -185,6 +185,11 @@ def cmd_infer(args) -> int:
     from split_unet.launch.inference import infer_in_simulator
 
     patients = args.patients.split(",") if args.patients else ()
+    if args.choose_postprocessing and (not patients or args.min_component_voxels is not None):
+        # Named patients only: choosing on every patient would choose on the ones scored too.
+        print("error: --choose-postprocessing needs --patients (labelled training patients) and no "
+              "--min-component-voxels", file=sys.stderr)
+        return 2
     overrides = {key: getattr(args, key) for key in ("size", "spacing", "min_component_voxels")
                  if getattr(args, key) is not None}
     if args.poc:
@@ -197,12 +202,12 @@ def cmd_infer(args) -> int:
         try:
             federation.start()
             result = infer_in_poc(federation, args.train_job, Path(args.workspace).resolve(), patients=patients,
-                                  overrides=overrides)
+                                  overrides=overrides, choose_postprocessing=args.choose_postprocessing)
         finally:
             federation.stop()
     elif args.train_workspace:
         result = infer_in_simulator(args.train_workspace, args.sites, args.workspace, args.site_configs, patients,
-                                    overrides=overrides)
+                                    overrides=overrides, choose_postprocessing=args.choose_postprocessing)
     else:
         print("error: give --train-workspace (simulator) or --poc and --train-job", file=sys.stderr)
         return 2
@@ -211,6 +216,10 @@ def cmd_infer(args) -> int:
         return 1
     if "dice" in result:
         print("Dice " + " ".join(f"{k} {v:.3f}" for k, v in result["dice"].items()))
+    if "chosen_on" in result["postprocessing"]:
+        sizes = ",".join(map(str, result["postprocessing"]["min_component_voxels"]))
+        print(f"post-processing chosen on {len(result['postprocessing']['chosen_on'])} patients: "
+              f"--min-component-voxels {sizes} (WT,TC,ET) for the others")
     print(f"{len(result['patients'])} segmentations (NIfTI, {result['convention']} labels, source geometry) in "
           f"{result['segmentations']}")
     return 0
@@ -399,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--min-component-voxels", type=shape_option,
                        help="post-processing: remove connected components smaller than this (grid voxels), one size "
                             "or one per region, WT,TC,ET (default: the training's)")
+    infer.add_argument("--choose-postprocessing", action="store_true",
+                       help="choose --min-component-voxels per region on the --patients segmented, which must be "
+                            "labelled training patients (never the ones scored); printed and in inference.json")
     infer.set_defaults(func=cmd_infer)
 
     job = commands.add_parser("job", help="NVFlare jobs for a federation (nvflare job submit -j DIR)")

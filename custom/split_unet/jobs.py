@@ -127,12 +127,15 @@ class InferenceJob:
         decoder_path: the trained decoder at the server, relative to its workspace.
         encoder_path: each site's trained encoder, relative to the site's workspace (``{site}``: the site name).
         patients: patients to segment (default: every patient all sites hold).
+        choose_postprocessing: choose the post-processing on these (labelled training) patients, see
+            ``SplitInferenceController``.
     """
 
     training: TrainingJob
     decoder_path: str
     encoder_path: str
     patients: list[str] = field(default_factory=list)
+    choose_postprocessing: bool = False
 
 
 @dataclass
@@ -212,7 +215,7 @@ def build_inference(settings: InferenceJob) -> FedJob:
     # from decoder_path).
     shared = {key: value for key, value in _controller_args(training).items() if key in INFERENCE_SHARED_ARGS}
     controller_args = {**shared, "decoder_path": settings.decoder_path, "patients": list(settings.patients),
-                       "output_folder": SEGMENTATIONS}
+                       "output_folder": SEGMENTATIONS, "choose_postprocessing": settings.choose_postprocessing}
     job.to_server(SplitInferenceController(**controller_args), id=training.name)
     executor_args = {**training.executor_args, "encoder_path": settings.encoder_path}
     for site in training.sites:

@@ -34,25 +34,27 @@ def read_training_summary(train_workspace: str | Path) -> dict:
 
 
 def inference_job(summary: dict, decoder_path: str, encoder_path: str, patients: Sequence[str] = (),
-                  overrides: dict | None = None, with_code: bool = False) -> InferenceJob:
+                  overrides: dict | None = None, with_code: bool = False,
+                  choose_postprocessing: bool = False) -> InferenceJob:
     """The inference job of a finished training: its sites and networks (``overrides``: ``train`` settings to
     use instead, see ``infer_in_simulator``), the trained models at ``decoder_path`` / ``encoder_path`` (see
-    ``jobs.InferenceJob``)."""
+    ``jobs.InferenceJob``, also for ``choose_postprocessing``)."""
     recorded = summary.get("config", {})
     # The training's scope: its networks send the levels that scope lets leave the sites.
     training = training_settings({**trained_config(summary), **(overrides or {})}, sites=list(recorded["sites"]),
                                  wire_dtype=recorded["wire_dtype"], scope=recorded.get("scope"),
                                  transport=recorded.get("transport", "poll"), with_code=with_code)
-    return InferenceJob(training, decoder_path, encoder_path, list(patients))
+    return InferenceJob(training, decoder_path, encoder_path, list(patients), choose_postprocessing)
 
 
 def infer_in_simulator(train_workspace: str | Path, sites_dir: str | Path, workspace: str | Path,
                        site_configs: str | Path | None = None, patients: Sequence[str] = (), progress: Callable[[str], None] | None = print,
-                       overrides: dict | None = None) -> dict:
+                       overrides: dict | None = None, choose_postprocessing: bool = False) -> dict:
     """Segment with the models of a ``split-unet simulate`` run; results in ``workspace/segmentations``.
 
     ``overrides``: ``train`` settings to use instead of the training's: ``size`` / ``spacing`` (the networks are
-    fully convolutional), ``min_component_voxels`` (post-processing).
+    fully convolutional), ``min_component_voxels`` (post-processing). ``choose_postprocessing``: choose the
+    post-processing on ``patients`` (labelled training patients); the sizes are the result's ``postprocessing``.
     """
     train_workspace, workspace = Path(train_workspace).resolve(), Path(workspace).resolve()
     summary = read_training_summary(train_workspace)
@@ -62,8 +64,8 @@ def infer_in_simulator(train_workspace: str | Path, sites_dir: str | Path, works
     artefacts = summary["artefacts"]
     models = {site: {ENCODER_FILE: Path(path)} for site, path in artefacts["encoders"].items()}
     models["server"] = {DECODER_FILE: Path(artefacts["decoder"])}
-    job = export(inference_job(summary, f"local/{DECODER_FILE}", f"local/{ENCODER_FILE}", patients, overrides),
-                 workspace / "job")
+    job = export(inference_job(summary, f"local/{DECODER_FILE}", f"local/{ENCODER_FILE}", patients, overrides,
+                               choose_postprocessing=choose_postprocessing), workspace / "job")
     return_code = simulate(job, workspace, Path(sites_dir).resolve(), resolve_site_configs(site_configs, workspace),
                            progress, party_files=models)
     return collect_segmentations(workspace / "simulator" / "server" / SIMULATE_JOB / SEGMENTATIONS, workspace,

@@ -307,10 +307,10 @@ def _timed(report: dict, phase: str, started: float, say: Callable[[str], None])
 def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, with_code: bool = False,
                  patients: Sequence[str] = (), report: dict | None = None,
                  progress: Callable[[str], None] | None = print, job_timeout: float = 600,
-                 overrides: dict | None = None) -> dict:
+                 overrides: dict | None = None, choose_postprocessing: bool = False) -> dict:
     """Segment with the models of a finished POC training job (the federation running); results in ``out``.
 
-    ``overrides``: ``train`` settings to use instead of the training's (see ``infer_in_simulator``).
+    ``overrides``, ``choose_postprocessing``: see ``infer_in_simulator``.
     """
     report = {} if report is None else report
     say = progress or (lambda _: None)
@@ -325,7 +325,7 @@ def infer_in_poc(federation: PocFederation, train_job_id: str, out: Path, with_c
     installed.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(server_run / "app_server" / DECODER_FILE, installed)
     settings = inference_job(load_json(server_run / "summary.json"), decoder, f"{train_job_id}/{ENCODER_FILE}",
-                             patients, overrides, with_code)
+                             patients, overrides, with_code, choose_postprocessing)
     server_run = run_job(federation, "infer", export(settings, out / "jobs"), "api", report, say, job_timeout)
     return collect_segmentations(server_run / SEGMENTATIONS, out, f"no inference.json in {server_run}")
 

@@ -152,8 +152,8 @@ class SplitUNetController(SplitWorkflow):
 
         self.rounds.exchange(TASK_FINISH, [], abort_signal, fl_ctx)
         self._save_decoder(fl_ctx)
-        self._write_summary(metrics, history, schedule.total_steps, len(train_ids), len(val_ids),
-                            time.perf_counter() - start, fl_ctx)
+        self._write_summary(metrics, history, schedule.total_steps, train_ids, val_ids, time.perf_counter() - start,
+                            fl_ctx)
 
     def _train_step_of(self, step: Step, schedule: Schedule, abort_signal: Signal, fl_ctx: FLContext) -> float:
         """One training step: the sites' activations of the batch, the decoder's step, the gradients held for the
@@ -208,13 +208,15 @@ class SplitUNetController(SplitWorkflow):
         return metrics.aggregate()
 
     # Records ------------------------------------------------------------------------------------------------------
-    def _write_summary(self, metrics: dict | None, history: list[dict], train_steps: int, n_train: int, n_val: int,
-                       wall_seconds: float, fl_ctx: FLContext) -> None:
+    def _write_summary(self, metrics: dict | None, history: list[dict], train_steps: int, train_ids: list[str],
+                       val_ids: list[str], wall_seconds: float, fl_ctx: FLContext) -> None:
         summary = make_summary(
             metrics, epochs=self.config.epochs, steps=train_steps, wall_seconds=wall_seconds,
             config={**self.config.to_dict(), "sites": self.sites, "wire_dtype": self.wire_dtype,
                     "transport": self.transport,
-                    "scope": job_scope(fl_ctx), "train_patients": n_train, "val_patients": n_val},
+                    "scope": job_scope(fl_ctx), "train_patients": len(train_ids), "val_patients": len(val_ids)},
+            # The ids, for choosing the post-processing on training patients only (``split-unet infer``).
+            patients={"training": list(train_ids), "validation": list(val_ids)},
             bytes_per_step=self.rounds.bytes_per_step(len(self._step_seconds)), privacy=self.rounds.privacy,
             history=history, lost_sites=self.rounds.lost,
             timing={"step_seconds": [round(s, 4) for s in self._step_seconds],

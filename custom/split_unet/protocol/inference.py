@@ -6,6 +6,12 @@ features and, as header data only, the affine and shape of its source volumes; t
 regions (ET inside TC inside WT), writes each segmentation as NIfTI in that source geometry with the label values
 of the data's own release (the convention the server's datalist names, also where it holds no label, as for a
 validation release), and scores the file it wrote, in source space, against the source label where it holds one.
+
+Post-processing (the smallest connected component kept per region) is the training's ``min_component_voxels``
+unless the job chooses it (``choose_postprocessing``): then the patients segmented are labelled training patients,
+the server picks the sizes on its grid from their logits and labels
+(``training.postprocess.choose_min_component_voxels``), writes their files with those sizes and reports them for
+the inference of every other patient.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from split_unet.errors import ProtocolError
 from split_unet.files import write_json
 from split_unet.ids import check_patient_ids
 from split_unet.training import RegionMetrics, chunks, logits_to_masks
+from split_unet.training.postprocess import choose_min_component_voxels
 
 from .checkpoint import load_checkpoint
 from .names import SEGMENTATIONS
@@ -36,6 +43,14 @@ from .workflow import SplitWorkflow
 RESULT_FILE = "inference.json"
 
 
+def check_labelled(patient_ids: Sequence[str], labelled: Sequence[str]) -> None:
+    """The patients a post-processing is chosen on: every one labelled at the server, else a ProtocolError."""
+    if unlabelled := sorted(set(patient_ids) - set(labelled)):
+        raise ProtocolError(f"the post-processing is chosen on labelled patients; {len(unlabelled)} of the "
+                            f"{len(patient_ids)} have no label at the server, e.g. {unlabelled[0]}", site="server",
+                            field="patients")
+
+
 class SplitInferenceController(SplitWorkflow):
     """Inference workflow of the Split-U-Net (arguments of ``SplitWorkflow``, plus):
 
@@ -44,19 +59,23 @@ class SplitInferenceController(SplitWorkflow):
             server's workspace (absolute paths and '..' are refused).
         patients: patient ids to segment; default every patient that all sites hold.
         output_folder: folder in the server's run folder for ``<patient>.nii.gz`` and ``inference.json``.
+        choose_postprocessing: choose ``min_component_voxels`` on these patients (each must have a label at the
+            server: training patients, never those the model is scored on) instead of the training's; every
+            patient's logits are held until the choice (about 100 MB per patient at 240 x 240 x 155).
     """
 
     def __init__(self, decoder_path: str, patients: Sequence[str] = (), output_folder: str = SEGMENTATIONS,
                  sites: Sequence[str] = MODALITIES, train: dict | None = None, wire_dtype: str = "float32",
                  task_timeout: int = 600, on_site_failure: str = "stop", summary_file: str = "summary.json",
                  num_threads: int = 0, task_check_period: float = 0.01, init_timeout: int = INIT_TIMEOUT,
-                 transport: str = "poll"):
+                 transport: str = "poll", choose_postprocessing: bool = False):
         super().__init__(sites, train, wire_dtype, task_timeout, on_site_failure, summary_file, num_threads,
                          task_check_period, init_timeout, transport)
         self.decoder_path = decoder_path
         # Each becomes a file name "<id>.nii.gz": the id rule keeps it in the output folder.
         self.patients = check_patient_ids(patients, site="server", field="patients", error=ProtocolError)
         self.output_folder = output_folder
+        self.choose_postprocessing = bool(choose_postprocessing)
 
     def run_workflow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         start = time.perf_counter()
@@ -69,13 +88,26 @@ class SplitInferenceController(SplitWorkflow):
             raise ProtocolError(f"no {DATALIST} in the server's data folder: it names the label convention the "
                                 "segmentations are written with (split-unet partition writes it, also where no case "
                                 "is labelled)", site="server", field=DATALIST)
+        if self.choose_postprocessing:
+            check_labelled(patient_ids, self.labels.patient_ids)
         out = inside(self.run_dir, self.output_folder, site="server", field="output_folder", where="run folder")
         out.mkdir(parents=True, exist_ok=True)
         convention = self.labels.convention
         results, scored = {}, RegionMetrics()
-        for batch_ids in chunks(patient_ids, self.config.val_batch_size):
-            logits = self.segment(TASK_INFER, batch_ids, abort_signal, fl_ctx)
-            masks = logits_to_masks(logits, min_component_voxels=self.config.min_component_voxels)
+        batches = ((ids, self.segment(TASK_INFER, ids, abort_signal, fl_ctx))
+                   for ids in chunks(patient_ids, self.config.val_batch_size))
+        postprocessing: dict = {"min_component_voxels": self.config.min_component_voxels}
+        if self.choose_postprocessing:
+            batches = list(batches)  # every patient's logits first: the sizes chosen apply to all of them
+            sizes, scores = choose_min_component_voxels(
+                [logits[k:k + 1] for _, logits in batches for k in range(len(logits))],
+                [torch.from_numpy(self.labels.get(pid))[None] for ids, _ in batches for pid in ids],
+                [self._grid_spacing(pid) for ids, _ in batches for pid in ids])
+            postprocessing = {"min_component_voxels": sizes, "chosen_on": list(patient_ids), "scores": scores}
+            self.log_info(fl_ctx, f"post-processing chosen on {len(patient_ids)} patients: smallest component "
+                                  f"kept (WT, TC, ET) {sizes} voxels")
+        for batch_ids, logits in batches:
+            masks = logits_to_masks(logits, min_component_voxels=postprocessing["min_component_voxels"])
             for pid, mask in zip(batch_ids, masks):
                 shape, affine = self.grids[pid]
                 label = label_to_source(label_from_regions(mask.numpy(), convention), affine, shape,
@@ -97,7 +129,7 @@ class SplitInferenceController(SplitWorkflow):
         oedema, core, enhancing = CONVENTIONS[convention]
         summary = {"patients": results, "segmentations": str(out), "convention": convention,
                    "label_values": {"oedema": oedema, "non_enhancing": core, "enhancing": enhancing},
-                   "scored_in": "source space (the files written)", "hd95_unit": "mm",
+                   "scored_in": "source space (the files written)", "hd95_unit": "mm", "postprocessing": postprocessing,
                    "wall_seconds": round(time.perf_counter() - start, 2)}
         if any("dice" in r for r in results.values()):
             aggregate = scored.aggregate()
@@ -106,6 +138,13 @@ class SplitInferenceController(SplitWorkflow):
             self.log_info(fl_ctx, "Dice " + " ".join(f"{k} {v:.3f}" for k, v in aggregate["dice"].items()))
         write_json(out / RESULT_FILE, summary)
         self.log_info(fl_ctx, f"segmentations written to {out}")
+
+    def _grid_spacing(self, patient_id: str) -> tuple[float, float, float]:
+        """The voxel size (mm) of a patient's grid: the configured spacing, else its source's."""
+        if self.config.spacing:
+            return (float(self.config.spacing),) * 3
+        _, affine = self.grids[patient_id]
+        return tuple(float(v) for v in nib.affines.voxel_sizes(affine))
 
     def load_decoder(self, decoder: torch.nn.Module, fl_ctx: FLContext) -> None:
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
