@@ -21,6 +21,7 @@ resumes; an interrupted split run resumes from its last checkpoint.
 
     python benchmarks/native.py --out runs/native --phase train --only native1_label,coarse
     python benchmarks/native.py --out runs/native --phase eval      # may run beside training
+    python benchmarks/native.py --out runs/native --phase empty     # what the models answer where the input is 0
     python benchmarks/native.py --out runs/native --phase report --docs docs/performance
 
 Writes ``native.json`` and ``native_curves.png`` to ``--out`` and ``--docs``, and the table ``native_curves.md`` to
@@ -358,6 +359,46 @@ def corner_leakage(release: Path, out: Path, args: argparse.Namespace) -> dict:
     return result
 
 
+def empty_input(release: Path, out: Path, runs: list[Run], args: argparse.Namespace) -> dict:
+    """What the last snapshot of each finished patch run answers where its input is empty (every modality 0, as
+    outside a skull-stripped head): the logits of an all-zero window (a patch network rarely or never trains on one),
+    and the validation scores with the predictions kept to the head (voxels where some modality is non-zero), raw
+    and with the run's chosen post-processing. A diagnosis, not a method: the split server does not hold the head."""
+    path = out / "empty_input.json"
+    result = load_json(path) if path.is_file() else {}
+    ids = [case.patient_id for case in find_cases(release)]
+    _, val_ids = split_patients(ids, VAL_PATIENTS / PATIENTS, SEED)
+    for run in runs:
+        folder, config = out / run.key, run_config(run, args)
+        snapshots = sorted((folder / "snapshots").glob("step_*"))
+        scores_path = snapshots[-1] / f"scores_overlap{args.eval_overlap}.json" if snapshots else None
+        if run.key in result or run.patch is None or scores_path is None or not scores_path.is_file():
+            continue
+        scored = load_json(scores_path)
+        if "postprocessed" not in scored:
+            continue
+        model = snapshot_model(run, config, snapshots[-1])
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            zero = model(torch.zeros(1, len(SITES), *config.patch_shape, device=device)).float().cpu()[0]
+        patients = Patients(release, val_ids, run.size, run.spacing)
+        logits, _ = patient_logits(model, config, patients, args.eval_overlap)
+        in_head = [patient.masked_fill(~torch.from_numpy(np.any(item["image"] != 0, axis=0))[None, None], -20.0)
+                   for patient, item in zip(logits, patients.items)]
+        sizes = scored["postprocessed"]["min_component_voxels"]
+        result[run.key] = {"step": int(snapshots[-1].name.split("_")[1]),
+                           "zero_window_logits": {region: {"mean": round(float(zero[k].mean()), 3),
+                                                           "std": round(float(zero[k].std()), 3)}
+                                                  for k, region in enumerate(("WT", "TC", "ET"))},
+                           "in_head": score_in_source(in_head, config, patients),
+                           "in_head_postprocessed": {"min_component_voxels": sizes,
+                                                     **score_in_source(in_head, config, patients, sizes)}}
+        write_json(path, result)
+        print(f"{run.key}: zero window WT logit {result[run.key]['zero_window_logits']['WT']}, in the head "
+              f"{result[run.key]['in_head_postprocessed']['source_dice']['mean']:.3f} post-processed", flush=True)
+    return result
+
+
 def train_seconds(folder: Path, steps: list[int]) -> dict[int, float | None]:
     """Seconds of training (wall) up to each snapshot step. Split runs: when the snapshot was copied, from the job's
     start (its start-up included); a resumed run continues from its last snapshot before the resume. Centralized:
@@ -472,7 +513,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--docs", type=Path, help="also write native.json and native_curves.png here")
-    parser.add_argument("--phase", choices=("train", "eval", "leakage", "report", "all"), default="all")
+    parser.add_argument("--phase", choices=("train", "eval", "leakage", "empty", "report", "all"), default="all")
     parser.add_argument("--only", help="comma-separated run keys (default: all)")
     parser.add_argument("--steps", type=int, default=240, help="training steps of each patch run")
     parser.add_argument("--coarse-steps", type=int, default=240, help="training steps of the whole-volume run")
@@ -496,6 +537,8 @@ def main() -> None:
         evaluate_runs(release, args.out, runs, args)
     if args.phase in ("leakage", "all"):
         corner_leakage(release, args.out, args)
+    if args.phase in ("empty", "all"):
+        empty_input(release, args.out, runs, args)
     if args.phase in ("report", "all"):
         document = report(args.out, runs, args)
         if (args.out / "corner_leakage.json").is_file():
@@ -503,6 +546,8 @@ def main() -> None:
             document["corner_leakage"] = {key: value for key, value in leakage.items() if key not in SAMPLINGS}
             document["corner_leakage"].update({s: {k: v for k, v in leakage[s].items() if k != "patients"}
                                                for s in SAMPLINGS})
+        if (args.out / "empty_input.json").is_file():
+            document["empty_input"] = load_json(args.out / "empty_input.json")
         # The docs cite the JSON and the plot; the table is this run's own summary.
         (args.out / "native_curves.md").write_text(markdown(document))
         for folder in filter(None, (args.out, args.docs)):
