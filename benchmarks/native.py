@@ -41,8 +41,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from split_unet.data import (find_cases, generate_release, label_from_regions, label_to_source, load_case,
-                             partition_dataset, regions, split_patients)
+from split_unet.data import (REGION_NAMES, find_cases, generate_release, label_from_regions, label_to_source,
+                             load_case, partition_dataset, regions, split_patients)
 from split_unet.data.readers import load_label, read_label
 from split_unet.defence import DEFENDED_SCOPE, UNDEFENDED, UNDEFENDED_SCOPE, job_defence
 from split_unet.files import load_json, write_json
@@ -368,6 +368,7 @@ def empty_input(release: Path, out: Path, runs: list[Run], args: argparse.Namesp
     result = load_json(path) if path.is_file() else {}
     ids = [case.patient_id for case in find_cases(release)]
     _, val_ids = split_patients(ids, VAL_PATIENTS / PATIENTS, SEED)
+    loaded: dict[tuple, Patients] = {}  # the validation patients per grid, loaded once (minutes at 1 mm)
     for run in runs:
         folder, config = out / run.key, run_config(run, args)
         snapshots = sorted((folder / "snapshots").glob("step_*"))
@@ -381,7 +382,10 @@ def empty_input(release: Path, out: Path, runs: list[Run], args: argparse.Namesp
         device = next(model.parameters()).device
         with torch.no_grad():
             zero = model(torch.zeros(1, len(SITES), *config.patch_shape, device=device)).float().cpu()[0]
-        patients = Patients(release, val_ids, run.size, run.spacing)
+        key = (str(run.size), run.spacing)
+        if key not in loaded:
+            loaded[key] = Patients(release, val_ids, run.size, run.spacing)
+        patients = loaded[key]
         logits, _ = patient_logits(model, config, patients, args.eval_overlap)
         in_head = [patient.masked_fill(~torch.from_numpy(np.any(item["image"] != 0, axis=0))[None, None], -20.0)
                    for patient, item in zip(logits, patients.items)]
@@ -389,7 +393,7 @@ def empty_input(release: Path, out: Path, runs: list[Run], args: argparse.Namesp
         result[run.key] = {"step": int(snapshots[-1].name.split("_")[1]),
                            "zero_window_logits": {region: {"mean": round(float(zero[k].mean()), 3),
                                                            "std": round(float(zero[k].std()), 3)}
-                                                  for k, region in enumerate(("WT", "TC", "ET"))},
+                                                  for k, region in enumerate(REGION_NAMES)},
                            "in_head": score_in_source(in_head, config, patients),
                            "in_head_postprocessed": {"min_component_voxels": sizes,
                                                      **score_in_source(in_head, config, patients, sizes)}}

@@ -102,7 +102,7 @@ class SplitInferenceController(SplitWorkflow):
             sizes, scores = choose_min_component_voxels(
                 [logits[k:k + 1] for _, logits in batches for k in range(len(logits))],
                 [torch.from_numpy(self.labels.get(pid))[None] for ids, _ in batches for pid in ids],
-                [self._grid_spacing(pid) for ids, _ in batches for pid in ids])
+                [self.labels.grid_spacing(pid) for ids, _ in batches for pid in ids])
             postprocessing = {"min_component_voxels": sizes, "chosen_on": list(patient_ids), "scores": scores}
             self.log_info(fl_ctx, f"post-processing chosen on {len(patient_ids)} patients: smallest component "
                                   f"kept (WT, TC, ET) {sizes} voxels")
@@ -138,13 +138,6 @@ class SplitInferenceController(SplitWorkflow):
             self.log_info(fl_ctx, "Dice " + " ".join(f"{k} {v:.3f}" for k, v in aggregate["dice"].items()))
         write_json(out / RESULT_FILE, summary)
         self.log_info(fl_ctx, f"segmentations written to {out}")
-
-    def _grid_spacing(self, patient_id: str) -> tuple[float, float, float]:
-        """The voxel size (mm) of a patient's grid: the configured spacing, else its source's."""
-        if self.config.spacing:
-            return (float(self.config.spacing),) * 3
-        _, affine = self.grids[patient_id]
-        return tuple(float(v) for v in nib.affines.voxel_sizes(affine))
 
     def load_decoder(self, decoder: torch.nn.Module, fl_ctx: FLContext) -> None:
         root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
