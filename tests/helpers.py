@@ -178,3 +178,15 @@ def assert_federated_step_equals(reference, simulator_dir: Path, sites) -> None:
             compared += int(sensitive.sum())
             total += parameter.numel()
     assert compared >= 0.9 * total, f"only {compared} of {total} weights had a gradient >= 1e-7"
+
+
+def background_where_empty(network):
+    """The network as the sliding window asks it: a window 0 in every channel answered as background
+    (``EMPTY_WINDOW_LOGIT``), written independently of ``logits_of_windows`` for MONAI's ``sliding_window_inference``."""
+    from split_unet.training.sliding_window import EMPTY_WINDOW_LOGIT
+
+    def predict(windows: torch.Tensor) -> torch.Tensor:
+        logits = network(windows)
+        logits[~windows.flatten(1).any(1)] = EMPTY_WINDOW_LOGIT
+        return logits
+    return predict

@@ -53,6 +53,17 @@ def test_noise_has_the_configured_scale_and_epsilon_grows_with_releases():
     assert gaussian_epsilon(2.0, 4, 1e-5) < gaussian_epsilon(0.5, 4, 1e-5)
 
 
+def test_noise_drops_the_flags_of_windows_without_image():
+    """Noised activations of all-zero windows differ from window to window: the flags would tell what they hide."""
+    info = {"empty_windows": [True, False], "cpu_seconds": 1.0}
+    noised = _decode(ActivationClipNoise(seed=0).process(_activations({0: torch.zeros(2, 4, 4, 4, 4)}, info=info),
+                                                         _ctx()))
+    assert "empty_windows" not in noised.info and noised.info["cpu_seconds"] == 1.0
+    quantised = _decode(ActivationQuantization("int8").process(_activations({0: torch.zeros(2, 4, 4, 4, 4)},
+                                                                            info=info), _ctx()))
+    assert quantised.info["empty_windows"] == [True, False]  # deterministic: zero windows stay alike
+
+
 def test_int8_quantisation_error_is_bounded_and_bytes_shrink():
     tensor = torch.randn(2, 4, 8, 8, 8)
     original = _activations({0: tensor})

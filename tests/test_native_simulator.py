@@ -5,6 +5,7 @@ with the source's label values and scored against the source labels in source sp
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy.ndimage import maximum_filter
 
 from split_unet.data import REGION_NAMES, generate_release, partition_dataset, regions
 from split_unet.defence import UNDEFENDED_SCOPE
@@ -44,6 +45,12 @@ def test_brats2023_at_native_resolution_trains_segments_and_scores_in_source_spa
         assert np.allclose(written.affine, source.affine)  # LPS as stored, not the RAS grid
         mine = np.asarray(written.dataobj)
         assert set(np.unique(mine)) <= {0, 1, 2, 3}
+        # Every window holding a voxel with no image within 31 voxels along each axis holds no image at any site
+        # (the grid is the files' voxels reoriented): it is answered as background, whatever the network says there.
+        image = np.any([np.asarray(nib.load(release / pid / f"{pid}-{suffix}.nii.gz").dataobj) != 0
+                        for suffix in ("t1n", "t1c", "t2w", "t2f")], axis=0)
+        far_from_image = ~maximum_filter(image, size=63, mode="constant", cval=False)
+        assert far_from_image.sum() > 100_000 and not mine[far_from_image].any()
         truth, mine = regions(np.asarray(source.dataobj), "brats2023"), regions(mine, "brats2023")
         for region, name in enumerate(REGION_NAMES):
             overlap, total = np.logical_and(truth[region], mine[region]).sum(), truth[region].sum() + mine[region].sum()

@@ -104,3 +104,16 @@ def test_windows_reaching_beyond_the_grid_are_zero_filled(patch_site):
     window = cut_patch(volume, (-4, 20, 16), (16, 16, 16))
     assert np.all(window[:, :4] == 0) and np.all(window[:, :, 8:] == 0) and np.all(window[:, :, :, 8:] == 0)
     assert np.array_equal(window[:, 4:, :8, :8], volume[:, :12, 20:28, 16:24])
+
+
+def test_the_site_says_which_windows_hold_no_image_there(patch_site):
+    """``empty_windows``: a window 0 throughout at this site (outside the head, or beyond the grid) is flagged; one
+    that holds any voxel of the image is not."""
+    executor, fl_ctx = patch_site
+    volume = executor.images.volume("BRATS_001")
+    from split_unet.training.patches import cut_patch
+    windows = [[-12, -12, -12], [8, 6, 4]]  # reaching 4 voxels into the grid's corner; its middle
+    assert not cut_patch(volume, windows[0], (16, 16, 16)).any() and cut_patch(volume, windows[1], (16, 16, 16)).any()
+    reply = send_task(executor, fl_ctx, TASK_VALIDATE, 1, ["BRATS_001"], info={"windows": windows})
+    message = TensorMessage.from_shareable(reply, KIND_ACTIVATIONS, site="flair")
+    assert message.info["empty_windows"] == [True, False]

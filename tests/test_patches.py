@@ -6,12 +6,14 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy.ndimage import binary_dilation, binary_erosion, generate_binary_structure
 
+from helpers import background_where_empty
+
 from split_unet.errors import ProtocolError
 from split_unet.networks import NetworkConfig, build_split_unet
 from split_unet.training.augment import (augment_image, intensity_augment, intensity_seed, site_seed,
                                          spatial_augment)
 from split_unet.training.patches import check_patch_starts, cut_patch, sample_patch_starts, step_seeds
-from split_unet.training.sliding_window import sliding_window_logits
+from split_unet.training.sliding_window import EMPTY_WINDOW_LOGIT, logits_of_windows, sliding_window_logits
 
 pytestmark = pytest.mark.unit
 
@@ -174,3 +176,45 @@ def test_sliding_window_from_corners_equals_monai_on_the_images(overlap, sw_batc
     assert any(c[2] < 0 for c in asked)  # the short axis was padded: windows start before the grid
     # the same windows, weights and blending: float32 rounding only (the result is identical here)
     assert float((logits - expected).abs().max()) <= 1e-5
+
+
+def test_a_window_without_image_is_background_and_never_reaches_the_network():
+    """The sliding window over images that are 0 on one side: the windows 0 in every channel are answered with
+    ``EMPTY_WINDOW_LOGIT`` without the network; the result equals MONAI's sliding window of a predictor that does
+    the same (``background_where_empty``), and the network's own answer on such a window is not background."""
+    model = build_split_unet(NetworkConfig(channels=(4, 8, 16), strides=(2, 2)), (1, 1), seed=0).eval()
+    images = torch.randn(1, 2, 40, 24, 13, generator=torch.Generator().manual_seed(1))
+    images[:, :, 24:] = 0  # every window starting at x = 24 is empty in both channels
+    seen = []
+
+    def network(windows: torch.Tensor) -> torch.Tensor:
+        seen.append(windows.flatten(1).any(1))
+        return model(windows)
+
+    def predict(corners):
+        windows = np.stack([cut_patch(images[0].numpy(), corner, PATCH) for corner in corners])
+        return logits_of_windows([not w.any() for w in windows], lambda keep: network(torch.from_numpy(windows[keep])),
+                                 3, PATCH)
+
+    with torch.no_grad():
+        logits = sliding_window_logits((40, 24, 13), PATCH, predict, 2, 0.5)
+        expected = sliding_window_inference(images, PATCH, 2, background_where_empty(model), 0.5, mode="gaussian")
+        unsupervised = model(torch.zeros(1, 2, *PATCH))
+    assert torch.cat(seen).all()  # the network saw only windows holding image
+    assert float((logits - expected).abs().max()) <= 1e-5
+    # covered by the empty windows only (x >= 32; windows start every 8): background, to the blending's rounding
+    assert torch.allclose(logits[:, :, 32:], torch.tensor(EMPTY_WINDOW_LOGIT), rtol=1e-6, atol=0)
+    assert unsupervised.flatten(2).std(2).max() < 1e-6  # without the rule: one unsupervised logit per region
+
+
+def test_logits_of_windows_asks_only_for_windows_with_image():
+    asked = []
+
+    def predict(keep):
+        asked.append(keep)
+        return torch.ones(len(keep), 3, 2, 2, 2)
+
+    logits = logits_of_windows([True, False, True, False], predict, 3, (2, 2, 2))
+    assert asked == [[1, 3]]
+    assert (logits[[1, 3]] == 1).all() and (logits[[0, 2]] == EMPTY_WINDOW_LOGIT).all()
+    assert (logits_of_windows([True], predict, 3, (2, 2, 2)) == EMPTY_WINDOW_LOGIT).all() and len(asked) == 1

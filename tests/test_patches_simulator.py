@@ -23,7 +23,7 @@ from split_unet.training.augment import intensity_augment, intensity_seed
 from split_unet.training.postprocess import MIN_COMPONENT_CANDIDATES
 from split_unet.training.schedule import Schedule
 
-from helpers import TINY_NETWORK, assert_federated_step_equals, make_dataset
+from helpers import TINY_NETWORK, assert_federated_step_equals, background_where_empty, make_dataset
 
 pytestmark = pytest.mark.simulator
 
@@ -90,8 +90,8 @@ def test_a_patch_step_equals_the_composed_network_on_the_same_patches(patch_run)
 
 
 def test_split_sliding_window_inference_equals_monai_on_the_composed_network(patch_run, project_root):
-    """The segmentations the inference job writes are MONAI's Gaussian sliding window of the composed network,
-    post-processed with the sizes the job chose on the patients it segmented (all labelled here).
+    """The segmentations the inference job writes are MONAI's Gaussian sliding window of the composed network (a
+    window without image answered as background, ``background_where_empty``), post-processed with the sizes the job chose on the patients it segmented (all labelled here).
     float32 on the wire and the same windows: the logits agree to rounding (the unit test bounds them by 1e-5), so
     a voxel may differ only where a logit lies within that of the threshold."""
     root, msd, sites, _ = patch_run
@@ -111,7 +111,8 @@ def test_split_sliding_window_inference_equals_monai_on_the_composed_network(pat
     for case in cases:
         images = torch.from_numpy(load_case(case, config.grid_shape)["image"][None])
         with torch.no_grad():
-            logits = sliding_window_inference(images, config.patch_shape, 3, network, 0.5, mode="gaussian")
+            logits = sliding_window_inference(images, config.patch_shape, 3, background_where_empty(network), 0.5,
+                                              mode="gaussian")
         expected = logits_to_masks(logits, min_component_voxels=chosen["min_component_voxels"])[0].numpy()
         written = load_label(root / "infer" / "segmentations" / f"{case.patient_id}.nii.gz", config.grid_shape,
                              "msd")

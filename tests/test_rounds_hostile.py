@@ -17,7 +17,7 @@ from nvflare.apis.signal import Signal
 from split_unet.errors import ProtocolError
 from split_unet.filters import ActivationClipNoise
 from split_unet.protocol.controller import SplitUNetController
-from split_unet.protocol.rounds import activation_shapes
+from split_unet.protocol.rounds import activation_shapes, check_empty_windows
 from split_unet.protocol.wire import (KIND_ACTIVATIONS, KIND_SITE_INFO, TASK_INIT, TASK_TRAIN, TASK_VALIDATE,
                                       TensorMessage)
 
@@ -135,3 +135,19 @@ def test_the_server_keeps_the_epsilon_it_recomputed_from_an_honest_filter():
     assert controller.rounds.privacy["flair"]["epsilon"] == pytest.approx(noise.epsilon(), rel=1e-12)
     assert controller.rounds.privacy["flair"]["releases_per_patient"] == 2 * len(activation_shapes(TRAIN, 1))
 
+
+
+@pytest.mark.parametrize("flags", ["all", [True], [True, 1], [True, None], {"0": True, "1": False}])
+def test_the_server_refuses_empty_window_flags_that_do_not_fit_the_windows(flags):
+    with pytest.raises(ProtocolError, match=re.escape("site 'flair', field 'info.empty_windows'")):
+        check_empty_windows({"empty_windows": flags}, "flair", 2)
+
+
+def test_a_window_is_without_image_only_where_every_site_that_encoded_it_says_so():
+    controller = SplitUNetController(sites=["flair", "t1"], train=TRAIN.to_dict())
+    rounds = controller.rounds
+    assert rounds.windows_without_image(2) == [False, False]  # no round of windows yet
+    rounds.empty_windows = {"flair": [True, True], "t1": [True, False]}
+    assert rounds.windows_without_image(2) == [True, False]
+    rounds.empty_windows = {"flair": [True, True], "t1": None}  # t1's privacy filter dropped its flags
+    assert rounds.windows_without_image(2) == [False, False]

@@ -99,7 +99,10 @@ class ActivationClipNoise(TensorMessageFilter):
         epsilon = self.epsilon()
         # The mechanism's parameters travel with its epsilon, so that the server recomputes the epsilon
         # (``controller.check_privacy_report``) instead of taking a number on trust.
-        message.info = {**message.info, "dp_epsilon": epsilon, "dp_delta": self.delta,
+        # The noise makes an all-zero window's activations differ from window to window, so the executor's
+        # ``empty_windows`` (which windows hold no image here) would tell the server what the release hides: dropped.
+        info = {key: value for key, value in message.info.items() if key != "empty_windows"}
+        message.info = {**info, "dp_epsilon": epsilon, "dp_delta": self.delta,
                         "dp_noise_multiplier": self.noise_multiplier, "dp_releases": max(self.releases.values()),
                         "dp_levels": None if self.levels is None else sorted(self.levels)}
         engine = fl_ctx.get_engine()

@@ -274,9 +274,16 @@ class ModalitySiteExecutor(Executor):
         return self._answer(request, features, self._end_step(received))
 
     def _validate(self, received: ReceivedRequest, fl_ctx: FLContext, site: str) -> Shareable:
-        """Activations of validation or inference patients (or windows of one), computed without a gradient."""
-        features = self.party.infer(received.read_inputs())
-        return self._answer(received.request, features, self._end_step(received))
+        """Activations of validation or inference patients (or windows of one), computed without a gradient.
+        Windows come with ``empty_windows``: which of them are 0 throughout at this site (the server answers a
+        window empty at every site as background). It tells the server nothing new: the encoder's activations of
+        an all-zero window are the same for every such window."""
+        inputs = received.read_inputs()
+        features = self.party.infer(inputs)
+        report = self._end_step(received)
+        if "windows" in received.request.info:
+            report["empty_windows"] = [not window.any() for window in inputs]
+        return self._answer(received.request, features, report)
 
     def _finish(self, received: ReceivedRequest, fl_ctx: FLContext, site: str) -> Shareable:
         """The last gradient is applied: the encoder is saved in the site's run folder; the report adds the peak

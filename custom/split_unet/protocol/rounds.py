@@ -71,6 +71,18 @@ def check_site_report(info: Mapping, site: str) -> dict:
     return report
 
 
+def check_empty_windows(info: Mapping, site: str, windows: int) -> list[bool] | None:
+    """A site's ``empty_windows`` (which of the ``windows`` it encoded hold no image there): one bool per window, or
+    None where the site says nothing (its privacy filter drops it)."""
+    flags = info.get("empty_windows")
+    if flags is None:
+        return None
+    if not isinstance(flags, list) or len(flags) != windows or not all(isinstance(flag, bool) for flag in flags):
+        raise ProtocolError(f"must be a list of {windows} booleans, got {_shown(flags)}", site=site,
+                            field="info.empty_windows")
+    return flags
+
+
 def check_privacy_report(info: Mapping, site: str, releases_seen: int) -> dict:
     """A site's differential-privacy report (``ActivationClipNoise``): the server recomputes the epsilon from
     the mechanism's declared parameters and refuses a report that differs or that claims fewer releases per
@@ -201,6 +213,7 @@ class SiteRounds:
         self.lost: dict[str, dict] = {}  # sites lost during the run (policy "continue"): when and why
         self.reply_info: dict[str, dict] = {}  # each site's checked report of its last answer
         self.privacy: dict[str, dict] = {}  # each site's recomputed differential-privacy budget
+        self.empty_windows: dict[str, list[bool] | None] = {}  # per site that encoded windows in the last round
         self.grids: dict[str, dict[str, Grid]] = {}  # per site: patient -> source grid, as reported at init
         self.files: dict[str, dict[str, str]] = {}  # per site: patient -> the file it reads (for messages)
         # Bytes as on the wire, per site: "to_server" (activations of training steps), "to_site" (all payloads).
@@ -269,7 +282,7 @@ class SiteRounds:
             self.bytes[site]["to_site"] += n_bytes
         self._gradients, self._gradient_step, self._gradient_info = {}, None, {}
         replies = self.broadcast(task_name, payloads, abort_signal, fl_ctx, start_up=start_up)
-        features = []
+        features, self.empty_windows = [], {}
         for site in self.sites:
             if site not in replies:  # lost: nothing from it, in this round or since an earlier one
                 features.append({})
@@ -278,6 +291,8 @@ class SiteRounds:
             expected = activation_shapes(self.config, batch or len(ids), spatial) if ids else {}
             message = read_activations(replies[site], site=site, step=self.step, patient_ids=ids, expected=expected)
             self.reply_info[site] = check_site_report(message.info, site)
+            if "windows" in info and ids:
+                self.empty_windows[site] = check_empty_windows(message.info, site, batch or len(ids))
             if any(key.startswith("dp_") for key in message.info):  # a site's ActivationClipNoise reports its budget
                 released = self._released[site]
                 levels = protected_levels(message.info, list(message.tensors), site)
@@ -323,6 +338,14 @@ class SiteRounds:
         """The fusion's mask: every site but the lost ones and the one left out by modality dropout."""
         left_out = {self.sites.index(site) for site in self.lost} | ({absent} if absent is not None else set())
         return present_inputs(left_out, len(self.sites))
+
+    def windows_without_image(self, windows: int) -> list[bool]:
+        """Which windows of the last round hold no image at any site that encoded them (all False where one of
+        them did not say)."""
+        flags = list(self.empty_windows.values())
+        if not flags or any(site_flags is None for site_flags in flags):
+            return [False] * windows
+        return [all(window) for window in zip(*flags)]
 
     def answered(self) -> list[str]:
         """The sites that answered the last round (not lost)."""

@@ -23,7 +23,7 @@ from split_unet.files import write_json
 from split_unet.networks import build_decoder
 from split_unet.profiling import save_profile, start_profile
 from split_unet.training import DecoderParty, TrainConfig, select_device
-from split_unet.training.sliding_window import sliding_window_logits
+from split_unet.training.sliding_window import logits_of_windows, sliding_window_logits
 
 from .nvflare_workarounds import apply_task_check_period, short_received_buffer_repr
 from .paths import inside
@@ -163,7 +163,8 @@ class SplitWorkflow(Controller):
     def segment(self, task_name: str, patient_ids: list[str], abort_signal: Signal, fl_ctx: FLContext) -> torch.Tensor:
         """Logits ``(B, 3, *grid)`` of whole patients: one round for whole volumes; with patch training, every
         patient's overlapping windows (``sw_batch_size`` per round, each site encoding the same windows) blended
-        with Gaussian weights as MONAI's ``sliding_window_inference`` blends them."""
+        with Gaussian weights as MONAI's ``sliding_window_inference`` blends them; a window that holds no image at any
+        site is background, not decoded (``logits_of_windows``)."""
         config, present = self.config, self.rounds.present()
         if config.patch_shape is None:
             return self.party.predict(self.rounds.exchange(task_name, patient_ids, abort_signal, fl_ctx,
@@ -172,7 +173,11 @@ class SplitWorkflow(Controller):
         def predict(pid: str, starts: list[tuple[int, int, int]]) -> torch.Tensor:
             features = self.rounds.exchange(task_name, [pid], abort_signal, fl_ctx, batch=len(starts),
                                             info={"windows": [list(start) for start in starts]})
-            return self.party.predict(features, present)
+            return logits_of_windows(
+                self.rounds.windows_without_image(len(starts)),
+                lambda keep: self.party.predict([{level: t[keep] for level, t in f.items()} for f in features],
+                                                present),
+                config.network.out_channels, config.patch_shape)
 
         return torch.cat([sliding_window_logits(config.grid_shape, config.patch_shape,
                                                 lambda starts, pid=pid: predict(pid, starts),

@@ -29,7 +29,7 @@ from .objective import autocast, chunks, grad_scaler, segmentation_loss, select_
 from .parties import make_optimizer, present_inputs, set_learning_rate
 from .patches import cut_patch, sample_patch_starts, step_seeds
 from .schedule import Schedule, learning_rate
-from .sliding_window import sliding_window_logits
+from .sliding_window import logits_of_windows, sliding_window_logits
 
 MODES = ("late", "early", "single")
 
@@ -203,12 +203,17 @@ def evaluate(model: torch.nn.Module, data: CaseCache, patient_ids: list[str], im
 def window_logits(model: torch.nn.Module, images: np.ndarray, config: TrainConfig,
                   device: torch.device) -> torch.Tensor:
     """(B, C, *grid) images -> (B, out, *grid) logits of windows of the patch size, as the split job's server
-    blends the windows its sites encode."""
+    blends the windows its sites encode (a window 0 in every channel is background, as there)."""
     def predict(corners, rows=None):
         rows = rows or [0] * len(corners)
         windows = np.stack([cut_patch(images[row], corner, config.patch_shape) for corner, row in zip(corners, rows)])
-        with autocast(device, config.amp):
-            return model(torch.from_numpy(windows).to(device))
+
+        def answer(keep: list[int]) -> torch.Tensor:
+            with autocast(device, config.amp):
+                return model(torch.from_numpy(windows[keep]).to(device))
+
+        return logits_of_windows([not window.any() for window in windows], answer, config.network.out_channels,
+                                 config.patch_shape)
 
     return sliding_window_logits(images.shape[2:], config.patch_shape, predict, config.sw_batch_size,
                                  config.sw_overlap, batch=len(images), device=device)

@@ -6,16 +6,43 @@ windows out of it, and pads it, at the grid's size, only where the grid is small
 ``with_coord=True``, hands each batch of windows' coordinates to a predictor that asks the sites for those windows. The sites cut them
 with ``patches.cut_patch``, whose zeros outside the grid equal MONAI's constant-0 padding, so the result equals
 MONAI's on the images themselves.
+
+A window with no image at any party (every modality 0 throughout: outside the head, or beyond the grid) is answered
+as background (``EMPTY_WINDOW_LOGIT``) without running the network: a network of bias-free convolutions and
+instance norm gives such a window the same logit at every voxel, an answer no training patch ever supervised (a
+label-sampled 1 mm model put it within 0.01 of the threshold and marked empty space as whole tumour). nnU-Net
+likewise predicts only inside the nonzero region and fills the rest with background.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from monai.inferers import sliding_window_inference
 
 from .patches import Corner
+
+
+#: The background logit of an empty window: the most certain background ``flip_averaged_logits`` can express.
+EMPTY_WINDOW_LOGIT = math.log(1e-6 / (1 - 1e-6))
+
+
+def logits_of_windows(empty: Sequence[bool], predict: Callable[[list[int]], torch.Tensor], out_channels: int,
+                      roi: Sequence[int]) -> torch.Tensor:
+    """Logits (len(empty), out_channels, *roi) of a batch of windows: ``predict(indices)`` answers the windows not
+    ``empty`` (in that order), the empty ones are background (``EMPTY_WINDOW_LOGIT``)."""
+    keep = [i for i, is_empty in enumerate(empty) if not is_empty]
+    if len(keep) == len(empty):
+        return predict(keep)
+    if not keep:
+        return torch.full((len(empty), out_channels, *roi), EMPTY_WINDOW_LOGIT)
+    answered = predict(keep)
+    logits = torch.full((len(empty), *answered.shape[1:]), EMPTY_WINDOW_LOGIT, dtype=answered.dtype,
+                        device=answered.device)
+    logits[keep] = answered
+    return logits
 
 
 def _pad_before(grid_shape: Sequence[int], roi: Sequence[int]) -> list[int]:
