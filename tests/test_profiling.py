@@ -1,5 +1,6 @@
 """The process readings the benchmark and the federation's summary take: CPU seconds and memory."""
 
+import mmap
 import resource
 import subprocess
 import sys
@@ -55,10 +56,14 @@ def test_resident_memory_follows_an_allocation_and_the_peak_keeps_it():
         return resident_memory_mb() - _file_backed_mb()
 
     before = anonymous()
-    block = np.ones(64 * 2**20 // 8)  # 64 MiB, written, so resident
-    # Once, on a busy machine, the resident size had grown by 0.0 MiB here. Two things can hide the block:
-    # library pages dropped meanwhile (left out above) and the kernel's per-CPU batching of its page counters,
-    # which a reading may see late: read again for up to 5 s before concluding.
+    # 64 MiB of fresh anonymous pages, one byte written in each, so resident. Not an array from the allocator: in
+    # a test process that ran other tests it may hand back memory freed earlier and still resident (the suite saw
+    # a growth of exactly 0.0 MiB twice).
+    block = mmap.mmap(-1, 64 * 2**20)
+    pages = np.frombuffer(block, dtype=np.uint8)
+    pages[::mmap.PAGESIZE] = 1
+    # The kernel's per-CPU batching of its page counters may show the pages late, and library pages dropped
+    # meanwhile move the resident size (left out above): read again for up to 5 s before concluding.
     deadline, grown = time.monotonic() + 5, anonymous() - before
     while grown < 56 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -68,5 +73,6 @@ def test_resident_memory_follows_an_allocation_and_the_peak_keeps_it():
     # The peak (VmHWM) and psutil's resident size (statm) come from two kernel readings whose counters are
     # batched per CPU: they may differ by a few pages, hence 1 MiB.
     assert peak_memory_mb() >= during - 1
-    del block
+    del pages
+    block.close()
     assert peak_memory_mb() >= during - 1
