@@ -360,46 +360,26 @@ def corner_leakage(release: Path, out: Path, args: argparse.Namespace) -> dict:
 
 
 def empty_input(release: Path, out: Path, runs: list[Run], args: argparse.Namespace) -> dict:
-    """What the last snapshot of each finished patch run answers where its input is empty (every modality 0, as
-    outside a skull-stripped head): the logits of an all-zero window (a patch network rarely or never trains on one),
-    and the validation scores with the predictions kept to the head (voxels where some modality is non-zero), raw
-    and with the run's chosen post-processing. A diagnosis, not a method: the split server does not hold the head."""
+    """What the last snapshot of each finished patch run answers, left to itself, on a window whose every modality
+    is 0 (outside a skull-stripped head): per region the mean and spread of its logits. Why the sliding window
+    answers such windows as background (``training.sliding_window.logits_of_windows``) instead of asking it."""
     path = out / "empty_input.json"
     result = load_json(path) if path.is_file() else {}
-    ids = [case.patient_id for case in find_cases(release)]
-    _, val_ids = split_patients(ids, VAL_PATIENTS / PATIENTS, SEED)
-    loaded: dict[tuple, Patients] = {}  # the validation patients per grid, loaded once (minutes at 1 mm)
     for run in runs:
         folder, config = out / run.key, run_config(run, args)
         snapshots = sorted((folder / "snapshots").glob("step_*"))
-        scores_path = snapshots[-1] / f"scores_overlap{args.eval_overlap}.json" if snapshots else None
-        if run.key in result or run.patch is None or scores_path is None or not scores_path.is_file():
-            continue
-        scored = load_json(scores_path)
-        if "postprocessed" not in scored:
+        if run.key in result or run.patch is None or not (folder / "train" / "summary.json").is_file():
             continue
         model = snapshot_model(run, config, snapshots[-1])
         device = next(model.parameters()).device
         with torch.no_grad():
             zero = model(torch.zeros(1, len(SITES), *config.patch_shape, device=device)).float().cpu()[0]
-        key = (str(run.size), run.spacing)
-        if key not in loaded:
-            loaded[key] = Patients(release, val_ids, run.size, run.spacing)
-        patients = loaded[key]
-        logits, _ = patient_logits(model, config, patients, args.eval_overlap)
-        in_head = [patient.masked_fill(~torch.from_numpy(np.any(item["image"] != 0, axis=0))[None, None], -20.0)
-                   for patient, item in zip(logits, patients.items)]
-        sizes = scored["postprocessed"]["min_component_voxels"]
         result[run.key] = {"step": int(snapshots[-1].name.split("_")[1]),
                            "zero_window_logits": {region: {"mean": round(float(zero[k].mean()), 3),
                                                            "std": round(float(zero[k].std()), 3)}
-                                                  for k, region in enumerate(REGION_NAMES)},
-                           "in_head": score_in_source(in_head, config, patients),
-                           "in_head_postprocessed": {"min_component_voxels": sizes,
-                                                     **score_in_source(in_head, config, patients, sizes)}}
+                                                  for k, region in enumerate(REGION_NAMES)}}
         write_json(path, result)
-        print(f"{run.key}: zero window WT logit {result[run.key]['zero_window_logits']['WT']}, in the head "
-              f"{result[run.key]['in_head_postprocessed']['source_dice']['mean']:.3f} post-processed", flush=True)
+        print(f"{run.key}: zero window WT logit {result[run.key]['zero_window_logits']['WT']}", flush=True)
     return result
 
 
