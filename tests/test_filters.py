@@ -54,14 +54,16 @@ def test_noise_has_the_configured_scale_and_epsilon_grows_with_releases():
 
 
 def test_noise_drops_the_flags_of_windows_without_image():
-    """Noised activations of all-zero windows differ from window to window: the flags would tell what they hide."""
+    """Noised activations of all-zero windows differ from window to window: the flags would tell what they hide.
+    The shipped defended scopes' level blocking keeps them."""
     info = {"empty_windows": [True, False], "cpu_seconds": 1.0}
     noised = _decode(ActivationClipNoise(seed=0).process(_activations({0: torch.zeros(2, 4, 4, 4, 4)}, info=info),
                                                          _ctx()))
     assert "empty_windows" not in noised.info and noised.info["cpu_seconds"] == 1.0
-    quantised = _decode(ActivationQuantization("int8").process(_activations({0: torch.zeros(2, 4, 4, 4, 4)},
-                                                                            info=info), _ctx()))
-    assert quantised.info["empty_windows"] == [True, False]  # deterministic: zero windows stay alike
+    for deterministic in (ActivationQuantization("int8"), LevelBlocking([1])):  # zero windows stay alike: kept
+        kept = _decode(deterministic.process(_activations({0: torch.zeros(2, 4, 4, 4, 4),
+                                                           1: torch.zeros(2, 8, 2, 2, 2)}, info=info), _ctx()))
+        assert kept.info["empty_windows"] == [True, False]
 
 
 def test_int8_quantisation_error_is_bounded_and_bytes_shrink():
