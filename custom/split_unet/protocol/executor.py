@@ -31,6 +31,7 @@ from split_unet.training import (EncoderParty, InversionAdversary, TrainConfig, 
 from split_unet.training.augment import intensity_augment, intensity_seed
 from split_unet.training.patches import check_patch_starts, cut_patch, sample_patch_starts
 from split_unet.training.schedule import PatchBatch, learning_rate
+from split_unet.training.sliding_window import empty_window_flags
 
 from .checkpoint import load_checkpoint, save_site_checkpoint, site_checkpoint
 from .codecs import check_compression
@@ -282,7 +283,7 @@ class ModalitySiteExecutor(Executor):
         features = self.party.infer(inputs)
         report = self._end_step(received)
         if "windows" in received.request.info:
-            report["empty_windows"] = [not window.any() for window in inputs]
+            report["empty_windows"] = empty_window_flags(inputs)
         return self._answer(received.request, features, report)
 
     def _finish(self, received: ReceivedRequest, fl_ctx: FLContext, site: str) -> Shareable:

@@ -29,7 +29,7 @@ from .objective import autocast, chunks, grad_scaler, segmentation_loss, select_
 from .parties import make_optimizer, present_inputs, set_learning_rate
 from .patches import cut_patch, sample_patch_starts, step_seeds
 from .schedule import Schedule, learning_rate
-from .sliding_window import logits_of_windows, sliding_window_logits
+from .sliding_window import empty_window_flags, logits_of_windows, sliding_window_logits
 
 MODES = ("late", "early", "single")
 
@@ -212,8 +212,7 @@ def window_logits(model: torch.nn.Module, images: np.ndarray, config: TrainConfi
             with autocast(device, config.amp):
                 return model(torch.from_numpy(windows[keep]).to(device))
 
-        return logits_of_windows([not window.any() for window in windows], answer, config.network.out_channels,
-                                 config.patch_shape)
+        return logits_of_windows(empty_window_flags(windows), answer, config.network.out_channels, config.patch_shape)
 
     return sliding_window_logits(images.shape[2:], config.patch_shape, predict, config.sw_batch_size,
                                  config.sw_overlap, batch=len(images), device=device)

@@ -19,14 +19,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
 from .patches import Corner
 
 
+#: ``flip_averaged_logits`` keeps its probabilities within [PROBABILITY_EPS, 1 - PROBABILITY_EPS].
+PROBABILITY_EPS = 1e-6
 #: The background logit of an empty window: the most certain background ``flip_averaged_logits`` can express.
-EMPTY_WINDOW_LOGIT = math.log(1e-6 / (1 - 1e-6))
+EMPTY_WINDOW_LOGIT = math.log(PROBABILITY_EPS / (1 - PROBABILITY_EPS))
+
+
+def empty_window_flags(windows: np.ndarray) -> list[bool]:
+    """(N, C, *roi) windows -> for each, whether it holds no image: 0 in every channel throughout."""
+    return [not window.any() for window in windows]
 
 
 def logits_of_windows(empty: Sequence[bool], predict: Callable[[list[int]], torch.Tensor], out_channels: int,
@@ -98,4 +106,4 @@ def flip_averaged_logits(predict: Callable[[torch.Tensor], torch.Tensor], images
         logits = predict(flipped).float()
         probabilities = torch.sigmoid(torch.flip(logits, axes) if axes else logits)
         total = probabilities if total is None else total + probabilities
-    return torch.logit(total / len(flips), eps=1e-6)
+    return torch.logit(total / len(flips), eps=PROBABILITY_EPS)
