@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
 from split_unet.errors import SplitUNetError
+from split_unet.launch.allocator import tune_this_process
 from split_unet.launch.options import add_grid_options, add_train_options, shape_option, train_overrides
 from split_unet.studies import ATTACKS
 # protocol.transport.TRANSPORTS (importing it would import NVFlare for every command; a test keeps the two equal).
@@ -452,6 +454,10 @@ def extra_providing(error: ModuleNotFoundError) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (``argv`` None: this process's arguments, and its allocator set as the launchers set their
+    processes', see ``split_unet.launch.allocator``)."""
+    if argv is None:
+        tune_this_process(os.environ)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -30,6 +30,7 @@ from split_unet.defence import UNDEFENDED
 from split_unet.errors import SplitUNetError
 from split_unet.files import load_json, write_json
 from split_unet.jobs import TASK_REQUEST_INTERVAL, TrainingJob, export, training_settings
+from split_unet.launch.allocator import tuned_environment
 from split_unet.launch.delayed_link import DelayedLink
 from split_unet.launch.poc import PocFederation, run_job
 from split_unet.profiling import step_statistics
@@ -163,7 +164,7 @@ def run_centralized(msd: Path, workspace: Path, config: BenchConfig) -> dict:
         command += ["--spacing", str(config.spacing)]
     workspace.mkdir(parents=True, exist_ok=True)
     with open(workspace / "centralized.log", "w") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True, env=tuned_environment(os.environ))
     return load_json(workspace / "summary.json")
 
 

@@ -30,6 +30,7 @@ from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
 from split_unet.errors import SplitUNetError
 from split_unet.files import load_json, write_json
 from split_unet.data import MODALITIES
+from split_unet.launch.allocator import tuned_environment
 from split_unet.launch.inference import collect_segmentations, inference_job
 from split_unet.jobs import PsiJob, TrainingJob, export
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, SEGMENTATIONS
@@ -109,8 +110,8 @@ class PocFederation:
         self.clients = [p["name"] for p in self.project["participants"] if p["type"] == "client"]
         self.admin = next(p["name"] for p in self.project["participants"] if p["type"] == "admin")
         self.prod_dir = self.workspace / "poc" / self.project["name"] / "prod_00"
-        self.env = {**os.environ, "HOME": str(self.workspace / "home"),
-                    "NVFLARE_POC_WORKSPACE": str(self.workspace / "poc"), "PYTHONUNBUFFERED": "1"}
+        self.env = tuned_environment({**os.environ, "HOME": str(self.workspace / "home"),
+                                      "NVFLARE_POC_WORKSPACE": str(self.workspace / "poc"), "PYTHONUNBUFFERED": "1"})
         self._group: int | None = None  # process group of everything `poc start` launched
 
     # Life cycle ---------------------------------------------------------------------------------------------------

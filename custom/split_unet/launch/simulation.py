@@ -19,6 +19,7 @@ import psutil
 from split_unet.errors import DataError
 from split_unet.files import load_json, write_json
 from split_unet.jobs import TrainingJob, export, job_sites
+from split_unet.launch.allocator import tuned_environment
 from split_unet.leakage.record import RECORD_FOLDER
 from split_unet.protocol.names import DECODER_FILE, ENCODER_FILE, TENSORBOARD_FOLDER
 from split_unet.protocol.recorder import LeakageRecorder
@@ -101,7 +102,7 @@ def simulate(job: Path, workspace: Path, sites_dir: Path, site_configs: Path,
     if policy:
         shutil.copyfile(policy, sim_root / "local" / PRIVACY_FILE)
     local = _party_local(workspace / "party_local", ["server", *clients], party_files or {})
-    env = {**os.environ, ENV_SITES: str(sites_dir), ENV_SITE_CONFIGS: str(site_configs)}
+    env = tuned_environment({**os.environ, ENV_SITES: str(sites_dir), ENV_SITE_CONFIGS: str(site_configs)})
     log_path = workspace / "simulator.log"
     command = [sys.executable, "-m", "split_unet.launch.simulation", str(job), str(sim_root), ",".join(clients), str(local),
                str(Path(persistent).resolve()) if persistent else ""]

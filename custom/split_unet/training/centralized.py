@@ -51,6 +51,33 @@ def mode_inputs(mode: str, modality: str | None, encoders: int = len(MODALITIES)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+class CentralizedTrainer:
+    """The whole network in one process: one forward pass, one loss, one backward pass and one optimiser step over
+    every part, the arithmetic the split job spreads over its parties (``EncoderParty``, ``DecoderParty``)."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, device: torch.device, amp: bool = False):
+        self.model = model.to(device)
+        self.optimizer = make_optimizer(self.model.parameters(), lr)
+        self.scaler = grad_scaler(device, amp)
+        self.loss_function = segmentation_loss()
+        self.device, self.amp = device, amp
+
+    def set_learning_rate(self, lr: float) -> None:
+        set_learning_rate(self.optimizer, lr)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, present: Sequence[bool] | None = None) -> float:
+        """images (B, C, *S), labels (B, 3, *S) region masks; present: see ``FusionDecoder``. Returns the loss."""
+        self.model.train()
+        with autocast(self.device, self.amp):
+            logits = self.model(images.to(self.device), present)
+        loss = self.loss_function(logits.float(), labels.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+
 class CaseCache:
     """Preprocessed cases, ``get(patient_id)`` -> {"image": (4, *S), "label": (3, *S)}; the ``cache_cases`` most
     recently used are kept (0: all), as the federated parties keep theirs (``TrainConfig.cache_cases``)."""
@@ -116,10 +143,9 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
 
     data = CaseCache(data_dir, config.size, config.spacing, config.cache_cases)
     train_ids, val_ids = split_patients(sorted(data.cases), config.val_fraction, config.seed)
-    model = build_split_unet(config.network, in_channels, config.seed).to(device)
-    optimizer = make_optimizer(model.parameters(), config.lr)
-    scaler = grad_scaler(device, config.amp)
-    loss_function = segmentation_loss()
+    trainer = CentralizedTrainer(build_split_unet(config.network, in_channels, config.seed), config.lr, device,
+                                 config.amp)
+    model = trainer.model
     writer = SummaryWriter(log_dir=str(out_dir / "tb_events"))
     name = mode if mode != "single" else f"single:{modality}"
     patches = "whole volumes" if config.patch_shape is None else "patches " + "x".join(map(str, config.patch_shape))
@@ -139,18 +165,9 @@ def train_centralized(data_dir: str | Path, out_dir: str | Path, mode: str = "la
                 images, labels = data.batch(scheduled.patient_ids, image_channels)
             else:
                 images, labels = data.patch_batch(scheduled.patient_ids, image_channels, config, step)
-            model.train()
-            set_learning_rate(optimizer, learning_rate(config, step))
+            trainer.set_learning_rate(learning_rate(config, step))
             # The same draw as the split job's; the left-out encoder gets no gradient, so Adam skips it.
-            present = present_inputs(scheduled.absent, len(in_channels))
-            with autocast(device, config.amp):
-                logits = model(images.to(device), present)
-            loss = loss_function(logits.float(), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(float(loss.detach()))
+            losses.append(trainer.train_step(images, labels, present_inputs(scheduled.absent, len(in_channels))))
             step_seconds.append(time.perf_counter() - step_started)
             step_cpu.mark(cpu_seconds())
             writer.add_scalar("train/loss", losses[-1], step)

@@ -254,9 +254,9 @@ class DecoderParty:
             loss = self.loss_function(logits.float(), target[rows]) * (len(part) / len(target))
             self.scaler.scale(loss).backward()  # frees this part's graph; the gradients add up in the leaves
             total += float(loss.detach())
-        scale = self.scaler.get_scale()  # 1.0 without AMP (x / 1.0 == x exactly)
-        gradients = [{level: (t.grad.detach() / scale).cpu() for level, t in site_inputs.items()}
-                     for site_inputs in inputs]
+        scale = self.scaler.get_scale()  # 1.0 without AMP: the gradients as they are, no copy of every level
+        gradients = [{level: (t.grad if scale == 1.0 else t.grad / scale).detach().cpu()
+                      for level, t in site_inputs.items()} for site_inputs in inputs]
         if self.scaler.is_enabled() and not all(torch.isfinite(g).all() for site in gradients for g in site.values()):
             # The scaled loss overflowed: the decoder skips this step, and the sites get zeros instead of
             # non-finite gradients (a site without AMP has no scaler to skip them).
