@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +15,10 @@ from split_unet.launch.poc import PocFederation
 pytestmark = [pytest.mark.unit,
               pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")]
 
-# A child allocates, fills and frees a 96 MiB tensor again and again, as a training step does with its activations
+# A child allocates, fills and frees a 64 MiB tensor (the size of a 64^3 step's largest level: above glibc's dynamic
+# mmap threshold, below the setting's) again and again, as a training step does with its activations
 # (torch takes its CPU memory from malloc, in pages of the base size: NumPy would ask for huge pages); it prints the
-# minor page faults of the last rounds. Served by a fresh mapping each time, every round faults in all of its 24,576
+# minor page faults of the last rounds. Served by a fresh mapping each time, every round faults in all of its 16,384
 # pages; served from the blocks earlier rounds freed, none once the heap has settled (glibc's aligned allocation
 # leaves a few rounds' blocks unused first).
 ROUNDS, MEASURED = 24, 4
@@ -27,12 +29,12 @@ import torch
 faults = []
 for _ in range({rounds}):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    tensor = torch.ones(96 << 20, dtype=torch.uint8)
+    tensor = torch.ones(64 << 20, dtype=torch.uint8)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     del tensor
 print(sum(faults[-{measured}:]))
 """
-PAGES = (96 << 20) // os.sysconf("SC_PAGE_SIZE")
+PAGES = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
 
 
 def last_rounds_faults(environ: dict, setup: str = "") -> int:
@@ -71,3 +73,8 @@ def test_the_poc_federation_starts_its_processes_tuned(tmp_path):
     federation = PocFederation(tmp_path / "federation", tmp_path / "sites")
     assert federation.env[ENV_TUNABLES] == tuned_environment(
         {key: value for key, value in os.environ.items()})[ENV_TUNABLES]
+
+
+def test_the_deployment_guide_starts_a_kit_with_the_launchers_setting():
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "federation.md").read_text()
+    assert f"{ENV_TUNABLES}={tuned_environment({})[ENV_TUNABLES]} startup/start.sh" in guide

@@ -4,9 +4,11 @@ A training step allocates and frees the same large tensors every time (one fused
 is 67 MB at 64^3 and batch 2). glibc serves a block above its mmap threshold (dynamic, at most 32 MiB) with a mapping
 of its own and unmaps it on free, and a thread's own arena (NVFlare runs the decoder and each site's task on worker
 threads) cannot hold a block beyond its 64 MiB heap: each step then faults its tensors in again, page by page
-(130,000 minor faults in one decoder step at 64^3, 0.66 s against 0.42 s without them). One arena, a 1 GiB mmap
-threshold and a trim threshold of 2 GiB keep the freed blocks for the next step; a process's resident memory then
-stays at its peak instead of returning between steps (``docs/performance.md``, "The allocator").
+(130,000 minor faults in one decoder step at 64^3, 0.66 s against 0.42 s without them). One arena and an mmap
+threshold of 96 MiB serve every block of a 64^3 step from the heap, where the next step reuses it; a trim threshold of
+192 MiB keeps the heap's top. Larger blocks are mapped as before: held in the heap, the 134-537 MB levels of 128^3
+leave holes that torch's 64-byte-aligned requests cannot reuse (a 1 GiB threshold took a 128^3 step's peak from 6.6
+to 11.0 GB; ``docs/performance.md``, "The allocator").
 
 The settings reach a process through ``GLIBC_TUNABLES``, which glibc reads when the process starts
 (``tuned_environment``, for the processes the launchers start), or through ``mallopt(3)`` before the process's
@@ -22,8 +24,8 @@ import sys
 from collections.abc import Mapping
 
 ENV_TUNABLES = "GLIBC_TUNABLES"
-TUNABLES = {"glibc.malloc.arena_max": 1, "glibc.malloc.mmap_threshold": 1 << 30,
-            "glibc.malloc.trim_threshold": (1 << 31) - 1}
+TUNABLES = {"glibc.malloc.arena_max": 1, "glibc.malloc.mmap_threshold": 96 << 20,
+            "glibc.malloc.trim_threshold": 192 << 20}
 MALLOPT_PARAMETERS = {"glibc.malloc.arena_max": -8, "glibc.malloc.mmap_threshold": -3,  # glibc's malloc.h
                       "glibc.malloc.trim_threshold": -1}
 
