@@ -71,8 +71,7 @@ def test_the_command_line_tunes_its_own_process_the_same_way():
 
 def test_the_poc_federation_starts_its_processes_tuned(tmp_path):
     federation = PocFederation(tmp_path / "federation", tmp_path / "sites")
-    assert federation.env[ENV_TUNABLES] == tuned_environment(
-        {key: value for key, value in os.environ.items()})[ENV_TUNABLES]
+    assert federation.env[ENV_TUNABLES] == tuned_environment(os.environ)[ENV_TUNABLES]
 
 
 def test_the_deployment_guide_starts_a_kit_with_the_launchers_setting():

@@ -30,15 +30,20 @@ MALLOPT_PARAMETERS = {"glibc.malloc.arena_max": -8, "glibc.malloc.mmap_threshold
                       "glibc.malloc.trim_threshold": -1}
 
 
-def _named(environ: Mapping[str, str]) -> set[str]:
-    return {item.split("=", 1)[0] for item in environ.get(ENV_TUNABLES, "").split(":") if item}
+def _items(environ: Mapping[str, str]) -> list[str]:
+    """The ``name=value`` items of the environment's ``GLIBC_TUNABLES``."""
+    return [item for item in environ.get(ENV_TUNABLES, "").split(":") if item]
+
+
+def _open(environ: Mapping[str, str]) -> dict[str, int]:
+    """The allocator's tunables that the environment does not set itself."""
+    named = {item.split("=", 1)[0] for item in _items(environ)}
+    return {name: value for name, value in TUNABLES.items() if name not in named}
 
 
 def tuned_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """``environ`` with the allocator's tunables added to ``GLIBC_TUNABLES`` (those it names already are kept)."""
-    named = _named(environ)
-    items = [item for item in environ.get(ENV_TUNABLES, "").split(":") if item]
-    items += [f"{name}={value}" for name, value in TUNABLES.items() if name not in named]
+    items = _items(environ) + [f"{name}={value}" for name, value in _open(environ).items()]
     return {**environ, ENV_TUNABLES: ":".join(items)}
 
 
@@ -51,5 +56,4 @@ def tune_this_process(environ: Mapping[str, str]) -> bool:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):  # another C library (musl) has no mallopt
         return False
-    named = _named(environ)
-    return all(mallopt(MALLOPT_PARAMETERS[name], value) == 1 for name, value in TUNABLES.items() if name not in named)
+    return all(mallopt(MALLOPT_PARAMETERS[name], value) == 1 for name, value in _open(environ).items())
