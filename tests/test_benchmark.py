@@ -1,6 +1,7 @@
 """The benchmark's pieces and one short run of it (centralized and simulator) on a tiny phantom."""
 
 import json
+import re
 
 import pytest
 
@@ -39,6 +40,17 @@ def test_step_statistics_leave_out_the_warmup_step():
     stats = step_statistics([10.0, 1.0, 2.0, 3.0])
     assert stats["steps"] == 3 and stats["median"] == 2.0 and stats["p10"] >= 1.0 and stats["p90"] <= 3.0
     assert peak_memory_mb() > 10
+
+
+def test_the_bench_the_readme_cites_shows_every_mode_and_the_ratios_it_quotes(project_root):
+    readme = (project_root / "README.md").read_text()
+    cited = re.findall(r"\[([^\]]+)\]\((docs/performance/bench[^)]*\.json)\) ([0-9.]+)x / ([0-9.]+)x", readme)
+    assert {path for _, path, _, _ in cited} == {"docs/performance/bench.json", "docs/performance/bench_push.json"}
+    for _, path, simulator, poc in cited:
+        modes = json.loads((project_root / path).read_text())["modes"]
+        assert set(modes) == {"centralized", "simulator", "poc"}
+        assert (f"{modes['simulator']['ratio_to_centralized']:.2f}", f"{modes['poc']['ratio_to_centralized']:.2f}") \
+            == (simulator, poc)
 
 
 @pytest.mark.simulator

@@ -172,3 +172,12 @@ def test_job_export_command_writes_the_options_into_the_jobs(tmp_path):
     assert train["epochs"] == 3 and train["network"]["levels"] == [1, 2]
     assert config(job, "app_t2w")["executors"][0]["executor"]["args"]["psi_job_id"] == "psi-7"
     assert job_sites(tmp_path / "split_unet_psi") == ["flair", "t1w", "t1gd", "t2w"]
+
+
+@pytest.mark.parametrize("transport, asked, expected", [("poll", None, 0.2), ("push", None, 2.0), ("push", 0.5, 0.5)])
+def test_sites_of_a_pushed_job_ask_for_work_rarely_unless_the_job_says(tmp_path, transport, asked, expected):
+    training = training_settings({"network": {"channels": [4, 8]}}, sites=["flair", "t1w"], transport=transport,
+                                 task_request_interval=asked)
+    inference = InferenceJob(training, "trained/decoder.pt", "run/{site}.pt")
+    for job in (export(training, tmp_path / "train"), export(inference, tmp_path / "infer")):
+        assert config(job, "app_server")["server"]["task_request_interval"] == expected

@@ -125,8 +125,7 @@ def cmd_bench(args) -> int:
                          activation_compression=None if args.activation_compression == "none" else
                          args.activation_compression,
                          decoder_checkpointing=args.decoder_checkpointing,
-                         **({"task_request_interval": args.task_request_interval}
-                            if args.task_request_interval is not None else {}),
+                         task_request_interval=args.task_request_interval,
                          direct_job_connections=not args.relayed, job_timeout=args.job_timeout,
                          transport=args.transport,
                          device=args.device, comm=json.loads(args.comm) if args.comm else {})
@@ -346,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decoder-checkpointing", action="store_true", help="decoder activation checkpointing")
     bench.add_argument("--task-request-interval", type=float,
                        help="seconds a site waits before asking again when the server has no task for it (default: "
-                            "the shipped job's)")
+                            "the job's for the transport)")
     bench.add_argument("--transport", choices=TRANSPORTS, default="poll", help=TRANSPORT_HELP)
     bench.add_argument("--job-timeout", type=float, default=600.0,
                        help="seconds a POC job may take before its mode counts as failed (a busy machine needs more)")

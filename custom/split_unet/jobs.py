@@ -61,6 +61,10 @@ PACKAGE = Path(__file__).resolve().parent
 # of 4 and 3 runs: 0.05 s: 3.36 s and 6.04 CPU s per step; 0.2 s: 2.93 s and 5.13; docs/performance.md).
 # A site also sleeps this long after each task it answers: on a GPU, where the server's step is shorter, set it lower.
 TASK_REQUEST_INTERVAL = 0.2
+# With pushed tasks the asks find nothing: the sites ask every 2 s (POC 1.249-1.287 s per step against 1.337 at 0.2 s,
+# 0.05-0.13 CPU s per step less; docs/performance.md). The server's end of the job reaches the sites as a message of
+# its own, so a site still stops at once.
+PUSHED_TASK_REQUEST_INTERVAL = 2.0
 # Seconds without a site's heartbeat before the server counts it as gone (NVFlare's default is 60): a site busy
 # reading a large batch must not be dropped.
 HEART_BEAT_TIMEOUT = 600
@@ -93,10 +97,11 @@ class TrainingJob:
         site_filters: NVFlare filter configs (``{"path", "args"}``) on the activations the sites send.
         server_filters: NVFlare filter configs on the gradients the server sends.
         scope: the sites' privacy scope the job asks for (``meta.json``; None: the sites' default, defended).
-        task_request_interval: seconds a site waits before asking again when the server has no task for it.
+        task_request_interval: seconds a site waits before asking again when the server has no task for it (None:
+            ``TASK_REQUEST_INTERVAL`` polled, ``PUSHED_TASK_REQUEST_INTERVAL`` pushed; see ``ask_interval``).
         transport: how the server's requests reach the sites: "poll" (NVFlare's task route: the sites ask for
             work) or "push" (``protocol.transport.PushedTasks``: each request sent to its site at once). Both run
-            every site and server filter; the sites' asks go on with ``push`` but carry nothing.
+            every site and server filter; the sites' asks go on with ``push`` but carry nothing, so they are rarer.
         with_code: the job carries the ``split_unet`` package (see the module docstring).
         name: the job's name (its folder).
     """
@@ -111,7 +116,7 @@ class TrainingJob:
     site_filters: list[dict] = field(default_factory=list)
     server_filters: list[dict] = field(default_factory=lambda: list(DEFENCE.server_filters))
     scope: str | None = None
-    task_request_interval: float = TASK_REQUEST_INTERVAL
+    task_request_interval: float | None = None
     transport: str = "poll"
     with_code: bool = False
     name: str = TRAINING_JOB
@@ -183,7 +188,7 @@ def train_config(overrides: dict, base: dict | None = None, defence: Defence = D
 
 def build_training(settings: TrainingJob) -> FedJob:
     job = _new_job(settings.name, settings.sites, settings.scope)
-    job.to_server({"server": _server_params(settings.task_request_interval)})
+    job.to_server({"server": _server_params(ask_interval(settings))})
     job.to_server(PTFileModelPersistor(global_model_file_name=DECODER_FILE), id="persistor")
     job.to_server(TBAnalyticsReceiver(tb_folder=TENSORBOARD_FOLDER, events=["analytix_log_stats"]), id="tb_receiver")
     job.to_server(SplitUNetController(**_controller_args(settings)), id=settings.name)
@@ -210,7 +215,7 @@ def build_training(settings: TrainingJob) -> FedJob:
 def build_inference(settings: InferenceJob) -> FedJob:
     training = settings.training
     job = _new_job(f"{training.name}_infer", training.sites, training.scope)
-    job.to_server({"server": _server_params(training.task_request_interval)})
+    job.to_server({"server": _server_params(ask_interval(training))})
     # The training's settings the inference workflow shares (not its persistor or checkpoints: the decoder comes
     # from decoder_path).
     shared = {key: value for key, value in _controller_args(training).items() if key in INFERENCE_SHARED_ARGS}
@@ -288,6 +293,14 @@ def job_sites(job_dir: str | Path) -> list[str]:
 
 def _new_job(name: str, sites: list[str], scope: str | None) -> FedJob:
     return FedJob(name=name, min_clients=len(sites), meta_props={"scope": scope} if scope else None)
+
+
+def ask_interval(settings: TrainingJob) -> float:
+    """Seconds a site of this job waits before asking again for work: the job's ``task_request_interval``, else
+    the transport's default."""
+    if settings.task_request_interval is not None:
+        return settings.task_request_interval
+    return PUSHED_TASK_REQUEST_INTERVAL if settings.transport == "push" else TASK_REQUEST_INTERVAL
 
 
 def _server_params(task_request_interval: float) -> dict:

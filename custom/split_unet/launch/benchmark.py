@@ -29,7 +29,7 @@ from split_unet.data import DATALIST, MODALITIES, SERVER_SITE, generate_dataset,
 from split_unet.defence import UNDEFENDED
 from split_unet.errors import SplitUNetError
 from split_unet.files import load_json, write_json
-from split_unet.jobs import TASK_REQUEST_INTERVAL, TrainingJob, export, training_settings
+from split_unet.jobs import TrainingJob, ask_interval, export, training_settings
 from split_unet.launch.allocator import tuned_environment
 from split_unet.launch.delayed_link import DelayedLink
 from split_unet.launch.poc import PocFederation, run_job
@@ -57,7 +57,7 @@ class BenchConfig:
     activation_compression: str | None = None  # TrainConfig.activation_compression
     micro_batches: int = 1
     decoder_checkpointing: bool = False
-    task_request_interval: float = TASK_REQUEST_INTERVAL
+    task_request_interval: float | None = None  # TrainingJob.task_request_interval (None: by transport)
     direct_job_connections: bool = True  # POC: see PocFederation
     link_delay_ms: float = 0.0  # POC: the sites reach the server this late each way (launch.delayed_link; relayed)
     seed: int = 0
@@ -261,7 +261,8 @@ def bench(out: str | Path, config: BenchConfig, modes: Sequence[str] = MODES, da
     job = training_job(config, sites)
     train_patients = config.patients - round(config.patients * 0.25)
     steps_per_epoch = -(-train_patients // config.batch_size)
-    result = {"config": {**asdict(config), "channels": list(config.channels)}, "sites": sites,
+    result = {"config": {**asdict(config), "channels": list(config.channels),
+                         "task_request_interval": ask_interval(job)}, "sites": sites,
               "float16_bytes_per_site": config.float16_bytes(),
               "steps_per_epoch": steps_per_epoch, "cpu_count": os.cpu_count(), "modes": {}}
     with process_environment(config):
