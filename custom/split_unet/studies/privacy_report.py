@@ -115,11 +115,32 @@ def _threat_row(name: str, attacks: dict, wanted: tuple[str, ...], until_step: i
                 not_run.setdefault(attack, {})[site] = lacking
     row["not_run"] = not_run
     row["complete"] = not row["missing_attacks"] and not not_run
-    within = {metric: row[metric]["value"] <= (TARGET_LABEL_EXCESS_SSIM if "excess" in metric else 0.0)
-              for metric in LABEL_PRIOR_LEAKAGE if metric in row}
+    within = {metric: row[metric]["value"] <= _label_prior_target(metric) for metric in LABEL_PRIOR_LEAKAGE
+              if metric in row}
     row["met"] = row["complete"] and len(within) == len(LABEL_PRIOR_LEAKAGE) and all(within.values())
     row["verdict"] = _verdict(row["met"], missed=not all(within.values()))
     return row
+
+
+# The report's words for the ``LABEL_PRIOR_LEAKAGE`` measures.
+MEASURE_NAMES = {"label_excess_ssim": "SSIM over the label-aware prior",
+                 "label_excess_tumour_ssim": "SSIM over the label-aware prior in the tumour region",
+                 "residual_corr_margin": "residual correlation (margin over its null)",
+                 "tumour_residual_corr_margin": "residual correlation in the tumour region (margin over its null)"}
+
+
+def _label_prior_target(metric: str) -> float:
+    """The target of a ``LABEL_PRIOR_LEAKAGE`` measure: SSIM over the label-aware prior, or a residual correlation's
+    margin over its null."""
+    return TARGET_LABEL_EXCESS_SSIM if "excess" in metric else 0.0
+
+
+def _largest_miss(row: dict) -> tuple[float, str]:
+    """How far a threat-model row's worst measure lies beyond its target (<= 0: within), and which measure."""
+    from split_unet.studies.leakage import LABEL_PRIOR_LEAKAGE
+
+    return max((row[metric]["value"] - _label_prior_target(metric), metric)
+               for metric in LABEL_PRIOR_LEAKAGE if metric in row)
 
 
 def _verdict(met: bool, missed: bool) -> str:
@@ -532,7 +553,32 @@ def _threat_lines(by_threat: list[dict], reference: dict | None) -> list[str]:
                          f"{_peak(t, 'label_excess_tumour_ssim')} | {_peak(t, 'residual_corr_margin')} | "
                          f"{_peak(t, 'tumour_residual_corr_margin')} | {'yes' if t.get('complete') else 'no'} | "
                          f"{t['verdict']} |")
+        lines += ["", _frontier_line(by_threat, reference)]
     return lines + [""]
+
+
+def _frontier_line(by_threat: list[dict], reference: dict | None) -> str:
+    """Which configurations meet threat model (1), or which comes closest and by how much it misses, with its Dice
+    cost."""
+    from split_unet.studies.leakage import LABEL_PRIOR_LEAKAGE
+
+    def cost(configuration: dict) -> str:
+        if not reference:
+            return f"mean Dice {configuration['dice']:.3f}"
+        lost = reference["dice"] - configuration["dice"]
+        return (f"mean Dice {configuration['dice']:.3f}, cost {lost:.3f} against the undefended run (target at most "
+                f"{TARGET_DICE_COST}: {'met' if lost <= TARGET_DICE_COST else f'missed by {lost - TARGET_DICE_COST:.3f}'})")
+
+    measured = [c for c in by_threat if any(metric in c["threat_models"][0] for metric in LABEL_PRIOR_LEAKAGE)]
+    if meeting := [c for c in measured if c["threat_models"][0]["met"]]:
+        return "Meeting threat model (1): " + "; ".join(f"{c['name']}: {cost(c)}" for c in meeting) + "."
+    if not measured:
+        return "No configuration has been measured against threat model (1)."
+    closest = min(measured, key=lambda c: _largest_miss(c["threat_models"][0])[0])
+    miss, metric = _largest_miss(closest["threat_models"][0])
+    return (f"No configuration measured meets threat model (1). Closest: {closest['name']}: {cost(closest)}; its "
+            f"{MEASURE_NAMES[metric]} misses its target by {miss:.2f}"
+            + ("" if closest["threat_models"][0].get("complete") else " (not every attack and step run)") + ".")
 
 
 def write_report(rows: list[dict], out_dir: Path, sweep_file: str | Path, by_threat: list[dict] | None = None) -> dict:
