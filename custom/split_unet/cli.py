@@ -20,7 +20,8 @@ TRANSPORT_HELP = ("how the server's requests reach the sites: 'poll' (NVFlare's 
                   "(each request sent to its site at once; every filter still runs; docs/performance.md)")
 SCOPE_HELP = ("the sites' privacy scope the job asks for (meta.json scope). Default: the sites' default scope, "
               "'clinical', whose defence (split_unet.defence) the job then carries; 'strict': the bottleneck alone, "
-              "the only defence measured to keep every attack at the prior (0.27 mean Dice lower); 'undefended': no "
+              "the only defence measured to keep every attack at the atlas by SSIM (0.27 mean Dice lower; "
+              "docs/privacy.md); 'undefended': no "
               "defence, for phantoms and studies only")
 
 
