@@ -63,7 +63,7 @@ PACKAGE = Path(__file__).resolve().parent
 TASK_REQUEST_INTERVAL = 0.2
 # With pushed tasks the asks find nothing: the sites ask every 2 s (POC 1.249-1.287 s per step against 1.337 at 0.2 s,
 # 0.05-0.13 CPU s per step less; docs/performance.md). The server's end of the job reaches the sites as a message of
-# its own, so a site still stops at once.
+# its own, so a site still stops within one interval.
 PUSHED_TASK_REQUEST_INTERVAL = 2.0
 # Seconds without a site's heartbeat before the server counts it as gone (NVFlare's default is 60): a site busy
 # reading a large batch must not be dropped.
