@@ -10,9 +10,12 @@ CPU seconds (user + system) of both processes per round trip and the megabytes t
 
     python benchmarks/wire_cells.py --out docs/performance/wire_cells
     python benchmarks/wire_cells.py --out docs/performance/wire_cells_short_repr --short-repr   # the project's fix
+    python benchmarks/wire_cells.py --out OUT --short-repr --scheme grpc   # another of NVFlare's drivers
 
 ``--short-repr``: the receiver applies ``split_unet.protocol.nvflare_workarounds.short_received_buffer_repr`` as the
 project's controller and executors do (NVFlare otherwise formats every received request into a debug string).
+``--scheme``: NVFlare's driver (``tcp``, as the simulator and the POC's direct job connections use; ``atcp``: asyncio
+TCP; ``grpc``), insecure on loopback.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 SIZES_MB = (1, 3, 11, 22, 44, 89)
 LEVELS = 4
 CHANNEL, TOPIC = "wire", "step"
+SCHEMES = ("tcp", "atcp", "grpc")  # NVFlare 2.9's drivers for a cell's root URL (``nvflare/fuel/f3/drivers``)
 
 
 def payload(megabytes: float):
@@ -73,14 +77,14 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
-def measure(sizes_mb, repeats: int, short_repr: bool) -> list[dict]:
+def measure(sizes_mb, repeats: int, short_repr: bool, scheme: str = "tcp") -> list[dict]:
     """Start the receiver, connect, and time ``repeats`` round trips per size (after one unmeasured)."""
     from nvflare.fuel.f3.cellnet.cell import Cell
     from nvflare.fuel.f3.message import Message
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        url = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+        url = f"{scheme}://127.0.0.1:{probe.getsockname()[1]}"
     receiver = subprocess.Popen([sys.executable, __file__, "--serve", url] + ["--short-repr"] * short_repr,
                                 stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True)
@@ -153,15 +157,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default=",".join(map(str, SIZES_MB)), help="MB per message, comma-separated")
     parser.add_argument("--short-repr", action="store_true", help="the receiver applies the project's work-around")
+    parser.add_argument("--scheme", choices=SCHEMES, default="tcp", help="NVFlare's driver")
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.short_repr)
         return
     load = os.getloadavg()
-    results = measure([float(s) for s in args.sizes.split(",")], args.repeats, args.short_repr)
+    results = measure([float(s) for s in args.sizes.split(",")], args.repeats, args.short_repr, args.scheme)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"short_repr": args.short_repr, "load_before": load,
+    out.with_suffix(".json").write_text(json.dumps({"short_repr": args.short_repr, "scheme": args.scheme, "load_before": load,
                                                     "load_after": os.getloadavg(),
                                                     "cpu_count": os.cpu_count(), "results": results}, indent=2))
     print(f"plot: {plot(results, out.with_suffix('.png'), f'load {load[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')}")
