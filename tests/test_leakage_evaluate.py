@@ -145,6 +145,35 @@ def test_released_patients_are_what_the_site_sends_at_that_step_and_never_auxili
     assert context.released(exchange, 2).patient_ids == exchange.patient_ids  # no more than asked for
 
 
+def test_released_patients_keep_the_wires_precision_without_overflowing_float16(recorded, tmp_path):
+    """An encoder whose features exceed float16's range (65504) still reaches the server finite: the wire scales
+    by max|x| before its float16 cast, and the replay must too (a plain cast made them Inf, then NaN)."""
+    workspace, data = recorded
+    copy = tmp_path / "workspace"
+    shutil.copytree(workspace, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["config"]["wire_dtype"] = "float16"
+    (copy / "summary.json").write_text(json.dumps(summary))
+    path = snapshot_path(_site_run_dir(copy, "t1gd"), 2)
+    snapshot = torch.load(path, weights_only=True)
+    snapshot["encoder"]["blocks.2.residual.weight"] *= 1e6  # the deepest level's unnormalised branch
+    torch.save(snapshot, path)
+    encoder = build_encoder(NETWORK, 1, seed=0)
+    encoder.load_state_dict(snapshot["encoder"])
+    context = leakage_study._Context(copy, data, seed=0, iterations=1)
+    exchange = RecordedExchange.load(copy / "simulator" / "server" / "simulate_job" / RECORD_FOLDER
+                                     / "step_000002" / "t1gd.pt")
+    released = context.released(exchange, 5)
+    with torch.no_grad():
+        expected = encoder.eval()(torch.from_numpy(SiteImages(data / "t1gd", SIZE).batch(released.patient_ids[2:])))
+    assert expected[2].abs().max() > 65504
+    for level in exchange.activations:
+        sent = released.activations[level][2:]
+        assert torch.isfinite(sent).all()
+        # float16 keeps 11 significant bits of x / max|x|: an error of at most half a unit there, times max|x|.
+        assert (sent - expected[level]).abs().max() <= expected[level].abs().max() * 2.0 ** -11
+
+
 def test_model_completion_uses_the_servers_decoder_and_needs_no_encoder_of_the_site(recorded, tmp_path):
     workspace, data = recorded
     copy = tmp_path / "workspace"

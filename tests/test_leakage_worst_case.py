@@ -133,7 +133,8 @@ def test_the_learned_attack_knows_the_noise_of_the_job_and_of_the_scope_the_site
                    "args": {"clip_norm": 1.0, "noise_multiplier": 0.5}}
     job_groups = [{"tasks": ["split_unet_train", "split_unet_validate"], "filters": [BLOCKING, NOISE]},
                   {"tasks": ["split_unet_validate"], "filters": [{**NOISE, "args": {"clip_norm": 7.0}}]}]
-    scopes = [{"name": "clinical", "task_result_filters": [{"filters": [BLOCKING, scope_noise]}]},
+    # A scope lists filter specs, as NVFlare's privacy.json does (a job groups them by task).
+    scopes = [{"name": "clinical", "task_result_filters": [BLOCKING, scope_noise]},
               {"name": "undefended", "task_result_filters": []}]
     _site_workspace(tmp_path / "default", job_groups, scopes)
     # The job's noise on training answers (not its validation-only filter), then the default scope's; no blocking.

@@ -207,5 +207,11 @@ def _dense(codec: str, array: np.ndarray, arrays: Mapping[str, object], shape: l
     return received.to(torch.float32).mul_(float(scales[0]))  # the converted copy, scaled in place
 
 
+def round_trip(tensor: torch.Tensor, codec: str) -> torch.Tensor:
+    """What a receiver decodes of ``tensor`` sent with ``codec``: the wire's precision, for studies that replay it."""
+    arrays, header = encode(tensor, codec)
+    return decode(arrays, header, site=None, field_name="round trip")
+
+
 def nbytes(values: Mapping[str, bytes]) -> int:
     return sum(len(v) for v in values.values())

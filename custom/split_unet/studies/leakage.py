@@ -41,6 +41,7 @@ from split_unet.errors import DataError
 from split_unet.filters import ActivationClipNoise
 from split_unet.networks import FusionDecoder, ModalityEncoder, NetworkConfig, build_decoder
 from split_unet.files import load_json, write_json
+from split_unet.protocol import codecs
 from split_unet.protocol.wire import TASK_TRAIN
 from split_unet.studies import ATTACKS
 from split_unet.training import select_device
@@ -129,13 +130,21 @@ NOISE_FILTER_PATHS = ("split_unet.filters.ActivationClipNoise",
                       "split_unet.filters.activation_privacy.ActivationClipNoise")
 
 
-def _noise_specs(filter_groups: list, where: Path) -> list[dict]:
-    """The ``ActivationClipNoise`` args of the ``task_result_filters`` groups that cover training answers."""
+def _noise_specs(filters: list, where: Path) -> list[dict]:
+    """The ``ActivationClipNoise`` args among ``filters`` (``{"path", "args"}`` specs), in their order."""
+    if not isinstance(filters, list):
+        raise DataError("task_result_filters is not a list", field=str(where))
+    return [spec.get("args", {}) for spec in filters if spec.get("path") in NOISE_FILTER_PATHS]
+
+
+def _job_noise_specs(filter_groups: list, where: Path) -> list[dict]:
+    """The noise of a job's ``task_result_filters``: groups of filters, each for some tasks; those covering training
+    answers count."""
     if not isinstance(filter_groups, list):
         raise DataError("task_result_filters is not a list", field=str(where))
-    return [spec.get("args", {}) for group in filter_groups
+    return [args for group in filter_groups
             if TASK_TRAIN in group.get("tasks", ["*"]) or "*" in group.get("tasks", ["*"])
-            for spec in group.get("filters", []) if spec.get("path") in NOISE_FILTER_PATHS]
+            for args in _noise_specs(group.get("filters", []), where)]
 
 
 def release_mechanism(workspace: Path, site: str) -> list[dict]:
@@ -146,7 +155,7 @@ def release_mechanism(workspace: Path, site: str) -> list[dict]:
     can be read off the activations' norms)."""
     run_dir = _site_run_dir(workspace, site)
     client_config = run_dir / f"app_{site}" / "config" / "config_fed_client.json"
-    specs = _noise_specs(load_json(client_config).get("task_result_filters", []), client_config) \
+    specs = _job_noise_specs(load_json(client_config).get("task_result_filters", []), client_config) \
         if client_config.is_file() else []
     policy_path = workspace / "simulator" / site / "local" / "privacy.json"
     if policy_path.is_file():
@@ -154,6 +163,8 @@ def release_mechanism(workspace: Path, site: str) -> list[dict]:
         meta = run_dir / "meta.json"
         scope_name = (load_json(meta).get("scope") if meta.is_file() else None) or policy.get("default_scope")
         scopes = [scope for scope in policy.get("scopes", []) if scope.get("name") == scope_name]
+        # A scope's task_result_filters are filter specs, not groups (NVFlare's ``PrivacyConfiger`` builds every
+        # entry as a component and applies it to every task).
         specs += [args for scope in scopes for args in _noise_specs(scope.get("task_result_filters", []),
                                                                     policy_path)]
     return specs
@@ -297,8 +308,9 @@ class _Context:
             release = _released(site, release_mechanism(self.workspace, site), self.seed + exchange.step)
             if release is not None:
                 features = release(features)
-            if self.config.get("wire_dtype") == "float16":
-                features = {level: t.half().float() for level, t in features.items()}
+            # The wire's precision, through its codec: the scaled float16 never overflows, as a plain cast would.
+            features = {level: codecs.round_trip(t, self.config.get("wire_dtype") or "float32")
+                        for level, t in features.items()}
             activations = {level: torch.cat([t, features[level]]) for level, t in activations.items()}
         return RecordedExchange(exchange.step, site, recorded + extra, activations)
 
