@@ -166,8 +166,8 @@ def main() -> None:
     results = measure([float(s) for s in args.sizes.split(",")], args.repeats, args.short_repr, args.scheme)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"short_repr": args.short_repr, "scheme": args.scheme, "load_before": load,
-                                                    "load_after": os.getloadavg(),
+    out.with_suffix(".json").write_text(json.dumps({"short_repr": args.short_repr, "scheme": args.scheme,
+                                                    "load_before": load, "load_after": os.getloadavg(),
                                                     "cpu_count": os.cpu_count(), "results": results}, indent=2))
     print(f"plot: {plot(results, out.with_suffix('.png'), f'load {load[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')}")
 
